@@ -1,0 +1,591 @@
+//! The apply engine: turns a verified manifest, its blob, and the source slot into the
+//! target slot, checking every operation's sha256 before it counts as done.
+//!
+//! Shape: worker threads take operations in manifest order, fetch and decompress the
+//! DATA and PATCH frames (or find a DATA operation's bytes already on the source slot),
+//! and hash the result; the calling thread writes results strictly in order, does
+//! ZERO and COPY itself (no bytes pass through the workers for those), and reports each
+//! finished operation so a caller can checkpoint. A byte budget bounds the frames in
+//! flight, so memory does not grow with the image. When every operation is written,
+//! the target is flushed, read back and hashed against the manifest; only then does
+//! the target get committed. On any error the target stays invalid.
+
+use std::collections::BTreeMap;
+use std::io;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{mpsc, Condvar, Mutex};
+use std::time::Instant;
+
+use sha2::{Digest, Sha256};
+
+use crate::payload::manifest::{Extent, Manifest, OpKind, Operation};
+use crate::payload::RangeSource;
+
+/// Why applying stopped. Every variant that concerns one operation names it.
+#[derive(Debug, thiserror::Error)]
+pub enum ApplyError {
+    #[error("this payload is a delta and needs the source slot, but none was given")]
+    SourceRequired,
+    #[error("source slot is {actual} bytes, smaller than the {expected} bytes the delta was built from")]
+    SourceTooSmall { expected: u64, actual: u64 },
+    #[error("target slot is {actual} bytes, too small for the {expected}-byte image")]
+    TargetTooSmall { expected: u64, actual: u64 },
+    #[error("operation {op} ({kind}): fetching {len} bytes of data at blob offset {offset}")]
+    Fetch {
+        op: usize,
+        kind: &'static str,
+        offset: u64,
+        len: u64,
+        #[source]
+        source: io::Error,
+    },
+    #[error("operation {op} ({kind}): reading the source slot")]
+    SourceRead {
+        op: usize,
+        kind: &'static str,
+        #[source]
+        source: io::Error,
+    },
+    #[error("operation {op} ({kind}): writing the target slot")]
+    TargetWrite {
+        op: usize,
+        kind: &'static str,
+        #[source]
+        source: io::Error,
+    },
+    #[error("operation {op} ({kind}): zstd frame is corrupt: {message}")]
+    Decompress {
+        op: usize,
+        kind: &'static str,
+        message: &'static str,
+    },
+    #[error("operation {op} ({kind}): frame decompressed to {actual} bytes, expected {expected}")]
+    WrongLength {
+        op: usize,
+        kind: &'static str,
+        expected: u64,
+        actual: u64,
+    },
+    #[error("operation {op} ({kind}): output sha256 {actual} does not match the manifest's {expected}")]
+    OpHashMismatch {
+        op: usize,
+        kind: &'static str,
+        expected: String,
+        actual: String,
+    },
+    #[error("flushing the target slot")]
+    Flush(#[source] io::Error),
+    #[error("reading the target slot back for verification")]
+    ReadBack(#[source] io::Error),
+    #[error("target slot sha256 {actual} does not match the manifest's {expected} after writing")]
+    TargetHashMismatch { expected: String, actual: String },
+    #[error("committing the target slot")]
+    Commit(#[source] io::Error),
+    #[error("cancelled at operation {op}")]
+    Cancelled { op: usize },
+    #[error("internal error: an apply worker stopped unexpectedly")]
+    WorkerLost,
+}
+
+/// The slot an update is read from (the booted slot on a node). Read-only by type.
+pub trait SourceSlot: Sync {
+    fn len(&self) -> u64;
+    fn read_exact_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()>;
+}
+
+impl SourceSlot for std::fs::File {
+    fn len(&self) -> u64 {
+        self.metadata().map_or(0, |m| m.len())
+    }
+    fn read_exact_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
+        std::os::unix::fs::FileExt::read_exact_at(self, buf, offset)
+    }
+}
+
+/// The slot being written. Implementations decide what "invalid" and "committed"
+/// mean for them (a temporary file name, a boot entry marked unbootable, ...).
+pub trait TargetSlot {
+    fn len(&self) -> u64;
+    /// Marks the target not valid; called before the first write.
+    fn invalidate(&mut self) -> io::Result<()>;
+    fn write_all_at(&mut self, buf: &[u8], offset: u64) -> io::Result<()>;
+    /// Makes `len` bytes at `offset` read back as zeros without sending zeros through memory.
+    fn write_zeroes(&mut self, offset: u64, len: u64) -> io::Result<()>;
+    fn read_exact_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()>;
+    /// Makes everything written so far durable.
+    fn sync(&mut self) -> io::Result<()>;
+    /// Marks the target valid; called only after the whole image hashed right.
+    fn commit(&mut self) -> io::Result<()>;
+}
+
+/// Where the blob's bytes come from: the payload itself, at `blob_offset`.
+#[derive(Clone, Copy)]
+pub struct Blob<'a> {
+    pub source: &'a dyn RangeSource,
+    pub offset: u64,
+}
+
+impl std::fmt::Debug for Blob<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Blob")
+            .field("source", &self.source.name())
+            .field("offset", &self.offset)
+            .finish()
+    }
+}
+
+/// Something that happened while applying, for progress and checkpoints.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Event {
+    /// Operation `op` is written and its hash matched. `fetched` blob bytes were used.
+    OpDone {
+        op: usize,
+        kind: OpKind,
+        bytes: u64,
+        fetched: u64,
+        reused: bool,
+    },
+    /// All operations are written; the whole target is being read back.
+    Verifying,
+}
+
+#[derive(Debug, Clone)]
+pub struct Options<'a> {
+    /// Apply operations from this index on (earlier ones are already in place).
+    pub start_op: usize,
+    /// Worker threads for fetch/decompress/hash.
+    pub workers: usize,
+    /// Most bytes of frames, references and outputs in flight at once.
+    pub memory_budget: u64,
+    pub cancel: Option<&'a AtomicBool>,
+}
+
+impl Default for Options<'_> {
+    fn default() -> Self {
+        Self {
+            start_op: 0,
+            workers: std::thread::available_parallelism().map_or(2, |n| n.get().min(4)),
+            memory_budget: 40 << 20,
+            cancel: None,
+        }
+    }
+}
+
+/// What an apply did.
+#[derive(Debug, Clone, Default, PartialEq, serde::Serialize)]
+pub struct Report {
+    pub operations: usize,
+    pub bytes_written: u64,
+    /// Blob bytes fetched (what a node downloads beyond the manifest).
+    pub bytes_fetched: u64,
+    /// DATA operations whose output was found on the source slot instead of fetched.
+    pub ops_reused: usize,
+    pub seconds: f64,
+}
+
+/// Result of a worker for one operation.
+enum Produced {
+    /// Nothing to carry: the writer does ZERO and COPY itself.
+    Inline,
+    Bytes {
+        data: Vec<u8>,
+        fetched: u64,
+        reused: bool,
+    },
+}
+
+struct Sched {
+    next: usize,
+    in_use: u64,
+    stop: bool,
+}
+
+const IO_CHUNK: usize = 1 << 20;
+static ZEROES: [u8; 1 << 16] = [0; 1 << 16];
+
+/// Applies `manifest` to `target`. See the module comment for the guarantees.
+pub fn apply(
+    manifest: &Manifest,
+    blob: Blob<'_>,
+    source: Option<&dyn SourceSlot>,
+    target: &mut dyn TargetSlot,
+    opts: &Options<'_>,
+    on_event: &mut dyn FnMut(Event),
+) -> Result<Report, ApplyError> {
+    let started = Instant::now();
+    if let Some(src) = &manifest.source {
+        let s = source.ok_or(ApplyError::SourceRequired)?;
+        if s.len() < src.size {
+            return Err(ApplyError::SourceTooSmall {
+                expected: src.size,
+                actual: s.len(),
+            });
+        }
+    }
+    if target.len() < manifest.target_size {
+        return Err(ApplyError::TargetTooSmall {
+            expected: manifest.target_size,
+            actual: target.len(),
+        });
+    }
+    target.invalidate().map_err(ApplyError::Commit)?;
+    let sched = Mutex::new(Sched {
+        next: opts.start_op,
+        in_use: 0,
+        stop: false,
+    });
+    let cond = Condvar::new();
+    let mut report = Report::default();
+    let result = std::thread::scope(|scope| {
+        let (tx, rx) = mpsc::channel::<(usize, Result<Produced, ApplyError>)>();
+        for _ in 0..opts.workers.max(1) {
+            let tx = tx.clone();
+            let (sched, cond) = (&sched, &cond);
+            scope.spawn(move || {
+                worker(manifest, blob, source, sched, cond, opts.memory_budget, &tx);
+            });
+        }
+        drop(tx);
+        let r = write_in_order(manifest, source, target, opts, &rx, &sched, &cond, &mut report, on_event);
+        // Stop the workers whatever happened, so the scope can end.
+        if let Ok(mut s) = sched.lock() {
+            s.stop = true;
+        }
+        cond.notify_all();
+        r
+    });
+    result?;
+    target.sync().map_err(ApplyError::Flush)?;
+    on_event(Event::Verifying);
+    let actual = hash_target(target, manifest.target_size).map_err(ApplyError::ReadBack)?;
+    if actual != manifest.target_sha256 {
+        return Err(ApplyError::TargetHashMismatch {
+            expected: hex::encode(manifest.target_sha256),
+            actual: hex::encode(actual),
+        });
+    }
+    target.commit().map_err(ApplyError::Commit)?;
+    report.seconds = started.elapsed().as_secs_f64();
+    Ok(report)
+}
+
+/// Bytes an operation holds in memory while a worker produces it.
+fn cost(manifest: &Manifest, op: &Operation) -> u64 {
+    match op.kind {
+        OpKind::Zero | OpKind::Copy => 0,
+        OpKind::Data | OpKind::Patch => {
+            let out = manifest.bytes(op.dst_blocks());
+            let reference = if op.kind == OpKind::Patch {
+                manifest.bytes(op.src_blocks())
+            } else {
+                0
+            };
+            out + reference + op.data_len
+        }
+    }
+}
+
+fn worker(
+    manifest: &Manifest,
+    blob: Blob<'_>,
+    source: Option<&dyn SourceSlot>,
+    sched: &Mutex<Sched>,
+    cond: &Condvar,
+    budget: u64,
+    tx: &mpsc::Sender<(usize, Result<Produced, ApplyError>)>,
+) {
+    loop {
+        let i = {
+            let Ok(mut s) = sched.lock() else { return };
+            loop {
+                if s.stop || s.next >= manifest.operations.len() {
+                    return;
+                }
+                let c = cost(manifest, &manifest.operations[s.next]);
+                // Reservations are taken in operation order, so the oldest unwritten
+                // operation always holds one and the writer can never starve.
+                if s.in_use == 0 || s.in_use + c <= budget {
+                    s.in_use += c;
+                    s.next += 1;
+                    break s.next - 1;
+                }
+                s = match cond.wait(s) {
+                    Ok(s) => s,
+                    Err(_) => return,
+                };
+            }
+        };
+        let r = produce(manifest, blob, source, i);
+        if tx.send((i, r)).is_err() {
+            return;
+        }
+    }
+}
+
+fn produce(
+    manifest: &Manifest,
+    blob: Blob<'_>,
+    source: Option<&dyn SourceSlot>,
+    i: usize,
+) -> Result<Produced, ApplyError> {
+    let op = &manifest.operations[i];
+    let kind = op.kind.name();
+    let out_len = manifest.bytes(op.dst_blocks());
+    match op.kind {
+        OpKind::Copy => Ok(Produced::Inline),
+        OpKind::Zero => {
+            // The content is implied; checking the digest catches a manifest that lies.
+            let mut h = Sha256::new();
+            let mut left = out_len;
+            while left > 0 {
+                let n = left.min(ZEROES.len() as u64) as usize;
+                h.update(&ZEROES[..n]);
+                left -= n as u64;
+            }
+            check_hash(i, op, h.finalize().into())?;
+            Ok(Produced::Inline)
+        }
+        OpKind::Data | OpKind::Patch => {
+            if op.kind == OpKind::Data {
+                if let Some(data) = try_reuse(manifest, op, source, out_len) {
+                    return Ok(Produced::Bytes {
+                        data,
+                        fetched: 0,
+                        reused: true,
+                    });
+                }
+            }
+            let mut frame = vec![0u8; op.data_len as usize];
+            blob.source
+                .read_range(blob.offset + op.data_offset, &mut frame)
+                .map_err(|source| ApplyError::Fetch {
+                    op: i,
+                    kind,
+                    offset: op.data_offset,
+                    len: op.data_len,
+                    source,
+                })?;
+            let reference = if op.kind == OpKind::Patch {
+                let src = source.ok_or(ApplyError::SourceRequired)?;
+                read_extents(src, manifest.block_size, &op.src)
+                    .map_err(|source| ApplyError::SourceRead { op: i, kind, source })?
+            } else {
+                Vec::new()
+            };
+            let data = decompress_frame(&frame, &reference, out_len).map_err(|e| match e {
+                FrameError::Zstd(message) => ApplyError::Decompress { op: i, kind, message },
+                FrameError::Length(actual) => ApplyError::WrongLength {
+                    op: i,
+                    kind,
+                    expected: out_len,
+                    actual,
+                },
+            })?;
+            check_hash(i, op, Sha256::digest(&data).into())?;
+            Ok(Produced::Bytes {
+                data,
+                fetched: op.data_len,
+                reused: false,
+            })
+        }
+    }
+}
+
+/// A DATA operation's hints name places on the source slot that may already hold its
+/// output; use them only if the bytes hash right.
+fn try_reuse(
+    manifest: &Manifest,
+    op: &Operation,
+    source: Option<&dyn SourceSlot>,
+    out_len: u64,
+) -> Option<Vec<u8>> {
+    let src = source?;
+    if op.src.is_empty() || manifest.bytes(op.src_blocks()) != out_len {
+        return None;
+    }
+    let end = op.src.iter().filter_map(Extent::end).max()?;
+    if manifest.bytes(end) > src.len() {
+        return None;
+    }
+    let data = read_extents(src, manifest.block_size, &op.src).ok()?;
+    let digest: [u8; 32] = Sha256::digest(&data).into();
+    (digest == op.sha256).then_some(data)
+}
+
+fn check_hash(i: usize, op: &Operation, actual: [u8; 32]) -> Result<(), ApplyError> {
+    if actual != op.sha256 {
+        return Err(ApplyError::OpHashMismatch {
+            op: i,
+            kind: op.kind.name(),
+            expected: hex::encode(op.sha256),
+            actual: hex::encode(actual),
+        });
+    }
+    Ok(())
+}
+
+fn read_extents(src: &dyn SourceSlot, bs: u32, extents: &[Extent]) -> io::Result<Vec<u8>> {
+    let bs = u64::from(bs);
+    let total: u64 = extents.iter().map(|e| e.blocks * bs).sum();
+    let mut v = vec![0u8; total as usize];
+    let mut at = 0usize;
+    for e in extents {
+        let n = (e.blocks * bs) as usize;
+        src.read_exact_at(&mut v[at..at + n], e.start * bs)?;
+        at += n;
+    }
+    Ok(v)
+}
+
+enum FrameError {
+    Zstd(&'static str),
+    Length(u64),
+}
+
+/// Decompresses one frame into exactly `out_len` bytes. Single-shot into a buffer of
+/// the expected size: zstd then needs no window buffer of its own, and a frame that
+/// would produce more fails instead of growing memory.
+fn decompress_frame(frame: &[u8], reference: &[u8], out_len: u64) -> Result<Vec<u8>, FrameError> {
+    use zstd::zstd_safe::{DCtx, DParameter};
+    let mut dctx = DCtx::create();
+    let e = |c| FrameError::Zstd(zstd::zstd_safe::get_error_name(c));
+    dctx.set_parameter(DParameter::WindowLogMax(27)).map_err(e)?;
+    if !reference.is_empty() {
+        dctx.ref_prefix(reference).map_err(e)?;
+    }
+    let mut out: Vec<u8> = Vec::with_capacity(out_len as usize);
+    let n = dctx.decompress(&mut out, frame).map_err(e)?;
+    if n as u64 != out_len {
+        return Err(FrameError::Length(n as u64));
+    }
+    Ok(out)
+}
+
+#[allow(clippy::too_many_arguments)]
+fn write_in_order(
+    manifest: &Manifest,
+    source: Option<&dyn SourceSlot>,
+    target: &mut dyn TargetSlot,
+    opts: &Options<'_>,
+    rx: &mpsc::Receiver<(usize, Result<Produced, ApplyError>)>,
+    sched: &Mutex<Sched>,
+    cond: &Condvar,
+    report: &mut Report,
+    on_event: &mut dyn FnMut(Event),
+) -> Result<(), ApplyError> {
+    let ops = &manifest.operations;
+    let mut pending: BTreeMap<usize, Result<Produced, ApplyError>> = BTreeMap::new();
+    let mut copy_buf = vec![0u8; IO_CHUNK];
+    for i in opts.start_op..ops.len() {
+        if opts.cancel.is_some_and(|c| c.load(Ordering::Relaxed)) {
+            return Err(ApplyError::Cancelled { op: i });
+        }
+        let produced = loop {
+            if let Some(r) = pending.remove(&i) {
+                break r;
+            }
+            let (j, r) = rx.recv().map_err(|_| ApplyError::WorkerLost)?;
+            pending.insert(j, r);
+        }?;
+        let op = &ops[i];
+        let kind = op.kind.name();
+        let bs = u64::from(manifest.block_size);
+        let werr = |source| ApplyError::TargetWrite { op: i, kind, source };
+        let (fetched, reused) = match produced {
+            Produced::Inline if op.kind == OpKind::Zero => {
+                for e in &op.dst {
+                    target.write_zeroes(e.start * bs, e.blocks * bs).map_err(werr)?;
+                }
+                (0, false)
+            }
+            Produced::Inline => {
+                let src = source.ok_or(ApplyError::SourceRequired)?;
+                copy_op(i, op, bs, src, target, &mut copy_buf)?;
+                (0, false)
+            }
+            Produced::Bytes {
+                data,
+                fetched,
+                reused,
+            } => {
+                let mut at = 0usize;
+                for e in &op.dst {
+                    let n = (e.blocks * bs) as usize;
+                    target.write_all_at(&data[at..at + n], e.start * bs).map_err(werr)?;
+                    at += n;
+                }
+                (fetched, reused)
+            }
+        };
+        if let Ok(mut s) = sched.lock() {
+            s.in_use -= cost(manifest, op);
+        }
+        cond.notify_all();
+        let bytes = manifest.bytes(op.dst_blocks());
+        report.operations += 1;
+        report.bytes_written += bytes;
+        report.bytes_fetched += fetched;
+        report.ops_reused += usize::from(reused);
+        on_event(Event::OpDone {
+            op: i,
+            kind: op.kind,
+            bytes,
+            fetched,
+            reused,
+        });
+    }
+    Ok(())
+}
+
+/// Streams a COPY operation from the source slot to the target through one buffer,
+/// hashing as it goes.
+fn copy_op(
+    i: usize,
+    op: &Operation,
+    bs: u64,
+    src: &dyn SourceSlot,
+    target: &mut dyn TargetSlot,
+    buf: &mut [u8],
+) -> Result<(), ApplyError> {
+    let kind = op.kind.name();
+    let mut h = Sha256::new();
+    let mut d_iter = op.dst.iter().map(|e| (e.start * bs, e.blocks * bs));
+    let mut d = d_iter.next();
+    for s in &op.src {
+        let (mut s_off, mut s_left) = (s.start * bs, s.blocks * bs);
+        while s_left > 0 {
+            let Some((d_off, d_left)) = d.as_mut() else {
+                break;
+            };
+            let n = s_left.min(*d_left).min(buf.len() as u64) as usize;
+            src.read_exact_at(&mut buf[..n], s_off)
+                .map_err(|source| ApplyError::SourceRead { op: i, kind, source })?;
+            h.update(&buf[..n]);
+            target
+                .write_all_at(&buf[..n], *d_off)
+                .map_err(|source| ApplyError::TargetWrite { op: i, kind, source })?;
+            s_off += n as u64;
+            s_left -= n as u64;
+            *d_off += n as u64;
+            *d_left -= n as u64;
+            if *d_left == 0 {
+                d = d_iter.next();
+            }
+        }
+    }
+    check_hash(i, op, h.finalize().into())
+}
+
+/// sha256 of the first `len` bytes of the target, read back from it.
+pub fn hash_target(target: &dyn TargetSlot, len: u64) -> io::Result<[u8; 32]> {
+    let mut h = Sha256::new();
+    let mut buf = vec![0u8; IO_CHUNK * 4];
+    let mut off = 0u64;
+    while off < len {
+        let n = (len - off).min(buf.len() as u64) as usize;
+        target.read_exact_at(&mut buf[..n], off)?;
+        h.update(&buf[..n]);
+        off += n as u64;
+    }
+    Ok(h.finalize().into())
+}

@@ -1,0 +1,497 @@
+//! `updatectl bundle`: the publisher's verbs.
+
+use std::fs::File;
+use std::io::Read;
+use std::path::{Path, PathBuf};
+
+use anyhow::Context as _;
+use clap::{Args, Subcommand};
+use sha2::{Digest, Sha256};
+
+use crate::apply::{self, Blob, Event};
+use crate::file_target::FileTarget;
+use crate::payload::generate::{self, Image};
+use crate::payload::{sign, FileSource, Manifest, OpKind, Payload, PublisherKey, Trust, TrustedKeys};
+use crate::timefmt;
+
+#[derive(Debug, Subcommand)]
+pub enum BundleCommand {
+    /// Make a new ed25519 signing key pair (NAME.key, mode 0600, and NAME.pub).
+    Keygen {
+        /// Directory to write the key pair into.
+        #[arg(long)]
+        out: PathBuf,
+        /// Base name of the key files.
+        #[arg(long, default_value = "update-agent")]
+        name: String,
+    },
+    /// Build a full payload and one delta per --source from a slot image.
+    Create(CreateArgs),
+    /// Show what a payload holds (does not check signatures).
+    Inspect {
+        payload: PathBuf,
+        /// Print the versioned JSON form instead of text.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Check signature, expiry and blob; with --source (or for a full payload),
+    /// rebuild the target image and compare its sha256.
+    Verify {
+        payload: PathBuf,
+        /// Directory of trusted public keys (*.pub).
+        #[arg(long, default_value = sign::DEFAULT_KEYS_DIR)]
+        keys: PathBuf,
+        /// The image a delta applies to (for a full payload: an image to reuse blocks from).
+        #[arg(long)]
+        source: Option<PathBuf>,
+    },
+    /// Verify a payload and write the image it produces to a file.
+    Apply {
+        payload: PathBuf,
+        #[arg(long, default_value = sign::DEFAULT_KEYS_DIR)]
+        keys: PathBuf,
+        #[arg(long)]
+        source: Option<PathBuf>,
+        /// Where to write the target image (written as a temporary file, renamed when verified).
+        #[arg(long)]
+        output: PathBuf,
+    },
+}
+
+#[derive(Debug, Args)]
+pub struct CreateArgs {
+    /// The new slot image.
+    #[arg(long)]
+    target: PathBuf,
+    /// An image nodes run now; a delta is made from each. The first also steers the
+    /// full payload so nodes on it download only what they lack.
+    #[arg(long)]
+    source: Vec<PathBuf>,
+    /// Release version of the target.
+    #[arg(long)]
+    version: String,
+    /// Product/board line the image is for.
+    #[arg(long)]
+    compatible: String,
+    /// Publisher's secret key (PKCS#8 PEM).
+    #[arg(long)]
+    key: PathBuf,
+    /// Directory for the payload files.
+    #[arg(long)]
+    out: PathBuf,
+    /// Refuse nodes running anything older than this version.
+    #[arg(long)]
+    min_source_version: Option<String>,
+    /// Days until nodes refuse the payload.
+    #[arg(long, default_value_t = 180)]
+    expires_in_days: u64,
+    /// dm-verity root hash of the target, hex.
+    #[arg(long)]
+    verity_root_hash: Option<String>,
+    /// zstd compression level (1-22).
+    #[arg(long, default_value_t = 19, value_parser = clap::value_parser!(i32).range(1..=22))]
+    level: i32,
+    /// Accept a target smaller than a source.
+    #[arg(long)]
+    allow_shrink: bool,
+    /// Worker threads (default: all cores).
+    #[arg(long)]
+    jobs: Option<usize>,
+}
+
+/// A payload or image that fails a check `bundle` makes itself.
+#[derive(Debug, thiserror::Error)]
+pub enum Rejected {
+    #[error("source {path} (sha256 {actual}) is not the image this delta was built from (sha256 {expected})")]
+    SourceMismatch {
+        path: PathBuf,
+        expected: String,
+        actual: String,
+    },
+    #[error("payload {path}: blob sha256 {actual} does not match the manifest's {expected}")]
+    BlobHash {
+        path: PathBuf,
+        expected: String,
+        actual: String,
+    },
+}
+
+pub fn run(cmd: BundleCommand) -> anyhow::Result<()> {
+    match cmd {
+        BundleCommand::Keygen { out, name } => {
+            check_name("--name", &name)?;
+            let k = sign::keygen(&out, &name)
+                .with_context(|| format!("writing key pair to {}", out.display()))?;
+            println!("secret key  {}  (keep it off the nodes)", k.secret.display());
+            println!("public key  {}  (install in {}/)", k.public.display(), sign::DEFAULT_KEYS_DIR);
+            println!("fingerprint {}", hex::encode(k.fingerprint));
+            Ok(())
+        }
+        BundleCommand::Create(args) => create(&args),
+        BundleCommand::Inspect { payload, json } => inspect(&payload, json),
+        BundleCommand::Verify {
+            payload,
+            keys,
+            source,
+        } => rebuild(&payload, &keys, source.as_deref(), None),
+        BundleCommand::Apply {
+            payload,
+            keys,
+            source,
+            output,
+        } => rebuild(&payload, &keys, source.as_deref(), Some(&output)),
+    }
+}
+
+/// Versions and product names end up in file names and on status screens.
+fn check_name(what: &str, v: &str) -> anyhow::Result<()> {
+    let ok = !v.is_empty()
+        && v.len() <= 128
+        && v.chars().all(|c| c.is_ascii_alphanumeric() || "._+~-".contains(c))
+        && !v.starts_with('.');
+    anyhow::ensure!(
+        ok,
+        "{what} {v:?} must be 1-128 characters of A-Z a-z 0-9 . _ + ~ - and not start with a dot"
+    );
+    Ok(())
+}
+
+fn create(a: &CreateArgs) -> anyhow::Result<()> {
+    check_name("--version", &a.version)?;
+    check_name("--compatible", &a.compatible)?;
+    if let Some(v) = &a.min_source_version {
+        check_name("--min-source-version", v)?;
+    }
+    if let Some(jobs) = a.jobs {
+        rayon::ThreadPoolBuilder::new()
+            .num_threads(jobs.max(1))
+            .build_global()
+            .context("starting worker threads")?;
+    }
+    // Fail on a missing key before minutes of work, not after.
+    let key = PublisherKey::load(&a.key)?;
+    let verity = a
+        .verity_root_hash
+        .as_deref()
+        .map(|h| hex::decode(h).context("--verity-root-hash is not hex"))
+        .transpose()?;
+    let target = Image::open(&a.target)?;
+    let sources = a
+        .source
+        .iter()
+        .map(|p| Image::open(p))
+        .collect::<Result<Vec<_>, _>>()?;
+    std::fs::create_dir_all(&a.out).with_context(|| format!("creating {}", a.out.display()))?;
+    let created = timefmt::now();
+    let mut opts = generate::Options::new(
+        &a.compatible,
+        &a.version,
+        created,
+        created + a.expires_in_days.max(1) * 86_400,
+    );
+    opts.min_source_version.clone_from(&a.min_source_version);
+    opts.verity_root_hash = verity;
+    opts.level = a.level;
+    opts.allow_shrink = a.allow_shrink;
+
+    let started = std::time::Instant::now();
+    let full_path = a.out.join(format!("{}.full.uap", a.version));
+    let s = generate::create_full(&target, sources.first(), &opts, &key, &full_path)?;
+    print_summary(&s, None, started.elapsed().as_secs_f64());
+    for src in &sources {
+        let t = std::time::Instant::now();
+        let sha = src.sha256();
+        let path = a
+            .out
+            .join(format!("{}.from-{}.uap", a.version, &hex::encode(sha)[..16]));
+        let s = generate::create_delta(&target, src, &opts, &key, &path)?;
+        print_summary(&s, Some(&src.path), t.elapsed().as_secs_f64());
+    }
+    Ok(())
+}
+
+fn print_summary(s: &generate::Summary, from: Option<&Path>, secs: f64) {
+    let what = match from {
+        Some(p) => format!("delta from {}", p.display()),
+        None => "full payload".to_owned(),
+    };
+    println!(
+        "{}  {}  {} in {} operations ({:.1} s)",
+        s.path.display(),
+        what,
+        human(s.payload_bytes),
+        s.operations,
+        secs
+    );
+}
+
+/// Bytes for people, in SI units the way download sizes are usually shown.
+pub fn human(n: u64) -> String {
+    const UNITS: [&str; 5] = ["B", "kB", "MB", "GB", "TB"];
+    let mut v = n as f64;
+    let mut u = 0;
+    while v >= 1000.0 && u < UNITS.len() - 1 {
+        v /= 1000.0;
+        u += 1;
+    }
+    if u == 0 {
+        format!("{n} B")
+    } else {
+        format!("{v:.2} {}", UNITS[u])
+    }
+}
+
+/// Per-kind totals for `inspect`.
+#[derive(Debug, Default, Clone, serde::Serialize)]
+pub struct KindStats {
+    pub kind: &'static str,
+    pub operations: usize,
+    /// Target bytes the operations of this kind write.
+    pub target_bytes: u64,
+    /// Blob bytes they carry.
+    pub data_bytes: u64,
+}
+
+/// The stable `inspect --json` document (schema 1, see docs/payload-format.md).
+#[derive(Debug, serde::Serialize)]
+pub struct InspectJson {
+    pub schema: u32,
+    pub path: PathBuf,
+    pub payload_bytes: u64,
+    pub head_bytes: u64,
+    pub manifest_bytes: u64,
+    pub kind: &'static str,
+    pub compatible: String,
+    pub version: String,
+    pub min_source_version: Option<String>,
+    pub created: String,
+    pub expires: String,
+    pub block_size: u32,
+    pub target_size: u64,
+    pub target_sha256: String,
+    pub verity_root_hash: Option<String>,
+    pub source_size: Option<u64>,
+    pub source_sha256: Option<String>,
+    pub blob_size: u64,
+    pub blob_sha256: String,
+    pub signed_by: Vec<String>,
+    pub operations: Vec<KindStats>,
+}
+
+pub fn kind_stats(m: &Manifest) -> Vec<KindStats> {
+    [OpKind::Zero, OpKind::Copy, OpKind::Data, OpKind::Patch]
+        .into_iter()
+        .map(|k| {
+            let mut s = KindStats {
+                kind: k.name(),
+                ..KindStats::default()
+            };
+            for op in m.operations.iter().filter(|o| o.kind == k) {
+                s.operations += 1;
+                s.target_bytes += m.bytes(op.dst_blocks());
+                s.data_bytes += op.data_len;
+            }
+            s
+        })
+        .collect()
+}
+
+fn inspect(path: &Path, json: bool) -> anyhow::Result<()> {
+    let src = FileSource::open(path)?;
+    let p = Payload::open(&src, Trust::InspectOnly)?;
+    let m = &p.manifest;
+    let doc = InspectJson {
+        schema: 1,
+        path: path.to_owned(),
+        payload_bytes: p.blob_offset + m.blob_size,
+        head_bytes: p.head_len(),
+        manifest_bytes: p.manifest_len,
+        kind: if m.is_delta() { "delta" } else { "full" },
+        compatible: m.compatible.clone(),
+        version: m.version.clone(),
+        min_source_version: m.min_source_version.clone(),
+        created: timefmt::rfc3339(m.created),
+        expires: timefmt::rfc3339(m.expires),
+        block_size: m.block_size,
+        target_size: m.target_size,
+        target_sha256: hex::encode(m.target_sha256),
+        verity_root_hash: m.verity_root_hash.as_ref().map(hex::encode),
+        source_size: m.source.as_ref().map(|s| s.size),
+        source_sha256: m.source.as_ref().map(|s| hex::encode(s.sha256)),
+        blob_size: m.blob_size,
+        blob_sha256: hex::encode(m.blob_sha256),
+        signed_by: p.signatures.iter().map(|s| hex::encode(s.key)).collect(),
+        operations: kind_stats(m),
+    };
+    if json {
+        println!("{}", serde_json::to_string_pretty(&doc)?);
+        return Ok(());
+    }
+    println!("payload      {} ({})", path.display(), human(doc.payload_bytes));
+    match (&doc.source_sha256, doc.source_size) {
+        (Some(sha), Some(size)) => println!("kind         delta from sha256:{sha} ({size} bytes)"),
+        _ => println!("kind         full"),
+    }
+    println!("compatible   {}", doc.compatible);
+    println!(
+        "version      {} (from: {})",
+        doc.version,
+        doc.min_source_version.as_deref().map_or("any version".to_owned(), |v| format!("{v} or newer"))
+    );
+    println!("created      {}   expires {}", doc.created, doc.expires);
+    println!("target       {} bytes, sha256:{}", doc.target_size, doc.target_sha256);
+    println!("verity root  {}", doc.verity_root_hash.as_deref().unwrap_or("none"));
+    println!(
+        "signed by    {} (not checked here; use `updatectl bundle verify`)",
+        doc.signed_by.iter().map(|s| &s[..16]).collect::<Vec<_>>().join(", ")
+    );
+    println!(
+        "layout       {} before the blob (manifest {}), blob {}",
+        human(doc.head_bytes),
+        human(doc.manifest_bytes),
+        human(doc.blob_size)
+    );
+    println!("operations   {:<6} {:>7} {:>12} {:>12}", "kind", "count", "writes", "data");
+    for s in &doc.operations {
+        println!(
+            "             {:<6} {:>7} {:>12} {:>12}",
+            s.kind,
+            s.operations,
+            human(s.target_bytes),
+            human(s.data_bytes)
+        );
+    }
+    Ok(())
+}
+
+fn sha256_file(path: &Path) -> anyhow::Result<[u8; 32]> {
+    let mut f = File::open(path).with_context(|| format!("opening {}", path.display()))?;
+    let mut h = Sha256::new();
+    let mut buf = vec![0u8; 4 << 20];
+    loop {
+        let n = f.read(&mut buf).with_context(|| format!("reading {}", path.display()))?;
+        if n == 0 {
+            break;
+        }
+        h.update(&buf[..n]);
+    }
+    Ok(h.finalize().into())
+}
+
+/// `verify` (output `None`: rebuild into an unnamed scratch file) and `apply`.
+fn rebuild(
+    path: &Path,
+    keys_dir: &Path,
+    source: Option<&Path>,
+    output: Option<&Path>,
+) -> anyhow::Result<()> {
+    let keys = TrustedKeys::load_dir(keys_dir)?;
+    let src = FileSource::open(path)?;
+    let p = Payload::open(
+        &src,
+        Trust::Keys {
+            keys: &keys,
+            now: timefmt::now(),
+        },
+    )?;
+    let m = &p.manifest;
+    let signer = p.signer.map(|f| sign::short(&f)).unwrap_or_default();
+    println!(
+        "signature    ok (key {signer}); {} {} for {}, expires {}",
+        if m.is_delta() { "delta" } else { "full payload" },
+        m.version,
+        m.compatible,
+        timefmt::rfc3339(m.expires)
+    );
+    // The blob as a whole; a node checks per operation instead, as it fetches.
+    let blob_sha = {
+        let mut h = Sha256::new();
+        let mut buf = vec![0u8; 4 << 20];
+        let mut off = 0u64;
+        while off < m.blob_size {
+            let n = (m.blob_size - off).min(buf.len() as u64) as usize;
+            crate::payload::RangeSource::read_range(&src, p.blob_offset + off, &mut buf[..n])
+                .with_context(|| format!("reading blob of {}", path.display()))?;
+            h.update(&buf[..n]);
+            off += n as u64;
+        }
+        <[u8; 32]>::from(h.finalize())
+    };
+    if blob_sha != m.blob_sha256 {
+        return Err(Rejected::BlobHash {
+            path: path.to_owned(),
+            expected: hex::encode(m.blob_sha256),
+            actual: hex::encode(blob_sha),
+        }
+        .into());
+    }
+    println!("blob         ok ({}, sha256 matches)", human(m.blob_size));
+    let source_file = match source {
+        Some(s) => {
+            if let Some(expected) = &m.source {
+                let actual = sha256_file(s)?;
+                if actual != expected.sha256 {
+                    return Err(Rejected::SourceMismatch {
+                        path: s.to_owned(),
+                        expected: hex::encode(expected.sha256),
+                        actual: hex::encode(actual),
+                    }
+                    .into());
+                }
+            }
+            Some(File::open(s).with_context(|| format!("opening source image {}", s.display()))?)
+        }
+        None if m.is_delta() => {
+            anyhow::ensure!(
+                output.is_none(),
+                "{} is a delta: pass --source with the image it was built from",
+                path.display()
+            );
+            println!("rebuild      skipped: this is a delta; pass --source to rebuild the target");
+            return Ok(());
+        }
+        None => None,
+    };
+    let mut target = match output {
+        Some(o) => FileTarget::create(o, m.target_size)
+            .with_context(|| format!("creating {}", o.display()))?,
+        None => {
+            let dir = std::env::temp_dir();
+            FileTarget::scratch(&dir, m.target_size)
+                .with_context(|| format!("creating a scratch file in {}", dir.display()))?
+        }
+    };
+    let report = apply::apply(
+        m,
+        Blob {
+            source: &src,
+            offset: p.blob_offset,
+        },
+        source_file.as_ref().map(|f| f as &dyn apply::SourceSlot),
+        &mut target,
+        &apply::Options::default(),
+        &mut |e: Event| {
+            if e == Event::Verifying {
+                println!("written      all {} operations; reading back", m.operations.len());
+            }
+        },
+    )?;
+    println!(
+        "rebuild      ok: target sha256:{} ({} bytes) in {:.2} s",
+        hex::encode(m.target_sha256),
+        m.target_size,
+        report.seconds
+    );
+    println!(
+        "download     {} of frames + {} head = {} ({} of {} DATA operations found locally)",
+        human(report.bytes_fetched),
+        human(p.head_len()),
+        human(report.bytes_fetched + p.head_len()),
+        report.ops_reused,
+        m.operations.iter().filter(|o| o.kind == OpKind::Data).count()
+    );
+    if let Some(o) = output {
+        println!("output       {}", o.display());
+    }
+    Ok(())
+}

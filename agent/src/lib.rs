@@ -1,0 +1,11 @@
+//! update-agent: A/B atomic updates for immutable Linux hosts.
+//!
+//! Rooms (see ARCHITECTURE.md): [`payload`] owns the signed delta format and its
+//! generator; [`apply`] turns a payload into a slot image; [`file_target`] is the
+//! file-backed slot used by the offline tools; [`cli`] is `updatectl`.
+
+pub mod apply;
+pub mod cli;
+pub mod file_target;
+pub mod payload;
+pub mod timefmt;
