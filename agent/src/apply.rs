@@ -104,7 +104,7 @@ impl SourceSlot for std::fs::File {
 
 /// The slot being written. Implementations decide what "invalid" and "committed"
 /// mean for them (a temporary file name, a boot entry marked unbootable, ...).
-pub trait TargetSlot {
+pub trait TargetSlot: Sync {
     fn len(&self) -> u64;
     /// Marks the target not valid; called before the first write.
     fn invalidate(&mut self) -> io::Result<()>;
@@ -116,6 +116,11 @@ pub trait TargetSlot {
     fn sync(&mut self) -> io::Result<()>;
     /// Marks the target valid; called only after the whole image hashed right.
     fn commit(&mut self) -> io::Result<()>;
+    /// Ranges of `0..len` that may hold data, when the target knows the rest reads as
+    /// zeros without reading (holes of a sparse file). `None`: everything must be read.
+    fn data_ranges(&self, _len: u64) -> io::Result<Option<Vec<(u64, u64)>>> {
+        Ok(None)
+    }
 }
 
 /// Where the blob's bytes come from: the payload itself, at `blob_offset`.
@@ -180,6 +185,10 @@ pub struct Report {
     pub bytes_fetched: u64,
     /// DATA operations whose output was found on the source slot instead of fetched.
     pub ops_reused: usize,
+    /// Wall time writing operations, flushing, and reading back.
+    pub write_seconds: f64,
+    pub sync_seconds: f64,
+    pub verify_seconds: f64,
     pub seconds: f64,
 }
 
@@ -255,9 +264,13 @@ pub fn apply(
         r
     });
     result?;
+    report.write_seconds = started.elapsed().as_secs_f64();
     target.sync().map_err(ApplyError::Flush)?;
+    report.sync_seconds = started.elapsed().as_secs_f64() - report.write_seconds;
     on_event(Event::Verifying);
     let actual = hash_target(target, manifest.target_size).map_err(ApplyError::ReadBack)?;
+    report.verify_seconds =
+        started.elapsed().as_secs_f64() - report.write_seconds - report.sync_seconds;
     if actual != manifest.target_sha256 {
         return Err(ApplyError::TargetHashMismatch {
             expected: hex::encode(manifest.target_sha256),
@@ -336,12 +349,7 @@ fn produce(
         OpKind::Zero => {
             // The content is implied; checking the digest catches a manifest that lies.
             let mut h = Sha256::new();
-            let mut left = out_len;
-            while left > 0 {
-                let n = left.min(ZEROES.len() as u64) as usize;
-                h.update(&ZEROES[..n]);
-                left -= n as u64;
-            }
+            hash_zeroes(&mut h, out_len);
             check_hash(i, op, h.finalize().into())?;
             Ok(Produced::Inline)
         }
@@ -576,16 +584,57 @@ fn copy_op(
     check_hash(i, op, h.finalize().into())
 }
 
-/// sha256 of the first `len` bytes of the target, read back from it.
+/// sha256 of the first `len` bytes of the target, read back from it. A reader thread
+/// keeps the next buffer coming while this one is hashed; known holes are hashed as
+/// zeros without being read.
 pub fn hash_target(target: &dyn TargetSlot, len: u64) -> io::Result<[u8; 32]> {
+    let ranges = target.data_ranges(len)?.unwrap_or_else(|| vec![(0, len)]);
     let mut h = Sha256::new();
-    let mut buf = vec![0u8; IO_CHUNK * 4];
-    let mut off = 0u64;
-    while off < len {
-        let n = (len - off).min(buf.len() as u64) as usize;
-        target.read_exact_at(&mut buf[..n], off)?;
-        h.update(&buf[..n]);
-        off += n as u64;
+    let (full_tx, full_rx) = mpsc::sync_channel::<io::Result<(Vec<u8>, usize)>>(2);
+    let (empty_tx, empty_rx) = mpsc::sync_channel::<Vec<u8>>(3);
+    for _ in 0..3 {
+        let _ = empty_tx.send(vec![0u8; IO_CHUNK * 4]);
     }
-    Ok(h.finalize().into())
+    std::thread::scope(|scope| {
+        let ranges = &ranges;
+        scope.spawn(move || {
+            for &(start, end) in ranges {
+                let mut off = start;
+                while off < end {
+                    let Ok(mut buf) = empty_rx.recv() else { return };
+                    let n = (end - off).min(buf.len() as u64) as usize;
+                    let r = target.read_exact_at(&mut buf[..n], off).map(|()| (buf, n));
+                    let failed = r.is_err();
+                    if full_tx.send(r).is_err() || failed {
+                        return;
+                    }
+                    off += n as u64;
+                }
+            }
+        });
+        let mut pos = 0u64;
+        for &(start, end) in ranges.iter() {
+            hash_zeroes(&mut h, start - pos);
+            let mut off = start;
+            while off < end {
+                let (buf, n) = full_rx
+                    .recv()
+                    .map_err(|_| io::Error::other("read-back thread stopped"))??;
+                h.update(&buf[..n]);
+                off += n as u64;
+                let _ = empty_tx.send(buf);
+            }
+            pos = end;
+        }
+        hash_zeroes(&mut h, len - pos);
+        Ok(h.finalize().into())
+    })
+}
+
+fn hash_zeroes(h: &mut Sha256, mut n: u64) {
+    while n > 0 {
+        let k = n.min(ZEROES.len() as u64) as usize;
+        h.update(&ZEROES[..k]);
+        n -= k as u64;
+    }
 }

@@ -111,6 +111,30 @@ impl TargetSlot for FileTarget {
         self.file.sync_all()
     }
 
+    fn data_ranges(&self, len: u64) -> io::Result<Option<Vec<(u64, u64)>>> {
+        use nix::unistd::{lseek, Whence};
+        let fd = self.file.as_raw_fd();
+        let mut v = Vec::new();
+        let mut off = 0i64;
+        let len = len as i64;
+        while off < len {
+            let start = match lseek(fd, off, Whence::SeekData) {
+                Ok(s) => s,
+                // ENXIO: no data after `off`.
+                Err(nix::errno::Errno::ENXIO) => break,
+                // File systems without SEEK_DATA: read everything.
+                Err(_) => return Ok(None),
+            };
+            if start >= len {
+                break;
+            }
+            let end = lseek(fd, start, Whence::SeekHole).map_err(io::Error::from)?.min(len);
+            v.push((start as u64, end as u64));
+            off = end;
+        }
+        Ok(Some(v))
+    }
+
     fn commit(&mut self) -> io::Result<()> {
         if let Some(dest) = &self.dest {
             fs::rename(&self.partial, dest)?;

@@ -33,6 +33,9 @@ pub enum BundleCommand {
         /// Print the versioned JSON form instead of text.
         #[arg(long)]
         json: bool,
+        /// Also list every operation.
+        #[arg(long)]
+        ops: bool,
     },
     /// Check signature, expiry and blob; with --source (or for a full payload),
     /// rebuild the target image and compare its sha256.
@@ -97,6 +100,18 @@ pub struct CreateArgs {
     /// Worker threads (default: all cores).
     #[arg(long)]
     jobs: Option<usize>,
+    /// Target output of one PATCH/DATA operation in a delta, KiB (tuning).
+    #[arg(long, default_value_t = 2048, hide = true)]
+    delta_chunk_kib: u64,
+    /// Most reference bytes of one PATCH operation, KiB (tuning; decoders hold this much).
+    #[arg(long, default_value_t = 8192, hide = true)]
+    max_reference_kib: u64,
+    /// Target output of one DATA operation in a full payload, KiB (tuning).
+    #[arg(long, default_value_t = 8192, hide = true)]
+    full_chunk_kib: u64,
+    /// Build only the deltas, not the full payload (benchmarks).
+    #[arg(long, hide = true)]
+    no_full: bool,
 }
 
 /// A payload or image that fails a check `bundle` makes itself.
@@ -128,7 +143,7 @@ pub fn run(cmd: BundleCommand) -> anyhow::Result<()> {
             Ok(())
         }
         BundleCommand::Create(args) => create(&args),
-        BundleCommand::Inspect { payload, json } => inspect(&payload, json),
+        BundleCommand::Inspect { payload, json, ops } => inspect(&payload, json, ops),
         BundleCommand::Verify {
             payload,
             keys,
@@ -193,11 +208,16 @@ fn create(a: &CreateArgs) -> anyhow::Result<()> {
     opts.verity_root_hash = verity;
     opts.level = a.level;
     opts.allow_shrink = a.allow_shrink;
+    opts.delta_chunk = a.delta_chunk_kib << 10;
+    opts.max_reference = a.max_reference_kib << 10;
+    opts.full_chunk = a.full_chunk_kib << 10;
 
     let started = std::time::Instant::now();
-    let full_path = a.out.join(format!("{}.full.uap", a.version));
-    let s = generate::create_full(&target, sources.first(), &opts, &key, &full_path)?;
-    print_summary(&s, None, started.elapsed().as_secs_f64());
+    if !a.no_full {
+        let full_path = a.out.join(format!("{}.full.uap", a.version));
+        let s = generate::create_full(&target, sources.first(), &opts, &key, &full_path)?;
+        print_summary(&s, None, started.elapsed().as_secs_f64());
+    }
     for src in &sources {
         let t = std::time::Instant::now();
         let sha = src.sha256();
@@ -296,7 +316,7 @@ pub fn kind_stats(m: &Manifest) -> Vec<KindStats> {
         .collect()
 }
 
-fn inspect(path: &Path, json: bool) -> anyhow::Result<()> {
+fn inspect(path: &Path, json: bool, list_ops: bool) -> anyhow::Result<()> {
     let src = FileSource::open(path)?;
     let p = Payload::open(&src, Trust::InspectOnly)?;
     let m = &p.manifest;
@@ -360,6 +380,21 @@ fn inspect(path: &Path, json: bool) -> anyhow::Result<()> {
             human(s.target_bytes),
             human(s.data_bytes)
         );
+    }
+    if list_ops {
+        println!("\n{:>6} {:<6} {:>10} {:>8} {:>10} {:>8} {:>12}", "op", "kind", "writes", "extents", "source", "extents", "data");
+        for (i, op) in m.operations.iter().enumerate() {
+            println!(
+                "{:>6} {:<6} {:>10} {:>8} {:>10} {:>8} {:>12}",
+                i,
+                op.kind.name(),
+                human(m.bytes(op.dst_blocks())),
+                op.dst.len(),
+                human(m.bytes(op.src_blocks())),
+                op.src.len(),
+                op.data_len
+            );
+        }
     }
     Ok(())
 }
@@ -477,10 +512,14 @@ fn rebuild(
         },
     )?;
     println!(
-        "rebuild      ok: target sha256:{} ({} bytes) in {:.2} s",
+        "rebuild      ok: target sha256:{} ({} bytes) in {:.2} s \
+         (write {:.2} s, flush {:.2} s, read back {:.2} s)",
         hex::encode(m.target_sha256),
         m.target_size,
-        report.seconds
+        report.seconds,
+        report.write_seconds,
+        report.sync_seconds,
+        report.verify_seconds
     );
     println!(
         "download     {} of frames + {} head = {} ({} of {} DATA operations found locally)",
