@@ -26,7 +26,9 @@ use crate::payload::RangeSource;
 pub enum ApplyError {
     #[error("this payload is a delta and needs the source slot, but none was given")]
     SourceRequired,
-    #[error("source slot is {actual} bytes, smaller than the {expected} bytes the delta was built from")]
+    #[error(
+        "source slot is {actual} bytes, smaller than the {expected} bytes the delta was built from"
+    )]
     SourceTooSmall { expected: u64, actual: u64 },
     #[error("target slot is {actual} bytes, too small for the {expected}-byte image")]
     TargetTooSmall { expected: u64, actual: u64 },
@@ -66,7 +68,9 @@ pub enum ApplyError {
         expected: u64,
         actual: u64,
     },
-    #[error("operation {op} ({kind}): output sha256 {actual} does not match the manifest's {expected}")]
+    #[error(
+        "operation {op} ({kind}): output sha256 {actual} does not match the manifest's {expected}"
+    )]
     OpHashMismatch {
         op: usize,
         kind: &'static str,
@@ -89,12 +93,13 @@ pub enum ApplyError {
 
 /// The slot an update is read from (the booted slot on a node). Read-only by type.
 pub trait SourceSlot: Sync {
-    fn len(&self) -> u64;
+    /// Size in bytes.
+    fn size(&self) -> u64;
     fn read_exact_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()>;
 }
 
 impl SourceSlot for std::fs::File {
-    fn len(&self) -> u64 {
+    fn size(&self) -> u64 {
         self.metadata().map_or(0, |m| m.len())
     }
     fn read_exact_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
@@ -105,7 +110,8 @@ impl SourceSlot for std::fs::File {
 /// The slot being written. Implementations decide what "invalid" and "committed"
 /// mean for them (a temporary file name, a boot entry marked unbootable, ...).
 pub trait TargetSlot: Sync {
-    fn len(&self) -> u64;
+    /// Size in bytes.
+    fn size(&self) -> u64;
     /// Marks the target not valid; called before the first write.
     fn invalidate(&mut self) -> io::Result<()>;
     fn write_all_at(&mut self, buf: &[u8], offset: u64) -> io::Result<()>;
@@ -224,17 +230,17 @@ pub fn apply(
     let started = Instant::now();
     if let Some(src) = &manifest.source {
         let s = source.ok_or(ApplyError::SourceRequired)?;
-        if s.len() < src.size {
+        if s.size() < src.size {
             return Err(ApplyError::SourceTooSmall {
                 expected: src.size,
-                actual: s.len(),
+                actual: s.size(),
             });
         }
     }
-    if target.len() < manifest.target_size {
+    if target.size() < manifest.target_size {
         return Err(ApplyError::TargetTooSmall {
             expected: manifest.target_size,
-            actual: target.len(),
+            actual: target.size(),
         });
     }
     target.invalidate().map_err(ApplyError::Commit)?;
@@ -255,7 +261,17 @@ pub fn apply(
             });
         }
         drop(tx);
-        let r = write_in_order(manifest, source, target, opts, &rx, &sched, &cond, &mut report, on_event);
+        let r = write_in_order(
+            manifest,
+            source,
+            target,
+            opts,
+            &rx,
+            &sched,
+            &cond,
+            &mut report,
+            on_event,
+        );
         // Stop the workers whatever happened, so the scope can end.
         if let Ok(mut s) = sched.lock() {
             s.stop = true;
@@ -375,13 +391,22 @@ fn produce(
                 })?;
             let reference = if op.kind == OpKind::Patch {
                 let src = source.ok_or(ApplyError::SourceRequired)?;
-                read_extents(src, manifest.block_size, &op.src)
-                    .map_err(|source| ApplyError::SourceRead { op: i, kind, source })?
+                read_extents(src, manifest.block_size, &op.src).map_err(|source| {
+                    ApplyError::SourceRead {
+                        op: i,
+                        kind,
+                        source,
+                    }
+                })?
             } else {
                 Vec::new()
             };
             let data = decompress_frame(&frame, &reference, out_len).map_err(|e| match e {
-                FrameError::Zstd(message) => ApplyError::Decompress { op: i, kind, message },
+                FrameError::Zstd(message) => ApplyError::Decompress {
+                    op: i,
+                    kind,
+                    message,
+                },
                 FrameError::Length(actual) => ApplyError::WrongLength {
                     op: i,
                     kind,
@@ -412,7 +437,7 @@ fn try_reuse(
         return None;
     }
     let end = op.src.iter().filter_map(Extent::end).max()?;
-    if manifest.bytes(end) > src.len() {
+    if manifest.bytes(end) > src.size() {
         return None;
     }
     let data = read_extents(src, manifest.block_size, &op.src).ok()?;
@@ -457,7 +482,8 @@ fn decompress_frame(frame: &[u8], reference: &[u8], out_len: u64) -> Result<Vec<
     use zstd::zstd_safe::{DCtx, DParameter};
     let mut dctx = DCtx::create();
     let e = |c| FrameError::Zstd(zstd::zstd_safe::get_error_name(c));
-    dctx.set_parameter(DParameter::WindowLogMax(27)).map_err(e)?;
+    dctx.set_parameter(DParameter::WindowLogMax(27))
+        .map_err(e)?;
     if !reference.is_empty() {
         dctx.ref_prefix(reference).map_err(e)?;
     }
@@ -484,7 +510,7 @@ fn write_in_order(
     let ops = &manifest.operations;
     let mut pending: BTreeMap<usize, Result<Produced, ApplyError>> = BTreeMap::new();
     let mut copy_buf = vec![0u8; IO_CHUNK];
-    for i in opts.start_op..ops.len() {
+    for (i, op) in ops.iter().enumerate().skip(opts.start_op) {
         if opts.cancel.is_some_and(|c| c.load(Ordering::Relaxed)) {
             return Err(ApplyError::Cancelled { op: i });
         }
@@ -495,14 +521,19 @@ fn write_in_order(
             let (j, r) = rx.recv().map_err(|_| ApplyError::WorkerLost)?;
             pending.insert(j, r);
         }?;
-        let op = &ops[i];
         let kind = op.kind.name();
         let bs = u64::from(manifest.block_size);
-        let werr = |source| ApplyError::TargetWrite { op: i, kind, source };
+        let werr = |source| ApplyError::TargetWrite {
+            op: i,
+            kind,
+            source,
+        };
         let (fetched, reused) = match produced {
             Produced::Inline if op.kind == OpKind::Zero => {
                 for e in &op.dst {
-                    target.write_zeroes(e.start * bs, e.blocks * bs).map_err(werr)?;
+                    target
+                        .write_zeroes(e.start * bs, e.blocks * bs)
+                        .map_err(werr)?;
                 }
                 (0, false)
             }
@@ -519,7 +550,9 @@ fn write_in_order(
                 let mut at = 0usize;
                 for e in &op.dst {
                     let n = (e.blocks * bs) as usize;
-                    target.write_all_at(&data[at..at + n], e.start * bs).map_err(werr)?;
+                    target
+                        .write_all_at(&data[at..at + n], e.start * bs)
+                        .map_err(werr)?;
                     at += n;
                 }
                 (fetched, reused)
@@ -567,11 +600,19 @@ fn copy_op(
             };
             let n = s_left.min(*d_left).min(buf.len() as u64) as usize;
             src.read_exact_at(&mut buf[..n], s_off)
-                .map_err(|source| ApplyError::SourceRead { op: i, kind, source })?;
+                .map_err(|source| ApplyError::SourceRead {
+                    op: i,
+                    kind,
+                    source,
+                })?;
             h.update(&buf[..n]);
             target
                 .write_all_at(&buf[..n], *d_off)
-                .map_err(|source| ApplyError::TargetWrite { op: i, kind, source })?;
+                .map_err(|source| ApplyError::TargetWrite {
+                    op: i,
+                    kind,
+                    source,
+                })?;
             s_off += n as u64;
             s_left -= n as u64;
             *d_off += n as u64;

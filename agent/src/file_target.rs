@@ -25,9 +25,9 @@ pub struct FileTarget {
 impl FileTarget {
     /// Creates `dest` (replacing it on commit) as a sparse file of `len` bytes.
     pub fn create(dest: &Path, len: u64) -> io::Result<Self> {
-        let name = dest
-            .file_name()
-            .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "output path has no file name"))?;
+        let name = dest.file_name().ok_or_else(|| {
+            io::Error::new(io::ErrorKind::InvalidInput, "output path has no file name")
+        })?;
         let partial = dest.with_file_name(format!(".{}.partial", name.to_string_lossy()));
         let file = OpenOptions::new()
             .read(true)
@@ -69,7 +69,7 @@ fn tempfile_in(dir: &Path) -> io::Result<File> {
 }
 
 impl TargetSlot for FileTarget {
-    fn len(&self) -> u64 {
+    fn size(&self) -> u64 {
         self.len
     }
 
@@ -128,7 +128,9 @@ impl TargetSlot for FileTarget {
             if start >= len {
                 break;
             }
-            let end = lseek(fd, start, Whence::SeekHole).map_err(io::Error::from)?.min(len);
+            let end = lseek(fd, start, Whence::SeekHole)
+                .map_err(io::Error::from)?
+                .min(len);
             v.push((start as u64, end as u64));
             off = end;
         }

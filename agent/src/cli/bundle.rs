@@ -11,7 +11,9 @@ use sha2::{Digest, Sha256};
 use crate::apply::{self, Blob, Event};
 use crate::file_target::FileTarget;
 use crate::payload::generate::{self, Image};
-use crate::payload::{sign, FileSource, Manifest, OpKind, Payload, PublisherKey, Trust, TrustedKeys};
+use crate::payload::{
+    sign, FileSource, Manifest, OpKind, Payload, PublisherKey, Trust, TrustedKeys,
+};
 use crate::timefmt;
 
 #[derive(Debug, Subcommand)]
@@ -137,8 +139,15 @@ pub fn run(cmd: BundleCommand) -> anyhow::Result<()> {
             check_name("--name", &name)?;
             let k = sign::keygen(&out, &name)
                 .with_context(|| format!("writing key pair to {}", out.display()))?;
-            println!("secret key  {}  (keep it off the nodes)", k.secret.display());
-            println!("public key  {}  (install in {}/)", k.public.display(), sign::DEFAULT_KEYS_DIR);
+            println!(
+                "secret key  {}  (keep it off the nodes)",
+                k.secret.display()
+            );
+            println!(
+                "public key  {}  (install in {}/)",
+                k.public.display(),
+                sign::DEFAULT_KEYS_DIR
+            );
             println!("fingerprint {}", hex::encode(k.fingerprint));
             Ok(())
         }
@@ -162,7 +171,8 @@ pub fn run(cmd: BundleCommand) -> anyhow::Result<()> {
 fn check_name(what: &str, v: &str) -> anyhow::Result<()> {
     let ok = !v.is_empty()
         && v.len() <= 128
-        && v.chars().all(|c| c.is_ascii_alphanumeric() || "._+~-".contains(c))
+        && v.chars()
+            .all(|c| c.is_ascii_alphanumeric() || "._+~-".contains(c))
         && !v.starts_with('.');
     anyhow::ensure!(
         ok,
@@ -221,9 +231,11 @@ fn create(a: &CreateArgs) -> anyhow::Result<()> {
     for src in &sources {
         let t = std::time::Instant::now();
         let sha = src.sha256();
-        let path = a
-            .out
-            .join(format!("{}.from-{}.uap", a.version, &hex::encode(sha)[..16]));
+        let path = a.out.join(format!(
+            "{}.from-{}.uap",
+            a.version,
+            &hex::encode(sha)[..16]
+        ));
         let s = generate::create_delta(&target, src, &opts, &key, &path)?;
         print_summary(&s, Some(&src.path), t.elapsed().as_secs_f64());
     }
@@ -347,7 +359,11 @@ fn inspect(path: &Path, json: bool, list_ops: bool) -> anyhow::Result<()> {
         println!("{}", serde_json::to_string_pretty(&doc)?);
         return Ok(());
     }
-    println!("payload      {} ({})", path.display(), human(doc.payload_bytes));
+    println!(
+        "payload      {} ({})",
+        path.display(),
+        human(doc.payload_bytes)
+    );
     match (&doc.source_sha256, doc.source_size) {
         (Some(sha), Some(size)) => println!("kind         delta from sha256:{sha} ({size} bytes)"),
         _ => println!("kind         full"),
@@ -356,14 +372,26 @@ fn inspect(path: &Path, json: bool, list_ops: bool) -> anyhow::Result<()> {
     println!(
         "version      {} (from: {})",
         doc.version,
-        doc.min_source_version.as_deref().map_or("any version".to_owned(), |v| format!("{v} or newer"))
+        doc.min_source_version
+            .as_deref()
+            .map_or("any version".to_owned(), |v| format!("{v} or newer"))
     );
     println!("created      {}   expires {}", doc.created, doc.expires);
-    println!("target       {} bytes, sha256:{}", doc.target_size, doc.target_sha256);
-    println!("verity root  {}", doc.verity_root_hash.as_deref().unwrap_or("none"));
+    println!(
+        "target       {} bytes, sha256:{}",
+        doc.target_size, doc.target_sha256
+    );
+    println!(
+        "verity root  {}",
+        doc.verity_root_hash.as_deref().unwrap_or("none")
+    );
     println!(
         "signed by    {} (not checked here; use `updatectl bundle verify`)",
-        doc.signed_by.iter().map(|s| &s[..16]).collect::<Vec<_>>().join(", ")
+        doc.signed_by
+            .iter()
+            .map(|s| &s[..16])
+            .collect::<Vec<_>>()
+            .join(", ")
     );
     println!(
         "layout       {} before the blob (manifest {}), blob {}",
@@ -371,7 +399,10 @@ fn inspect(path: &Path, json: bool, list_ops: bool) -> anyhow::Result<()> {
         human(doc.manifest_bytes),
         human(doc.blob_size)
     );
-    println!("operations   {:<6} {:>7} {:>12} {:>12}", "kind", "count", "writes", "data");
+    println!(
+        "operations   {:<6} {:>7} {:>12} {:>12}",
+        "kind", "count", "writes", "data"
+    );
     for s in &doc.operations {
         println!(
             "             {:<6} {:>7} {:>12} {:>12}",
@@ -382,7 +413,10 @@ fn inspect(path: &Path, json: bool, list_ops: bool) -> anyhow::Result<()> {
         );
     }
     if list_ops {
-        println!("\n{:>6} {:<6} {:>10} {:>8} {:>10} {:>8} {:>12}", "op", "kind", "writes", "extents", "source", "extents", "data");
+        println!(
+            "\n{:>6} {:<6} {:>10} {:>8} {:>10} {:>8} {:>12}",
+            "op", "kind", "writes", "extents", "source", "extents", "data"
+        );
         for (i, op) in m.operations.iter().enumerate() {
             println!(
                 "{:>6} {:<6} {:>10} {:>8} {:>10} {:>8} {:>12}",
@@ -404,7 +438,9 @@ fn sha256_file(path: &Path) -> anyhow::Result<[u8; 32]> {
     let mut h = Sha256::new();
     let mut buf = vec![0u8; 4 << 20];
     loop {
-        let n = f.read(&mut buf).with_context(|| format!("reading {}", path.display()))?;
+        let n = f
+            .read(&mut buf)
+            .with_context(|| format!("reading {}", path.display()))?;
         if n == 0 {
             break;
         }
@@ -433,7 +469,11 @@ fn rebuild(
     let signer = p.signer.map(|f| sign::short(&f)).unwrap_or_default();
     println!(
         "signature    ok (key {signer}); {} {} for {}, expires {}",
-        if m.is_delta() { "delta" } else { "full payload" },
+        if m.is_delta() {
+            "delta"
+        } else {
+            "full payload"
+        },
         m.version,
         m.compatible,
         timefmt::rfc3339(m.expires)
@@ -507,7 +547,10 @@ fn rebuild(
         &apply::Options::default(),
         &mut |e: Event| {
             if e == Event::Verifying {
-                println!("written      all {} operations; reading back", m.operations.len());
+                println!(
+                    "written      all {} operations; reading back",
+                    m.operations.len()
+                );
             }
         },
     )?;
@@ -527,7 +570,10 @@ fn rebuild(
         human(p.head_len()),
         human(report.bytes_fetched + p.head_len()),
         report.ops_reused,
-        m.operations.iter().filter(|o| o.kind == OpKind::Data).count()
+        m.operations
+            .iter()
+            .filter(|o| o.kind == OpKind::Data)
+            .count()
     );
     if let Some(o) = output {
         println!("output       {}", o.display());

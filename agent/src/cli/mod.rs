@@ -65,5 +65,9 @@ pub fn exit_code(err: &anyhow::Error) -> ExitCode {
             )
         ) || e.downcast_ref::<bundle::Rejected>().is_some()
     });
-    ExitCode::from(if rejected { EXIT_REJECTED } else { EXIT_FAILURE })
+    ExitCode::from(if rejected {
+        EXIT_REJECTED
+    } else {
+        EXIT_FAILURE
+    })
 }

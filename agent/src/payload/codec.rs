@@ -124,7 +124,8 @@ pub fn decode(bytes: &[u8]) -> Result<Manifest, ManifestError> {
     for i in 0..count as usize {
         let loc = Loc::Op(i);
         let raw = r.byte(loc, "kind")?;
-        let kind = OpKind::from_wire(raw).ok_or(ManifestError::UnknownOpKind { op: i, kind: raw })?;
+        let kind =
+            OpKind::from_wire(raw).ok_or(ManifestError::UnknownOpKind { op: i, kind: raw })?;
         let dst = r.extents(loc, "dst", &mut extents_total)?;
         let src = r.extents(loc, "src", &mut extents_total)?;
         let (data_offset, data_len) = if kind.has_data() {
@@ -295,7 +296,8 @@ impl<'a> Reader<'a> {
             });
         }
         let bytes = self.take(n as usize, loc, field)?;
-        let s = std::str::from_utf8(bytes).map_err(|_| ManifestError::InvalidUtf8 { loc, field })?;
+        let s =
+            std::str::from_utf8(bytes).map_err(|_| ManifestError::InvalidUtf8 { loc, field })?;
         if s.is_empty() || s.chars().any(char::is_control) {
             return Err(ManifestError::BadString { loc, field });
         }

@@ -27,8 +27,8 @@ pub const BLOB_ALIGN: u64 = 4096;
 
 /// Random access to the bytes of a payload, wherever they live (file, HTTP, memory).
 pub trait RangeSource: Sync {
-    /// Total length in bytes.
-    fn len(&self) -> u64;
+    /// Total size in bytes.
+    fn size(&self) -> u64;
     /// Fills `buf` with the bytes at `offset`; short data is an error.
     fn read_range(&self, offset: u64, buf: &mut [u8]) -> io::Result<()>;
     /// Name shown in errors (a path or URL).
@@ -60,7 +60,7 @@ impl FileSource {
 }
 
 impl RangeSource for FileSource {
-    fn len(&self) -> u64 {
+    fn size(&self) -> u64 {
         self.len
     }
     fn read_range(&self, offset: u64, buf: &mut [u8]) -> io::Result<()> {
@@ -104,7 +104,7 @@ impl Payload {
             path: path.clone(),
             source,
         };
-        if src.len() < HEADER_LEN {
+        if src.size() < HEADER_LEN {
             return Err(PayloadError::BadMagic { path });
         }
         let mut header = [0u8; HEADER_LEN as usize];
@@ -112,7 +112,8 @@ impl Payload {
         if header[..8] != MAGIC {
             return Err(PayloadError::BadMagic { path });
         }
-        let u32_at = |o: usize| u32::from_le_bytes([header[o], header[o + 1], header[o + 2], header[o + 3]]);
+        let u32_at =
+            |o: usize| u32::from_le_bytes([header[o], header[o + 1], header[o + 2], header[o + 3]]);
         let bad = |field, value: u64| PayloadError::BadHeader {
             path: path.clone(),
             field,
@@ -143,24 +144,28 @@ impl Payload {
             return Err(bad("signatures_length", sig_len));
         }
         let head_end = HEADER_LEN + manifest_len + sig_len;
-        if blob_offset < head_end || blob_offset % BLOB_ALIGN != 0 || blob_offset > src.len() {
+        if blob_offset < head_end
+            || !blob_offset.is_multiple_of(BLOB_ALIGN)
+            || blob_offset > src.size()
+        {
             return Err(bad("blob_offset", blob_offset));
         }
         let mut head = vec![0u8; (manifest_len + sig_len) as usize];
         src.read_range(HEADER_LEN, &mut head).map_err(io)?;
         let (manifest_bytes, sig_bytes) = head.split_at(manifest_len as usize);
-        let signatures = decode_signatures(sig_bytes).ok_or_else(|| PayloadError::BadSignatureBlock {
-            path: path.clone(),
-        })?;
+        let signatures = decode_signatures(sig_bytes)
+            .ok_or_else(|| PayloadError::BadSignatureBlock { path: path.clone() })?;
         // The signature is checked on the raw bytes before the decoder sees them, so a
         // hostile manifest from an untrusted publisher never reaches the parser.
         let signer = match trust {
-            Trust::Keys { keys, .. } => Some(keys.verify(manifest_bytes, &signatures).map_err(
-                |source| PayloadError::Trust {
-                    path: path.clone(),
-                    source,
-                },
-            )?),
+            Trust::Keys { keys, .. } => {
+                Some(keys.verify(manifest_bytes, &signatures).map_err(|source| {
+                    PayloadError::Trust {
+                        path: path.clone(),
+                        source,
+                    }
+                })?)
+            }
             Trust::InspectOnly => None,
         };
         let manifest = codec::decode(manifest_bytes)
@@ -176,11 +181,11 @@ impl Payload {
             })?;
         }
         let expected = blob_offset.saturating_add(manifest.blob_size);
-        if src.len() != expected {
+        if src.size() != expected {
             return Err(PayloadError::WrongLength {
                 path,
                 expected,
-                actual: src.len(),
+                actual: src.size(),
             });
         }
         Ok(Self {
@@ -237,6 +242,41 @@ fn encode_signatures(sigs: &[SignatureEntry]) -> Vec<u8> {
     w
 }
 
+/// Everything before the blob: header, manifest, signatures, padding to the blob.
+pub fn head_bytes(manifest_bytes: &[u8], signatures: &[SignatureEntry]) -> io::Result<Vec<u8>> {
+    let sigs = encode_signatures(signatures);
+    let head_end = HEADER_LEN + manifest_bytes.len() as u64 + sigs.len() as u64;
+    let blob_offset = head_end.div_ceil(BLOB_ALIGN) * BLOB_ALIGN;
+    let len32 = |n: usize| {
+        u32::try_from(n)
+            .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "manifest too large"))
+    };
+    let mut head = Vec::with_capacity(blob_offset as usize);
+    head.extend_from_slice(&MAGIC);
+    head.extend_from_slice(&HEADER_VERSION.to_le_bytes());
+    head.extend_from_slice(&len32(manifest_bytes.len())?.to_le_bytes());
+    head.extend_from_slice(&len32(sigs.len())?.to_le_bytes());
+    head.extend_from_slice(&0u32.to_le_bytes());
+    head.extend_from_slice(&blob_offset.to_le_bytes());
+    head.resize(HEADER_LEN as usize, 0);
+    head.extend_from_slice(manifest_bytes);
+    head.extend_from_slice(&sigs);
+    head.resize(blob_offset as usize, 0);
+    Ok(head)
+}
+
+/// A whole payload in memory from raw parts (small payloads, tests, tools that
+/// re-sign a manifest).
+pub fn assemble(
+    manifest_bytes: &[u8],
+    signatures: &[SignatureEntry],
+    blob: &[u8],
+) -> io::Result<Vec<u8>> {
+    let mut v = head_bytes(manifest_bytes, signatures)?;
+    v.extend_from_slice(blob);
+    Ok(v)
+}
+
 /// Writes a complete payload to `out`: header, signed manifest, then `blob` copied in.
 /// `manifest.blob_size` and `blob_sha256` must already describe `blob`.
 pub fn write_payload(
@@ -246,23 +286,7 @@ pub fn write_payload(
     blob: &mut File,
 ) -> io::Result<u64> {
     let manifest_bytes = codec::encode(manifest);
-    let sigs = encode_signatures(&[key.sign(&manifest_bytes)]);
-    let head_end = HEADER_LEN + manifest_bytes.len() as u64 + sigs.len() as u64;
-    let blob_offset = head_end.div_ceil(BLOB_ALIGN) * BLOB_ALIGN;
-    let mut head = Vec::with_capacity(blob_offset as usize);
-    head.extend_from_slice(&MAGIC);
-    head.extend_from_slice(&HEADER_VERSION.to_le_bytes());
-    let len32 = |n: usize| {
-        u32::try_from(n).map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "manifest too large"))
-    };
-    head.extend_from_slice(&len32(manifest_bytes.len())?.to_le_bytes());
-    head.extend_from_slice(&len32(sigs.len())?.to_le_bytes());
-    head.extend_from_slice(&0u32.to_le_bytes());
-    head.extend_from_slice(&blob_offset.to_le_bytes());
-    head.resize(HEADER_LEN as usize, 0);
-    head.extend_from_slice(&manifest_bytes);
-    head.extend_from_slice(&sigs);
-    head.resize(blob_offset as usize, 0);
+    let head = head_bytes(&manifest_bytes, &[key.sign(&manifest_bytes)])?;
     out.write_all(&head)?;
     io::Seek::seek(blob, io::SeekFrom::Start(0))?;
     let copied = io::copy(blob, out)?;
@@ -272,5 +296,33 @@ pub fn write_payload(
             manifest.blob_size
         )));
     }
-    Ok(blob_offset + copied)
+    Ok(head.len() as u64 + copied)
+}
+
+/// A payload held in memory.
+#[derive(Debug, Clone)]
+pub struct MemSource {
+    pub bytes: Vec<u8>,
+    pub name: PathBuf,
+}
+
+impl RangeSource for MemSource {
+    fn size(&self) -> u64 {
+        self.bytes.len() as u64
+    }
+    fn read_range(&self, offset: u64, buf: &mut [u8]) -> io::Result<()> {
+        let start = usize::try_from(offset).map_err(|_| io::ErrorKind::UnexpectedEof)?;
+        let end = start
+            .checked_add(buf.len())
+            .ok_or(io::ErrorKind::UnexpectedEof)?;
+        let src = self
+            .bytes
+            .get(start..end)
+            .ok_or(io::ErrorKind::UnexpectedEof)?;
+        buf.copy_from_slice(src);
+        Ok(())
+    }
+    fn name(&self) -> &Path {
+        &self.name
+    }
 }

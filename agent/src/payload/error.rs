@@ -137,7 +137,9 @@ pub enum TrustError {
     NoTrustedKeys { path: PathBuf },
     #[error("payload is not signed")]
     Unsigned,
-    #[error("payload is signed only by keys this node does not trust (fingerprints: {fingerprints})")]
+    #[error(
+        "payload is signed only by keys this node does not trust (fingerprints: {fingerprints})"
+    )]
     UntrustedKey { fingerprints: String },
     #[error("signature by key {fingerprint} does not match the manifest")]
     BadSignature { fingerprint: String },

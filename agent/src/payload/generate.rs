@@ -132,7 +132,9 @@ impl Image {
 
     /// sha256 of the whole image (computed once).
     pub fn sha256(&self) -> [u8; 32] {
-        *self.sha256.get_or_init(|| Sha256::digest(&self.map[..]).into())
+        *self
+            .sha256
+            .get_or_init(|| Sha256::digest(&self.map[..]).into())
     }
 }
 
@@ -218,7 +220,7 @@ const MAX_EXTENTS_PER_PLANNED: usize = 4096;
 const MIN_REUSE_BLOCKS: u64 = 8;
 
 fn check_image(img: &Image, bs: u32) -> Result<(), GenerateError> {
-    if img.len() % u64::from(bs) != 0 {
+    if !img.len().is_multiple_of(u64::from(bs)) {
         return Err(GenerateError::NotBlockMultiple {
             path: img.path.clone(),
             size: img.len(),
@@ -278,7 +280,15 @@ pub fn create_delta(
         size: source.len(),
         sha256: source.sha256(),
     };
-    finish(target, Some(source), Some(source_info), planned, opts, key, out)
+    finish(
+        target,
+        Some(source),
+        Some(source_info),
+        planned,
+        opts,
+        key,
+        out,
+    )
 }
 
 /// Builds a full payload. `known` are images many nodes run (the first one is used for
@@ -314,21 +324,26 @@ pub fn create_full(
                     }
                     Class::Copy(s0) => {
                         let mut n = 1usize;
-                        while i + n < classes.len()
-                            && classes[i + n] == Class::Copy(s0 + n as u64)
+                        while i + n < classes.len() && classes[i + n] == Class::Copy(s0 + n as u64)
                         {
                             n += 1;
                         }
                         if (n as u64) < MIN_REUSE_BLOCKS {
                             fresh.extend(i as u64..(i + n) as u64);
                         } else {
-                            reuse.push((Extent::new(i as u64, n as u64), Extent::new(s0, n as u64)));
+                            reuse
+                                .push((Extent::new(i as u64, n as u64), Extent::new(s0, n as u64)));
                         }
                         i += n;
                     }
                 }
             }
-            push_grouped(&mut planned, OpKind::Zero, runs_of(zero.into_iter()), ZERO_OP_MAX_BLOCKS);
+            push_grouped(
+                &mut planned,
+                OpKind::Zero,
+                runs_of(zero.into_iter()),
+                ZERO_OP_MAX_BLOCKS,
+            );
             // Reuse operations: split long runs, group short ones, up to one chunk each.
             let mut cur = Planned {
                 kind: OpKind::Data,
@@ -400,9 +415,7 @@ pub fn create_full(
 
 /// ZERO and COPY operations for the blocks that need no data.
 fn plan_runs(classes: &[Class], planned: &mut Vec<Planned>) {
-    let zero = runs_of(
-        (0..classes.len() as u64).filter(|&t| classes[t as usize] == Class::Zero),
-    );
+    let zero = runs_of((0..classes.len() as u64).filter(|&t| classes[t as usize] == Class::Zero));
     push_grouped(planned, OpKind::Zero, zero, ZERO_OP_MAX_BLOCKS);
     let mut copy: Vec<(Extent, Extent)> = Vec::new();
     for (t, c) in classes.iter().enumerate() {
@@ -689,7 +702,9 @@ pub(crate) fn compress_frame(
 ) -> Result<Vec<u8>, &'static str> {
     use zstd::zstd_safe::{CCtx, CParameter};
     let mut cctx = CCtx::create();
-    let window = (data.len() + reference.len()).max(1 << 17).next_power_of_two();
+    let window = (data.len() + reference.len())
+        .max(1 << 17)
+        .next_power_of_two();
     let window_log = window.trailing_zeros().min(27);
     let e = |c| zstd::zstd_safe::get_error_name(c);
     cctx.set_parameter(CParameter::CompressionLevel(level))
@@ -707,6 +722,9 @@ pub(crate) fn compress_frame(
     cctx.compress2(&mut out, data).map_err(e)?;
     Ok(out)
 }
+
+/// A compressed frame (for DATA/PATCH) and the sha256 of the operation's output.
+type FrameResult = Result<(Option<Vec<u8>>, [u8; 32]), GenerateError>;
 
 /// Compresses frames, assigns blob offsets, signs and writes the payload.
 fn finish(
@@ -727,7 +745,8 @@ fn finish(
     let dir = out.parent().unwrap_or(Path::new("."));
     let blob_path = dir.join(format!(
         ".{}.blob.tmp",
-        out.file_name().map_or("payload".into(), |n| n.to_string_lossy())
+        out.file_name()
+            .map_or("payload".into(), |n| n.to_string_lossy())
     ));
     let mut blob = OpenOptions::new()
         .read(true)
@@ -736,13 +755,13 @@ fn finish(
         .truncate(true)
         .open(&blob_path)
         .map_err(werr)?;
-    let _cleanup = RemoveOnDrop(blob_path.clone());
+    let _cleanup = RemoveOnDrop(blob_path);
     let mut blob_hash = Sha256::new();
     let mut blob_size = 0u64;
     let mut ops: Vec<Operation> = Vec::with_capacity(planned.len());
     // Batches bound the compressed frames held in memory at once.
     for (batch_no, batch) in planned.chunks(16).enumerate() {
-        let results: Vec<Result<(Option<Vec<u8>>, [u8; 32]), GenerateError>> = batch
+        let results: Vec<FrameResult> = batch
             .par_iter()
             .enumerate()
             .map(|(j, p)| {
@@ -805,7 +824,8 @@ fn finish(
     manifest.validate().map_err(GenerateError::Metadata)?;
     let tmp = dir.join(format!(
         ".{}.tmp",
-        out.file_name().map_or("payload".into(), |n| n.to_string_lossy())
+        out.file_name()
+            .map_or("payload".into(), |n| n.to_string_lossy())
     ));
     let _cleanup_tmp = RemoveOnDrop(tmp.clone());
     let mut f = File::create(&tmp).map_err(werr)?;

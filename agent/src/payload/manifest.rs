@@ -171,7 +171,7 @@ impl Manifest {
                 max: limits::MAX_IMAGE_SIZE,
             });
         }
-        if self.target_size % u64::from(bs) != 0 {
+        if !self.target_size.is_multiple_of(u64::from(bs)) {
             return Err(ManifestError::NotBlockMultiple {
                 field: "target_size",
                 value: self.target_size,
@@ -351,7 +351,11 @@ fn check_extents(
 ) -> Result<(), ManifestError> {
     for (j, e) in extents.iter().enumerate() {
         if e.blocks == 0 {
-            return Err(ManifestError::EmptyExtent { loc, field, index: j });
+            return Err(ManifestError::EmptyExtent {
+                loc,
+                field,
+                index: j,
+            });
         }
         if e.end().is_none_or(|end| end > limit_blocks) {
             return Err(ManifestError::ExtentOutOfRange {

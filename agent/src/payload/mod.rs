@@ -9,7 +9,7 @@ pub mod limits;
 pub mod manifest;
 pub mod sign;
 
-pub use container::{FileSource, Payload, RangeSource, Trust};
+pub use container::{FileSource, MemSource, Payload, RangeSource, Trust};
 pub use error::{Loc, ManifestError, PayloadError, TrustError};
 pub use manifest::{Extent, Manifest, OpKind, Operation, SourceImage};
 pub use sign::{PublisherKey, TrustedKeys};

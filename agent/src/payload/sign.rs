@@ -108,7 +108,10 @@ pub fn keygen(dir: &Path, name: &str) -> std::io::Result<KeyPairPaths> {
         if path.exists() {
             return Err(std::io::Error::new(
                 std::io::ErrorKind::AlreadyExists,
-                format!("{} already exists; refusing to overwrite a key", path.display()),
+                format!(
+                    "{} already exists; refusing to overwrite a key",
+                    path.display()
+                ),
             ));
         }
     }
@@ -199,12 +202,11 @@ impl TrustedKeys {
         for entry in signatures {
             if let Some((fp, key)) = self.keys.iter().find(|(fp, _)| *fp == entry.key) {
                 let sig = Signature::from_bytes(&entry.signature);
-                return key
-                    .verify_strict(&msg, &sig)
-                    .map(|()| *fp)
-                    .map_err(|_| TrustError::BadSignature {
+                return key.verify_strict(&msg, &sig).map(|()| *fp).map_err(|_| {
+                    TrustError::BadSignature {
                         fingerprint: short(fp),
-                    });
+                    }
+                });
             }
         }
         Err(TrustError::UntrustedKey {
