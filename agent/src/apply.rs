@@ -476,12 +476,20 @@ enum FrameError {
 }
 
 /// Decompresses one frame into exactly `out_len` bytes. Single-shot into a buffer of
-/// the expected size: zstd then needs no window buffer of its own, and a frame that
-/// would produce more fails instead of growing memory.
+/// the expected size: zstd then needs no window buffer of its own (so the frame's
+/// declared window cannot make it allocate), and a frame that would produce more
+/// fails instead of growing memory.
 fn decompress_frame(frame: &[u8], reference: &[u8], out_len: u64) -> Result<Vec<u8>, FrameError> {
     use zstd::zstd_safe::{DCtx, DParameter};
-    let mut dctx = DCtx::create();
     let e = |c| FrameError::Zstd(zstd::zstd_safe::get_error_name(c));
+    // Exactly one frame: libzstd would otherwise decode concatenated frames (and skip
+    // skippable ones) in one call.
+    if zstd::zstd_safe::find_frame_compressed_size(frame).map_err(e)? != frame.len() {
+        return Err(FrameError::Zstd(
+            "data range holds more than one zstd frame",
+        ));
+    }
+    let mut dctx = DCtx::create();
     dctx.set_parameter(DParameter::WindowLogMax(27))
         .map_err(e)?;
     if !reference.is_empty() {
@@ -630,6 +638,24 @@ fn copy_op(
 /// zeros without being read.
 pub fn hash_target(target: &dyn TargetSlot, len: u64) -> io::Result<[u8; 32]> {
     let ranges = target.data_ranges(len)?.unwrap_or_else(|| vec![(0, len)]);
+    hash_ranges(&|buf, off| target.read_exact_at(buf, off), &ranges, len)
+}
+
+/// sha256 of the first `len` bytes of a source slot: what a delta's `source.sha256`
+/// describes (a slot device is usually larger than the image in it).
+pub fn hash_source(source: &dyn SourceSlot, len: u64) -> io::Result<[u8; 32]> {
+    if source.size() < len {
+        return Err(io::Error::new(
+            io::ErrorKind::UnexpectedEof,
+            format!("source is {} bytes, shorter than {len}", source.size()),
+        ));
+    }
+    hash_ranges(&|buf, off| source.read_exact_at(buf, off), &[(0, len)], len)
+}
+
+type ReadAt<'a> = dyn Fn(&mut [u8], u64) -> io::Result<()> + Sync + 'a;
+
+fn hash_ranges(read: &ReadAt<'_>, ranges: &[(u64, u64)], len: u64) -> io::Result<[u8; 32]> {
     let mut h = Sha256::new();
     let (full_tx, full_rx) = mpsc::sync_channel::<io::Result<(Vec<u8>, usize)>>(2);
     let (empty_tx, empty_rx) = mpsc::sync_channel::<Vec<u8>>(3);
@@ -637,14 +663,13 @@ pub fn hash_target(target: &dyn TargetSlot, len: u64) -> io::Result<[u8; 32]> {
         let _ = empty_tx.send(vec![0u8; IO_CHUNK * 4]);
     }
     std::thread::scope(|scope| {
-        let ranges = &ranges;
         scope.spawn(move || {
             for &(start, end) in ranges {
                 let mut off = start;
                 while off < end {
                     let Ok(mut buf) = empty_rx.recv() else { return };
                     let n = (end - off).min(buf.len() as u64) as usize;
-                    let r = target.read_exact_at(&mut buf[..n], off).map(|()| (buf, n));
+                    let r = read(&mut buf[..n], off).map(|()| (buf, n));
                     let failed = r.is_err();
                     if full_tx.send(r).is_err() || failed {
                         return;
@@ -654,7 +679,7 @@ pub fn hash_target(target: &dyn TargetSlot, len: u64) -> io::Result<[u8; 32]> {
             }
         });
         let mut pos = 0u64;
-        for &(start, end) in ranges.iter() {
+        for &(start, end) in ranges {
             hash_zeroes(&mut h, start - pos);
             let mut off = start;
             while off < end {

@@ -880,3 +880,69 @@ fn cli_publisher_workflow_and_errors() {
     assert_eq!(code, 3, "{stderr}");
     assert!(!img2.exists());
 }
+
+#[test]
+fn data_range_with_two_frames_is_refused() {
+    let fx = Fixture::new(99, 64, 8);
+    let bytes = fs::read(fx.delta(&small_opts())).expect("read");
+    let p = Payload::open(
+        &MemSource {
+            bytes: bytes.clone(),
+            name: "d".into(),
+        },
+        Trust::InspectOnly,
+    )
+    .expect("open");
+    let mut m = p.manifest.clone();
+    let blob = bytes[p.blob_offset as usize..].to_vec();
+    // Stretch the first frame's range over the frame that follows it in the blob.
+    let ends: Vec<(usize, u64)> = m
+        .operations
+        .iter()
+        .enumerate()
+        .filter(|(_, o)| o.kind.has_data())
+        .map(|(i, o)| (i, o.data_offset + o.data_len))
+        .collect();
+    let (i, end) = ends[0];
+    let next = m
+        .operations
+        .iter()
+        .find(|o| o.kind.has_data() && o.data_offset == end)
+        .expect("a following frame");
+    m.operations[i].data_len += next.data_len;
+    let mb = codec::encode(&m);
+    let payload = assemble(&mb, &[key().sign(&mb)], &blob).expect("assemble");
+    let err = apply_bytes(payload, Some(&fx.src), &fx.path("two.img")).expect_err("refused");
+    let e = err.downcast_ref::<ApplyError>().expect("apply error");
+    assert!(
+        matches!(e, ApplyError::Decompress { op, message, .. } if *op == i && message.contains("more than one")),
+        "{e}"
+    );
+}
+
+#[test]
+fn header_padding_and_source_size_are_checked() {
+    let (m, blob) = baseline();
+    let sig = key().sign(&m);
+    let mut bytes = assemble(&m, std::slice::from_ref(&sig), &blob).expect("assemble");
+    let blob_offset = bytes.len() - blob.len();
+    bytes[blob_offset - 1] = 1;
+    let keys = trusted();
+    let r = Payload::open(
+        &MemSource {
+            bytes,
+            name: "pad".into(),
+        },
+        Trust::Keys { keys: &keys, now: NOW },
+    );
+    assert!(matches!(r, Err(PayloadError::BadHeader { field: "padding", .. })), "{r:?}");
+
+    assert!(matches!(
+        mutated(|m| m.source.as_mut().expect("delta").size += 1),
+        ManifestError::NotBlockMultiple { field: "source_size", .. }
+    ));
+    assert!(matches!(
+        mutated(|m| m.expires = u64::MAX),
+        ManifestError::OutOfBounds { field: "expires", .. }
+    ));
+}

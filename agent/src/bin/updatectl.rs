@@ -6,6 +6,7 @@ use clap::Parser;
 use update_agent::cli;
 
 fn main() -> ExitCode {
+    restore_sigpipe();
     let args = cli::Cli::parse();
     match cli::run(args) {
         Ok(()) => ExitCode::SUCCESS,
@@ -13,5 +14,16 @@ fn main() -> ExitCode {
             eprintln!("error: {e:#}");
             cli::exit_code(&e)
         }
+    }
+}
+
+/// Rust ignores SIGPIPE, which turns `updatectl ... | head` into a panic on the next
+/// print; a command-line tool should end quietly like any other.
+#[allow(unsafe_code)]
+fn restore_sigpipe() {
+    // SAFETY: called first thing in main, before any other thread exists; SIG_DFL is
+    // a valid disposition for SIGPIPE.
+    unsafe {
+        nix::libc::signal(nix::libc::SIGPIPE, nix::libc::SIG_DFL);
     }
 }

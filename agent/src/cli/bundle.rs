@@ -1,7 +1,6 @@
 //! `updatectl bundle`: the publisher's verbs.
 
 use std::fs::File;
-use std::io::Read;
 use std::path::{Path, PathBuf};
 
 use anyhow::Context as _;
@@ -109,7 +108,7 @@ pub struct CreateArgs {
     #[arg(long, default_value_t = 8192, hide = true)]
     max_reference_kib: u64,
     /// Target output of one DATA operation in a full payload, KiB (tuning).
-    #[arg(long, default_value_t = 8192, hide = true)]
+    #[arg(long, default_value_t = 16384, hide = true)]
     full_chunk_kib: u64,
     /// Build only the deltas, not the full payload (benchmarks).
     #[arg(long, hide = true)]
@@ -433,22 +432,6 @@ fn inspect(path: &Path, json: bool, list_ops: bool) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn sha256_file(path: &Path) -> anyhow::Result<[u8; 32]> {
-    let mut f = File::open(path).with_context(|| format!("opening {}", path.display()))?;
-    let mut h = Sha256::new();
-    let mut buf = vec![0u8; 4 << 20];
-    loop {
-        let n = f
-            .read(&mut buf)
-            .with_context(|| format!("reading {}", path.display()))?;
-        if n == 0 {
-            break;
-        }
-        h.update(&buf[..n]);
-    }
-    Ok(h.finalize().into())
-}
-
 /// `verify` (output `None`: rebuild into an unnamed scratch file) and `apply`.
 fn rebuild(
     path: &Path,
@@ -503,8 +486,11 @@ fn rebuild(
     println!("blob         ok ({}, sha256 matches)", human(m.blob_size));
     let source_file = match source {
         Some(s) => {
+            let file =
+                File::open(s).with_context(|| format!("opening source image {}", s.display()))?;
             if let Some(expected) = &m.source {
-                let actual = sha256_file(s)?;
+                let actual = apply::hash_source(&file, expected.size)
+                    .with_context(|| format!("reading source image {}", s.display()))?;
                 if actual != expected.sha256 {
                     return Err(Rejected::SourceMismatch {
                         path: s.to_owned(),
@@ -514,7 +500,7 @@ fn rebuild(
                     .into());
                 }
             }
-            Some(File::open(s).with_context(|| format!("opening source image {}", s.display()))?)
+            Some(file)
         }
         None if m.is_delta() => {
             anyhow::ensure!(

@@ -144,14 +144,17 @@ impl Payload {
             return Err(bad("signatures_length", sig_len));
         }
         let head_end = HEADER_LEN + manifest_len + sig_len;
-        if blob_offset < head_end
-            || !blob_offset.is_multiple_of(BLOB_ALIGN)
-            || blob_offset > src.size()
-        {
+        // One layout per manifest: the blob starts at the first aligned offset, and the
+        // padding before it is zeros, so the unsigned bytes cannot carry anything.
+        if blob_offset != head_end.div_ceil(BLOB_ALIGN) * BLOB_ALIGN || blob_offset > src.size() {
             return Err(bad("blob_offset", blob_offset));
         }
-        let mut head = vec![0u8; (manifest_len + sig_len) as usize];
+        let mut head = vec![0u8; (blob_offset - HEADER_LEN) as usize];
         src.read_range(HEADER_LEN, &mut head).map_err(io)?;
+        let (head, padding) = head.split_at((manifest_len + sig_len) as usize);
+        if padding.iter().any(|&b| b != 0) {
+            return Err(bad("padding", 0));
+        }
         let (manifest_bytes, sig_bytes) = head.split_at(manifest_len as usize);
         let signatures = decode_signatures(sig_bytes)
             .ok_or_else(|| PayloadError::BadSignatureBlock { path: path.clone() })?;

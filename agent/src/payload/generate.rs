@@ -179,7 +179,7 @@ impl Options {
             block_size: 4096,
             level: 19,
             delta_chunk: 2 << 20,
-            full_chunk: 8 << 20,
+            full_chunk: 16 << 20,
             max_reference: 8 << 20,
             allow_shrink: false,
         }
@@ -217,7 +217,7 @@ const ZERO_OP_MAX_BLOCKS: u64 = 1 << 18;
 const COPY_OP_MAX_BYTES: u64 = 32 << 20;
 const MAX_EXTENTS_PER_PLANNED: usize = 4096;
 /// Known runs shorter than this are not worth an operation of their own in a full payload.
-const MIN_REUSE_BLOCKS: u64 = 8;
+const MIN_REUSE_BLOCKS: u64 = 1;
 
 fn check_image(img: &Image, bs: u32) -> Result<(), GenerateError> {
     if !img.len().is_multiple_of(u64::from(bs)) {
@@ -239,6 +239,7 @@ pub fn create_delta(
     out: &Path,
 ) -> Result<Summary, GenerateError> {
     check_image(target, opts.block_size)?;
+    check_image(source, opts.block_size)?;
     if target.len() < source.len() && !opts.allow_shrink {
         return Err(GenerateError::TargetShrinks {
             target: target.path.clone(),
@@ -250,13 +251,14 @@ pub fn create_delta(
     let bs = opts.block_size as usize;
     let classes = classify(target, source, bs);
     let mut planned = Vec::new();
-    plan_runs(&classes, &mut planned);
+    plan_runs(&classes, bs, &mut planned);
     let changed: Vec<u64> = (0..classes.len() as u64)
         .filter(|&t| classes[t as usize] == Class::Changed)
         .collect();
     if !changed.is_empty() {
         let anchors = AnchorIndex::build(source, bs);
-        let chunk_blocks = (opts.delta_chunk / bs as u64).max(1) as usize;
+        let chunk_blocks =
+            (opts.delta_chunk.min(limits::MAX_FRAME_OUTPUT) / bs as u64).max(1) as usize;
         let max_ref = (opts.max_reference.min(limits::MAX_REFERENCE) / bs as u64) as usize;
         let chunks: Vec<&[u64]> = changed.chunks(chunk_blocks).collect();
         let patched: Vec<Planned> = chunks
@@ -414,7 +416,7 @@ pub fn create_full(
 }
 
 /// ZERO and COPY operations for the blocks that need no data.
-fn plan_runs(classes: &[Class], planned: &mut Vec<Planned>) {
+fn plan_runs(classes: &[Class], bs: usize, planned: &mut Vec<Planned>) {
     let zero = runs_of((0..classes.len() as u64).filter(|&t| classes[t as usize] == Class::Zero));
     push_grouped(planned, OpKind::Zero, zero, ZERO_OP_MAX_BLOCKS);
     let mut copy: Vec<(Extent, Extent)> = Vec::new();
@@ -436,7 +438,7 @@ fn plan_runs(classes: &[Class], planned: &mut Vec<Planned>) {
         src: Vec::new(),
     };
     let mut cur_bytes_blocks = 0u64;
-    let max_blocks = COPY_OP_MAX_BYTES / 4096;
+    let max_blocks = COPY_OP_MAX_BYTES / bs as u64;
     for (d, s) in copy {
         cur.dst.push(d);
         cur.src.push(s);
@@ -462,7 +464,13 @@ fn plan_runs(classes: &[Class], planned: &mut Vec<Planned>) {
 fn push_grouped(planned: &mut Vec<Planned>, kind: OpKind, extents: Vec<Extent>, max_blocks: u64) {
     let mut cur: Vec<Extent> = Vec::new();
     let mut blocks = 0u64;
-    for e in extents {
+    let split = extents.into_iter().flat_map(|e| {
+        (0..e.blocks.div_ceil(max_blocks)).map(move |k| {
+            let start = e.start + k * max_blocks;
+            Extent::new(start, max_blocks.min(e.start + e.blocks - start))
+        })
+    });
+    for e in split {
         if !cur.is_empty()
             && (blocks + e.blocks > max_blocks || cur.len() >= MAX_EXTENTS_PER_PLANNED)
         {

@@ -25,3 +25,5 @@ pub const MAX_BLOCK_SIZE: u32 = 1 << 16;
 pub const MAX_FRAME_OUTPUT: u64 = 16 << 20;
 /// Largest PATCH reference; a decoder holds this much besides the output.
 pub const MAX_REFERENCE: u64 = 32 << 20;
+/// Latest `expires` accepted: 9999-12-31T23:59:59Z.
+pub const MAX_TIMESTAMP: u64 = 253_402_300_799;

@@ -188,6 +188,32 @@ impl Manifest {
                 });
             }
         }
+        if let Some(src) = &self.source {
+            if src.size == 0 || src.size > limits::MAX_IMAGE_SIZE {
+                return Err(ManifestError::OutOfBounds {
+                    loc: m,
+                    field: "source_size",
+                    value: src.size,
+                    max: limits::MAX_IMAGE_SIZE,
+                });
+            }
+            if !src.size.is_multiple_of(u64::from(bs)) {
+                return Err(ManifestError::NotBlockMultiple {
+                    field: "source_size",
+                    value: src.size,
+                    block_size: bs,
+                });
+            }
+        }
+        // Year 9999: keeps every date printable and comparisons far from overflow.
+        if self.expires > limits::MAX_TIMESTAMP {
+            return Err(ManifestError::OutOfBounds {
+                loc: m,
+                field: "expires",
+                value: self.expires,
+                max: limits::MAX_TIMESTAMP,
+            });
+        }
         if self.expires <= self.created {
             return Err(ManifestError::ExpiresBeforeCreated {
                 created: self.created,
@@ -328,7 +354,12 @@ impl Manifest {
                 // Hints name places in whatever slot the node booted; they are checked by
                 // hash before use, so only their shape is validated here.
                 if !op.src.is_empty() {
-                    check_extents(loc, "src", &op.src, limits::MAX_IMAGE_SIZE)?;
+                    check_extents(
+                        loc,
+                        "src",
+                        &op.src,
+                        limits::MAX_IMAGE_SIZE / u64::from(self.block_size),
+                    )?;
                     if op.src_blocks() != op.dst_blocks() {
                         return Err(ManifestError::SizeMismatch {
                             op: i,
