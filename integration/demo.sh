@@ -27,21 +27,25 @@ cleanup() { umount "$work/mnt" 2>/dev/null || true; }
 trap cleanup EXIT
 
 say "making two root images from this machine's files (v1, then v2 with a month of changes)"
-mkdir -p "$work/v1/usr/lib" "$work/v1/usr/bin" "$work/v1/etc"
-cp -a /usr/bin/. "$work/v1/usr/bin/" 2>/dev/null || true
-cp -a /usr/lib/x86_64-linux-gnu/. "$work/v1/usr/lib/" 2>/dev/null || true
+mkdir -p "$work/v1/usr/lib" "$work/v1/usr/bin" "$work/v1/etc" "$work/v2/usr/share/doc"
+# About 100 MB of real binaries and libraries (smallest first, so the pick is stable).
+copy_upto() { # SRC DST MB
+  find "$1" -maxdepth 1 -type f -printf '%s %p\n' | sort -n | awk -v cap=$(($3 << 20)) \
+    '{ t += $1; if (t > cap) exit; print $2 }' | xargs -r cp -a -t "$2"
+}
+copy_upto /usr/bin "$work/v1/usr/bin" 40
+copy_upto /usr/lib/x86_64-linux-gnu "$work/v1/usr/lib" 60
 cp -a /etc/. "$work/v1/etc/" 2>/dev/null || true
 echo "VERSION_ID=1.0" >"$work/v1/etc/release"
-cp -a "$work/v1" "$work/v2"
+cp -a "$work/v1/." "$work/v2/"
 # v2: a changed release file, patched binaries (a few bytes differ, as after a rebuild),
-# a removed directory and a newly installed documentation tree.
+# a removed directory and newly installed documentation.
 echo "VERSION_ID=2.0" >"$work/v2/etc/release"
-for f in $(find "$work/v2/usr/bin" -type f -size +100k | sort | head -20); do
+find "$work/v2/usr/bin" -type f -size +100k | sort | head -20 | while read -r f; do
   printf 'patched-%s' "$(basename "$f")" | dd of="$f" bs=1 seek=4096 conv=notrunc status=none
 done
-rm -rf "$work/v2/etc/ssl" 2>/dev/null || true
-mkdir -p "$work/v2/usr/share/doc"
-cp -a /usr/share/doc/. "$work/v2/usr/share/doc/" 2>/dev/null || true
+rm -rf "$work/v2/etc/ssl"
+find /usr/share/doc -maxdepth 1 -mindepth 1 | sort | head -150 | xargs -r cp -a -t "$work/v2/usr/share/doc"
 size=$(du -sm "$work/v2" | cut -f1)
 size=$(( (size * 13 / 10 + 64) / 4 * 4 ))M
 for v in v1 v2; do
@@ -78,7 +82,7 @@ run "$updatectl" bundle apply "$delta" --keys "$work/node-keys.d" --source "$wor
 run sha256sum "$work/v2.img" "$work/slot-b.img"
 mkdir -p "$work/mnt"
 mount -o ro,loop "$work/slot-b.img" "$work/mnt"
-printf 'mounted slot-b: /etc/release says "%s"; /usr/share/doc holds %s entries\n' \
+printf 'mounted slot-b: /etc/release says "%s"; /usr/share/doc holds %s packages'"'"' docs\n' \
   "$(cat "$work/mnt/etc/release")" "$(ls "$work/mnt/usr/share/doc" | wc -l)"
 umount "$work/mnt"
 

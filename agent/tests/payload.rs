@@ -109,7 +109,7 @@ fn small_opts() -> Options {
     let mut o = Options::new("test-board", "2.0", NOW - 10, NOW + 86_400);
     o.level = 3;
     o.delta_chunk = 16 << 10;
-    o.full_chunk = 32 << 10;
+    o.data_chunk = 32 << 10;
     o.max_reference = 64 << 10;
     o
 }
@@ -933,16 +933,34 @@ fn header_padding_and_source_size_are_checked() {
             bytes,
             name: "pad".into(),
         },
-        Trust::Keys { keys: &keys, now: NOW },
+        Trust::Keys {
+            keys: &keys,
+            now: NOW,
+        },
     );
-    assert!(matches!(r, Err(PayloadError::BadHeader { field: "padding", .. })), "{r:?}");
+    assert!(
+        matches!(
+            r,
+            Err(PayloadError::BadHeader {
+                field: "padding",
+                ..
+            })
+        ),
+        "{r:?}"
+    );
 
     assert!(matches!(
         mutated(|m| m.source.as_mut().expect("delta").size += 1),
-        ManifestError::NotBlockMultiple { field: "source_size", .. }
+        ManifestError::NotBlockMultiple {
+            field: "source_size",
+            ..
+        }
     ));
     assert!(matches!(
         mutated(|m| m.expires = u64::MAX),
-        ManifestError::OutOfBounds { field: "expires", .. }
+        ManifestError::OutOfBounds {
+            field: "expires",
+            ..
+        }
     ));
 }

@@ -107,9 +107,9 @@ pub struct CreateArgs {
     /// Most reference bytes of one PATCH operation, KiB (tuning; decoders hold this much).
     #[arg(long, default_value_t = 8192, hide = true)]
     max_reference_kib: u64,
-    /// Target output of one DATA operation in a full payload, KiB (tuning).
+    /// Target output of one DATA operation of new content, KiB (tuning).
     #[arg(long, default_value_t = 16384, hide = true)]
-    full_chunk_kib: u64,
+    data_chunk_kib: u64,
     /// Build only the deltas, not the full payload (benchmarks).
     #[arg(long, hide = true)]
     no_full: bool,
@@ -219,7 +219,7 @@ fn create(a: &CreateArgs) -> anyhow::Result<()> {
     opts.allow_shrink = a.allow_shrink;
     opts.delta_chunk = a.delta_chunk_kib << 10;
     opts.max_reference = a.max_reference_kib << 10;
-    opts.full_chunk = a.full_chunk_kib << 10;
+    opts.data_chunk = a.data_chunk_kib << 10;
 
     let started = std::time::Instant::now();
     if !a.no_full {

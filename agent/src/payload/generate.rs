@@ -160,8 +160,9 @@ pub struct Options {
     pub level: i32,
     /// Target output bytes of one PATCH/DATA operation in a delta.
     pub delta_chunk: u64,
-    /// Target output bytes of one DATA operation in a full payload.
-    pub full_chunk: u64,
+    /// Target output bytes of one DATA operation of new content (full payloads, and
+    /// the blocks of a delta that resemble nothing in the source).
+    pub data_chunk: u64,
     /// Most reference bytes one PATCH operation may name.
     pub max_reference: u64,
     pub allow_shrink: bool,
@@ -179,7 +180,7 @@ impl Options {
             block_size: 4096,
             level: 19,
             delta_chunk: 2 << 20,
-            full_chunk: 16 << 20,
+            data_chunk: 16 << 20,
             max_reference: 8 << 20,
             allow_shrink: false,
         }
@@ -257,10 +258,30 @@ pub fn create_delta(
         .collect();
     if !changed.is_empty() {
         let anchors = AnchorIndex::build(source, bs);
+        // Changed blocks that share anchors with the source are patched in small
+        // chunks, each with its own reference; the rest is new content, which
+        // compresses best in large frames of its own.
+        // (One shared anchor is enough: on the Debian pair 1, 2 and 4 hits gave 6.83,
+        // 6.88 and 6.86 MB, and no split at all 9.42 MB.)
+        let similar: Vec<bool> = changed
+            .par_iter()
+            .map(|&t| anchors.hits(target.block(bs, t)) > 0)
+            .collect();
+        let mut patch_blocks = Vec::new();
+        let mut novel_blocks = Vec::new();
+        for (&t, s) in changed.iter().zip(similar) {
+            if s {
+                patch_blocks.push(t);
+            } else {
+                novel_blocks.push(t);
+            }
+        }
         let chunk_blocks =
             (opts.delta_chunk.min(limits::MAX_FRAME_OUTPUT) / bs as u64).max(1) as usize;
+        let novel_chunk =
+            (opts.data_chunk.min(limits::MAX_FRAME_OUTPUT) / bs as u64).max(1) as usize;
         let max_ref = (opts.max_reference.min(limits::MAX_REFERENCE) / bs as u64) as usize;
-        let chunks: Vec<&[u64]> = changed.chunks(chunk_blocks).collect();
+        let chunks: Vec<&[u64]> = patch_blocks.chunks(chunk_blocks).collect();
         let patched: Vec<Planned> = chunks
             .par_iter()
             .map(|blocks| {
@@ -277,6 +298,11 @@ pub fn create_delta(
             })
             .collect();
         planned.extend(patched);
+        planned.extend(novel_blocks.chunks(novel_chunk).map(|blocks| Planned {
+            kind: OpKind::Data,
+            dst: runs_of(blocks.iter().copied()),
+            src: Vec::new(),
+        }));
     }
     let source_info = SourceImage {
         size: source.len(),
@@ -304,7 +330,7 @@ pub fn create_full(
 ) -> Result<Summary, GenerateError> {
     check_image(target, opts.block_size)?;
     let bs = opts.block_size as usize;
-    let chunk_blocks = (opts.full_chunk.min(limits::MAX_FRAME_OUTPUT) / bs as u64).max(1);
+    let chunk_blocks = (opts.data_chunk.min(limits::MAX_FRAME_OUTPUT) / bs as u64).max(1);
     let mut planned = Vec::new();
     match known {
         Some(known) => {
@@ -636,6 +662,13 @@ impl AnchorIndex {
             }
         }
         Self { map }
+    }
+
+    /// How many of `block`'s anchors occur in the source.
+    fn hits(&self, block: &[u8]) -> usize {
+        let mut n = 0;
+        anchors(block, |h| n += usize::from(self.map.contains_key(&h)));
+        n
     }
 
     /// Source extents to use as the zstd reference for the changed target `blocks`.
