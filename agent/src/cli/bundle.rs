@@ -7,7 +7,7 @@ use anyhow::Context as _;
 use clap::{Args, Subcommand};
 use sha2::{Digest, Sha256};
 
-use crate::apply::{self, Blob, Event};
+use crate::apply::{self, ApplyError, Blob, Event};
 use crate::file_target::FileTarget;
 use crate::payload::generate::{self, Image};
 use crate::payload::{
@@ -111,8 +111,11 @@ pub struct CreateArgs {
     #[arg(long, default_value_t = 16384, hide = true)]
     data_chunk_kib: u64,
     /// Build only the deltas, not the full payload (benchmarks).
-    #[arg(long, hide = true)]
+    #[arg(long, hide = true, conflicts_with = "no_deltas")]
     no_full: bool,
+    /// Build only the full payload; --source images only steer it (benchmarks).
+    #[arg(long, hide = true)]
+    no_deltas: bool,
 }
 
 /// A payload or image that fails a check `bundle` makes itself.
@@ -123,6 +126,9 @@ pub enum Rejected {
         path: PathBuf,
         expected: String,
         actual: String,
+        /// The failure that led to checking the source.
+        #[source]
+        cause: ApplyError,
     },
     #[error("payload {path}: blob sha256 {actual} does not match the manifest's {expected}")]
     BlobHash {
@@ -227,7 +233,7 @@ fn create(a: &CreateArgs) -> anyhow::Result<()> {
         let s = generate::create_full(&target, sources.first(), &opts, &key, &full_path)?;
         print_summary(&s, None, started.elapsed().as_secs_f64());
     }
-    for src in &sources {
+    for src in sources.iter().filter(|_| !a.no_deltas) {
         let t = std::time::Instant::now();
         let sha = src.sha256();
         let path = a.out.join(format!(
@@ -486,21 +492,10 @@ fn rebuild(
     println!("blob         ok ({}, sha256 matches)", human(m.blob_size));
     let source_file = match source {
         Some(s) => {
-            let file =
-                File::open(s).with_context(|| format!("opening source image {}", s.display()))?;
-            if let Some(expected) = &m.source {
-                let actual = apply::hash_source(&file, expected.size)
-                    .with_context(|| format!("reading source image {}", s.display()))?;
-                if actual != expected.sha256 {
-                    return Err(Rejected::SourceMismatch {
-                        path: s.to_owned(),
-                        expected: hex::encode(expected.sha256),
-                        actual: hex::encode(actual),
-                    }
-                    .into());
-                }
-            }
-            Some(file)
+            // The source's sha256 is not checked up front: every operation's output is
+            // verified anyway, and hashing a whole slot first would cost as much as the
+            // apply. It is checked only to explain a failure (below).
+            Some(File::open(s).with_context(|| format!("opening source image {}", s.display()))?)
         }
         None if m.is_delta() => {
             anyhow::ensure!(
@@ -522,7 +517,7 @@ fn rebuild(
                 .with_context(|| format!("creating a scratch file in {}", dir.display()))?
         }
     };
-    let report = apply::apply(
+    let result = apply::apply(
         m,
         Blob {
             source: &src,
@@ -539,7 +534,25 @@ fn rebuild(
                 );
             }
         },
-    )?;
+    );
+    let report = match (result, &m.source, source_file.as_ref().zip(source)) {
+        (Ok(r), _, _) => r,
+        // A wrong source shows up as a bad operation; say so plainly if that is the cause.
+        (Err(e), Some(expected), Some((file, spath))) => {
+            let actual = apply::hash_source(file, expected.size).ok();
+            return Err(match actual {
+                Some(a) if a != expected.sha256 => Rejected::SourceMismatch {
+                    path: spath.to_owned(),
+                    expected: hex::encode(expected.sha256),
+                    actual: hex::encode(a),
+                    cause: e,
+                }
+                .into(),
+                _ => e.into(),
+            });
+        }
+        (Err(e), _, _) => return Err(e.into()),
+    };
     println!(
         "rebuild      ok: target sha256:{} ({} bytes) in {:.2} s \
          (write {:.2} s, flush {:.2} s, read back {:.2} s)",
