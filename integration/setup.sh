@@ -14,6 +14,7 @@ declare -A want=(
   [sfdisk]=fdisk
   [python3]=python3
   [sha256sum]=coreutils
+  [grub-editenv]=grub-common
 )
 need=()
 for cmd in "${!want[@]}"; do

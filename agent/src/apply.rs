@@ -633,6 +633,37 @@ fn copy_op(
     check_hash(i, op, h.finalize().into())
 }
 
+/// How many of the first `claimed` operations still hold their verified output in the
+/// target: the index of the first one whose bytes no longer hash right, or `claimed`.
+/// A resumed apply starts there, so a slot that changed under a checkpoint is
+/// rewritten, never trusted.
+pub fn verified_prefix(
+    manifest: &Manifest,
+    target: &mut dyn TargetSlot,
+    claimed: usize,
+) -> Result<usize, ApplyError> {
+    let bs = u64::from(manifest.block_size);
+    let mut buf = vec![0u8; IO_CHUNK];
+    for (i, op) in manifest.operations.iter().enumerate().take(claimed) {
+        let mut h = Sha256::new();
+        for e in &op.dst {
+            let (mut off, end) = (e.start * bs, (e.start + e.blocks) * bs);
+            while off < end {
+                let n = (end - off).min(buf.len() as u64) as usize;
+                target
+                    .read_exact_at(&mut buf[..n], off)
+                    .map_err(ApplyError::ReadBack)?;
+                h.update(&buf[..n]);
+                off += n as u64;
+            }
+        }
+        if <[u8; 32]>::from(h.finalize()) != op.sha256 {
+            return Ok(i);
+        }
+    }
+    Ok(claimed.min(manifest.operations.len()))
+}
+
 /// sha256 of the first `len` bytes of the target, read back from it. A reader thread
 /// keeps the next buffer coming while this one is hashed; known holes are hashed as
 /// zeros without being read.

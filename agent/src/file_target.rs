@@ -13,6 +13,30 @@ use nix::fcntl::{fallocate, FallocateFlags};
 
 use crate::apply::TargetSlot;
 
+/// Makes `len` bytes at `offset` read as zeros. On block devices FALLOC_FL_ZERO_RANGE
+/// is the kernel's BLKZEROOUT (write-zeroes or discard with zeroing guaranteed); on
+/// files it makes unwritten extents. No zero bytes pass through memory unless the file
+/// system supports neither form.
+pub fn zero_range(file: &File, offset: u64, len: u64) -> io::Result<()> {
+    let fd = file.as_raw_fd();
+    let (o, l) = (offset as i64, len as i64);
+    if fallocate(fd, FallocateFlags::FALLOC_FL_ZERO_RANGE, o, l).is_ok() {
+        return Ok(());
+    }
+    let punch = FallocateFlags::FALLOC_FL_PUNCH_HOLE | FallocateFlags::FALLOC_FL_KEEP_SIZE;
+    if fallocate(fd, punch, o, l).is_ok() {
+        return Ok(());
+    }
+    let zeros = vec![0u8; (1 << 20).min(len as usize)];
+    let mut done = 0u64;
+    while done < len {
+        let n = (len - done).min(zeros.len() as u64) as usize;
+        file.write_all_at(&zeros[..n], offset + done)?;
+        done += n as u64;
+    }
+    Ok(())
+}
+
 #[derive(Debug)]
 pub struct FileTarget {
     file: File,
@@ -83,24 +107,7 @@ impl TargetSlot for FileTarget {
     }
 
     fn write_zeroes(&mut self, offset: u64, len: u64) -> io::Result<()> {
-        let fd = self.file.as_raw_fd();
-        let (o, l) = (offset as i64, len as i64);
-        if fallocate(fd, FallocateFlags::FALLOC_FL_ZERO_RANGE, o, l).is_ok() {
-            return Ok(());
-        }
-        let punch = FallocateFlags::FALLOC_FL_PUNCH_HOLE | FallocateFlags::FALLOC_FL_KEEP_SIZE;
-        if fallocate(fd, punch, o, l).is_ok() {
-            return Ok(());
-        }
-        // File systems without either: write the zeros.
-        let zeros = vec![0u8; (1 << 20).min(len as usize)];
-        let mut done = 0u64;
-        while done < len {
-            let n = (len - done).min(zeros.len() as u64) as usize;
-            self.file.write_all_at(&zeros[..n], offset + done)?;
-            done += n as u64;
-        }
-        Ok(())
+        zero_range(&self.file, offset, len)
     }
 
     fn read_exact_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {

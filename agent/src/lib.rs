@@ -5,7 +5,14 @@
 //! file-backed slot used by the offline tools; [`cli`] is `updatectl`.
 
 pub mod apply;
+pub mod boot;
 pub mod cli;
+pub mod config;
+pub mod fetch;
 pub mod file_target;
 pub mod payload;
+pub mod slots;
+pub mod state;
 pub mod timefmt;
+pub mod update;
+pub mod version;

@@ -1,0 +1,122 @@
+//! `update-agent`: the on-node daemon. Parse, run, print the error chain once.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::atomic::AtomicBool;
+use std::sync::Arc;
+
+use anyhow::Context as _;
+use clap::{Parser, Subcommand};
+use update_agent::config::{self, Config};
+use update_agent::update::{Agent, Progress};
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "update-agent",
+    version,
+    about = "A/B update agent for immutable Linux hosts"
+)]
+struct Cli {
+    /// Main configuration file; drop-ins are read from FILE.d/*.toml.
+    #[arg(long, default_value = config::DEFAULT_PATH)]
+    config: PathBuf,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Stage a release into the inactive slot and arm the bootloader to try it.
+    /// Re-running with the same URL resumes an interrupted staging.
+    Stage {
+        /// Payload URL (https://, http://, file://) or path.
+        url: String,
+        /// Accept a release older than the running one.
+        #[arg(long)]
+        allow_downgrade: bool,
+    },
+    /// Finish whatever an interrupted run left (run at every start).
+    Resume,
+    /// Show the agent's state, the bootloader's and the slots.
+    Status,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match run(cli) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(cli: Cli) -> anyhow::Result<()> {
+    let cfg =
+        Config::load(&cli.config).with_context(|| format!("loading {}", cli.config.display()))?;
+    let mut agent = Agent::new(cfg).context("starting the agent")?;
+    // SIGTERM/SIGINT cancel cleanly: the slot stays unbootable, the state says cancelled.
+    let cancel = Arc::new(AtomicBool::new(false));
+    for sig in [signal_hook::consts::SIGTERM, signal_hook::consts::SIGINT] {
+        signal_hook::flag::register(sig, Arc::clone(&cancel))
+            .context("installing signal handlers")?;
+    }
+    let mut report = |p: Progress| match p {
+        Progress::Opened {
+            version,
+            delta,
+            ops,
+            bytes,
+            resumed_at,
+        } => {
+            let kind = if delta { "delta" } else { "full payload" };
+            if resumed_at > 0 {
+                println!(
+                    "resuming {kind} {version} at operation {resumed_at} of {ops} ({bytes} bytes)"
+                );
+            } else {
+                println!("staging {kind} {version}: {ops} operations, {bytes} bytes");
+            }
+        }
+        Progress::Op {
+            done,
+            total,
+            bytes_done,
+            bytes_fetched,
+        } => {
+            if done == total || done % 16 == 0 {
+                println!("  {done}/{total} operations, {bytes_done} bytes written, {bytes_fetched} fetched");
+            }
+        }
+        Progress::Verifying => println!("  verifying the whole slot"),
+        Progress::Armed {
+            slot,
+            version,
+            tries,
+        } => {
+            println!("armed: slot {slot} holds {version}; the bootloader will try it {tries} times")
+        }
+    };
+    match cli.command {
+        Command::Stage {
+            url,
+            allow_downgrade,
+        } => {
+            agent.stage(&url, allow_downgrade, Some(&cancel), &mut report)?;
+        }
+        Command::Resume => agent.resume(Some(&cancel), &mut report)?,
+        Command::Status => {
+            let state = agent.state()?;
+            let boot = agent.boot().status()?;
+            let doc = serde_json::json!({
+                "booted": agent.layout.booted,
+                "slots": { "a": agent.layout.a, "b": agent.layout.b },
+                "state": state,
+                "boot": boot,
+            });
+            println!("{}", serde_json::to_string_pretty(&doc)?);
+        }
+    }
+    Ok(())
+}

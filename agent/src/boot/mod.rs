@@ -1,0 +1,75 @@
+//! Bootloader backends behind one trait. The agent only ever asks for these five
+//! things; each backend keeps its own state format (grubenv, BLS entry names, ...).
+
+pub mod grub;
+
+use crate::slots::Slot;
+
+/// What a backend reports about the boot state.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct BootStatus {
+    /// The slot that boots when no trial is pending (or once a trial runs out of tries).
+    pub default: Slot,
+    /// A slot armed for trial boots and the tries it has left.
+    pub trial: Option<(Slot, u8)>,
+    /// Whether each slot may be booted at all: `[a, b]`.
+    pub bootable: [bool; 2],
+    /// The backend's raw state, for `updatectl status` and bug reports.
+    pub raw: String,
+}
+
+impl BootStatus {
+    pub fn is_bootable(&self, slot: Slot) -> bool {
+        self.bootable[slot.index()]
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum BootError {
+    #[error("reading boot state {path}")]
+    Read {
+        path: std::path::PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("writing boot state {path}")]
+    Write {
+        path: std::path::PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("boot state {path} is malformed: {what}")]
+    Malformed {
+        path: std::path::PathBuf,
+        what: &'static str,
+    },
+    #[error("boot state {path} does not fit: {what}")]
+    TooLarge {
+        path: std::path::PathBuf,
+        what: &'static str,
+    },
+    #[error("cannot {action} slot {slot}: {why}")]
+    Refused {
+        action: &'static str,
+        slot: Slot,
+        why: &'static str,
+    },
+}
+
+/// The contract every bootloader backend implements. Each call changes the state in
+/// memory and commits it with one durable write (fsynced), so a power cut leaves
+/// either the old state or the new one.
+pub trait BootControl: Send {
+    fn name(&self) -> &'static str;
+    fn status(&self) -> Result<BootStatus, BootError>;
+    /// Makes `slot` unbootable (before anything is written into it). Refused for the
+    /// default slot: the node must always have something to boot.
+    fn mark_unbootable(&mut self, slot: Slot) -> Result<(), BootError>;
+    /// Marks `slot` bootable and arms it for `tries` trial boots; the default slot stays
+    /// the fallback until `commit`.
+    fn arm_trial(&mut self, slot: Slot, tries: u8) -> Result<(), BootError>;
+    /// Makes `slot` the default and clears any trial.
+    fn commit(&mut self, slot: Slot) -> Result<(), BootError>;
+    /// Makes `slot` the default, clears any trial (the other slot stays as it is).
+    fn rollback_to(&mut self, slot: Slot) -> Result<(), BootError>;
+}

@@ -1,0 +1,335 @@
+//! Configuration: `/etc/update-agent/agent.toml` plus `agent.toml.d/*.toml` drop-ins,
+//! merged key by key (later files win), then validated once into [`Config`]. Every key
+//! has a default; an unknown key is an error that names it and the file.
+
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+
+pub const DEFAULT_PATH: &str = "/etc/update-agent/agent.toml";
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("reading {path}")]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{path} is not valid TOML")]
+    Syntax {
+        path: PathBuf,
+        #[source]
+        source: toml::de::Error,
+    },
+    #[error("configuration (after merging {files}) is invalid")]
+    Invalid {
+        files: String,
+        #[source]
+        source: toml::de::Error,
+    },
+    #[error("configuration key `{key}` is invalid: {why}")]
+    Value { key: &'static str, why: String },
+}
+
+/// The validated configuration; nothing else reads raw config.
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    /// Product/board line this node accepts payloads for.
+    pub compatible: String,
+    pub state_dir: PathBuf,
+    pub keys_dir: PathBuf,
+    /// os-release file of the running system; its VERSION_ID is the running release.
+    pub os_release: PathBuf,
+    pub slots: SlotsConfig,
+    pub boot: BootConfig,
+    pub fetch: FetchConfig,
+    pub apply: ApplyConfig,
+}
+
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields, default)]
+pub struct ApplyConfig {
+    /// Persist progress (after an fsync of the slot) at least this often, so a killed
+    /// agent resumes close to where it stopped.
+    pub checkpoint_ms: u64,
+    /// ... or after this many bytes written, whichever comes first.
+    pub checkpoint_bytes: u64,
+    /// Bytes of frames, references and outputs in flight (bounds memory).
+    pub memory_budget: u64,
+}
+
+impl Default for ApplyConfig {
+    fn default() -> Self {
+        Self {
+            checkpoint_ms: 1000,
+            checkpoint_bytes: 64 << 20,
+            memory_budget: 40 << 20,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields, default)]
+pub struct SlotsConfig {
+    /// GPT partition labels.
+    pub label_a: String,
+    pub label_b: String,
+    pub label_esp: String,
+    /// Where the kernel command line is read from (tests point this at a file).
+    pub cmdline: PathBuf,
+    /// The block device mounted at `/`; by default found from `stat /`. Tests set it.
+    pub root_device: Option<PathBuf>,
+    /// Limit discovery to partitions of this disk (e.g. `/dev/loop3`); default: the
+    /// disk holding the booted slot.
+    pub disk: Option<PathBuf>,
+}
+
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields, default)]
+pub struct BootConfig {
+    /// `grub` (more backends later).
+    pub backend: String,
+    /// Path of the grubenv block.
+    pub grubenv: PathBuf,
+    /// Trial boots before the bootloader falls back.
+    pub tries: u8,
+}
+
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields, default)]
+pub struct FetchConfig {
+    pub connect_timeout_secs: u64,
+    /// Longest time one range request may take to arrive in full (stall guard).
+    pub request_timeout_secs: u64,
+    pub retries: u32,
+    /// First retry delay; doubles up to `max_backoff_secs`, with jitter.
+    pub backoff_ms: u64,
+    pub max_backoff_secs: u64,
+    /// Operations fetched ahead of the writer.
+    pub parallel: usize,
+    /// `Authorization: Bearer …` for private repositories.
+    pub bearer_token: Option<String>,
+    /// `user:password` for HTTP basic authentication.
+    pub basic_auth: Option<String>,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            compatible: String::new(),
+            state_dir: "/var/lib/update-agent".into(),
+            keys_dir: crate::payload::sign::DEFAULT_KEYS_DIR.into(),
+            os_release: "/etc/os-release".into(),
+            slots: SlotsConfig::default(),
+            boot: BootConfig::default(),
+            fetch: FetchConfig::default(),
+            apply: ApplyConfig::default(),
+        }
+    }
+}
+
+impl Default for SlotsConfig {
+    fn default() -> Self {
+        Self {
+            label_a: "root-a".into(),
+            label_b: "root-b".into(),
+            label_esp: "esp".into(),
+            cmdline: "/proc/cmdline".into(),
+            root_device: None,
+            disk: None,
+        }
+    }
+}
+
+impl Default for BootConfig {
+    fn default() -> Self {
+        Self {
+            backend: "grub".into(),
+            grubenv: "/boot/efi/EFI/BOOT/grubenv".into(),
+            tries: 3,
+        }
+    }
+}
+
+impl Default for FetchConfig {
+    fn default() -> Self {
+        Self {
+            connect_timeout_secs: 15,
+            request_timeout_secs: 120,
+            retries: 6,
+            backoff_ms: 500,
+            max_backoff_secs: 30,
+            parallel: 2,
+            bearer_token: None,
+            basic_auth: None,
+        }
+    }
+}
+
+impl FetchConfig {
+    pub fn connect_timeout(&self) -> Duration {
+        Duration::from_secs(self.connect_timeout_secs)
+    }
+    pub fn request_timeout(&self) -> Duration {
+        Duration::from_secs(self.request_timeout_secs)
+    }
+}
+
+impl Config {
+    /// Loads `path` (if it exists) and `path.d/*.toml` in name order.
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let mut files = Vec::new();
+        if path.exists() {
+            files.push(path.to_owned());
+        }
+        let dropins = PathBuf::from(format!("{}.d", path.display()));
+        if dropins.is_dir() {
+            let rd = |source| ConfigError::Read {
+                path: dropins.clone(),
+                source,
+            };
+            let mut v: Vec<PathBuf> = fs::read_dir(&dropins)
+                .map_err(rd)?
+                .map(|e| e.map(|e| e.path()))
+                .collect::<Result<_, _>>()
+                .map_err(rd)?;
+            v.retain(|p| p.extension().is_some_and(|e| e == "toml"));
+            v.sort();
+            files.extend(v);
+        }
+        let mut merged = toml::Table::new();
+        for f in &files {
+            let text = fs::read_to_string(f).map_err(|source| ConfigError::Read {
+                path: f.clone(),
+                source,
+            })?;
+            let t: toml::Table = text.parse().map_err(|source| ConfigError::Syntax {
+                path: f.clone(),
+                source,
+            })?;
+            merge(&mut merged, t);
+        }
+        let names = files
+            .iter()
+            .map(|f| f.display().to_string())
+            .collect::<Vec<_>>()
+            .join(", ");
+        let cfg: Self =
+            toml::Value::Table(merged)
+                .try_into()
+                .map_err(|source| ConfigError::Invalid {
+                    files: if names.is_empty() {
+                        "no files".into()
+                    } else {
+                        names
+                    },
+                    source,
+                })?;
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    pub fn from_toml(text: &str) -> Result<Self, ConfigError> {
+        let cfg: Self = toml::from_str(text).map_err(|source| ConfigError::Invalid {
+            files: "inline".into(),
+            source,
+        })?;
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    fn validate(&self) -> Result<(), ConfigError> {
+        let bad = |key, why: &str| {
+            Err(ConfigError::Value {
+                key,
+                why: why.to_owned(),
+            })
+        };
+        if self.compatible.is_empty() {
+            return bad("compatible", "must be set to this node's product line");
+        }
+        if self.slots.label_a == self.slots.label_b {
+            return bad("slots.label_b", "must differ from slots.label_a");
+        }
+        if self.boot.backend != "grub" {
+            return bad("boot.backend", "only \"grub\" is supported so far");
+        }
+        if !(1..=9).contains(&self.boot.tries) {
+            return bad("boot.tries", "must be between 1 and 9");
+        }
+        if self.fetch.parallel == 0 || self.fetch.parallel > 16 {
+            return bad("fetch.parallel", "must be between 1 and 16");
+        }
+        if self.apply.memory_budget < (4 << 20) {
+            return bad("apply.memory_budget", "must be at least 4 MiB");
+        }
+        if let Some(b) = &self.fetch.basic_auth {
+            if !b.contains(':') {
+                return bad("fetch.basic_auth", "must be user:password");
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Merges `from` into `into`: tables recursively, anything else replaced.
+fn merge(into: &mut toml::Table, from: toml::Table) {
+    for (k, v) in from {
+        match (into.get_mut(&k), v) {
+            (Some(toml::Value::Table(a)), toml::Value::Table(b)) => merge(a, b),
+            (_, v) => {
+                into.insert(k, v);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_and_dropins_merge() {
+        let d = tempfile::tempdir().expect("tempdir");
+        let main = d.path().join("agent.toml");
+        fs::write(&main, "compatible = \"azl3\"\n[fetch]\nretries = 2\n").expect("write");
+        fs::create_dir(d.path().join("agent.toml.d")).expect("mkdir");
+        fs::write(
+            d.path().join("agent.toml.d/50-x.toml"),
+            "[fetch]\nparallel = 4\n",
+        )
+        .expect("write");
+        fs::write(d.path().join("agent.toml.d/ignored.conf"), "garbage").expect("write");
+        let c = Config::load(&main).expect("load");
+        assert_eq!(c.compatible, "azl3");
+        assert_eq!(c.fetch.retries, 2);
+        assert_eq!(c.fetch.parallel, 4);
+        assert_eq!(c.boot.tries, 3);
+        assert_eq!(c.slots.label_a, "root-a");
+    }
+
+    #[test]
+    fn unknown_keys_are_named() {
+        let e = Config::from_toml("compatible = \"x\"\n[fetch]\nretrys = 3\n")
+            .expect_err("unknown key");
+        let chain = format!(
+            "{e}: {}",
+            std::error::Error::source(&e)
+                .map(ToString::to_string)
+                .unwrap_or_default()
+        );
+        assert!(chain.contains("retrys"), "{chain}");
+    }
+
+    #[test]
+    fn bad_values_are_named() {
+        let e = Config::from_toml("compatible = \"x\"\n[boot]\ntries = 0\n").expect_err("tries");
+        assert!(e.to_string().contains("boot.tries"), "{e}");
+        let e = Config::from_toml("").expect_err("compatible");
+        assert!(e.to_string().contains("compatible"), "{e}");
+    }
+}

@@ -1,0 +1,425 @@
+//! The agent's persistent state machine.
+//!
+//! One JSON document in the state directory (`state.json`), replaced crash-safely:
+//! write a temporary file, fsync it, rename it over the old one, fsync the directory.
+//! A power cut leaves the old document or the new one, never a mix. JSON rather than
+//! an embedded database: the document is small, written a few times a second at most,
+//! and an operator can read it with `cat` when everything else is broken.
+//!
+//! Every change is a named transition that checks the current state and returns
+//! [`StateError::Illegal`] for a move that is not allowed; nothing asserts.
+
+use std::fs::{self, File, OpenOptions};
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use crate::slots::Slot;
+
+/// Schema of `state.json`; bumped only with a migration.
+pub const SCHEMA: u32 = 1;
+
+#[derive(Debug, thiserror::Error)]
+pub enum StateError {
+    #[error("cannot {event} while {state}")]
+    Illegal {
+        event: &'static str,
+        state: &'static str,
+    },
+    #[error("reading state {path}")]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("state {path} is corrupt")]
+    Corrupt {
+        path: PathBuf,
+        #[source]
+        source: serde_json::Error,
+    },
+    #[error("state {path} has schema {found}; this agent reads schema {SCHEMA}")]
+    Schema { path: PathBuf, found: u32 },
+    #[error("writing state {path}")]
+    Write {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("another update-agent holds {path}")]
+    Locked {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// An update being written into the inactive slot.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Staging {
+    /// Identifies this attempt in logs and history.
+    pub attempt: String,
+    pub version: String,
+    pub url: String,
+    /// sha256 of the manifest bytes: a resumed attempt must be the same payload.
+    pub manifest_sha256: String,
+    pub slot: Slot,
+    pub ops_total: usize,
+    /// Operations `0..ops_done` are written, verified and durable.
+    pub ops_done: usize,
+    pub bytes_total: u64,
+    pub bytes_done: u64,
+    pub bytes_fetched: u64,
+    pub started: u64,
+}
+
+/// A release fully written and verified in `slot`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Staged {
+    pub attempt: String,
+    pub version: String,
+    pub slot: Slot,
+    pub target_sha256: String,
+    pub bytes_fetched: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "state", rename_all = "snake_case")]
+pub enum State {
+    Idle,
+    Staging(Staging),
+    Staged(Staged),
+    /// The bootloader will try `slot` on the next boot.
+    Armed {
+        staged: Staged,
+        tries: u8,
+    },
+    /// The last attempt failed; `reason` is the full error chain for people.
+    Failed {
+        attempt: String,
+        version: String,
+        reason: String,
+        at: u64,
+    },
+    Cancelled {
+        attempt: String,
+        version: String,
+        at: u64,
+    },
+}
+
+impl State {
+    pub fn name(&self) -> &'static str {
+        match self {
+            Self::Idle => "idle",
+            Self::Staging(_) => "staging",
+            Self::Staged(_) => "staged",
+            Self::Armed { .. } => "armed",
+            Self::Failed { .. } => "failed",
+            Self::Cancelled { .. } => "cancelled",
+        }
+    }
+
+    fn illegal(&self, event: &'static str) -> StateError {
+        StateError::Illegal {
+            event,
+            state: self.name(),
+        }
+    }
+
+    /// Whether a new update may start from here.
+    fn can_begin(&self) -> bool {
+        matches!(
+            self,
+            Self::Idle
+                | Self::Failed { .. }
+                | Self::Cancelled { .. }
+                | Self::Staged(_)
+                | Self::Armed { .. }
+        )
+    }
+
+    /// Starts writing a release. From `Staged` or `Armed` this replaces the staged
+    /// release (the caller has made the slot unbootable first).
+    pub fn begin(&mut self, s: Staging) -> Result<(), StateError> {
+        if !self.can_begin() {
+            return Err(self.illegal("start an update"));
+        }
+        *self = Self::Staging(s);
+        Ok(())
+    }
+
+    /// Records operations `..ops_done` as durable.
+    pub fn progress(
+        &mut self,
+        ops_done: usize,
+        bytes_done: u64,
+        bytes_fetched: u64,
+    ) -> Result<(), StateError> {
+        match self {
+            Self::Staging(s) if ops_done <= s.ops_total => {
+                s.ops_done = ops_done;
+                s.bytes_done = bytes_done;
+                s.bytes_fetched = bytes_fetched;
+                Ok(())
+            }
+            _ => Err(self.illegal("record progress")),
+        }
+    }
+
+    /// Rewinds a resumed attempt to the first operation whose bytes no longer verify.
+    pub fn rewind(&mut self, ops_done: usize) -> Result<(), StateError> {
+        match self {
+            Self::Staging(s) if ops_done <= s.ops_done => {
+                s.ops_done = ops_done;
+                Ok(())
+            }
+            _ => Err(self.illegal("rewind progress")),
+        }
+    }
+
+    pub fn staged(&mut self, target_sha256: String) -> Result<(), StateError> {
+        match self {
+            Self::Staging(s) if s.ops_done == s.ops_total => {
+                *self = Self::Staged(Staged {
+                    attempt: s.attempt.clone(),
+                    version: s.version.clone(),
+                    slot: s.slot,
+                    target_sha256,
+                    bytes_fetched: s.bytes_fetched,
+                });
+                Ok(())
+            }
+            _ => Err(self.illegal("mark staged")),
+        }
+    }
+
+    pub fn armed(&mut self, tries: u8) -> Result<(), StateError> {
+        match self {
+            Self::Staged(s) => {
+                *self = Self::Armed {
+                    staged: s.clone(),
+                    tries,
+                };
+                Ok(())
+            }
+            _ => Err(self.illegal("arm the bootloader")),
+        }
+    }
+
+    pub fn fail(&mut self, reason: String, at: u64) -> Result<(), StateError> {
+        let (attempt, version) = match self {
+            Self::Staging(s) => (s.attempt.clone(), s.version.clone()),
+            Self::Staged(s) => (s.attempt.clone(), s.version.clone()),
+            _ => return Err(self.illegal("record a failure")),
+        };
+        *self = Self::Failed {
+            attempt,
+            version,
+            reason,
+            at,
+        };
+        Ok(())
+    }
+
+    pub fn cancel(&mut self, at: u64) -> Result<(), StateError> {
+        let (attempt, version) = match self {
+            Self::Staging(s) => (s.attempt.clone(), s.version.clone()),
+            Self::Staged(s) | Self::Armed { staged: s, .. } => {
+                (s.attempt.clone(), s.version.clone())
+            }
+            _ => return Err(self.illegal("cancel")),
+        };
+        *self = Self::Cancelled {
+            attempt,
+            version,
+            at,
+        };
+        Ok(())
+    }
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+struct Document {
+    schema: u32,
+    #[serde(flatten)]
+    state: State,
+}
+
+/// The state directory: `state.json` and the lock that makes one update at a time.
+#[derive(Debug)]
+pub struct StateStore {
+    dir: PathBuf,
+}
+
+/// Held for as long as a process may change the slots or the state. Dropping it
+/// releases the lock (the kernel also releases it if the process dies).
+#[derive(Debug)]
+pub struct UpdateLock {
+    _flock: nix::fcntl::Flock<File>,
+}
+
+impl StateStore {
+    pub fn new(dir: &Path) -> Self {
+        Self {
+            dir: dir.to_owned(),
+        }
+    }
+
+    pub fn path(&self) -> PathBuf {
+        self.dir.join("state.json")
+    }
+
+    /// Takes the update lock without waiting.
+    pub fn lock(&self) -> Result<UpdateLock, StateError> {
+        let path = self.dir.join("lock");
+        let werr = |source| StateError::Write {
+            path: path.clone(),
+            source,
+        };
+        fs::create_dir_all(&self.dir).map_err(werr)?;
+        let f = OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&path)
+            .map_err(werr)?;
+        let flock = nix::fcntl::Flock::lock(f, nix::fcntl::FlockArg::LockExclusiveNonblock)
+            .map_err(|(_, errno)| StateError::Locked {
+                path: path.clone(),
+                source: errno.into(),
+            })?;
+        Ok(UpdateLock { _flock: flock })
+    }
+
+    /// Current state; `Idle` when none was ever written.
+    pub fn load(&self) -> Result<State, StateError> {
+        let path = self.path();
+        let bytes = match fs::read(&path) {
+            Ok(b) => b,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(State::Idle),
+            Err(source) => return Err(StateError::Read { path, source }),
+        };
+        let doc: serde_json::Value =
+            serde_json::from_slice(&bytes).map_err(|source| StateError::Corrupt {
+                path: path.clone(),
+                source,
+            })?;
+        let schema = doc
+            .get("schema")
+            .and_then(serde_json::Value::as_u64)
+            .unwrap_or(0) as u32;
+        if schema != SCHEMA {
+            return Err(StateError::Schema {
+                path,
+                found: schema,
+            });
+        }
+        let doc: Document =
+            serde_json::from_value(doc).map_err(|source| StateError::Corrupt { path, source })?;
+        Ok(doc.state)
+    }
+
+    /// Replaces the state durably. Needs the lock, so only its holder writes.
+    pub fn save(&self, _lock: &UpdateLock, state: &State) -> Result<(), StateError> {
+        let path = self.path();
+        let tmp = self.dir.join(".state.json.tmp");
+        let werr = |p: &Path| {
+            let p = p.to_owned();
+            move |source| StateError::Write { path: p, source }
+        };
+        let doc = Document {
+            schema: SCHEMA,
+            state: state.clone(),
+        };
+        let mut bytes = serde_json::to_vec_pretty(&doc).map_err(|e| StateError::Write {
+            path: path.clone(),
+            source: std::io::Error::other(e),
+        })?;
+        bytes.push(b'\n');
+        let mut f = File::create(&tmp).map_err(werr(&tmp))?;
+        f.write_all(&bytes).map_err(werr(&tmp))?;
+        f.sync_all().map_err(werr(&tmp))?;
+        fs::rename(&tmp, &path).map_err(werr(&path))?;
+        File::open(&self.dir)
+            .and_then(|d| d.sync_all())
+            .map_err(werr(&self.dir))?;
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn staging() -> Staging {
+        Staging {
+            attempt: "t1".into(),
+            version: "2.0".into(),
+            url: "http://x/2.0.uap".into(),
+            manifest_sha256: "00".into(),
+            slot: Slot::B,
+            ops_total: 3,
+            ops_done: 0,
+            bytes_total: 10,
+            bytes_done: 0,
+            bytes_fetched: 0,
+            started: 1,
+        }
+    }
+
+    #[test]
+    fn legal_path_and_illegal_moves() {
+        let mut s = State::Idle;
+        assert!(matches!(
+            s.progress(1, 1, 1),
+            Err(StateError::Illegal { state: "idle", .. })
+        ));
+        assert!(s.staged("x".into()).is_err());
+        assert!(s.armed(3).is_err());
+        s.begin(staging()).expect("begin");
+        assert!(matches!(
+            s.begin(staging()),
+            Err(StateError::Illegal {
+                state: "staging",
+                ..
+            })
+        ));
+        assert!(s.staged("x".into()).is_err(), "not all operations done");
+        assert!(s.progress(4, 1, 1).is_err(), "beyond the operation count");
+        s.progress(3, 10, 5).expect("progress");
+        assert!(s.armed(3).is_err());
+        s.staged("abc".into()).expect("staged");
+        s.armed(3).expect("armed");
+        assert_eq!(s.name(), "armed");
+        assert!(
+            s.fail("x".into(), 1).is_err(),
+            "an armed release does not fail here"
+        );
+        s.cancel(2).expect("cancel");
+        s.begin(staging()).expect("a new attempt after cancel");
+        s.fail("boom".into(), 3).expect("fail");
+        assert!(s.cancel(4).is_err());
+    }
+
+    #[test]
+    fn save_load_roundtrip_and_lock() {
+        let d = tempfile::tempdir().expect("tempdir");
+        let store = StateStore::new(d.path());
+        assert_eq!(store.load().expect("load"), State::Idle);
+        let lock = store.lock().expect("lock");
+        assert!(matches!(store.lock(), Err(StateError::Locked { .. })));
+        let mut s = State::Idle;
+        s.begin(staging()).expect("begin");
+        store.save(&lock, &s).expect("save");
+        assert_eq!(store.load().expect("load"), s);
+        fs::write(store.path(), b"{\"schema\":9,\"state\":\"idle\"}").expect("write");
+        assert!(matches!(
+            store.load(),
+            Err(StateError::Schema { found: 9, .. })
+        ));
+        fs::write(store.path(), b"{not json").expect("write");
+        assert!(matches!(store.load(), Err(StateError::Corrupt { .. })));
+    }
+}

@@ -1,0 +1,532 @@
+//! Staging a release: the agent's write path from a payload URL to an armed slot.
+//!
+//! ```text
+//! lock ─> open payload (head) ─> signature, expiry, compatible, version policy
+//!      ─> delta for this booted slot? else the full payload beside it
+//!      ─> size check ─> open inactive slot (O_EXCL) ─> bootloader: slot unbootable
+//!      ─> state Staging ─> apply (checkpoint: fsync slot, then persist ops_done)
+//!      ─> read-back hash ─> state Staged ─> bootloader: arm trial ─> state Armed
+//! ```
+//! Killed at any point, the next `resume` finds the state and carries on: operations
+//! recorded as done are re-verified against the slot and rewritten from the first one
+//! that no longer matches.
+
+use std::fs::File;
+use std::sync::atomic::AtomicBool;
+use std::time::Instant;
+
+use sha2::{Digest, Sha256};
+
+use crate::apply::{self, ApplyError, Blob, Event, SourceSlot};
+use crate::boot::{grub::Grub, BootControl, BootError};
+use crate::config::Config;
+use crate::fetch::{self, FetchError};
+use crate::payload::{
+    codec, Manifest, Payload, PayloadError, RangeSource, Trust, TrustError, TrustedKeys,
+};
+use crate::slots::{SlotError, SlotLayout, SlotWriter};
+use crate::state::{Staging, State, StateError, StateStore, UpdateLock};
+use crate::timefmt;
+
+#[derive(Debug, thiserror::Error)]
+pub enum UpdateError {
+    #[error(transparent)]
+    Slots(#[from] SlotError),
+    #[error("bootloader")]
+    Boot(#[from] BootError),
+    #[error(transparent)]
+    State(#[from] StateError),
+    #[error("trusted keys")]
+    Keys(#[source] TrustError),
+    #[error("fetching the payload")]
+    Fetch(#[from] FetchError),
+    #[error(transparent)]
+    Payload(#[from] PayloadError),
+    #[error("applying the payload")]
+    Apply(#[from] ApplyError),
+    #[error("payload is for {payload:?}, this node is {node:?}")]
+    Incompatible { payload: String, node: String },
+    #[error("payload {to} is older than the running release {from}; refused (allow downgrades to force)")]
+    Downgrade { from: String, to: String },
+    #[error("payload {to} needs at least release {minimum} running, this node runs {running}")]
+    SourceTooOld {
+        to: String,
+        minimum: String,
+        running: String,
+    },
+    #[error("cannot tell the running release: no VERSION_ID in {path}; allow downgrades to update anyway")]
+    UnknownRunning { path: std::path::PathBuf },
+    #[error("release {version} is {size} bytes but slot {slot} holds only {slot_size}")]
+    TargetTooLarge {
+        version: String,
+        size: u64,
+        slot: crate::slots::Slot,
+        slot_size: u64,
+    },
+    #[error(
+        "delta {url} was built from a different image than the booted slot \
+         (it needs sha256 {expected}, the slot has {actual}), and no full payload was found beside it"
+    )]
+    NoMatchingPayload {
+        url: String,
+        expected: String,
+        actual: String,
+        #[source]
+        full: Box<UpdateError>,
+    },
+    #[error("{url} is not a full payload")]
+    NotFull { url: String },
+    #[error("reading the booted slot")]
+    BootedRead(#[source] std::io::Error),
+    #[error("an update to {version} from {url} is in progress; cancel it first")]
+    Busy { version: String, url: String },
+    #[error(
+        "the payload at {url} changed since this update started (manifest sha256 {now}, was {was})"
+    )]
+    PayloadChanged {
+        url: String,
+        was: String,
+        now: String,
+    },
+    #[error("syncing slot")]
+    Sync(#[source] std::io::Error),
+}
+
+/// Fail points stop the process at a named step, like a power cut, for the kill tests.
+/// Compiled in only with the `failpoints` feature.
+fn failpoint(name: &str) {
+    #[cfg(feature = "failpoints")]
+    if std::env::var("UPDATE_AGENT_FAILPOINT").is_ok_and(|v| v == name) {
+        eprintln!("failpoint {name}: aborting");
+        std::process::abort();
+    }
+    let _ = name;
+}
+
+/// What the caller sees while staging.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Progress {
+    Opened {
+        version: String,
+        delta: bool,
+        ops: usize,
+        bytes: u64,
+        resumed_at: usize,
+    },
+    Op {
+        done: usize,
+        total: usize,
+        bytes_done: u64,
+        bytes_fetched: u64,
+    },
+    Verifying,
+    Armed {
+        slot: crate::slots::Slot,
+        version: String,
+        tries: u8,
+    },
+}
+
+/// An opened, trusted payload: its byte source, the parsed payload, and the canonical
+/// manifest bytes (whose sha256 identifies the attempt across restarts).
+type Opened = (Box<dyn RangeSource>, Payload, Vec<u8>);
+
+/// The agent's handle on this node.
+pub struct Agent {
+    pub cfg: Config,
+    pub layout: SlotLayout,
+    boot: Box<dyn BootControl>,
+    store: StateStore,
+    keys: TrustedKeys,
+}
+
+impl std::fmt::Debug for Agent {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Agent")
+            .field("layout", &self.layout)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Agent {
+    pub fn new(cfg: Config) -> Result<Self, UpdateError> {
+        let layout = SlotLayout::discover(&cfg.slots)?;
+        let boot: Box<dyn BootControl> = Box::new(Grub::open(&cfg.boot.grubenv)?);
+        let keys = TrustedKeys::load_dir(&cfg.keys_dir).map_err(UpdateError::Keys)?;
+        let store = StateStore::new(&cfg.state_dir);
+        Ok(Self {
+            cfg,
+            layout,
+            boot,
+            store,
+            keys,
+        })
+    }
+
+    pub fn state(&self) -> Result<State, UpdateError> {
+        Ok(self.store.load()?)
+    }
+
+    pub fn boot(&self) -> &dyn BootControl {
+        self.boot.as_ref()
+    }
+
+    fn running_version(&self) -> Option<String> {
+        let text = std::fs::read_to_string(&self.cfg.os_release).ok()?;
+        text.lines()
+            .find_map(|l| l.strip_prefix("VERSION_ID="))
+            .map(|v| v.trim().trim_matches('"').to_owned())
+            .filter(|v| !v.is_empty())
+    }
+
+    /// Opens a payload and applies every policy check that does not need the slot.
+    fn open_checked(&self, url: &str, allow_downgrade: bool) -> Result<Opened, UpdateError> {
+        let src = fetch::open(url, &self.cfg.fetch)?;
+        let p = Payload::open(
+            src.as_ref(),
+            Trust::Keys {
+                keys: &self.keys,
+                now: timefmt::now(),
+            },
+        )?;
+        let m = &p.manifest;
+        if m.compatible != self.cfg.compatible {
+            return Err(UpdateError::Incompatible {
+                payload: m.compatible.clone(),
+                node: self.cfg.compatible.clone(),
+            });
+        }
+        match self.running_version() {
+            Some(running) => {
+                if !allow_downgrade && crate::version::compare(&m.version, &running).is_lt() {
+                    return Err(UpdateError::Downgrade {
+                        from: running,
+                        to: m.version.clone(),
+                    });
+                }
+                if let Some(min) = &m.min_source_version {
+                    if crate::version::compare(&running, min).is_lt() {
+                        return Err(UpdateError::SourceTooOld {
+                            to: m.version.clone(),
+                            minimum: min.clone(),
+                            running,
+                        });
+                    }
+                }
+            }
+            None if allow_downgrade => {}
+            None => {
+                return Err(UpdateError::UnknownRunning {
+                    path: self.cfg.os_release.clone(),
+                })
+            }
+        }
+        let manifest_bytes = codec::encode(m);
+        Ok((src, p, manifest_bytes))
+    }
+
+    /// Stages the release at `url` into the inactive slot and arms the bootloader.
+    pub fn stage(
+        &mut self,
+        url: &str,
+        allow_downgrade: bool,
+        cancel: Option<&AtomicBool>,
+        on: &mut dyn FnMut(Progress),
+    ) -> Result<(), UpdateError> {
+        let lock = self.store.lock()?;
+        let state = self.store.load()?;
+        if let State::Staging(s) = &state {
+            if s.url == url {
+                drop(lock);
+                return self.resume(cancel, on);
+            }
+            return Err(UpdateError::Busy {
+                version: s.version.clone(),
+                url: s.url.clone(),
+            });
+        }
+        let (mut url, (mut src, mut p, mut mbytes)) =
+            (url.to_owned(), self.open_checked(url, allow_downgrade)?);
+        let booted = self.layout.open_booted()?;
+        if let Some(source) = p.manifest.source.clone() {
+            let actual =
+                apply::hash_source(&booted, source.size).map_err(UpdateError::BootedRead)?;
+            if actual != source.sha256 {
+                // The delta is for another image: fall back to the full payload beside it.
+                let full_url = sibling_full(&url, &p.manifest.version);
+                match self.open_checked(&full_url, allow_downgrade) {
+                    Ok(x) if !x.1.manifest.is_delta() => {
+                        (src, p, mbytes) = x;
+                        url = full_url;
+                    }
+                    other => {
+                        let full = match other {
+                            Err(e) => e,
+                            Ok(_) => UpdateError::NotFull { url: full_url },
+                        };
+                        return Err(UpdateError::NoMatchingPayload {
+                            url,
+                            expected: hex::encode(source.sha256),
+                            actual: hex::encode(actual),
+                            full: Box::new(full),
+                        });
+                    }
+                }
+            }
+        }
+        let slot = self.layout.inactive();
+        let slot_size = self.layout.partition(slot).size;
+        if p.manifest.target_size > slot_size {
+            return Err(UpdateError::TargetTooLarge {
+                version: p.manifest.version.clone(),
+                size: p.manifest.target_size,
+                slot,
+                slot_size,
+            });
+        }
+        let writer = self.layout.open_inactive()?;
+        // From here on a half-written slot can never be chosen by the bootloader.
+        self.boot.mark_unbootable(slot)?;
+        failpoint("after-mark-unbootable");
+        let mut state = state;
+        let bytes_total = p.manifest.target_size;
+        state.begin(Staging {
+            attempt: attempt_id(),
+            version: p.manifest.version.clone(),
+            url,
+            manifest_sha256: hex::encode(Sha256::digest(&mbytes)),
+            slot,
+            ops_total: p.manifest.operations.len(),
+            ops_done: 0,
+            bytes_total,
+            bytes_done: 0,
+            bytes_fetched: p.head_len(),
+            started: timefmt::now(),
+        })?;
+        self.store.save(&lock, &state)?;
+        failpoint("after-begin");
+        self.run(
+            &lock,
+            state,
+            src.as_ref(),
+            &p,
+            &booted,
+            writer,
+            0,
+            cancel,
+            on,
+        )
+    }
+
+    /// Carries on with whatever an earlier process left: an interrupted staging, or a
+    /// staged release whose bootloader arming did not complete. A no-op otherwise.
+    pub fn resume(
+        &mut self,
+        cancel: Option<&AtomicBool>,
+        on: &mut dyn FnMut(Progress),
+    ) -> Result<(), UpdateError> {
+        let lock = self.store.lock()?;
+        let mut state = self.store.load()?;
+        match state.clone() {
+            State::Staging(s) => {
+                let (src, p, mbytes) = self.open_checked(&s.url, true)?;
+                let now = hex::encode(Sha256::digest(&mbytes));
+                if now != s.manifest_sha256 {
+                    let e = UpdateError::PayloadChanged {
+                        url: s.url.clone(),
+                        was: s.manifest_sha256.clone(),
+                        now,
+                    };
+                    state.fail(format!("{e}"), timefmt::now())?;
+                    self.store.save(&lock, &state)?;
+                    return Err(e);
+                }
+                let booted = self.layout.open_booted()?;
+                let mut writer = self.layout.open_inactive()?;
+                self.boot.mark_unbootable(s.slot)?;
+                // Trust nothing the slot holds: re-verify what the checkpoint claims.
+                let good = apply::verified_prefix(&p.manifest, &mut writer, s.ops_done)?;
+                if good < s.ops_done {
+                    state.rewind(good)?;
+                    self.store.save(&lock, &state)?;
+                }
+                self.run(
+                    &lock,
+                    state,
+                    src.as_ref(),
+                    &p,
+                    &booted,
+                    writer,
+                    good,
+                    cancel,
+                    on,
+                )
+            }
+            State::Staged(st) => {
+                self.boot.arm_trial(st.slot, self.cfg.boot.tries)?;
+                failpoint("after-arm");
+                state.armed(self.cfg.boot.tries)?;
+                self.store.save(&lock, &state)?;
+                on(Progress::Armed {
+                    slot: st.slot,
+                    version: st.version,
+                    tries: self.cfg.boot.tries,
+                });
+                Ok(())
+            }
+            _ => Ok(()),
+        }
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn run(
+        &mut self,
+        lock: &UpdateLock,
+        mut state: State,
+        src: &dyn RangeSource,
+        p: &Payload,
+        booted: &dyn SourceSlot,
+        mut writer: SlotWriter,
+        start_op: usize,
+        cancel: Option<&AtomicBool>,
+        on: &mut dyn FnMut(Progress),
+    ) -> Result<(), UpdateError> {
+        let m: &Manifest = &p.manifest;
+        let slot = writer.slot();
+        // A second handle on the device: fsync through it flushes the writes made
+        // through the first, while the apply engine holds that one.
+        let sync_handle: File = writer.try_clone_file().map_err(UpdateError::Sync)?;
+        let (mut bytes_done, mut fetched) = match &state {
+            State::Staging(s) => (s.bytes_done, s.bytes_fetched),
+            _ => (0, 0),
+        };
+        on(Progress::Opened {
+            version: m.version.clone(),
+            delta: m.is_delta(),
+            ops: m.operations.len(),
+            bytes: m.target_size,
+            resumed_at: start_op,
+        });
+        let mut last = Instant::now();
+        let mut since = 0u64;
+        let mut checkpoint_err: Option<UpdateError> = None;
+        let opts = apply::Options {
+            start_op,
+            workers: self.cfg.fetch.parallel,
+            memory_budget: self.cfg.apply.memory_budget,
+            cancel,
+        };
+        let every_bytes = self.cfg.apply.checkpoint_bytes;
+        let every_secs = self.cfg.apply.checkpoint_ms as f64 / 1000.0;
+        let result = apply::apply(
+            m,
+            Blob {
+                source: src,
+                offset: p.blob_offset,
+            },
+            Some(booted),
+            &mut writer,
+            &opts,
+            &mut |e| match e {
+                Event::OpDone {
+                    op,
+                    bytes,
+                    fetched: f,
+                    ..
+                } => {
+                    bytes_done += bytes;
+                    fetched += f;
+                    since += bytes;
+                    on(Progress::Op {
+                        done: op + 1,
+                        total: m.operations.len(),
+                        bytes_done,
+                        bytes_fetched: fetched,
+                    });
+                    if checkpoint_err.is_none()
+                        && (since >= every_bytes || last.elapsed().as_secs_f64() >= every_secs)
+                    {
+                        let r = sync_handle
+                            .sync_all()
+                            .map_err(UpdateError::Sync)
+                            .and_then(|()| Ok(state.progress(op + 1, bytes_done, fetched)?))
+                            .and_then(|()| Ok(self.store.save(lock, &state)?));
+                        if let Err(e) = r {
+                            checkpoint_err = Some(e);
+                        }
+                        failpoint("after-checkpoint");
+                        since = 0;
+                        last = Instant::now();
+                    }
+                }
+                Event::Verifying => on(Progress::Verifying),
+            },
+        );
+        if let Some(e) = checkpoint_err {
+            return Err(e);
+        }
+        if let Err(e) = result {
+            if matches!(e, ApplyError::Cancelled { .. }) {
+                state.cancel(timefmt::now())?;
+            } else {
+                state.fail(error_chain(&e), timefmt::now())?;
+            }
+            self.store.save(lock, &state)?;
+            return Err(e.into());
+        }
+        failpoint("after-apply");
+        state.progress(m.operations.len(), m.target_size, fetched)?;
+        state.staged(hex::encode(m.target_sha256))?;
+        self.store.save(lock, &state)?;
+        failpoint("after-staged");
+        self.boot.arm_trial(slot, self.cfg.boot.tries)?;
+        failpoint("after-arm");
+        state.armed(self.cfg.boot.tries)?;
+        self.store.save(lock, &state)?;
+        on(Progress::Armed {
+            slot,
+            version: m.version.clone(),
+            tries: self.cfg.boot.tries,
+        });
+        Ok(())
+    }
+}
+
+/// `…/2.0.from-abcd.uap` → `…/2.0.full.uap`: the publisher's naming (`bundle create`).
+fn sibling_full(url: &str, version: &str) -> String {
+    match url.rfind('/') {
+        Some(i) => format!("{}/{version}.full.uap", &url[..i]),
+        None => format!("{version}.full.uap"),
+    }
+}
+
+fn attempt_id() -> String {
+    format!("{:x}-{:04x}", timefmt::now(), rand::random::<u16>())
+}
+
+/// The whole error chain in one line, for the persistent record.
+pub fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        cur = c.source();
+    }
+    s
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn sibling_full_url() {
+        assert_eq!(
+            super::sibling_full("http://h/p/2.0.from-ab.uap", "2.0"),
+            "http://h/p/2.0.full.uap"
+        );
+        assert_eq!(
+            super::sibling_full("2.0.from-ab.uap", "2.0"),
+            "2.0.full.uap"
+        );
+    }
+}
