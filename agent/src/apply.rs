@@ -91,6 +91,20 @@ pub enum ApplyError {
     WorkerLost,
 }
 
+impl ApplyError {
+    /// Whether the error is about the bytes an operation produced (as opposed to I/O,
+    /// cancellation or setup): what a wrong source image looks like.
+    pub fn is_content_error(&self) -> bool {
+        matches!(
+            self,
+            Self::OpHashMismatch { .. }
+                | Self::Decompress { .. }
+                | Self::WrongLength { .. }
+                | Self::TargetHashMismatch { .. }
+        )
+    }
+}
+
 /// The slot an update is read from (the booted slot on a node). Read-only by type.
 pub trait SourceSlot: Sync {
     /// Size in bytes.
@@ -643,7 +657,8 @@ pub fn verified_prefix(
     claimed: usize,
 ) -> Result<usize, ApplyError> {
     let bs = u64::from(manifest.block_size);
-    let mut buf = vec![0u8; IO_CHUNK];
+    let mut aligned = AlignedBuf::new(IO_CHUNK);
+    let buf = aligned.bytes_mut();
     for (i, op) in manifest.operations.iter().enumerate().take(claimed) {
         let mut h = Sha256::new();
         for e in &op.dst {
@@ -688,10 +703,10 @@ type ReadAt<'a> = dyn Fn(&mut [u8], u64) -> io::Result<()> + Sync + 'a;
 
 fn hash_ranges(read: &ReadAt<'_>, ranges: &[(u64, u64)], len: u64) -> io::Result<[u8; 32]> {
     let mut h = Sha256::new();
-    let (full_tx, full_rx) = mpsc::sync_channel::<io::Result<(Vec<u8>, usize)>>(2);
-    let (empty_tx, empty_rx) = mpsc::sync_channel::<Vec<u8>>(3);
+    let (full_tx, full_rx) = mpsc::sync_channel::<io::Result<(AlignedBuf, usize)>>(2);
+    let (empty_tx, empty_rx) = mpsc::sync_channel::<AlignedBuf>(3);
     for _ in 0..3 {
-        let _ = empty_tx.send(vec![0u8; IO_CHUNK * 4]);
+        let _ = empty_tx.send(AlignedBuf::new(IO_CHUNK * 4));
     }
     std::thread::scope(|scope| {
         scope.spawn(move || {
@@ -700,7 +715,7 @@ fn hash_ranges(read: &ReadAt<'_>, ranges: &[(u64, u64)], len: u64) -> io::Result
                 while off < end {
                     let Ok(mut buf) = empty_rx.recv() else { return };
                     let n = (end - off).min(buf.len() as u64) as usize;
-                    let r = read(&mut buf[..n], off).map(|()| (buf, n));
+                    let r = read(&mut buf.bytes_mut()[..n], off).map(|()| (buf, n));
                     let failed = r.is_err();
                     if full_tx.send(r).is_err() || failed {
                         return;
@@ -714,10 +729,10 @@ fn hash_ranges(read: &ReadAt<'_>, ranges: &[(u64, u64)], len: u64) -> io::Result
             hash_zeroes(&mut h, start - pos);
             let mut off = start;
             while off < end {
-                let (buf, n) = full_rx
+                let (mut buf, n) = full_rx
                     .recv()
                     .map_err(|_| io::Error::other("read-back thread stopped"))??;
-                h.update(&buf[..n]);
+                h.update(&buf.bytes_mut()[..n]);
                 off += n as u64;
                 let _ = empty_tx.send(buf);
             }
@@ -726,6 +741,45 @@ fn hash_ranges(read: &ReadAt<'_>, ranges: &[(u64, u64)], len: u64) -> io::Result
         hash_zeroes(&mut h, len - pos);
         Ok(h.finalize().into())
     })
+}
+
+/// A buffer whose start is aligned to 4 KiB, so block devices can read into it with
+/// O_DIRECT (no page cache: the read-back sees what the device holds).
+#[derive(Debug)]
+pub struct AlignedBuf {
+    v: Vec<u8>,
+    off: usize,
+    len: usize,
+}
+
+impl AlignedBuf {
+    pub const ALIGN: usize = 4096;
+
+    pub fn new(len: usize) -> Self {
+        let v = vec![0u8; len + Self::ALIGN];
+        let off = (Self::ALIGN - v.as_ptr() as usize % Self::ALIGN) % Self::ALIGN;
+        Self { v, off, len }
+    }
+
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    pub fn bytes_mut(&mut self) -> &mut [u8] {
+        &mut self.v[self.off..self.off + self.len]
+    }
+}
+
+/// Whether a read of `buf` at `offset` meets O_DIRECT's alignment rules.
+pub fn direct_ok(buf: &[u8], offset: u64) -> bool {
+    let a = AlignedBuf::ALIGN;
+    (buf.as_ptr() as usize).is_multiple_of(a)
+        && buf.len().is_multiple_of(a)
+        && offset.is_multiple_of(a as u64)
 }
 
 fn hash_zeroes(h: &mut Sha256, mut n: u64) {

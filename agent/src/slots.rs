@@ -431,10 +431,18 @@ impl SlotLayout {
                 device: p.device.clone(),
                 source,
             })?;
+        // Read-back goes around the page cache where the device allows it, so the
+        // verification sees the device's bytes, not our own writes still in memory.
+        let direct = OpenOptions::new()
+            .read(true)
+            .custom_flags(nix::libc::O_DIRECT)
+            .open(&p.device)
+            .ok();
         Ok(SlotWriter {
             slot,
             device: p.device.clone(),
             file,
+            direct,
             size,
         })
     }
@@ -491,6 +499,8 @@ pub struct SlotWriter {
     slot: Slot,
     device: PathBuf,
     file: File,
+    /// The same device opened with O_DIRECT for reading back, when supported.
+    direct: Option<File>,
     size: u64,
 }
 
@@ -522,7 +532,12 @@ impl TargetSlot for SlotWriter {
         crate::file_target::zero_range(&self.file, offset, len)
     }
     fn read_exact_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
-        FileExt::read_exact_at(&self.file, buf, offset)
+        match &self.direct {
+            Some(d) if crate::apply::direct_ok(buf, offset) => {
+                FileExt::read_exact_at(d, buf, offset)
+            }
+            _ => FileExt::read_exact_at(&self.file, buf, offset),
+        }
     }
     fn sync(&mut self) -> io::Result<()> {
         self.file.sync_all()

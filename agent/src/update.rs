@@ -245,35 +245,54 @@ impl Agent {
                 url: s.url.clone(),
             });
         }
-        let (mut url, (mut src, mut p, mut mbytes)) =
-            (url.to_owned(), self.open_checked(url, allow_downgrade)?);
+        let opened = self.open_checked(url, allow_downgrade)?;
         let booted = self.layout.open_booted()?;
-        if let Some(source) = p.manifest.source.clone() {
-            let actual =
-                apply::hash_source(&booted, source.size).map_err(UpdateError::BootedRead)?;
-            if actual != source.sha256 {
-                // The delta is for another image: fall back to the full payload beside it.
-                let full_url = sibling_full(&url, &p.manifest.version);
-                match self.open_checked(&full_url, allow_downgrade) {
-                    Ok(x) if !x.1.manifest.is_delta() => {
-                        (src, p, mbytes) = x;
-                        url = full_url;
-                    }
-                    other => {
-                        let full = match other {
-                            Err(e) => e,
-                            Ok(_) => UpdateError::NotFull { url: full_url },
-                        };
-                        return Err(UpdateError::NoMatchingPayload {
-                            url,
-                            expected: hex::encode(source.sha256),
-                            actual: hex::encode(actual),
-                            full: Box::new(full),
-                        });
-                    }
-                }
-            }
+        let source = opened.1.manifest.source.clone();
+        let result = self.start(&lock, state, url, &opened, &booted, cancel, on);
+        // The booted slot is not hashed up front (that would cost a full read of it on
+        // every update): every operation's output is verified anyway. Only when a delta
+        // fails on its content is the slot checked, and a delta built from another
+        // image gives way to the full payload beside it.
+        let (Err(UpdateError::Apply(e)), Some(source)) = (&result, source) else {
+            return result;
+        };
+        if !e.is_content_error() {
+            return result;
         }
+        let actual = apply::hash_source(&booted, source.size).map_err(UpdateError::BootedRead)?;
+        if actual == source.sha256 {
+            return result;
+        }
+        let full_url = sibling_full(url, &opened.1.manifest.version);
+        match self.open_checked(&full_url, allow_downgrade) {
+            Ok(full) if !full.1.manifest.is_delta() => {
+                let state = self.store.load()?;
+                self.start(&lock, state, &full_url, &full, &booted, cancel, on)
+            }
+            other => Err(UpdateError::NoMatchingPayload {
+                url: url.to_owned(),
+                expected: hex::encode(source.sha256),
+                actual: hex::encode(actual),
+                full: Box::new(match other {
+                    Err(e) => e,
+                    Ok(_) => UpdateError::NotFull { url: full_url },
+                }),
+            }),
+        }
+    }
+
+    /// Size check, exclusive open, slot unbootable, state Staging, then the write.
+    #[allow(clippy::too_many_arguments)]
+    fn start(
+        &mut self,
+        lock: &UpdateLock,
+        mut state: State,
+        url: &str,
+        (src, p, mbytes): &Opened,
+        booted: &dyn SourceSlot,
+        cancel: Option<&AtomicBool>,
+        on: &mut dyn FnMut(Progress),
+    ) -> Result<(), UpdateError> {
         let slot = self.layout.inactive();
         let slot_size = self.layout.partition(slot).size;
         if p.manifest.target_size > slot_size {
@@ -288,34 +307,22 @@ impl Agent {
         // From here on a half-written slot can never be chosen by the bootloader.
         self.boot.mark_unbootable(slot)?;
         failpoint("after-mark-unbootable");
-        let mut state = state;
-        let bytes_total = p.manifest.target_size;
         state.begin(Staging {
             attempt: attempt_id(),
             version: p.manifest.version.clone(),
-            url,
-            manifest_sha256: hex::encode(Sha256::digest(&mbytes)),
+            url: url.to_owned(),
+            manifest_sha256: hex::encode(Sha256::digest(mbytes)),
             slot,
             ops_total: p.manifest.operations.len(),
             ops_done: 0,
-            bytes_total,
+            bytes_total: p.manifest.target_size,
             bytes_done: 0,
             bytes_fetched: p.head_len(),
             started: timefmt::now(),
         })?;
-        self.store.save(&lock, &state)?;
+        self.store.save(lock, &state)?;
         failpoint("after-begin");
-        self.run(
-            &lock,
-            state,
-            src.as_ref(),
-            &p,
-            &booted,
-            writer,
-            0,
-            cancel,
-            on,
-        )
+        self.run(lock, state, src.as_ref(), p, booted, writer, 0, cancel, on)
     }
 
     /// Carries on with whatever an earlier process left: an interrupted staging, or a

@@ -600,8 +600,10 @@ fn delta_for_another_image_falls_back_to_the_full_payload() {
     let n = Node::new();
     // Publish against a different "v1", so the delta's source hash is wrong for slot a.
     let fake = n.path("fake-v1.img");
-    let mut f = n.v1.clone();
-    f[4096 * 5] ^= 1;
+    // A delta built from v2 itself is all COPYs of blocks slot a does not have. (A
+    // delta whose differing source blocks are never read, or only where zstd chose
+    // literals, still yields the exact, verified target and is accepted.)
+    let f = n.v2.clone();
     fs::write(&fake, &f).expect("fake");
     let mut o = Options::new(
         "test-board",

@@ -62,6 +62,8 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         signal_hook::flag::register(sig, Arc::clone(&cancel))
             .context("installing signal handlers")?;
     }
+    let t0 = std::time::Instant::now();
+    let ts = move || format!("[{:7.2}s]", t0.elapsed().as_secs_f64());
     let mut report = |p: Progress| match p {
         Progress::Opened {
             version,
@@ -85,8 +87,8 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             bytes_done,
             bytes_fetched,
         } => {
-            if done == total || done % 16 == 0 {
-                println!("  {done}/{total} operations, {bytes_done} bytes written, {bytes_fetched} fetched");
+            if done == total || done % 4 == 0 {
+                println!("{} {done}/{total} operations, {bytes_done} bytes written, {bytes_fetched} fetched", ts());
             }
         }
         Progress::Verifying => println!("  verifying the whole slot"),

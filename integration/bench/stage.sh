@@ -1,0 +1,121 @@
+#!/bin/bash
+# integration/bench/stage.sh [PAIR_DIR]
+#
+# Staging benchmark: the real `update-agent stage` taking v1 -> v2 from a local HTTP
+# server (range requests) onto a loop-device slot of a GPT disk, beside `xdelta3 -d`
+# on the same pair and the raw sequential write speed of the same loop device
+# (dd oflag=direct, 1 GiB), in one run. Needs root. Prints a markdown report.
+set -euo pipefail
+here=$(cd "$(dirname "$0")/.." && pwd)
+repo=$(dirname "$here")
+# shellcheck source=../setup.sh
+source "$here/setup.sh"
+pair=${1:-/var/tmp/update-agent-bench/pair}
+maker=${MAKE_IMAGE_PAIR:-$repo/../shared/bench/make-image-pair.sh}
+bash "$maker" "$pair" ext4 >/dev/null
+v1=$pair/v1.ext4.img
+v2=$pair/v2.ext4.img
+size=$(stat -c %s "$v2")
+
+cd "$repo"
+cargo build --release --locked -q --bin updatectl --bin update-agent
+bin=$CARGO_TARGET_DIR/release
+w=$(mktemp -d /var/tmp/ua-stage-bench.XXXXXX)
+loop=""
+server=""
+cleanup() {
+  [[ -n $server ]] && kill "$server" 2>/dev/null || true
+  [[ -n $loop ]] && losetup -d "$loop" 2>/dev/null || true
+  [[ -n ${KEEP:-} ]] || rm -rf "$w"
+}
+trap cleanup EXIT
+
+echo "bench: building the disk and the payload..." >&2
+slot_mib=$(( size / 1048576 + 64 ))
+truncate -s $(( (2 * slot_mib + 40) * 1048576 )) "$w/disk.img"
+printf 'label: gpt\nsize=16MiB, type=uefi, name=esp\nsize=%sMiB, name=root-a\nsize=%sMiB, name=root-b\nsize=16MiB, name=state\n' \
+  "$slot_mib" "$slot_mib" | sfdisk --quiet "$w/disk.img"
+loop=$(losetup --find --show --partscan "$w/disk.img")
+partx --add "$loop" 2>/dev/null || true
+for i in $(seq 100); do [[ -b ${loop}p3 ]] && break; sleep 0.05; done
+dd if="$v1" of="${loop}p2" bs=4M conv=fsync status=none
+
+"$bin/updatectl" bundle keygen --out "$w/keys" >/dev/null
+mkdir -p "$w/keys.d" "$w/www" && cp "$w/keys/update-agent.pub" "$w/keys.d/"
+"$bin/updatectl" bundle create --target "$v2" --source "$v1" --version 2.0 --compatible bench \
+  --key "$w/keys/update-agent.key" --out "$w/www" --no-full >/dev/null
+delta=$(cd "$w/www" && ls 2.0.from-*.uap)
+
+# A static server that answers range requests (python's http.server does not).
+cat >"$w/serve.py" <<'PY'
+import http.server, os, re, sys
+class H(http.server.SimpleHTTPRequestHandler):
+    def log_message(self, *a): pass
+    def do_GET(self):
+        p = self.translate_path(self.path)
+        if not os.path.isfile(p):
+            return self.send_error(404)
+        n = os.path.getsize(p)
+        m = re.match(r'bytes=(\d+)-(\d+)$', self.headers.get('Range', ''))
+        a, z = (int(m[1]), min(int(m[2]), n - 1)) if m else (0, n - 1)
+        self.send_response(206 if m else 200)
+        if m: self.send_header('Content-Range', f'bytes {a}-{z}/{n}')
+        self.send_header('Content-Length', str(z - a + 1))
+        self.end_headers()
+        with open(p, 'rb') as f:
+            f.seek(a); self.wfile.write(f.read(z - a + 1))
+http.server.ThreadingHTTPServer.protocol_version = 'HTTP/1.1'
+os.chdir(sys.argv[1])
+http.server.ThreadingHTTPServer(('127.0.0.1', int(sys.argv[2])), H).serve_forever()
+PY
+port=$(( 20000 + RANDOM % 20000 ))
+python3 "$w/serve.py" "$w/www" "$port" &
+server=$!
+for i in $(seq 100); do python3 -c "import socket; socket.create_connection(('127.0.0.1', $port))" 2>/dev/null && break; sleep 0.05; done
+
+echo "root=PARTLABEL=root-a" >"$w/cmdline"
+echo "VERSION_ID=1.0" >"$w/os-release"
+grub-editenv "$w/grubenv" create
+grub-editenv "$w/grubenv" set ua_default=a ua_a_ok=1 ua_b_ok=1
+cat >"$w/agent.toml" <<TOML
+compatible = "bench"
+state_dir = "$w/state"
+keys_dir = "$w/keys.d"
+os_release = "$w/os-release"
+[slots]
+cmdline = "$w/cmdline"
+root_device = "${loop}p2"
+[boot]
+grubenv = "$w/grubenv"
+TOML
+
+echo "bench: staging (update-agent), xdelta3 -d, dd oflag=direct..." >&2
+sync; echo 3 >/proc/sys/vm/drop_caches 2>/dev/null || true
+/usr/bin/time -f "%e %M" -o "$w/stage.t" "$bin/update-agent" --config "$w/agent.toml" stage \
+  "http://127.0.0.1:$port/$delta" >"$w/stage.out"
+cmp -s <(head -c "$size" "${loop}p3") "$v2" || { echo "bench: slot b does not hold v2" >&2; exit 1; }
+cat "$w/stage.out" >&2
+fetched=$(python3 -c "import json;print(json.load(open('$w/state/state.json'))['staged']['bytes_fetched'])")
+xdelta3 -e -9 -S lzma -f -s "$v1" "$v2" "$w/x.vcdiff"
+sync; echo 3 >/proc/sys/vm/drop_caches 2>/dev/null || true
+/usr/bin/time -f "%e %M" -o "$w/xd.t" xdelta3 -d -f -s "$v1" "$w/x.vcdiff" "$w/x.out"
+/usr/bin/time -f "%e %M" -o "$w/dd.t" dd if=/dev/zero of="${loop}p3" bs=4M count=$(( size / 4194304 )) oflag=direct status=none
+
+t() { cut -d' ' -f1 "$w/$1.t"; }
+r() { awk '{printf "%.0f", $2/1024}' "$w/$1.t"; }
+worst=$(awk -v a="$(t xd)" -v b="$(t dd)" 'BEGIN{print (a>b)?a:b}')
+cat <<MD
+## Staging benchmark ($(date -u +%Y-%m-%d), $(nproc) cores)
+
+\`sudo integration/bench/stage.sh\`: v1 → v2 of the Debian pair ($size bytes), delta served over
+HTTP from 127.0.0.1, written by \`update-agent stage\` into slot b of a GPT disk on a loop device
+(cold page cache for each timed command).
+
+| what | wall | peak RSS | bytes fetched |
+|---|---|---|---|
+| update-agent stage (source check, fetch, apply, fsync, read-back, GRUB arm) | $(t stage) s | $(r stage) MiB | $fetched |
+| xdelta3 -d (to a file, no verification) | $(t xd) s | $(r xd) MiB | $(stat -c %s "$w/x.vcdiff") |
+| dd 1 GiB to the same loop device, oflag=direct | $(t dd) s | | |
+
+Target: stage ≤ 1.2 × max(xdelta3 -d, dd) = $(awk -v w="$worst" 'BEGIN{printf "%.2f", 1.2*w}') s → $(awk -v s="$(t stage)" -v w="$worst" 'BEGIN{printf "%.2f", s/w}') × max.
+MD
