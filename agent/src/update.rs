@@ -422,6 +422,7 @@ impl Agent {
             workers: self.cfg.fetch.parallel,
             memory_budget: self.cfg.apply.memory_budget,
             cancel,
+            check_zero_digests: false,
         };
         let every_bytes = self.cfg.apply.checkpoint_bytes;
         let every_secs = self.cfg.apply.checkpoint_ms as f64 / 1000.0;

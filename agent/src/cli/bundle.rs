@@ -525,7 +525,11 @@ fn rebuild(
         },
         source_file.as_ref().map(|f| f as &dyn apply::SourceSlot),
         &mut target,
-        &apply::Options::default(),
+        &apply::Options {
+            // `verify` audits everything the manifest claims; `apply` trusts the read-back.
+            check_zero_digests: output.is_none(),
+            ..apply::Options::default()
+        },
         &mut |e: Event| {
             if e == Event::Verifying {
                 println!(
