@@ -132,6 +132,11 @@ pub trait TargetSlot: Sync {
     /// Makes `len` bytes at `offset` read back as zeros without sending zeros through memory.
     fn write_zeroes(&mut self, offset: u64, len: u64) -> io::Result<()>;
     fn read_exact_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()>;
+    /// Reads for the final verification. Devices that can should bypass caches here,
+    /// so the hash is of what the device holds.
+    fn read_back_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
+        self.read_exact_at(buf, offset)
+    }
     /// Makes everything written so far durable.
     fn sync(&mut self) -> io::Result<()>;
     /// Marks the target valid; called only after the whole image hashed right.
@@ -668,8 +673,7 @@ pub fn verified_prefix(
     claimed: usize,
 ) -> Result<usize, ApplyError> {
     let bs = u64::from(manifest.block_size);
-    let mut aligned = AlignedBuf::new(IO_CHUNK);
-    let buf = aligned.bytes_mut();
+    let mut buf = vec![0u8; IO_CHUNK];
     for (i, op) in manifest.operations.iter().enumerate().take(claimed) {
         let mut h = Sha256::new();
         for e in &op.dst {
@@ -695,7 +699,7 @@ pub fn verified_prefix(
 /// zeros without being read.
 pub fn hash_target(target: &dyn TargetSlot, len: u64) -> io::Result<[u8; 32]> {
     let ranges = target.data_ranges(len)?.unwrap_or_else(|| vec![(0, len)]);
-    hash_ranges(&|buf, off| target.read_exact_at(buf, off), &ranges, len)
+    hash_ranges(&|buf, off| target.read_back_at(buf, off), &ranges, len)
 }
 
 /// sha256 of the first `len` bytes of a source slot: what a delta's `source.sha256`

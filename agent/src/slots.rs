@@ -532,6 +532,9 @@ impl TargetSlot for SlotWriter {
         crate::file_target::zero_range(&self.file, offset, len)
     }
     fn read_exact_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
+        FileExt::read_exact_at(&self.file, buf, offset)
+    }
+    fn read_back_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
         match &self.direct {
             Some(d) if crate::apply::direct_ok(buf, offset) => {
                 FileExt::read_exact_at(d, buf, offset)
