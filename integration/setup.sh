@@ -15,8 +15,13 @@ declare -A want=(
   [python3]=python3
   [sha256sum]=coreutils
   [grub-editenv]=grub-common
+  [grub-emu]=grub-emu
+  [mkfs.vfat]=dosfstools
+  [mcopy]=mtools
+  [partx]=util-linux
 )
 need=()
+export PATH=$PATH:/usr/sbin:/sbin
 for cmd in "${!want[@]}"; do
   command -v "$cmd" >/dev/null 2>&1 || need+=("${want[$cmd]}")
 done

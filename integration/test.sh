@@ -1,8 +1,11 @@
 #!/bin/bash
 # integration/test.sh: sets up what is missing, then runs every test tier:
 #   1. formatting and lints (cargo fmt --check, clippy -D warnings)
-#   2. unit, property and file-level tests (cargo test --workspace)
-# Later tiers (loop devices, HTTP, gRPC, the VM lab) are added here as they land.
+#   2. cargo test --workspace: unit and property tests, payload end to end on files,
+#      and (as root) the agent on loop-device GPT disks with a fault-injecting HTTP
+#      server, fail points and random SIGKILLs (agent/tests/disk.rs)
+#   3. the GRUB script fragment run in grub-emu, GRUB's own script engine (~3 min)
+# Later tiers (gRPC, the VM lab) are added here as they land.
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 repo=$(dirname "$here")
@@ -18,7 +21,11 @@ cargo fmt --all --check
 step "cargo clippy --all-targets -- -D warnings"
 cargo clippy --workspace --all-targets --locked -- -D warnings
 
-step "cargo test (unit, property, payload end-to-end)"
+step "cargo test (unit, property, payload end to end, loop-device disks)"
+[[ $(id -u) -eq 0 ]] || { echo "test.sh: the disk tests need root (loop devices)" >&2; exit 1; }
 cargo test --workspace --locked
+
+step "GRUB fragment in grub-emu"
+sh bootloader-hooks/grub/test-grub-emu.sh
 
 step "all tiers passed"

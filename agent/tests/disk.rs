@@ -160,6 +160,8 @@ struct Faults {
     corrupt: u32,
     /// Sleep before each response.
     delay_ms: u64,
+    /// Stall this many range responses (not the first request) for 3 s mid-body.
+    stalls: u32,
 }
 
 struct Server {
@@ -270,6 +272,18 @@ fn serve(
             c.write_all(&body[..body.len() / 2])?;
             return Ok(());
         }
+        if f.stalls > 0 && a > 0 {
+            f.stalls -= 1;
+            *faults.lock().expect("faults") = f.clone();
+            write!(
+                c,
+                "HTTP/1.1 206 Partial Content\r\nContent-Length: {}\r\n{cr}\r\n",
+                body.len()
+            )?;
+            c.write_all(&body[..body.len() / 2])?;
+            std::thread::sleep(Duration::from_secs(3));
+            return Ok(());
+        }
         if f.corrupt > 0 && a > 0 {
             f.corrupt -= 1;
             *faults.lock().expect("faults") = f;
@@ -344,7 +358,7 @@ impl Node {
                 "compatible = \"test-board\"\nstate_dir = \"{}\"\nkeys_dir = \"{}\"\nos_release = \"{}\"\n\
                  [slots]\ncmdline = \"{}\"\nroot_device = \"{}\"\n\
                  [boot]\ngrubenv = \"{}\"\n\
-                 [fetch]\nretries = 4\nbackoff_ms = 20\nmax_backoff_secs = 1\nrequest_timeout_secs = 10\n\
+                 [fetch]\nretries = 4\nbackoff_ms = 20\nmax_backoff_secs = 1\nrequest_timeout_secs = 2\n\
                  [apply]\ncheckpoint_ms = 100\n",
                 p("state").display(),
                 p("keys.d").display(),
@@ -472,6 +486,7 @@ fn stage_over_http_with_faults_then_hostile_inputs() {
     n.server.set(Faults {
         errors_500: 2,
         drops: 1,
+        stalls: 1,
         ..Faults::default()
     });
     let o = n.agent(&["stage", &n.server.url(&delta)], &[]);
@@ -701,6 +716,69 @@ fn busy_slot_and_readonly_state_are_refused() {
     let g = n.grub_vars();
     assert_eq!(g.get("ua_default").map(String::as_str), Some("a"));
     assert!(g.get("ua_trial").is_none_or(|t| t.is_empty()), "{g:?}");
+}
+
+#[test]
+fn cancel_and_missing_slot() {
+    let n = Node::new();
+    let delta = n.publish("2.0", "test-board", &n.path("v2.img"), 64 << 10);
+    // SIGTERM mid-write: the agent stops, says cancelled, and slot b stays unbootable.
+    n.server.set(Faults {
+        delay_ms: 30,
+        ..Faults::default()
+    });
+    let child = Command::new(env!("CARGO_BIN_EXE_update-agent"))
+        .arg("--config")
+        .arg(&n.config)
+        .args(["stage", &n.server.url(&delta)])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("spawn");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while fs::read(n.path("state/state.json"))
+        .map_or(true, |b| !String::from_utf8_lossy(&b).contains("staging"))
+    {
+        assert!(Instant::now() < deadline, "staging never started");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(child.id() as i32),
+        nix::sys::signal::Signal::SIGTERM,
+    )
+    .expect("SIGTERM");
+    let o = child.wait_with_output().expect("wait");
+    assert!(!o.status.success(), "{}", text(&o));
+    assert!(text(&o).contains("cancelled"), "{}", text(&o));
+    assert_eq!(n.state()["state"], "cancelled");
+    let g = n.grub_vars();
+    assert_eq!(g.get("ua_default").map(String::as_str), Some("a"), "{g:?}");
+    assert_eq!(g.get("ua_b_ok").map(String::as_str), Some("0"), "{g:?}");
+    n.assert_booted_untouched();
+    n.server.set(Faults::default());
+
+    // The slot's partition is not there (a relabelled or replaced disk): named, refused.
+    let cfg = fs::read_to_string(&n.config).expect("config");
+    fs::write(
+        &n.config,
+        cfg.replace("[slots]\n", "[slots]\nlabel_b = \"root-x\"\n"),
+    )
+    .expect("config");
+    let o = n.agent(&["stage", &n.server.url(&delta)], &[]);
+    assert!(
+        !o.status.success() && text(&o).contains("no partition labelled \"root-x\""),
+        "{}",
+        text(&o)
+    );
+    fs::write(&n.config, cfg).expect("config");
+    // The kernel command line and / disagree: an error, never a guess.
+    fs::write(n.path("cmdline"), "root=PARTLABEL=root-b\n").expect("cmdline");
+    let o = n.agent(&["status"], &[]);
+    assert!(
+        !o.status.success() && text(&o).contains("says slot b booted"),
+        "{}",
+        text(&o)
+    );
 }
 
 trait ExclExt {
