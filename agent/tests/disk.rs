@@ -274,7 +274,7 @@ fn serve(
         }
         if f.stalls > 0 && a > 0 {
             f.stalls -= 1;
-            *faults.lock().expect("faults") = f.clone();
+            *faults.lock().expect("faults") = f;
             write!(
                 c,
                 "HTTP/1.1 206 Partial Content\r\nContent-Length: {}\r\n{cr}\r\n",
