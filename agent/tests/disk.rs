@@ -386,6 +386,21 @@ impl Node {
         self.dir.path().join(n)
     }
 
+    /// Back to "booted a, nothing staged" between rounds of a test.
+    fn reset(&self) {
+        let _ = fs::remove_dir_all(self.path("state"));
+        sh(
+            "grub-editenv",
+            &[
+                self.grubenv.to_str().expect("p"),
+                "set",
+                "ua_default=a",
+                "ua_trial=",
+                "ua_b_ok=1",
+            ],
+        );
+    }
+
     /// Publishes v2 (or `target`) as full + delta from v1; returns the delta's name.
     fn publish(&self, version: &str, compatible: &str, target: &Path, chunk: u64) -> String {
         let mut o = Options::new(
@@ -810,17 +825,7 @@ fn killed_at_every_phase_and_at_random_points_still_completes() {
         "after-staged",
         "after-arm",
     ] {
-        let _ = fs::remove_dir_all(n.path("state"));
-        sh(
-            "grub-editenv",
-            &[
-                n.grubenv.to_str().expect("p"),
-                "set",
-                "ua_default=a",
-                "ua_trial=",
-                "ua_b_ok=1",
-            ],
-        );
+        n.reset();
         let o = n.agent(&["stage", &url], &[("UPDATE_AGENT_FAILPOINT", fp)]);
         assert!(
             !o.status.success(),
@@ -850,17 +855,7 @@ fn killed_at_every_phase_and_at_random_points_still_completes() {
     let mut rounds = 0;
     while kills < 50 {
         rounds += 1;
-        let _ = fs::remove_dir_all(n.path("state"));
-        sh(
-            "grub-editenv",
-            &[
-                n.grubenv.to_str().expect("p"),
-                "set",
-                "ua_default=a",
-                "ua_trial=",
-                "ua_b_ok=1",
-            ],
-        );
+        n.reset();
         // Old content in slot b that matches nothing, so nothing passes by accident.
         fs::OpenOptions::new()
             .write(true)

@@ -105,7 +105,7 @@ Command: \`sudo integration/bench/payload.sh\`
 
 Targets: delta ≤ 0.9 × xdelta3 → $(ratio "$ua" "$xd"); full payload download on v1 ≤ block reuse → $(ratio "$full_dl_bytes" "$br");
 apply ≤ xdelta3 -d → $(ratio "$(wall ua_apply)" "$(wall xd_apply)") with RSS $(rss_mb ua_apply) MiB (≤ 64); create ≤ 2 × xdelta3 → $(ratio "$(wall ua_delta)" "$(wall xd_create)").
-Our apply time is the whole \`updatectl bundle apply\`: signature, blob sha256, source sha256, every operation's sha256, fsync, and a read-back sha256 of the whole target.
+Our apply time is the whole \`updatectl bundle apply\`: signature, blob sha256, every DATA/PATCH/COPY operation's sha256, fsync, and a read-back sha256 of the whole target (the source is hashed only if an operation fails).
 MD
 )
 echo "$report"

@@ -113,7 +113,7 @@ HTTP from 127.0.0.1, written by \`update-agent stage\` into slot b of a GPT disk
 
 | what | wall | peak RSS | bytes fetched |
 |---|---|---|---|
-| update-agent stage (source check, fetch, apply, fsync, read-back, GRUB arm) | $(t stage) s | $(r stage) MiB | $fetched |
+| update-agent stage (fetch, apply, per-operation hashes, fsync, O_DIRECT read-back hash, GRUB arm) | $(t stage) s | $(r stage) MiB | $fetched |
 | xdelta3 -d (to a file, no verification) | $(t xd) s | $(r xd) MiB | $(stat -c %s "$w/x.vcdiff") |
 | dd 1 GiB to the same loop device, oflag=direct | $(t dd) s | | |
 

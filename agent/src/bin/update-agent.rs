@@ -91,13 +91,16 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 println!("{} {done}/{total} operations, {bytes_done} bytes written, {bytes_fetched} fetched", ts());
             }
         }
-        Progress::Verifying => println!("  verifying the whole slot"),
+        Progress::Verifying => println!("{} verifying the whole slot", ts()),
         Progress::Armed {
             slot,
             version,
             tries,
         } => {
-            println!("armed: slot {slot} holds {version}; the bootloader will try it {tries} times")
+            println!(
+                "{} armed: slot {slot} holds {version}; the bootloader will try it {tries} times",
+                ts()
+            )
         }
     };
     match cli.command {
