@@ -90,6 +90,18 @@ pub enum UpdateError {
     },
     #[error("syncing slot")]
     Sync(#[source] std::io::Error),
+    #[error(
+        "staging stopped after operation {done} of {total}; the written part is kept \
+         (`update-agent resume` or the same `stage` continues, `update-agent cancel` drops it)"
+    )]
+    Interrupted {
+        done: usize,
+        total: usize,
+        #[source]
+        source: ApplyError,
+    },
+    #[error("nothing to cancel: the agent is {0}")]
+    NothingToCancel(&'static str),
 }
 
 /// Fail points stop the process at a named step, like a power cut, for the kill tests.
@@ -385,6 +397,22 @@ impl Agent {
         }
     }
 
+    /// Drops a staging, staged or armed release: its slot is marked unbootable (an
+    /// armed trial is disarmed) and the state says cancelled.
+    pub fn cancel(&mut self) -> Result<crate::slots::Slot, UpdateError> {
+        let lock = self.store.lock()?;
+        let mut state = self.store.load()?;
+        let slot = match &state {
+            State::Staging(s) => s.slot,
+            State::Staged(s) | State::Armed { staged: s, .. } => s.slot,
+            other => return Err(UpdateError::NothingToCancel(other.name())),
+        };
+        self.boot.mark_unbootable(slot)?;
+        state.cancel(timefmt::now())?;
+        self.store.save(&lock, &state)?;
+        Ok(slot)
+    }
+
     #[allow(clippy::too_many_arguments)]
     fn run(
         &mut self,
@@ -416,6 +444,7 @@ impl Agent {
         });
         let mut last = Instant::now();
         let mut since = 0u64;
+        let mut ops_written = start_op;
         let mut checkpoint_err: Option<UpdateError> = None;
         let opts = apply::Options {
             start_op,
@@ -442,6 +471,7 @@ impl Agent {
                     fetched: f,
                     ..
                 } => {
+                    ops_written = op + 1;
                     bytes_done += bytes;
                     fetched += f;
                     since += bytes;
@@ -474,6 +504,19 @@ impl Agent {
             return Err(e);
         }
         if let Err(e) = result {
+            if let ApplyError::Fetch { .. } = e {
+                // The network gave out (after its retries): keep what is written. The
+                // attempt stays Staging, so a resume continues from here instead of
+                // downloading everything again.
+                sync_handle.sync_all().map_err(UpdateError::Sync)?;
+                state.progress(ops_written, bytes_done, fetched)?;
+                self.store.save(lock, &state)?;
+                return Err(UpdateError::Interrupted {
+                    done: ops_written,
+                    total: m.operations.len(),
+                    source: e,
+                });
+            }
             if matches!(e, ApplyError::Cancelled { .. }) {
                 state.cancel(timefmt::now())?;
             } else {

@@ -162,12 +162,16 @@ struct Faults {
     delay_ms: u64,
     /// Stall this many range responses (not the first request) for 3 s mid-body.
     stalls: u32,
+    /// After this many range responses, answer every further one with 503 (0: never).
+    break_after: u64,
 }
 
 struct Server {
     port: u16,
     faults: Arc<Mutex<Faults>>,
+    /// Bytes and range responses served.
     served: Arc<AtomicU64>,
+    ranges: Arc<AtomicU64>,
 }
 
 impl Server {
@@ -176,12 +180,22 @@ impl Server {
         let port = l.local_addr().expect("addr").port();
         let faults = Arc::new(Mutex::new(Faults::default()));
         let served = Arc::new(AtomicU64::new(0));
-        let (f2, s2) = (Arc::clone(&faults), Arc::clone(&served));
+        let ranges = Arc::new(AtomicU64::new(0));
+        let (f2, s2, r2) = (
+            Arc::clone(&faults),
+            Arc::clone(&served),
+            Arc::clone(&ranges),
+        );
         std::thread::spawn(move || {
             for c in l.incoming().flatten() {
-                let (dir, f, s) = (dir.clone(), Arc::clone(&f2), Arc::clone(&s2));
+                let (dir, f, s, r) = (
+                    dir.clone(),
+                    Arc::clone(&f2),
+                    Arc::clone(&s2),
+                    Arc::clone(&r2),
+                );
                 std::thread::spawn(move || {
-                    let _ = serve(c, &dir, &f, &s);
+                    let _ = serve(c, &dir, &f, &s, &r);
                 });
             }
         });
@@ -189,6 +203,7 @@ impl Server {
             port,
             faults,
             served,
+            ranges,
         }
     }
 
@@ -206,6 +221,7 @@ fn serve(
     dir: &Path,
     faults: &Mutex<Faults>,
     served: &AtomicU64,
+    ranges: &AtomicU64,
 ) -> std::io::Result<()> {
     loop {
         let mut req = Vec::new();
@@ -239,6 +255,10 @@ fn serve(
             )?;
             c.write_all(body)
         };
+        if f.break_after > 0 && ranges.load(Ordering::Relaxed) >= f.break_after {
+            respond(&mut c, "503 Service Unavailable", "", b"down")?;
+            continue;
+        }
         if f.errors_500 > 0 {
             f.errors_500 -= 1;
             *faults.lock().expect("faults") = f;
@@ -291,6 +311,7 @@ fn serve(
             body[mid] ^= 0x55;
         }
         served.fetch_add(body.len() as u64, Ordering::Relaxed);
+        ranges.fetch_add(1, Ordering::Relaxed);
         respond(&mut c, "206 Partial Content", &cr, &body)?;
     }
 }
@@ -771,6 +792,44 @@ fn cancel_and_missing_slot() {
     assert_eq!(g.get("ua_b_ok").map(String::as_str), Some("0"), "{g:?}");
     n.assert_booted_untouched();
     n.server.set(Faults::default());
+
+    // The network gives out half-way: the written part is kept, resume finishes it.
+    let _ = fs::remove_dir_all(n.path("state"));
+    n.server.set(Faults {
+        break_after: n.server.ranges.load(Ordering::Relaxed) + 12,
+        ..Faults::default()
+    });
+    let o = n.agent(&["stage", &n.server.url(&delta)], &[]);
+    assert!(
+        !o.status.success() && text(&o).contains("staging stopped after operation"),
+        "{}",
+        text(&o)
+    );
+    assert!(text(&o).contains("HTTP 503"), "{}", text(&o));
+    assert_eq!(n.state()["state"], "staging");
+    assert_eq!(n.grub_vars().get("ua_b_ok").map(String::as_str), Some("0"));
+    n.server.set(Faults::default());
+    let o = n.agent(&["resume"], &[]);
+    assert!(o.status.success(), "{}", text(&o));
+    assert!(
+        text(&o).contains("resuming delta 2.0 at operation"),
+        "{}",
+        text(&o)
+    );
+    n.assert_armed_v2();
+    // An armed release can be dropped: the trial is disarmed, the slot unbootable.
+    let o = n.agent(&["cancel"], &[]);
+    assert!(o.status.success(), "{}", text(&o));
+    assert_eq!(n.state()["state"], "cancelled");
+    let g = n.grub_vars();
+    assert_eq!(g.get("ua_b_ok").map(String::as_str), Some("0"), "{g:?}");
+    assert!(g.get("ua_trial").is_none_or(|t| t.is_empty()), "{g:?}");
+    let o = n.agent(&["cancel"], &[]);
+    assert!(
+        !o.status.success() && text(&o).contains("nothing to cancel"),
+        "{}",
+        text(&o)
+    );
 
     // The slot's partition is not there (a relabelled or replaced disk): named, refused.
     let cfg = fs::read_to_string(&n.config).expect("config");

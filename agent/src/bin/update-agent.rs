@@ -37,6 +37,8 @@ enum Command {
     },
     /// Finish whatever an interrupted run left (run at every start).
     Resume,
+    /// Drop a staging, staged or armed release (its slot is marked unbootable).
+    Cancel,
     /// Show the agent's state, the bootloader's and the slots.
     Status,
 }
@@ -111,6 +113,10 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             agent.stage(&url, allow_downgrade, Some(&cancel), &mut report)?;
         }
         Command::Resume => agent.resume(Some(&cancel), &mut report)?,
+        Command::Cancel => {
+            let slot = agent.cancel()?;
+            println!("cancelled: slot {slot} is marked unbootable");
+        }
         Command::Status => {
             let state = agent.state()?;
             let boot = agent.boot().status()?;
