@@ -48,6 +48,7 @@ pub struct Config {
     pub boot: BootConfig,
     pub fetch: FetchConfig,
     pub apply: ApplyConfig,
+    pub health: crate::health::HealthConfig,
 }
 
 #[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
@@ -128,6 +129,7 @@ impl Default for Config {
             boot: BootConfig::default(),
             fetch: FetchConfig::default(),
             apply: ApplyConfig::default(),
+            health: crate::health::HealthConfig::default(),
         }
     }
 }

@@ -72,6 +72,9 @@ pub struct Staging {
     pub bytes_done: u64,
     pub bytes_fetched: u64,
     pub started: u64,
+    /// The release running when the attempt started, when known.
+    #[serde(default)]
+    pub from_version: Option<String>,
 }
 
 /// A release fully written and verified in `slot`.
@@ -82,6 +85,8 @@ pub struct Staged {
     pub slot: Slot,
     pub target_sha256: String,
     pub bytes_fetched: u64,
+    #[serde(default)]
+    pub from_version: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -107,6 +112,32 @@ pub enum State {
         version: String,
         at: u64,
     },
+    /// The trial slot passed its health checks and is the default now. `previous` is
+    /// the slot that ran before, a known-good release until something overwrites it.
+    Committed {
+        version: String,
+        slot: Slot,
+        previous: Option<(Slot, String)>,
+        at: u64,
+    },
+    /// The old slot is the default again; the node still runs `from` and must reboot.
+    RollingBack {
+        version: String,
+        from: Slot,
+        to: Slot,
+        reason: String,
+        /// An operator asked for it (the release itself was fine).
+        #[serde(default)]
+        manual: bool,
+        at: u64,
+    },
+    /// Back on `slot` after `version` was rolled back.
+    RolledBack {
+        version: String,
+        slot: Slot,
+        reason: String,
+        at: u64,
+    },
 }
 
 impl State {
@@ -118,6 +149,9 @@ impl State {
             Self::Armed { .. } => "armed",
             Self::Failed { .. } => "failed",
             Self::Cancelled { .. } => "cancelled",
+            Self::Committed { .. } => "committed",
+            Self::RollingBack { .. } => "rolling back",
+            Self::RolledBack { .. } => "rolled back",
         }
     }
 
@@ -137,6 +171,8 @@ impl State {
                 | Self::Cancelled { .. }
                 | Self::Staged(_)
                 | Self::Armed { .. }
+                | Self::Committed { .. }
+                | Self::RolledBack { .. }
         )
     }
 
@@ -188,6 +224,7 @@ impl State {
                     slot: s.slot,
                     target_sha256,
                     bytes_fetched: s.bytes_fetched,
+                    from_version: s.from_version.clone(),
                 });
                 Ok(())
             }
@@ -217,6 +254,71 @@ impl State {
         *self = Self::Failed {
             attempt,
             version,
+            reason,
+            at,
+        };
+        Ok(())
+    }
+
+    /// The armed release booted and passed its checks (or an operator said so).
+    pub fn commit(&mut self, previous: Option<(Slot, String)>, at: u64) -> Result<(), StateError> {
+        match self {
+            Self::Armed { staged, .. } => {
+                *self = Self::Committed {
+                    version: staged.version.clone(),
+                    slot: staged.slot,
+                    previous,
+                    at,
+                };
+                Ok(())
+            }
+            _ => Err(self.illegal("commit")),
+        }
+    }
+
+    /// Starts going back to `to`: from a failed trial (Armed) or, by an operator's
+    /// wish, from a committed release (Committed).
+    pub fn rolling_back(&mut self, to: Slot, reason: String, at: u64) -> Result<(), StateError> {
+        let (version, from, manual) = match self {
+            Self::Armed { staged, .. } => (staged.version.clone(), staged.slot, false),
+            Self::Committed { version, slot, .. } => (version.clone(), *slot, true),
+            _ => return Err(self.illegal("roll back")),
+        };
+        if from == to {
+            return Err(self.illegal("roll back to the slot it runs"));
+        }
+        *self = Self::RollingBack {
+            version,
+            from,
+            to,
+            reason,
+            manual,
+            at,
+        };
+        Ok(())
+    }
+
+    /// Running on the old slot again: after RollingBack and its reboot, or straight
+    /// from Armed when the bootloader fell back by itself.
+    pub fn rolled_back(
+        &mut self,
+        slot: Slot,
+        reason: Option<String>,
+        at: u64,
+    ) -> Result<(), StateError> {
+        let (version, reason) = match self {
+            Self::RollingBack {
+                version, reason: r, ..
+            } => (version.clone(), reason.unwrap_or_else(|| r.clone())),
+            Self::Armed { staged, .. } => (
+                staged.version.clone(),
+                reason.unwrap_or_else(|| "the new slot did not boot".into()),
+            ),
+            _ => return Err(self.illegal("record a rollback")),
+        };
+        *self = Self::RolledBack {
+            version,
+            slot,
             reason,
             at,
         };
@@ -366,6 +468,7 @@ mod tests {
             bytes_done: 0,
             bytes_fetched: 0,
             started: 1,
+            from_version: Some("1.0".into()),
         }
     }
 

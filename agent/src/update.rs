@@ -102,11 +102,13 @@ pub enum UpdateError {
     },
     #[error("nothing to cancel: the agent is {0}")]
     NothingToCancel(&'static str),
+    #[error(transparent)]
+    PostBoot(#[from] crate::postboot::PostBootError),
 }
 
 /// Fail points stop the process at a named step, like a power cut, for the kill tests.
 /// Compiled in only with the `failpoints` feature.
-fn failpoint(name: &str) {
+pub(crate) fn failpoint(name: &str) {
     #[cfg(feature = "failpoints")]
     if std::env::var("UPDATE_AGENT_FAILPOINT").is_ok_and(|v| v == name) {
         eprintln!("failpoint {name}: aborting");
@@ -147,8 +149,9 @@ type Opened = (Box<dyn RangeSource>, Payload, Vec<u8>);
 pub struct Agent {
     pub cfg: Config,
     pub layout: SlotLayout,
-    boot: Box<dyn BootControl>,
-    store: StateStore,
+    pub(crate) boot: Box<dyn BootControl>,
+    pub(crate) store: StateStore,
+    pub(crate) history: crate::history::History,
     keys: TrustedKeys,
 }
 
@@ -166,11 +169,13 @@ impl Agent {
         let boot: Box<dyn BootControl> = Box::new(Grub::open(&cfg.boot.grubenv)?);
         let keys = TrustedKeys::load_dir(&cfg.keys_dir).map_err(UpdateError::Keys)?;
         let store = StateStore::new(&cfg.state_dir);
+        let history = crate::history::History::new(&cfg.state_dir);
         Ok(Self {
             cfg,
             layout,
             boot,
             store,
+            history,
             keys,
         })
     }
@@ -183,7 +188,7 @@ impl Agent {
         self.boot.as_ref()
     }
 
-    fn running_version(&self) -> Option<String> {
+    pub(crate) fn running_version(&self) -> Option<String> {
         let text = std::fs::read_to_string(&self.cfg.os_release).ok()?;
         text.lines()
             .find_map(|l| l.strip_prefix("VERSION_ID="))
@@ -331,6 +336,7 @@ impl Agent {
             bytes_done: 0,
             bytes_fetched: p.head_len(),
             started: timefmt::now(),
+            from_version: self.running_version(),
         })?;
         self.store.save(lock, &state)?;
         failpoint("after-begin");
@@ -517,12 +523,31 @@ impl Agent {
                     source: e,
                 });
             }
-            if matches!(e, ApplyError::Cancelled { .. }) {
+            let cancelled = matches!(e, ApplyError::Cancelled { .. });
+            let reason = if cancelled {
+                String::new()
+            } else {
+                error_chain(&e)
+            };
+            if cancelled {
                 state.cancel(timefmt::now())?;
             } else {
-                state.fail(error_chain(&e), timefmt::now())?;
+                state.fail(reason.clone(), timefmt::now())?;
             }
             self.store.save(lock, &state)?;
+            self.history.record(crate::history::Entry {
+                version: m.version.clone(),
+                from_version: self.running_version(),
+                slot,
+                outcome: if cancelled {
+                    crate::history::Outcome::Cancelled
+                } else {
+                    crate::history::Outcome::Failed
+                },
+                reason,
+                bytes_fetched: fetched,
+                at: timefmt::now(),
+            })?;
             return Err(e.into());
         }
         failpoint("after-apply");

@@ -380,16 +380,20 @@ impl Node {
                  [slots]\ncmdline = \"{}\"\nroot_device = \"{}\"\n\
                  [boot]\ngrubenv = \"{}\"\n\
                  [fetch]\nretries = 4\nbackoff_ms = 20\nmax_backoff_secs = 1\nrequest_timeout_secs = 2\n\
-                 [apply]\ncheckpoint_ms = 100\n",
+                 [apply]\ncheckpoint_ms = 100\n\
+                 [health]\nscripts_dir = \"{}\"\ndeadline_secs = 4\nsustain_secs = 1\npoll_ms = 50\n\
+                 script_timeout_secs = 10\nprobe_timeout_secs = 1\nreboot_on_failure = false\n",
                 p("state").display(),
                 p("keys.d").display(),
                 p("os-release").display(),
                 p("cmdline").display(),
                 disk.part(2),
                 grubenv.display(),
+                p("health.d").display(),
             ),
         )
         .expect("config");
+        fs::create_dir_all(p("health.d")).expect("health.d");
         Self {
             dir,
             disk,
@@ -405,6 +409,75 @@ impl Node {
 
     fn path(&self, n: &str) -> PathBuf {
         self.dir.path().join(n)
+    }
+
+    /// Models a reboot into `slot`: the kernel command line and `/` say so, and when
+    /// GRUB boots a trial it counts the try down first, as the fragment does.
+    fn boot_into(&self, slot: &str) {
+        fs::write(
+            self.path("cmdline"),
+            format!("root=PARTLABEL=root-{slot} ro\n"),
+        )
+        .expect("cmdline");
+        let part = if slot == "a" {
+            self.disk.part(2)
+        } else {
+            self.disk.part(3)
+        };
+        let cfg = fs::read_to_string(&self.config).expect("config");
+        let line = cfg
+            .lines()
+            .find(|l| l.starts_with("root_device = "))
+            .expect("root_device")
+            .to_owned();
+        fs::write(
+            &self.config,
+            cfg.replace(&line, &format!("root_device = \"{part}\"")),
+        )
+        .expect("config");
+        let g = self.grub_vars();
+        if g.get("ua_trial").map(String::as_str) == Some(slot) {
+            let left: u32 = g.get("ua_tries").and_then(|t| t.parse().ok()).unwrap_or(0);
+            sh(
+                "grub-editenv",
+                &[
+                    self.grubenv.to_str().expect("p"),
+                    "set",
+                    &format!("ua_tries={}", left.saturating_sub(1)),
+                ],
+            );
+        }
+    }
+
+    fn health_script(&self, name: &str, body: &str) {
+        use std::os::unix::fs::PermissionsExt;
+        let p = self.path("health.d").join(name);
+        fs::write(&p, format!("#!/bin/sh\n{body}\n")).expect("script");
+        fs::set_permissions(&p, fs::Permissions::from_mode(0o755)).expect("chmod");
+    }
+
+    fn clear_health(&self) {
+        let _ = fs::remove_dir_all(self.path("health.d"));
+        fs::create_dir_all(self.path("health.d")).expect("health.d");
+        let cfg = fs::read_to_string(&self.config).expect("config");
+        let kept: Vec<&str> = cfg
+            .lines()
+            .filter(|l| {
+                !l.starts_with("units")
+                    && !l.starts_with("systemctl")
+                    && !l.starts_with("http")
+                    && !l.starts_with("tcp")
+            })
+            .collect();
+        fs::write(&self.config, kept.join("\n") + "\n").expect("config");
+    }
+
+    /// Adds `key = value` lines to the [health] table (it is the last table).
+    fn health_config(&self, lines: &str) {
+        let mut cfg = fs::read_to_string(&self.config).expect("config");
+        cfg.push_str(lines);
+        cfg.push('\n');
+        fs::write(&self.config, cfg).expect("config");
     }
 
     /// Back to "booted a, nothing staged" between rounds of a test.
@@ -853,6 +926,232 @@ fn cancel_and_missing_slot() {
         "{}",
         text(&o)
     );
+}
+
+/// Every reboot scenario of the after-boot issue, on one node, each starting from a
+/// fresh staging of v2 into slot b while a runs.
+#[test]
+fn trial_boots_commit_or_roll_back() {
+    let n = Node::new();
+    let delta = n.publish("2.0", "test-board", &n.path("v2.img"), 1 << 20);
+    let url = n.server.url(&delta);
+    let stage = |n: &Node| {
+        n.reset();
+        n.boot_into("a");
+        n.clear_health();
+        let o = n.agent(&["stage", &url], &[]);
+        assert!(o.status.success(), "{}", text(&o));
+        n.assert_armed_v2();
+    };
+    let check = |n: &Node, env: &[(&str, &str)]| n.agent(&["boot-check"], env);
+    let history = |n: &Node| -> Vec<serde_json::Value> {
+        serde_json::from_slice(&fs::read(n.path("state/history.json")).expect("history"))
+            .expect("json")
+    };
+
+    // 1. Healthy trial: committed, b is the default, the trial is over.
+    stage(&n);
+    n.health_script("10-ok", "echo fine");
+    n.boot_into("b");
+    assert_eq!(n.grub_vars().get("ua_tries").map(String::as_str), Some("2"));
+    let o = check(&n, &[]);
+    assert!(
+        o.status.success() && text(&o).contains("committed: 2.0 on slot b"),
+        "{}",
+        text(&o)
+    );
+    let g = n.grub_vars();
+    assert_eq!(g.get("ua_default").map(String::as_str), Some("b"), "{g:?}");
+    assert!(g.get("ua_trial").is_none_or(|t| t.is_empty()), "{g:?}");
+    assert_eq!(n.state()["state"], "committed");
+    assert_eq!(history(&n).last().expect("entry")["outcome"], "committed");
+    // A second start is a normal boot.
+    let o = check(&n, &[]);
+    assert!(text(&o).contains("normal boot"), "{}", text(&o));
+
+    // 2. Manual rollback to the previous release, then the reboot finishes it.
+    let o = n.agent(&["rollback"], &[]);
+    assert!(
+        o.status.success() && text(&o).contains("rolling back from 2.0 to slot a"),
+        "{}",
+        text(&o)
+    );
+    assert_eq!(
+        n.grub_vars().get("ua_default").map(String::as_str),
+        Some("a")
+    );
+    n.boot_into("a");
+    let o = check(&n, &[]);
+    assert!(
+        text(&o).contains("rolled back: 2.0") && text(&o).contains("manual rollback"),
+        "{}",
+        text(&o)
+    );
+    assert_eq!(
+        n.grub_vars().get("ua_b_ok").map(String::as_str),
+        Some("1"),
+        "a manual rollback keeps b bootable"
+    );
+
+    // 3. A failing health script: its name and output are the reason; a is the default again.
+    stage(&n);
+    n.health_script("20-disk", "echo 'disk /var is 100% full' >&2; exit 3");
+    n.boot_into("b");
+    let o = check(&n, &[]);
+    assert!(o.status.success(), "{}", text(&o));
+    assert!(text(&o).contains("rolling back from 2.0 to slot a: script 20-disk: exited with exit status: 3: disk /var is 100% full"), "{}", text(&o));
+    assert_eq!(
+        n.grub_vars().get("ua_default").map(String::as_str),
+        Some("a")
+    );
+    n.boot_into("a");
+    let o = check(&n, &[]);
+    assert!(
+        text(&o).contains("rolled back: 2.0") && text(&o).contains("20-disk"),
+        "{}",
+        text(&o)
+    );
+    assert_eq!(n.state()["state"], "rolled_back");
+    assert_eq!(n.grub_vars().get("ua_b_ok").map(String::as_str), Some("0"));
+    let last = history(&n).last().expect("entry").clone();
+    assert_eq!(last["outcome"], "rolled_back");
+    assert!(
+        last["reason"]
+            .as_str()
+            .expect("reason")
+            .contains("100% full"),
+        "{last}"
+    );
+
+    // 4. The bootloader fell back by itself (a kernel that never reached user space).
+    stage(&n);
+    sh(
+        "grub-editenv",
+        &[
+            n.grubenv.to_str().expect("p"),
+            "set",
+            "ua_trial=",
+            "ua_tries=0",
+        ],
+    );
+    n.boot_into("a");
+    let o = check(&n, &[]);
+    assert!(
+        text(&o).contains("rolled back: 2.0") && text(&o).contains("the new slot did not boot"),
+        "{}",
+        text(&o)
+    );
+    assert_eq!(n.grub_vars().get("ua_b_ok").map(String::as_str), Some("0"));
+
+    // 5. A probe that times out, and 6. the overall deadline.
+    stage(&n);
+    n.server.set(Faults {
+        delay_ms: 3000,
+        ..Faults::default()
+    });
+    n.health_config(&format!("http = [\"{}\"]", n.server.url("healthz")));
+    n.boot_into("b");
+    let o = check(&n, &[]);
+    n.server.set(Faults::default());
+    assert!(
+        text(&o).contains("rolling back") && text(&o).contains("http "),
+        "{}",
+        text(&o)
+    );
+    stage(&n);
+    n.health_script("30-slow", "sleep 8");
+    n.boot_into("b");
+    let o = check(&n, &[]);
+    assert!(
+        text(&o).contains("script 30-slow: still running when the 4 s deadline passed"),
+        "{}",
+        text(&o)
+    );
+
+    // 7. A unit that looks active, then restarts: caught. (A stand-in systemctl
+    //    reports what systemd would: the restart counter and invocation change.)
+    stage(&n);
+    let fake = n.path("systemctl");
+    fs::write(
+        &fake,
+        format!(
+            "#!/bin/sh\nc=$(cat {0} 2>/dev/null || echo 0); c=$((c+1)); echo $c > {0}\n\
+             if [ $c -lt 4 ]; then r=0; else r=1; fi\n\
+             printf 'ActiveState=active\\nSubState=running\\nNRestarts=%s\\nInvocationID=inv%s\\n' $r $r\n",
+            n.path("calls").display()
+        ),
+    )
+    .expect("fake systemctl");
+    {
+        use std::os::unix::fs::PermissionsExt;
+        fs::set_permissions(&fake, fs::Permissions::from_mode(0o755)).expect("chmod");
+    }
+    n.health_config(&format!(
+        "units = [\"kubelet.service\"]\nsystemctl = \"{}\"",
+        fake.display()
+    ));
+    n.boot_into("b");
+    let o = check(&n, &[]);
+    assert!(
+        text(&o).contains("unit kubelet.service: restarted"),
+        "{}",
+        text(&o)
+    );
+
+    // 8. Killed during the commit, and 9. during the rollback: the next start finishes.
+    stage(&n);
+    n.boot_into("b");
+    let o = check(&n, &[("UPDATE_AGENT_FAILPOINT", "after-boot-commit")]);
+    assert!(!o.status.success());
+    let o = check(&n, &[]);
+    assert!(text(&o).contains("committed: 2.0"), "{}", text(&o));
+    assert_eq!(
+        n.grub_vars().get("ua_default").map(String::as_str),
+        Some("b")
+    );
+    n.reset();
+    stage(&n);
+    n.health_script("40-bad", "exit 1");
+    n.boot_into("b");
+    let o = check(
+        &n,
+        &[("UPDATE_AGENT_FAILPOINT", "after-rolling-back-state")],
+    );
+    assert!(!o.status.success());
+    let o = check(&n, &[]);
+    assert!(
+        text(&o).contains("rolling back from 2.0 to slot a"),
+        "{}",
+        text(&o)
+    );
+    assert_eq!(
+        n.grub_vars().get("ua_default").map(String::as_str),
+        Some("a")
+    );
+    n.boot_into("a");
+    let o = check(&n, &[]);
+    assert!(
+        text(&o).contains("rolled back: 2.0") && text(&o).contains("40-bad"),
+        "{}",
+        text(&o)
+    );
+
+    // 10. mark-good commits a trial without waiting; refused when there is none.
+    stage(&n);
+    n.boot_into("b");
+    let o = n.agent(&["mark-good"], &[]);
+    assert!(
+        o.status.success() && text(&o).contains("committed: 2.0"),
+        "{}",
+        text(&o)
+    );
+    let o = n.agent(&["mark-good"], &[]);
+    assert!(
+        !o.status.success() && text(&o).contains("no trial boot to mark good"),
+        "{}",
+        text(&o)
+    );
+    n.boot_into("a");
 }
 
 trait ExclExt {

@@ -8,6 +8,7 @@ use std::sync::Arc;
 use anyhow::Context as _;
 use clap::{Parser, Subcommand};
 use update_agent::config::{self, Config};
+use update_agent::postboot::BootOutcome;
 use update_agent::update::{Agent, Progress};
 
 #[derive(Debug, Parser)]
@@ -39,6 +40,13 @@ enum Command {
     Resume,
     /// Drop a staging, staged or armed release (its slot is marked unbootable).
     Cancel,
+    /// At every boot: find out what happened across the reboot; on a trial boot run
+    /// the health checks, then commit, or roll back and reboot into the old slot.
+    BootCheck,
+    /// Commit the running trial release without waiting for health checks.
+    MarkGood,
+    /// Point the bootloader back at the previous, known-good release (reboot to finish).
+    Rollback,
     /// Show the agent's state, the bootloader's and the slots.
     Status,
 }
@@ -52,6 +60,46 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+fn print_outcome(o: &BootOutcome) {
+    match o {
+        BootOutcome::Normal => println!("normal boot: nothing pending"),
+        BootOutcome::Committed { version, slot } => {
+            println!("committed: {version} on slot {slot} is the default now")
+        }
+        BootOutcome::RollingBack {
+            version,
+            to,
+            reason,
+            checks,
+        } => {
+            println!("rolling back from {version} to slot {to}: {reason}");
+            for c in checks {
+                println!("  {} {}", if c.ok { "ok  " } else { "FAIL" }, c.summary());
+            }
+        }
+        BootOutcome::RolledBack {
+            version,
+            slot,
+            reason,
+        } => {
+            println!("rolled back: {version} was abandoned, slot {slot} runs; because {reason}")
+        }
+    }
+}
+
+fn reboot(cmd: &[String]) -> anyhow::Result<()> {
+    let (prog, args) = cmd
+        .split_first()
+        .context("health.reboot_command is empty")?;
+    println!("rebooting into the old slot: {}", cmd.join(" "));
+    let status = std::process::Command::new(prog)
+        .args(args)
+        .status()
+        .with_context(|| format!("running {prog}"))?;
+    anyhow::ensure!(status.success(), "{} exited with {status}", cmd.join(" "));
+    Ok(())
 }
 
 fn run(cli: Cli) -> anyhow::Result<()> {
@@ -113,6 +161,23 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             agent.stage(&url, allow_downgrade, Some(&cancel), &mut report)?;
         }
         Command::Resume => agent.resume(Some(&cancel), &mut report)?,
+        Command::BootCheck => {
+            let health = agent.cfg.health.clone();
+            let outcome = agent.after_boot(&|| update_agent::health::run_all(&health))?;
+            print_outcome(&outcome);
+            if let BootOutcome::RollingBack { .. } = outcome {
+                if health.reboot_on_failure {
+                    reboot(&health.reboot_command)?;
+                } else {
+                    println!("reboot into the old slot to finish the rollback (reboot_on_failure is off)");
+                }
+            }
+        }
+        Command::MarkGood => print_outcome(&agent.mark_good()?),
+        Command::Rollback => {
+            print_outcome(&agent.rollback()?);
+            println!("reboot to finish the rollback");
+        }
         Command::Cancel => {
             let slot = agent.cancel()?;
             println!("cancelled: slot {slot} is marked unbootable");

@@ -1,0 +1,141 @@
+//! History: every attempt's outcome, kept across reboots and agent upgrades.
+//!
+//! `STATE_DIR/history.json`, a JSON array of the newest `MAX_ENTRIES` records,
+//! rewritten crash-safely (temp, fsync, rename, fsync dir) on each new record. Records
+//! only ever gain fields (unknown fields are ignored when read), so newer and older
+//! agents read each other's history.
+
+use std::fs::{self, File};
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use crate::slots::Slot;
+use crate::state::StateError;
+
+pub const MAX_ENTRIES: usize = 200;
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Outcome {
+    Committed,
+    RolledBack,
+    Failed,
+    Cancelled,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Entry {
+    pub version: String,
+    /// The release that ran when the attempt started, when known.
+    #[serde(default)]
+    pub from_version: Option<String>,
+    pub slot: Slot,
+    pub outcome: Outcome,
+    /// Why, for anything but a commit (the failing check and its output, the error).
+    #[serde(default)]
+    pub reason: String,
+    #[serde(default)]
+    pub bytes_fetched: u64,
+    /// Seconds since the Unix epoch.
+    pub at: u64,
+}
+
+#[derive(Debug)]
+pub struct History {
+    path: PathBuf,
+}
+
+impl History {
+    pub fn new(state_dir: &Path) -> Self {
+        Self {
+            path: state_dir.join("history.json"),
+        }
+    }
+
+    /// Oldest first. A missing file is an empty history.
+    pub fn load(&self) -> Result<Vec<Entry>, StateError> {
+        match fs::read(&self.path) {
+            Ok(b) => serde_json::from_slice(&b).map_err(|source| StateError::Corrupt {
+                path: self.path.clone(),
+                source,
+            }),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Vec::new()),
+            Err(source) => Err(StateError::Read {
+                path: self.path.clone(),
+                source,
+            }),
+        }
+    }
+
+    pub fn record(&self, entry: Entry) -> Result<(), StateError> {
+        // A corrupt history must not block updates: start a new one (the old file is
+        // kept beside it for a person to look at).
+        let mut all = self.load().unwrap_or_else(|_| {
+            let _ = fs::rename(&self.path, self.path.with_extension("json.corrupt"));
+            Vec::new()
+        });
+        all.push(entry);
+        let drop = all.len().saturating_sub(MAX_ENTRIES);
+        all.drain(..drop);
+        let werr = |p: &Path| {
+            let p = p.to_owned();
+            move |source| StateError::Write { path: p, source }
+        };
+        let dir = self.path.parent().unwrap_or(Path::new("."));
+        let tmp = dir.join(".history.json.tmp");
+        let bytes = serde_json::to_vec_pretty(&all).map_err(|e| StateError::Write {
+            path: self.path.clone(),
+            source: std::io::Error::other(e),
+        })?;
+        let mut f = File::create(&tmp).map_err(werr(&tmp))?;
+        f.write_all(&bytes).map_err(werr(&tmp))?;
+        f.sync_all().map_err(werr(&tmp))?;
+        fs::rename(&tmp, &self.path).map_err(werr(&self.path))?;
+        File::open(dir)
+            .and_then(|d| d.sync_all())
+            .map_err(werr(dir))?;
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bounded_and_survives_corruption() {
+        let d = tempfile::tempdir().expect("tempdir");
+        let h = History::new(d.path());
+        assert!(h.load().expect("empty").is_empty());
+        for i in 0..MAX_ENTRIES + 5 {
+            h.record(Entry {
+                version: format!("1.{i}"),
+                from_version: None,
+                slot: Slot::B,
+                outcome: Outcome::Committed,
+                reason: String::new(),
+                bytes_fetched: 0,
+                at: i as u64,
+            })
+            .expect("record");
+        }
+        let all = h.load().expect("load");
+        assert_eq!(all.len(), MAX_ENTRIES);
+        assert_eq!(all[0].version, "1.5");
+        fs::write(d.path().join("history.json"), b"[{garbage").expect("write");
+        h.record(Entry {
+            version: "9".into(),
+            from_version: Some("8".into()),
+            slot: Slot::A,
+            outcome: Outcome::RolledBack,
+            reason: "unit x failed".into(),
+            bytes_fetched: 1,
+            at: 1,
+        })
+        .expect("record after corruption");
+        assert_eq!(h.load().expect("load").len(), 1);
+        assert!(d.path().join("history.json.corrupt").exists());
+    }
+}

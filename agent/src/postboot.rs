@@ -1,0 +1,277 @@
+//! After the reboot: what happened, and commit or roll back.
+//!
+//! At every start the agent compares its persistent state with the slot that booted:
+//!
+//! | state | booted | means | does |
+//! |---|---|---|---|
+//! | Armed(b) | b | trial boot | health checks → commit, or RollingBack + reboot |
+//! | Armed(b) | a | the bootloader fell back | RolledBack "the new slot did not boot", b unbootable |
+//! | RollingBack(b→a) | a | the rollback reboot happened | RolledBack (b unbootable unless manual) |
+//! | RollingBack(b→a) | b | killed before the reboot | point the bootloader at a again, reboot |
+//! | anything else | — | a normal boot | nothing |
+//!
+//! Order keeps every interruption recoverable: the state says RollingBack *before* the
+//! bootloader is pointed back, so an agent killed in between redoes the rollback on the
+//! next start instead of mistaking the reboot for a bootloader fallback; a commit
+//! killed between the bootloader and the state is redone (both steps are idempotent).
+
+use crate::health::CheckResult;
+use crate::history::{Entry, Outcome};
+use crate::slots::Slot;
+use crate::state::State;
+use crate::timefmt;
+use crate::update::{failpoint, Agent, UpdateError};
+
+/// What `after_boot` found and did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum BootOutcome {
+    /// Nothing was pending.
+    Normal,
+    /// The trial release passed its checks and is the default now.
+    Committed { version: String, slot: Slot },
+    /// The trial failed; the old slot is the default again and the node must reboot.
+    RollingBack {
+        version: String,
+        to: Slot,
+        reason: String,
+        checks: Vec<CheckResult>,
+    },
+    /// Running the old slot after a rollback (ours, or the bootloader's own fallback).
+    RolledBack {
+        version: String,
+        slot: Slot,
+        reason: String,
+    },
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum PostBootError {
+    #[error("no trial boot to mark good: the agent is {state} and slot {booted} booted")]
+    NotOnTrial { state: &'static str, booted: Slot },
+    #[error("nothing to roll back to: {why}")]
+    NoRollbackTarget { why: String },
+}
+
+impl Agent {
+    /// Works out what happened across the reboot and acts on it. `checks` runs the
+    /// health checks (only called on a trial boot).
+    pub fn after_boot(
+        &mut self,
+        checks: &dyn Fn() -> Vec<CheckResult>,
+    ) -> Result<BootOutcome, UpdateError> {
+        let lock = self.store.lock()?;
+        let mut state = self.store.load()?;
+        let booted = self.layout.booted;
+        let now = timefmt::now();
+        match state.clone() {
+            State::Armed { staged, .. } if booted == staged.slot => {
+                let results = checks();
+                let failed: Vec<&CheckResult> = results.iter().filter(|r| !r.ok).collect();
+                if let Some(first) = failed.first() {
+                    let mut reason = first.summary();
+                    if failed.len() > 1 {
+                        reason.push_str(&format!(" (and {} more checks failed)", failed.len() - 1));
+                    }
+                    let to = staged.slot.other();
+                    state.rolling_back(to, reason.clone(), now)?;
+                    self.store.save(&lock, &state)?;
+                    failpoint("after-rolling-back-state");
+                    self.boot.rollback_to(to)?;
+                    failpoint("after-rollback");
+                    return Ok(BootOutcome::RollingBack {
+                        version: staged.version,
+                        to,
+                        reason,
+                        checks: results,
+                    });
+                }
+                self.commit_trial(
+                    &lock,
+                    state,
+                    staged.slot,
+                    staged.version.clone(),
+                    staged.from_version.clone(),
+                )?;
+                Ok(BootOutcome::Committed {
+                    version: staged.version,
+                    slot: staged.slot,
+                })
+            }
+            State::Armed { staged, .. } => {
+                // A trial was armed but the old slot runs: the bootloader gave up on the
+                // new one (no kernel, panic, hang), whatever its counter shows now.
+                self.boot.rollback_to(booted)?;
+                self.boot.mark_unbootable(staged.slot)?;
+                state.rolled_back(booted, None, now)?;
+                self.store.save(&lock, &state)?;
+                self.record_rollback(&state, staged.slot, staged.from_version)?;
+                Ok(rolled_back_outcome(&state))
+            }
+            State::RollingBack {
+                version,
+                from,
+                to,
+                reason,
+                manual,
+                ..
+            } => {
+                if booted != to {
+                    // Killed before the reboot (or it did not happen): do it again.
+                    self.boot.rollback_to(to)?;
+                    return Ok(BootOutcome::RollingBack {
+                        version,
+                        to,
+                        reason,
+                        checks: Vec::new(),
+                    });
+                }
+                if !manual {
+                    self.boot.mark_unbootable(from)?;
+                }
+                state.rolled_back(to, None, now)?;
+                self.store.save(&lock, &state)?;
+                self.record_rollback(&state, from, None)?;
+                Ok(rolled_back_outcome(&state))
+            }
+            _ => Ok(BootOutcome::Normal),
+        }
+    }
+
+    /// Commits the running trial without waiting for health checks.
+    pub fn mark_good(&mut self) -> Result<BootOutcome, UpdateError> {
+        let lock = self.store.lock()?;
+        let state = self.store.load()?;
+        match &state {
+            State::Armed { staged, .. } if staged.slot == self.layout.booted => {
+                let (slot, version, from) = (
+                    staged.slot,
+                    staged.version.clone(),
+                    staged.from_version.clone(),
+                );
+                self.commit_trial(&lock, state, slot, version.clone(), from)?;
+                Ok(BootOutcome::Committed { version, slot })
+            }
+            other => Err(PostBootError::NotOnTrial {
+                state: other.name(),
+                booted: self.layout.booted,
+            }
+            .into()),
+        }
+    }
+
+    /// Points the bootloader back at the slot that ran before the committed release,
+    /// if it still holds that known-good release. The caller reboots.
+    pub fn rollback(&mut self) -> Result<BootOutcome, UpdateError> {
+        let lock = self.store.lock()?;
+        let mut state = self.store.load()?;
+        let (version, slot, previous) = match &state {
+            State::Committed {
+                version,
+                slot,
+                previous,
+                ..
+            } => (version.clone(), *slot, previous.clone()),
+            other => {
+                return Err(PostBootError::NoRollbackTarget {
+                    why: format!(
+                        "the agent is {} (only a committed release can be rolled back)",
+                        other.name()
+                    ),
+                }
+                .into())
+            }
+        };
+        let Some((to, old_version)) = previous else {
+            return Err(PostBootError::NoRollbackTarget {
+                why: "the other slot holds no known-good release".into(),
+            }
+            .into());
+        };
+        if slot != self.layout.booted {
+            return Err(PostBootError::NoRollbackTarget {
+                why: format!(
+                    "slot {} runs, not the committed slot {slot}",
+                    self.layout.booted
+                ),
+            }
+            .into());
+        }
+        let reason = format!("manual rollback from {version} to {old_version}");
+        state.rolling_back(to, reason.clone(), timefmt::now())?;
+        self.store.save(&lock, &state)?;
+        self.boot.rollback_to(to)?;
+        Ok(BootOutcome::RollingBack {
+            version,
+            to,
+            reason,
+            checks: Vec::new(),
+        })
+    }
+
+    fn commit_trial(
+        &mut self,
+        lock: &crate::state::UpdateLock,
+        mut state: State,
+        slot: Slot,
+        version: String,
+        from_version: Option<String>,
+    ) -> Result<(), UpdateError> {
+        self.boot.commit(slot)?;
+        failpoint("after-boot-commit");
+        let previous = from_version.clone().map(|v| (slot.other(), v));
+        state.commit(previous, timefmt::now())?;
+        self.store.save(lock, &state)?;
+        self.history.record(Entry {
+            version,
+            from_version,
+            slot,
+            outcome: Outcome::Committed,
+            reason: String::new(),
+            bytes_fetched: 0,
+            at: timefmt::now(),
+        })?;
+        Ok(())
+    }
+
+    fn record_rollback(
+        &self,
+        state: &State,
+        failed_slot: Slot,
+        from_version: Option<String>,
+    ) -> Result<(), UpdateError> {
+        if let State::RolledBack {
+            version,
+            reason,
+            at,
+            ..
+        } = state
+        {
+            self.history.record(Entry {
+                version: version.clone(),
+                from_version,
+                slot: failed_slot,
+                outcome: Outcome::RolledBack,
+                reason: reason.clone(),
+                bytes_fetched: 0,
+                at: *at,
+            })?;
+        }
+        Ok(())
+    }
+}
+
+fn rolled_back_outcome(state: &State) -> BootOutcome {
+    match state {
+        State::RolledBack {
+            version,
+            slot,
+            reason,
+            ..
+        } => BootOutcome::RolledBack {
+            version: version.clone(),
+            slot: *slot,
+            reason: reason.clone(),
+        },
+        _ => BootOutcome::Normal,
+    }
+}
