@@ -19,6 +19,7 @@ declare -A want=(
   [mkfs.vfat]=dosfstools
   [mcopy]=mtools
   [partx]=util-linux
+  [systemd-analyze]=systemd
 )
 need=()
 export PATH=$PATH:/usr/sbin:/sbin

@@ -4,7 +4,8 @@
 #   2. cargo test --workspace: unit and property tests, payload end to end on files,
 #      and (as root) the agent on loop-device GPT disks with a fault-injecting HTTP
 #      server, fail points and random SIGKILLs (agent/tests/disk.rs)
-#   3. the GRUB script fragment run in grub-emu, GRUB's own script engine (~3 min)
+#   3. systemd-analyze verify on the units, sysusers and tmpfiles into a scratch root
+#   4. the GRUB script fragment run in grub-emu, GRUB's own script engine (~3 min)
 # Later tiers (gRPC, the VM lab) are added here as they land.
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
@@ -24,6 +25,18 @@ cargo clippy --workspace --all-targets --locked -- -D warnings
 step "cargo test (unit, property, payload end to end, loop-device disks)"
 [[ $(id -u) -eq 0 ]] || { echo "test.sh: the disk tests need root (loop devices)" >&2; exit 1; }
 cargo test --workspace --locked
+
+step "systemd units (systemd-analyze verify), sysusers, tmpfiles"
+t=$(mktemp -d)
+trap 'rm -rf "$t"' EXIT
+for u in systemd/*.service; do
+  # Verify against the binary just built (systemd checks that ExecStart exists).
+  sed "s#/usr/bin/update-agent#$CARGO_TARGET_DIR/debug/update-agent#g" "$u" >"$t/$(basename "$u")"
+done
+systemd-analyze verify --man=no "$t"/*.service
+mkdir -p "$t/root/etc"
+systemd-sysusers --root="$t/root" "$PWD/systemd/update-agent.sysusers.conf"
+systemd-tmpfiles --root="$t/root" --create "$PWD/systemd/update-agent.tmpfiles.conf"
 
 step "GRUB fragment in grub-emu"
 sh bootloader-hooks/grub/test-grub-emu.sh
