@@ -12,6 +12,7 @@ pub mod fetch;
 pub mod file_target;
 pub mod health;
 pub mod history;
+pub mod logging;
 pub mod payload;
 pub mod postboot;
 pub mod slots;

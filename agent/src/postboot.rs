@@ -78,6 +78,7 @@ impl Agent {
                     failpoint("after-rolling-back-state");
                     self.boot.rollback_to(to)?;
                     failpoint("after-rollback");
+                    tracing::error!(release = %staged.version, slot = %staged.slot, phase = "rolling_back", reason = %reason, "trial boot failed its health checks; rolling back");
                     return Ok(BootOutcome::RollingBack {
                         version: staged.version,
                         to,
@@ -92,6 +93,7 @@ impl Agent {
                     staged.version.clone(),
                     staged.from_version.clone(),
                 )?;
+                tracing::info!(release = %staged.version, slot = %staged.slot, phase = "committed", "trial boot healthy; committed");
                 Ok(BootOutcome::Committed {
                     version: staged.version,
                     slot: staged.slot,
@@ -243,9 +245,10 @@ impl Agent {
             version,
             reason,
             at,
-            ..
+            slot,
         } = state
         {
+            tracing::error!(release = %version, slot = %slot, phase = "rolled_back", reason = %reason, "rolled back");
             self.history.record(Entry {
                 version: version.clone(),
                 from_version,

@@ -339,6 +339,9 @@ impl Agent {
             from_version: self.running_version(),
         })?;
         self.store.save(lock, &state)?;
+        if let State::Staging(s) = &state {
+            tracing::info!(release = %s.version, slot = %slot, phase = "staging", attempt = %s.attempt, url = %s.url, "staging started");
+        }
         failpoint("after-begin");
         self.run(lock, state, src.as_ref(), p, booted, writer, 0, cancel, on)
     }
@@ -535,6 +538,7 @@ impl Agent {
                 state.fail(reason.clone(), timefmt::now())?;
             }
             self.store.save(lock, &state)?;
+            tracing::warn!(release = %m.version, slot = %slot, phase = if cancelled { "cancelled" } else { "failed" }, reason = %reason, "staging ended without a staged release");
             self.history.record(crate::history::Entry {
                 version: m.version.clone(),
                 from_version: self.running_version(),
@@ -559,6 +563,7 @@ impl Agent {
         failpoint("after-arm");
         state.armed(self.cfg.boot.tries)?;
         self.store.save(lock, &state)?;
+        tracing::info!(release = %m.version, slot = %slot, phase = "armed", tries = self.cfg.boot.tries, bytes_fetched = fetched, "release staged and verified; bootloader armed for a trial boot");
         on(Progress::Armed {
             slot,
             version: m.version.clone(),
