@@ -86,13 +86,7 @@ impl Agent {
                         checks: results,
                     });
                 }
-                self.commit_trial(
-                    &lock,
-                    state,
-                    staged.slot,
-                    staged.version.clone(),
-                    staged.from_version.clone(),
-                )?;
+                self.commit_trial(&lock, state, &staged)?;
                 tracing::info!(release = %staged.version, slot = %staged.slot, phase = "committed", "trial boot healthy; committed");
                 Ok(BootOutcome::Committed {
                     version: staged.version,
@@ -145,13 +139,12 @@ impl Agent {
         let state = self.store.load()?;
         match &state {
             State::Armed { staged, .. } if staged.slot == self.layout.booted => {
-                let (slot, version, from) = (
-                    staged.slot,
-                    staged.version.clone(),
-                    staged.from_version.clone(),
-                );
-                self.commit_trial(&lock, state, slot, version.clone(), from)?;
-                Ok(BootOutcome::Committed { version, slot })
+                let staged = staged.clone();
+                self.commit_trial(&lock, state, &staged)?;
+                Ok(BootOutcome::Committed {
+                    version: staged.version,
+                    slot: staged.slot,
+                })
             }
             other => Err(PostBootError::NotOnTrial {
                 state: other.name(),
@@ -214,22 +207,21 @@ impl Agent {
         &mut self,
         lock: &crate::state::UpdateLock,
         mut state: State,
-        slot: Slot,
-        version: String,
-        from_version: Option<String>,
+        staged: &crate::state::Staged,
     ) -> Result<(), UpdateError> {
+        let slot = staged.slot;
         self.boot.commit(slot)?;
         failpoint("after-boot-commit");
-        let previous = from_version.clone().map(|v| (slot.other(), v));
+        let previous = staged.from_version.clone().map(|v| (slot.other(), v));
         state.commit(previous, timefmt::now())?;
         self.store.save(lock, &state)?;
         self.history.record(Entry {
-            version,
-            from_version,
+            version: staged.version.clone(),
+            from_version: staged.from_version.clone(),
             slot,
             outcome: Outcome::Committed,
             reason: String::new(),
-            bytes_fetched: 0,
+            bytes_fetched: staged.bytes_fetched,
             at: timefmt::now(),
         })?;
         Ok(())

@@ -964,7 +964,11 @@ fn trial_boots_commit_or_roll_back() {
     assert_eq!(g.get("ua_default").map(String::as_str), Some("b"), "{g:?}");
     assert!(g.get("ua_trial").is_none_or(|t| t.is_empty()), "{g:?}");
     assert_eq!(n.state()["state"], "committed");
-    assert_eq!(history(&n).last().expect("entry")["outcome"], "committed");
+    let last = history(&n).last().expect("entry").clone();
+    assert_eq!(last["outcome"], "committed");
+    assert_eq!(last["version"], "2.0");
+    assert_eq!(last["from_version"], "1.0");
+    assert!(last["bytes_fetched"].as_u64().expect("bytes") > 0, "{last}");
     // A second start is a normal boot.
     let o = check(&n, &[]);
     assert!(text(&o).contains("normal boot"), "{}", text(&o));
