@@ -2,6 +2,7 @@
 //! things; each backend keeps its own state format (grubenv, BLS entry names, ...).
 
 pub mod grub;
+pub mod systemd_boot;
 
 use crate::slots::Slot;
 
