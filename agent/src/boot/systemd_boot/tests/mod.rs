@@ -1,0 +1,8 @@
+//! Tests of the systemd-boot backend, by concern.
+
+mod backend;
+mod entry;
+mod fs;
+mod names;
+mod order;
+mod state;
