@@ -4,6 +4,9 @@
 pub mod grub;
 pub mod systemd_boot;
 
+#[cfg(test)]
+mod parity_tests;
+
 use crate::slots::Slot;
 
 /// What a backend reports about the boot state.

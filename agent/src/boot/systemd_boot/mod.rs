@@ -109,7 +109,7 @@ mod names;
 mod order;
 mod state;
 #[cfg(test)]
-mod test_util;
+pub(crate) mod test_util;
 #[cfg(test)]
 mod tests;
 

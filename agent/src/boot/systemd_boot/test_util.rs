@@ -99,7 +99,7 @@ pub(super) fn tmp() -> tempfile::TempDir {
 }
 
 /// Every file and directory under `root`, with contents, for byte-identical checks.
-pub(super) fn snapshot(root: &Path) -> BTreeMap<PathBuf, Option<Vec<u8>>> {
+pub(crate) fn snapshot(root: &Path) -> BTreeMap<PathBuf, Option<Vec<u8>>> {
     let mut out = BTreeMap::new();
     let mut todo = vec![root.to_path_buf()];
     while let Some(dir) = todo.pop() {
@@ -190,7 +190,7 @@ pub(super) fn status(sb: &SystemdBoot) -> Summary {
 
 /// One boot as systemd-boot does it: the first entry in its order; a counted one is
 /// renamed one try down first. Returns the slot it boots.
-pub(super) fn boot(esp: &Path) -> Slot {
+pub(crate) fn boot(esp: &Path) -> Slot {
     let dir = esp.join(ENTRIES_DIR);
     let first = boot_order(&entries(esp))
         .into_iter()
