@@ -8,16 +8,8 @@
 # (debootstrap). Sizes are bytes on the wire; times are wall clock, best of 3 for
 # apply; peak RSS is /usr/bin/time's maximum resident set size, mapped files included.
 set -euo pipefail
-here=$(cd "$(dirname "$0")/.." && pwd)
-repo=$(dirname "$here")
-# shellcheck source=../setup.sh
-source "$here/setup.sh"
-pair=${1:-/var/tmp/update-agent-bench/pair}
-maker=${MAKE_IMAGE_PAIR:-$repo/../shared/bench/make-image-pair.sh}
-[[ -x $maker || -f $maker ]] || { echo "bench: $maker not found (set MAKE_IMAGE_PAIR)" >&2; exit 1; }
-bash "$maker" "$pair" ext4 >/dev/null
-v1=$pair/v1.ext4.img
-v2=$pair/v2.ext4.img
+# shellcheck source=pair.sh
+source "$(dirname "$0")/pair.sh"
 
 cd "$repo"
 cargo build --release --locked -q --bin updatectl

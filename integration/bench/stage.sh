@@ -6,15 +6,8 @@
 # on the same pair and the raw sequential write speed of the same loop device
 # (dd oflag=direct, 1 GiB), in one run. Needs root. Prints a markdown report.
 set -euo pipefail
-here=$(cd "$(dirname "$0")/.." && pwd)
-repo=$(dirname "$here")
-# shellcheck source=../setup.sh
-source "$here/setup.sh"
-pair=${1:-/var/tmp/update-agent-bench/pair}
-maker=${MAKE_IMAGE_PAIR:-$repo/../shared/bench/make-image-pair.sh}
-bash "$maker" "$pair" ext4 >/dev/null
-v1=$pair/v1.ext4.img
-v2=$pair/v2.ext4.img
+# shellcheck source=pair.sh
+source "$(dirname "$0")/pair.sh"
 size=$(stat -c %s "$v2")
 
 cd "$repo"
