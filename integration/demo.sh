@@ -3,9 +3,11 @@
 #
 # Builds two real ext4 root images (v1, and v2 = v1 plus changed and added files),
 # publishes v2 as a signed full payload and a delta against v1, checks them as a node
-# would, writes the delta into a "slot" file, and mounts the result to show it is v2.
-# Then it corrupts one byte of the payload and shows that nothing is written.
-# Needs root (mkfs, mount); takes about a minute on 2 cores.
+# would, writes the delta into a "slot" file, and mounts the result to show it is v2;
+# a payload with one corrupted byte is refused. Then the node itself: a GPT disk on a
+# loop device running v1 in slot a, `update-agent stage` over HTTP into slot b with
+# GRUB armed, a simulated reboot into b, `update-agent boot-check` running a health
+# check and committing. Needs root (mkfs, mount, losetup); about a minute on 2 cores.
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 repo=$(dirname "$here")
@@ -17,13 +19,20 @@ say() { printf '\n\033[1m== %s\033[0m\n' "$*"; }
 run() { printf '$ %s\n' "$*"; "$@"; }
 
 say "building updatectl (release)"
-cargo build --release --locked -q --bin updatectl
+cargo build --release --locked -q --bin updatectl --bin update-agent
 updatectl=$CARGO_TARGET_DIR/release/updatectl
+agent=$CARGO_TARGET_DIR/release/update-agent
 
 work=${DEMO_DIR:-/var/tmp/update-agent-demo}
 rm -rf "$work"
 mkdir -p "$work"
-cleanup() { umount "$work/mnt" 2>/dev/null || true; }
+loop=""
+server=""
+cleanup() {
+  umount "$work/mnt" 2>/dev/null || true
+  [[ -n $server ]] && kill "$server" 2>/dev/null || true
+  [[ -n $loop ]] && losetup -d "$loop" 2>/dev/null || true
+}
 trap cleanup EXIT
 
 say "making two root images from this machine's files (v1, then v2 with a month of changes)"
@@ -96,5 +105,59 @@ code=$?
 set -e
 echo "exit code $code (3 = payload rejected); slot-c.img exists: $([[ -e $work/slot-c.img ]] && echo yes || echo no)"
 [[ $code -eq 3 && ! -e $work/slot-c.img ]]
+
+say "node: a GPT disk (esp, root-a, root-b, state) on a loop device, running v1 in slot a"
+img_mib=$(( $(stat -c %s "$work/v2.img") / 1048576 ))
+truncate -s $(( (2 * img_mib + 64) * 1048576 )) "$work/disk.img"
+printf 'label: gpt\nsize=16MiB, type=uefi, name=esp\nsize=%sMiB, name=root-a\nsize=%sMiB, name=root-b\nsize=16MiB, name=state\n' \
+  "$img_mib" "$img_mib" | sfdisk --quiet "$work/disk.img"
+loop=$(losetup --find --show --partscan "$work/disk.img")
+partx --add "$loop" 2>/dev/null || true
+for _ in $(seq 100); do [[ -b ${loop}p3 ]] && break; sleep 0.05; done
+dd if="$work/v1.img" of="${loop}p2" bs=4M conv=fsync status=none
+sfdisk -l "$loop" | tail -n 5
+echo "root=PARTLABEL=root-a ro" >"$work/cmdline"
+echo "VERSION_ID=1.0" >"$work/os-release"
+grub-editenv "$work/grubenv" create
+grub-editenv "$work/grubenv" set ua_default=a ua_a_ok=1 ua_b_ok=1
+mkdir -p "$work/health.d"
+# A health check as an operator would write one: exit 0 means healthy.
+printf '#!/bin/sh\necho "workloads answer"\n' >"$work/health.d/10-demo"
+chmod +x "$work/health.d/10-demo"
+cat >"$work/agent.toml" <<TOML
+compatible = "demo-x86_64"
+state_dir = "$work/state"
+keys_dir = "$work/node-keys.d"
+os_release = "$work/os-release"
+[slots]
+cmdline = "$work/cmdline"
+root_device = "${loop}p2"
+[boot]
+grubenv = "$work/grubenv"
+[health]
+scripts_dir = "$work/health.d"
+deadline_secs = 30
+reboot_on_failure = false
+TOML
+port=$(( 20000 + RANDOM % 20000 ))
+python3 "$here/range-server.py" "$work/payloads" "$port" &
+server=$!
+for _ in $(seq 100); do python3 -c "import socket; socket.create_connection(('127.0.0.1', $port))" 2>/dev/null && break; sleep 0.05; done
+
+say "node: stage the release over HTTP into slot b (only the delta's ranges are fetched)"
+run "$agent" --config "$work/agent.toml" stage "http://127.0.0.1:$port/$(basename "$delta")"
+run grub-editenv "$work/grubenv" list
+
+say "reboot into slot b (modelled: GRUB counts a try down, the kernel line names root-b)"
+grub-editenv "$work/grubenv" set ua_tries=2
+echo "root=PARTLABEL=root-b ro" >"$work/cmdline"
+sed -i "s#^root_device = .*#root_device = \"${loop}p3\"#" "$work/agent.toml"
+echo "VERSION_ID=2.0" >"$work/os-release"
+run "$agent" --config "$work/agent.toml" boot-check
+run grub-editenv "$work/grubenv" list
+mount -o ro "${loop}p3" "$work/mnt"
+printf 'slot b, now the default: /etc/release says "%s"\n' "$(cat "$work/mnt/etc/release")"
+umount "$work/mnt"
+run "$agent" --config "$work/agent.toml" status
 
 say "demo done: files are in $work"

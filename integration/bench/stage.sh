@@ -39,30 +39,8 @@ mkdir -p "$w/keys.d" "$w/www" && cp "$w/keys/update-agent.pub" "$w/keys.d/"
   --key "$w/keys/update-agent.key" --out "$w/www" --no-full >/dev/null
 delta=$(cd "$w/www" && ls 2.0.from-*.uap)
 
-# A static server that answers range requests (python's http.server does not).
-cat >"$w/serve.py" <<'PY'
-import http.server, os, re, sys
-class H(http.server.SimpleHTTPRequestHandler):
-    def log_message(self, *a): pass
-    def do_GET(self):
-        p = self.translate_path(self.path)
-        if not os.path.isfile(p):
-            return self.send_error(404)
-        n = os.path.getsize(p)
-        m = re.match(r'bytes=(\d+)-(\d+)$', self.headers.get('Range', ''))
-        a, z = (int(m[1]), min(int(m[2]), n - 1)) if m else (0, n - 1)
-        self.send_response(206 if m else 200)
-        if m: self.send_header('Content-Range', f'bytes {a}-{z}/{n}')
-        self.send_header('Content-Length', str(z - a + 1))
-        self.end_headers()
-        with open(p, 'rb') as f:
-            f.seek(a); self.wfile.write(f.read(z - a + 1))
-http.server.ThreadingHTTPServer.protocol_version = 'HTTP/1.1'
-os.chdir(sys.argv[1])
-http.server.ThreadingHTTPServer(('127.0.0.1', int(sys.argv[2])), H).serve_forever()
-PY
 port=$(( 20000 + RANDOM % 20000 ))
-python3 "$w/serve.py" "$w/www" "$port" &
+python3 "$repo/integration/range-server.py" "$w/www" "$port" &
 server=$!
 for i in $(seq 100); do python3 -c "import socket; socket.create_connection(('127.0.0.1', $port))" 2>/dev/null && break; sleep 0.05; done
 
