@@ -177,6 +177,7 @@ fn scripts(dir: &Path) -> Vec<PathBuf> {
 /// What systemd says about a unit right now.
 #[derive(Debug, Default, PartialEq, Eq)]
 struct UnitState {
+    load: String,
     active: String,
     sub: String,
     restarts: String,
@@ -187,7 +188,7 @@ fn unit_state(systemctl: &Path, unit: &str) -> Result<UnitState, String> {
     let out = Command::new(systemctl)
         .args([
             "show",
-            "--property=ActiveState,SubState,NRestarts,InvocationID",
+            "--property=LoadState,ActiveState,SubState,NRestarts,InvocationID",
             "--",
             unit,
         ])
@@ -203,6 +204,7 @@ fn unit_state(systemctl: &Path, unit: &str) -> Result<UnitState, String> {
     let mut s = UnitState::default();
     for line in String::from_utf8_lossy(&out.stdout).lines() {
         match line.split_once('=') {
+            Some(("LoadState", v)) => v.clone_into(&mut s.load),
             Some(("ActiveState", v)) => v.clone_into(&mut s.active),
             Some(("SubState", v)) => v.clone_into(&mut s.sub),
             Some(("NRestarts", v)) => v.clone_into(&mut s.restarts),
@@ -226,6 +228,10 @@ fn check_unit(cfg: &HealthConfig, unit: &str, deadline: Instant) -> (bool, Strin
             Err(e) => return (false, e),
         };
         let now = Instant::now();
+        // A unit that does not exist will never become active: say so now, not at the deadline.
+        if s.load == "not-found" {
+            return (false, "no such unit".into());
+        }
         if s.active == "active" {
             match &stretch {
                 Some((_, r, inv)) if *r != s.restarts || *inv != s.invocation => {

@@ -172,6 +172,9 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 } else {
                     println!("reboot into the old slot to finish the rollback (reboot_on_failure is off)");
                 }
+                // Fail the unit: boot-complete.target must not be reached, or
+                // systemd-bless-boot would bless the very entry being rolled back.
+                anyhow::bail!("trial boot failed its health checks; rolling back");
             }
         }
         Command::MarkGood => print_outcome(&agent.mark_good()?),
