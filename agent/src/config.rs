@@ -92,10 +92,14 @@ pub struct SlotsConfig {
 #[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
 #[serde(deny_unknown_fields, default)]
 pub struct BootConfig {
-    /// `grub` (more backends later).
+    /// `grub` or `systemd-boot`.
     pub backend: String,
-    /// Path of the grubenv block.
+    /// Path of the grubenv block (GRUB).
     pub grubenv: PathBuf,
+    /// Where the ESP is mounted (systemd-boot: entries and kernels live there).
+    pub esp: PathBuf,
+    /// Kernel arguments after `root=` and `updateagent.slot=` (systemd-boot entries).
+    pub options: String,
     /// Trial boots before the bootloader falls back.
     pub tries: u8,
 }
@@ -152,6 +156,8 @@ impl Default for BootConfig {
         Self {
             backend: "grub".into(),
             grubenv: "/boot/efi/EFI/BOOT/grubenv".into(),
+            esp: "/boot/efi".into(),
+            options: "ro".into(),
             tries: 3,
         }
     }
@@ -257,8 +263,8 @@ impl Config {
         if self.slots.label_a == self.slots.label_b {
             return bad("slots.label_b", "must differ from slots.label_a");
         }
-        if self.boot.backend != "grub" {
-            return bad("boot.backend", "only \"grub\" is supported so far");
+        if self.boot.backend != "grub" && self.boot.backend != "systemd-boot" {
+            return bad("boot.backend", "must be \"grub\" or \"systemd-boot\"");
         }
         if !(1..=9).contains(&self.boot.tries) {
             return bad("boot.tries", "must be between 1 and 9");

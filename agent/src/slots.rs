@@ -475,6 +475,71 @@ fn root_devnum(cfg: &SlotsConfig) -> Result<(PathBuf, (u32, u32)), SlotError> {
     ))
 }
 
+/// A slot's file system mounted read-only for as long as the value lives: a handle
+/// with a fallible `close()` and a best-effort unmount on drop.
+#[derive(Debug)]
+pub struct ReadOnlyMount {
+    path: PathBuf,
+    mounted: bool,
+}
+
+impl ReadOnlyMount {
+    /// File systems a slot image may carry, tried in order.
+    const TYPES: [&'static str; 3] = ["ext4", "erofs", "squashfs"];
+
+    pub fn new(device: &Path, at: &Path) -> Result<Self, SlotError> {
+        use nix::mount::{mount, MsFlags};
+        let io = |source: io::Error| SlotError::Io {
+            path: at.to_owned(),
+            source,
+        };
+        fs::create_dir_all(at).map_err(io)?;
+        let flags =
+            MsFlags::MS_RDONLY | MsFlags::MS_NODEV | MsFlags::MS_NOSUID | MsFlags::MS_NOEXEC;
+        let mut last = nix::errno::Errno::EINVAL;
+        for fstype in Self::TYPES {
+            // ext4 "noload": never replay a journal, so a read-only mount writes nothing.
+            let data = (fstype == "ext4").then_some("noload");
+            match mount(Some(device), at, Some(fstype), flags, data) {
+                Ok(()) => {
+                    return Ok(Self {
+                        path: at.to_owned(),
+                        mounted: true,
+                    })
+                }
+                Err(e) => last = e,
+            }
+        }
+        Err(SlotError::Io {
+            path: device.to_owned(),
+            source: io::Error::other(format!(
+                "cannot mount it read-only as {}: {last}",
+                Self::TYPES.join(", ")
+            )),
+        })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    pub fn close(mut self) -> Result<(), SlotError> {
+        self.mounted = false;
+        nix::mount::umount(&self.path).map_err(|e| SlotError::Io {
+            path: self.path.clone(),
+            source: e.into(),
+        })
+    }
+}
+
+impl Drop for ReadOnlyMount {
+    fn drop(&mut self) {
+        if self.mounted {
+            let _ = nix::mount::umount2(&self.path, nix::mount::MntFlags::MNT_DETACH);
+        }
+    }
+}
+
 /// The running system's slot: readable, never writable.
 #[derive(Debug)]
 pub struct BootedSlot {

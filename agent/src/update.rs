@@ -18,6 +18,7 @@ use std::time::Instant;
 use sha2::{Digest, Sha256};
 
 use crate::apply::{self, ApplyError, Blob, Event, SourceSlot};
+use crate::boot::systemd_boot::{EntryConfig, SystemdBoot};
 use crate::boot::{grub::Grub, BootControl, BootError};
 use crate::config::Config;
 use crate::fetch::{self, FetchError};
@@ -166,7 +167,17 @@ impl std::fmt::Debug for Agent {
 impl Agent {
     pub fn new(cfg: Config) -> Result<Self, UpdateError> {
         let layout = SlotLayout::discover(&cfg.slots)?;
-        let boot: Box<dyn BootControl> = Box::new(Grub::open(&cfg.boot.grubenv)?);
+        let boot: Box<dyn BootControl> = match cfg.boot.backend.as_str() {
+            "systemd-boot" => Box::new(SystemdBoot::open(
+                &cfg.boot.esp,
+                EntryConfig {
+                    root_labels: [cfg.slots.label_a.clone(), cfg.slots.label_b.clone()],
+                    options: cfg.boot.options.clone(),
+                    ..EntryConfig::default()
+                },
+            )?),
+            _ => Box::new(Grub::open(&cfg.boot.grubenv)?),
+        };
         let keys = TrustedKeys::load_dir(&cfg.keys_dir).map_err(UpdateError::Keys)?;
         let store = StateStore::new(&cfg.state_dir);
         let history = crate::history::History::new(&cfg.state_dir);
@@ -391,6 +402,7 @@ impl Agent {
                 )
             }
             State::Staged(st) => {
+                self.prepare_boot(st.slot, &st.version)?;
                 self.boot.arm_trial(st.slot, self.cfg.boot.tries)?;
                 failpoint("after-arm");
                 state.armed(self.cfg.boot.tries)?;
@@ -404,6 +416,21 @@ impl Agent {
             }
             _ => Ok(()),
         }
+    }
+
+    /// Hands the bootloader what it needs from the verified release in `slot` (for
+    /// systemd-boot, its kernel): mounts the slot read-only for the call, always
+    /// unmounts.
+    fn prepare_boot(&mut self, slot: crate::slots::Slot, version: &str) -> Result<(), UpdateError> {
+        if !self.boot.needs_release_files() {
+            return Ok(());
+        }
+        let device = self.layout.partition(slot).device.clone();
+        let mnt = self.cfg.state_dir.join("release-mnt");
+        let mount = crate::slots::ReadOnlyMount::new(&device, &mnt)?;
+        let r = self.boot.prepare(slot, version, mount.path());
+        mount.close()?;
+        Ok(r?)
     }
 
     /// Drops a staging, staged or armed release: its slot is marked unbootable (an
@@ -559,6 +586,10 @@ impl Agent {
         state.staged(hex::encode(m.target_sha256))?;
         self.store.save(lock, &state)?;
         failpoint("after-staged");
+        // Release the exclusive hold on the slot: the bootloader may need to mount it.
+        drop(writer);
+        drop(sync_handle);
+        self.prepare_boot(slot, &m.version)?;
         self.boot.arm_trial(slot, self.cfg.boot.tries)?;
         failpoint("after-arm");
         state.armed(self.cfg.boot.tries)?;

@@ -1281,3 +1281,130 @@ fn killed_at_every_phase_and_at_random_points_still_completes() {
     }
     assert!(kills >= 50);
 }
+
+/// A root file system image with a kernel in /boot, made with mkfs.ext4 -d (fixed
+/// UUID, seed and time, so only content differs between releases).
+fn ext4_image(dir: &Path, name: &str, kernel: &[u8], release: &str) -> PathBuf {
+    let root = dir.join(format!("{name}.root"));
+    fs::create_dir_all(root.join("boot")).expect("boot");
+    fs::create_dir_all(root.join("etc")).expect("etc");
+    fs::write(root.join("boot/vmlinuz"), kernel).expect("kernel");
+    fs::write(root.join("etc/release"), release).expect("release");
+    fs::write(root.join("etc/data"), &image(7, None)[..(4 << 20)]).expect("data");
+    let img = dir.join(format!("{name}.img"));
+    let f = fs::File::create(&img).expect("img");
+    f.set_len(IMAGE).expect("size");
+    drop(f);
+    let o = Command::new("mkfs.ext4")
+        .env("E2FSPROGS_FAKE_TIME", "1700000000")
+        .args([
+            "-q",
+            "-b",
+            "4096",
+            "-U",
+            "6d1b3c2e-0000-4000-8000-000000000001",
+        ])
+        .args(["-E", "hash_seed=6d1b3c2e-0000-4000-8000-000000000002", "-d"])
+        .arg(&root)
+        .arg(&img)
+        .output()
+        .expect("mkfs.ext4");
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    img
+}
+
+/// systemd-boot end to end on loop devices: staging copies the new slot's kernel onto
+/// the ESP and arms a counted entry; the trial boot commits by blessing it.
+#[test]
+fn systemd_boot_stage_trial_and_commit() {
+    use update_agent::boot::systemd_boot::{BootFile, EntryConfig, SystemdBoot};
+    let n = Node::new();
+    let d = n.dir.path();
+    let k1 = b"kernel one ".repeat(4000);
+    let k2 = b"kernel two ".repeat(4100);
+    let v1 = ext4_image(d, "sb-v1", &k1, "1.0");
+    let v2 = ext4_image(d, "sb-v2", &k2, "2.0");
+    fs::copy(&v1, n.path("v1.img")).expect("v1");
+    let v1_bytes = fs::read(&v1).expect("read v1");
+    fs::OpenOptions::new()
+        .write(true)
+        .open(n.disk.part(2))
+        .and_then(|mut f| f.write_all(&v1_bytes).and_then(|()| f.sync_all()))
+        .expect("v1 into root-a");
+    // The ESP (a directory: this kernel has no vfat; the VM lab uses a real one).
+    let esp = n.path("esp");
+    fs::create_dir_all(&esp).expect("esp");
+    let kfile = n.path("k1");
+    fs::write(&kfile, &k1).expect("k1");
+    SystemdBoot::create(
+        &esp,
+        EntryConfig::default(),
+        update_agent::slots::Slot::A,
+        "1.0",
+        &BootFile {
+            path: &kfile,
+            sha256: Sha256::digest(&k1).into(),
+        },
+        None,
+    )
+    .expect("create ESP");
+    let cfg = fs::read_to_string(&n.config).expect("config");
+    fs::write(
+        &n.config,
+        cfg.replace(
+            "[boot]\n",
+            &format!(
+                "[boot]\nbackend = \"systemd-boot\"\nesp = \"{}\"\n",
+                esp.display()
+            ),
+        ),
+    )
+    .expect("config");
+    let delta = n.publish("2.0", "test-board", &v2, 1 << 20);
+    let o = n.agent(&["stage", &n.server.url(&delta)], &[]);
+    assert!(o.status.success(), "{}", text(&o));
+    let entries = || -> Vec<String> {
+        let mut v: Vec<String> = fs::read_dir(esp.join("loader/entries"))
+            .expect("entries")
+            .map(|e| e.expect("entry").file_name().to_string_lossy().into_owned())
+            .collect();
+        v.sort();
+        v
+    };
+    let trial = entries()
+        .into_iter()
+        .find(|e| e.contains("-b-2.0+3.conf"))
+        .unwrap_or_else(|| panic!("no counted entry for b: {:?}", entries()));
+    assert_eq!(
+        fs::read(esp.join("update-agent/b/vmlinuz")).expect("kernel b"),
+        k2,
+        "v2's kernel on the ESP"
+    );
+    assert!(
+        !n.path("state/release-mnt").join("boot").exists(),
+        "the slot is unmounted again"
+    );
+
+    // The firmware boots b: systemd-boot counts the try in the file name.
+    fs::rename(
+        esp.join("loader/entries").join(&trial),
+        esp.join("loader/entries")
+            .join(trial.replace("+3.conf", "+2-1.conf")),
+    )
+    .expect("loader renames");
+    n.boot_into("b");
+    let o = n.agent(&["boot-check"], &[]);
+    assert!(
+        o.status.success() && text(&o).contains("committed: 2.0 on slot b"),
+        "{}",
+        text(&o)
+    );
+    let blessed = entries();
+    assert!(
+        blessed.iter().any(|e| e.contains("-b-2.0.conf")),
+        "the trial entry is blessed (counter dropped): {blessed:?}"
+    );
+    let o = n.agent(&["status"], &[]);
+    let s: serde_json::Value = serde_json::from_slice(&o.stdout).expect("status json");
+    assert_eq!(s["boot"]["default"], "b", "{s}");
+}

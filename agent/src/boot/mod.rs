@@ -76,4 +76,19 @@ pub trait BootControl: Send {
     fn commit(&mut self, slot: Slot) -> Result<(), BootError>;
     /// Makes `slot` the default, clears any trial (the other slot stays as it is).
     fn rollback_to(&mut self, slot: Slot) -> Result<(), BootError>;
+    /// Whether `prepare` needs the release's files (its file system mounted).
+    fn needs_release_files(&self) -> bool {
+        false
+    }
+    /// Takes what the bootloader needs from a verified release before `arm_trial`
+    /// (systemd-boot: the kernel and initrd onto the ESP). `root` is the release's file
+    /// system, mounted read-only. GRUB reads the slot itself and needs nothing.
+    fn prepare(
+        &mut self,
+        _slot: Slot,
+        _version: &str,
+        _root: &std::path::Path,
+    ) -> Result<(), BootError> {
+        Ok(())
+    }
 }

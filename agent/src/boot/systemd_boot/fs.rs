@@ -126,7 +126,7 @@ fn mismatch(what: &str, got: &[u8], want: &[u8; 32]) -> io::Error {
     )
 }
 
-fn sha256_of(mut r: impl Read) -> io::Result<[u8; 32]> {
+pub(super) fn sha256_of(mut r: impl Read) -> io::Result<[u8; 32]> {
     let mut h = Sha256::new();
     let mut buf = vec![0u8; 1 << 20];
     loop {

@@ -454,6 +454,41 @@ impl BootControl for SystemdBoot {
         "systemd-boot"
     }
 
+    fn needs_release_files(&self) -> bool {
+        true
+    }
+
+    /// Copies `/boot/vmlinuz` (and `/boot/initrd.img` when present) of the release,
+    /// whose slot was verified byte for byte, onto the ESP and stages its entry.
+    fn prepare(&mut self, slot: Slot, version: &str, root: &Path) -> Result<(), BootError> {
+        let digest = |p: &Path| -> Result<[u8; 32], BootError> {
+            let f = std::fs::File::open(p).map_err(|source| BootError::Read {
+                path: p.to_owned(),
+                source,
+            })?;
+            fs::sha256_of(f).map_err(|source| BootError::Read {
+                path: p.to_owned(),
+                source,
+            })
+        };
+        let kernel_path = root.join("boot").join(KERNEL_NAME);
+        let initrd_path = root.join("boot").join(INITRD_NAME);
+        let kernel = BootFile {
+            path: &kernel_path,
+            sha256: digest(&kernel_path)?,
+        };
+        let initrd_sha = if initrd_path.exists() {
+            Some(digest(&initrd_path)?)
+        } else {
+            None
+        };
+        let initrd = initrd_sha.map(|sha256| BootFile {
+            path: &initrd_path,
+            sha256,
+        });
+        self.stage(slot, version, &kernel, initrd.as_ref())
+    }
+
     fn status(&self) -> Result<BootStatus, BootError> {
         let tree = self.read()?;
         let mut raw = tree.state.names();
