@@ -13,6 +13,8 @@ here=$(cd "$(dirname "$0")" && pwd)
 repo=$(dirname "$here")
 # shellcheck source=setup.sh
 source "$here/setup.sh"
+# shellcheck source=node.sh
+source "$here/node.sh"
 cd "$repo"
 
 say() { printf '\n\033[1m== %s\033[0m\n' "$*"; }
@@ -107,14 +109,7 @@ echo "exit code $code (3 = payload rejected); slot-c.img exists: $([[ -e $work/s
 [[ $code -eq 3 && ! -e $work/slot-c.img ]]
 
 say "node: a GPT disk (esp, root-a, root-b, state) on a loop device, running v1 in slot a"
-img_mib=$(( $(stat -c %s "$work/v2.img") / 1048576 ))
-truncate -s $(( (2 * img_mib + 64) * 1048576 )) "$work/disk.img"
-printf 'label: gpt\nsize=16MiB, type=uefi, name=esp\nsize=%sMiB, name=root-a\nsize=%sMiB, name=root-b\nsize=16MiB, name=state\n' \
-  "$img_mib" "$img_mib" | sfdisk --quiet "$work/disk.img"
-loop=$(losetup --find --show --partscan "$work/disk.img")
-partx --add "$loop" 2>/dev/null || true
-for _ in $(seq 100); do [[ -b ${loop}p3 ]] && break; sleep 0.05; done
-dd if="$work/v1.img" of="${loop}p2" bs=4M conv=fsync status=none
+make_node_disk "$work" "$work/v1.img"
 sfdisk -l "$loop" | tail -n 5
 echo "root=PARTLABEL=root-a ro" >"$work/cmdline"
 echo "VERSION_ID=1.0" >"$work/os-release"
@@ -139,10 +134,7 @@ scripts_dir = "$work/health.d"
 deadline_secs = 30
 reboot_on_failure = false
 TOML
-port=$(( 20000 + RANDOM % 20000 ))
-python3 "$here/range-server.py" "$work/payloads" "$port" &
-server=$!
-for _ in $(seq 100); do python3 -c "import socket; socket.create_connection(('127.0.0.1', $port))" 2>/dev/null && break; sleep 0.05; done
+start_range_server "$work/payloads"
 
 say "node: stage the release over HTTP into slot b (only the delta's ranges are fetched)"
 run "$agent" --config "$work/agent.toml" stage "http://127.0.0.1:$port/$(basename "$delta")"

@@ -8,6 +8,8 @@
 set -euo pipefail
 # shellcheck source=pair.sh
 source "$(dirname "$0")/pair.sh"
+# shellcheck source=../node.sh
+source "$repo/integration/node.sh"
 size=$(stat -c %s "$v2")
 
 cd "$repo"
@@ -24,14 +26,7 @@ cleanup() {
 trap cleanup EXIT
 
 echo "bench: building the disk and the payload..." >&2
-slot_mib=$(( size / 1048576 + 64 ))
-truncate -s $(( (2 * slot_mib + 40) * 1048576 )) "$w/disk.img"
-printf 'label: gpt\nsize=16MiB, type=uefi, name=esp\nsize=%sMiB, name=root-a\nsize=%sMiB, name=root-b\nsize=16MiB, name=state\n' \
-  "$slot_mib" "$slot_mib" | sfdisk --quiet "$w/disk.img"
-loop=$(losetup --find --show --partscan "$w/disk.img")
-partx --add "$loop" 2>/dev/null || true
-for i in $(seq 100); do [[ -b ${loop}p3 ]] && break; sleep 0.05; done
-dd if="$v1" of="${loop}p2" bs=4M conv=fsync status=none
+make_node_disk "$w" "$v1"
 
 "$bin/updatectl" bundle keygen --out "$w/keys" >/dev/null
 mkdir -p "$w/keys.d" "$w/www" && cp "$w/keys/update-agent.pub" "$w/keys.d/"
@@ -39,10 +34,7 @@ mkdir -p "$w/keys.d" "$w/www" && cp "$w/keys/update-agent.pub" "$w/keys.d/"
   --key "$w/keys/update-agent.key" --out "$w/www" --no-full >/dev/null
 delta=$(cd "$w/www" && ls 2.0.from-*.uap)
 
-port=$(( 20000 + RANDOM % 20000 ))
-python3 "$repo/integration/range-server.py" "$w/www" "$port" &
-server=$!
-for i in $(seq 100); do python3 -c "import socket; socket.create_connection(('127.0.0.1', $port))" 2>/dev/null && break; sleep 0.05; done
+start_range_server "$w/www"
 
 echo "root=PARTLABEL=root-a" >"$w/cmdline"
 echo "VERSION_ID=1.0" >"$w/os-release"
