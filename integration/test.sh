@@ -3,7 +3,7 @@
 #   1. formatting and lints (cargo fmt --check, clippy -D warnings)
 #   2. cargo test --workspace: unit and property tests, payload end to end on files,
 #      and (as root) the agent on loop-device GPT disks with a fault-injecting HTTP
-#      server, fail points and random SIGKILLs (agent/tests/disk.rs)
+#      server, fail points and random SIGKILLs (agent/tests/disk/; the gRPC API through the real socket in disk/api.rs)
 #   3. systemd-analyze verify on the units, sysusers and tmpfiles into a scratch root
 #   4. the GRUB script fragment run in grub-emu, GRUB's own script engine (~3 min)
 # Later tiers (gRPC, the VM lab) are added here as they land.

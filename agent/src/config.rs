@@ -49,6 +49,53 @@ pub struct Config {
     pub fetch: FetchConfig,
     pub apply: ApplyConfig,
     pub health: crate::health::HealthConfig,
+    pub api: ApiConfig,
+    pub releases: ReleasesConfig,
+}
+
+/// The gRPC API: a Unix socket always, TCP with mutual TLS optionally.
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields, default)]
+pub struct ApiConfig {
+    pub socket: PathBuf,
+    /// Group owning the socket (name or number); its members may read. Empty: keep
+    /// the daemon's own group.
+    pub socket_group: String,
+    /// Groups (names or numbers) whose members may change things, besides root.
+    pub admin_groups: Vec<String>,
+    /// `address:port` for fleet controllers; needs every `tls_*` key.
+    pub tcp_listen: Option<String>,
+    pub tls_cert: Option<PathBuf>,
+    pub tls_key: Option<PathBuf>,
+    /// CA that signs client certificates.
+    pub tls_client_ca: Option<PathBuf>,
+    /// Client identities allowed in: a certificate's subject CN or a DNS/URI SAN.
+    pub tls_allowed_clients: Vec<String>,
+}
+
+impl Default for ApiConfig {
+    fn default() -> Self {
+        Self {
+            socket: DEFAULT_SOCKET.into(),
+            socket_group: "update-agent".into(),
+            admin_groups: Vec::new(),
+            tcp_listen: None,
+            tls_cert: None,
+            tls_key: None,
+            tls_client_ca: None,
+            tls_allowed_clients: Vec::new(),
+        }
+    }
+}
+
+pub const DEFAULT_SOCKET: &str = "/run/update-agent/agent.sock";
+
+/// Where releases are published (the directory `updatectl bundle create` wrote,
+/// served over HTTP): `URL/VERSION.full.uap` and `URL/VERSION.from-<sha16>.uap`.
+#[derive(Debug, Clone, Default, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields, default)]
+pub struct ReleasesConfig {
+    pub url: Option<String>,
 }
 
 #[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
@@ -134,6 +181,8 @@ impl Default for Config {
             fetch: FetchConfig::default(),
             apply: ApplyConfig::default(),
             health: crate::health::HealthConfig::default(),
+            api: ApiConfig::default(),
+            releases: ReleasesConfig::default(),
         }
     }
 }
@@ -274,6 +323,21 @@ impl Config {
         }
         if self.apply.memory_budget < (4 << 20) {
             return bad("apply.memory_budget", "must be at least 4 MiB");
+        }
+        if self.api.tcp_listen.is_some() {
+            let a = &self.api;
+            if a.tls_cert.is_none() || a.tls_key.is_none() || a.tls_client_ca.is_none() {
+                return bad(
+                    "api.tcp_listen",
+                    "needs api.tls_cert, api.tls_key and api.tls_client_ca (no TCP without mutual TLS)",
+                );
+            }
+            if a.tls_allowed_clients.is_empty() {
+                return bad(
+                    "api.tls_allowed_clients",
+                    "must name the client identities allowed over TCP",
+                );
+            }
         }
         if let Some(b) = &self.fetch.basic_auth {
             if !b.contains(':') {

@@ -2,8 +2,10 @@
 //!
 //! Rooms (see ARCHITECTURE.md): [`payload`] owns the signed delta format and its
 //! generator; [`apply`] turns a payload into a slot image; [`file_target`] is the
-//! file-backed slot used by the offline tools; [`cli`] is `updatectl`.
+//! file-backed slot used by the offline tools; [`api`] is the gRPC service the daemon
+//! serves; [`cli`] is `updatectl`.
 
+pub mod api;
 pub mod apply;
 pub mod boot;
 pub mod cli;

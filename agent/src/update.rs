@@ -167,17 +167,7 @@ impl std::fmt::Debug for Agent {
 impl Agent {
     pub fn new(cfg: Config) -> Result<Self, UpdateError> {
         let layout = SlotLayout::discover(&cfg.slots)?;
-        let boot: Box<dyn BootControl> = match cfg.boot.backend.as_str() {
-            "systemd-boot" => Box::new(SystemdBoot::open(
-                &cfg.boot.esp,
-                EntryConfig {
-                    root_labels: [cfg.slots.label_a.clone(), cfg.slots.label_b.clone()],
-                    options: cfg.boot.options.clone(),
-                    ..EntryConfig::default()
-                },
-            )?),
-            _ => Box::new(Grub::open(&cfg.boot.grubenv)?),
-        };
+        let boot = open_boot(&cfg)?;
         let keys = TrustedKeys::load_dir(&cfg.keys_dir).map_err(UpdateError::Keys)?;
         let store = StateStore::new(&cfg.state_dir);
         let history = crate::history::History::new(&cfg.state_dir);
@@ -199,12 +189,25 @@ impl Agent {
         self.boot.as_ref()
     }
 
-    pub(crate) fn running_version(&self) -> Option<String> {
-        let text = std::fs::read_to_string(&self.cfg.os_release).ok()?;
-        text.lines()
-            .find_map(|l| l.strip_prefix("VERSION_ID="))
-            .map(|v| v.trim().trim_matches('"').to_owned())
-            .filter(|v| !v.is_empty())
+    pub fn running_version(&self) -> Option<String> {
+        running_version(&self.cfg.os_release)
+    }
+
+    pub fn history(&self) -> &crate::history::History {
+        &self.history
+    }
+
+    /// Opens the payload at `url` and applies every policy check that does not need
+    /// the slot (signature, expiry, compatible, version rules); writes nothing.
+    pub fn check(&self, url: &str, allow_downgrade: bool) -> Result<Checked, UpdateError> {
+        let (src, p, _) = self.open_checked(url, allow_downgrade)?;
+        let m = &p.manifest;
+        Ok(Checked {
+            url: url.to_owned(),
+            version: m.version.clone(),
+            delta: m.is_delta(),
+            download_bytes: src.size(),
+        })
     }
 
     /// Opens a payload and applies every policy check that does not need the slot.
@@ -261,6 +264,18 @@ impl Agent {
         cancel: Option<&AtomicBool>,
         on: &mut dyn FnMut(Progress),
     ) -> Result<(), UpdateError> {
+        self.stage_as(&attempt_id(), url, allow_downgrade, cancel, on)
+    }
+
+    /// [`Agent::stage`] under a caller-chosen attempt id (the API's operation id).
+    pub fn stage_as(
+        &mut self,
+        attempt: &str,
+        url: &str,
+        allow_downgrade: bool,
+        cancel: Option<&AtomicBool>,
+        on: &mut dyn FnMut(Progress),
+    ) -> Result<(), UpdateError> {
         let lock = self.store.lock()?;
         let state = self.store.load()?;
         if let State::Staging(s) = &state {
@@ -276,7 +291,7 @@ impl Agent {
         let opened = self.open_checked(url, allow_downgrade)?;
         let booted = self.layout.open_booted()?;
         let source = opened.1.manifest.source.clone();
-        let result = self.start(&lock, state, url, &opened, &booted, cancel, on);
+        let result = self.start(&lock, state, attempt, url, &opened, &booted, cancel, on);
         // The booted slot is not hashed up front (that would cost a full read of it on
         // every update): every operation's output is verified anyway. Only when a delta
         // fails on its content is the slot checked, and a delta built from another
@@ -295,7 +310,7 @@ impl Agent {
         match self.open_checked(&full_url, allow_downgrade) {
             Ok(full) if !full.1.manifest.is_delta() => {
                 let state = self.store.load()?;
-                self.start(&lock, state, &full_url, &full, &booted, cancel, on)
+                self.start(&lock, state, attempt, &full_url, &full, &booted, cancel, on)
             }
             other => Err(UpdateError::NoMatchingPayload {
                 url: url.to_owned(),
@@ -315,6 +330,7 @@ impl Agent {
         &mut self,
         lock: &UpdateLock,
         mut state: State,
+        attempt: &str,
         url: &str,
         (src, p, mbytes): &Opened,
         booted: &dyn SourceSlot,
@@ -336,7 +352,7 @@ impl Agent {
         self.boot.mark_unbootable(slot)?;
         failpoint("after-mark-unbootable");
         state.begin(Staging {
-            attempt: attempt_id(),
+            attempt: attempt.to_owned(),
             version: p.manifest.version.clone(),
             url: url.to_owned(),
             manifest_sha256: hex::encode(Sha256::digest(mbytes)),
@@ -612,7 +628,42 @@ fn sibling_full(url: &str, version: &str) -> String {
     }
 }
 
-fn attempt_id() -> String {
+/// What [`Agent::check`] found.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Checked {
+    pub url: String,
+    pub version: String,
+    pub delta: bool,
+    /// Bytes fetched at most: the head and every blob (reused blocks cost less).
+    pub download_bytes: u64,
+}
+
+/// Opens the bootloader backend the configuration names.
+pub fn open_boot(cfg: &Config) -> Result<Box<dyn BootControl>, BootError> {
+    Ok(match cfg.boot.backend.as_str() {
+        "systemd-boot" => Box::new(SystemdBoot::open(
+            &cfg.boot.esp,
+            EntryConfig {
+                root_labels: [cfg.slots.label_a.clone(), cfg.slots.label_b.clone()],
+                options: cfg.boot.options.clone(),
+                ..EntryConfig::default()
+            },
+        )?),
+        _ => Box::new(Grub::open(&cfg.boot.grubenv)?),
+    })
+}
+
+/// VERSION_ID of an os-release file: the running release.
+pub fn running_version(os_release: &std::path::Path) -> Option<String> {
+    let text = std::fs::read_to_string(os_release).ok()?;
+    text.lines()
+        .find_map(|l| l.strip_prefix("VERSION_ID="))
+        .map(|v| v.trim().trim_matches('"').to_owned())
+        .filter(|v| !v.is_empty())
+}
+
+/// A fresh attempt (operation) id: time and randomness, short enough to type.
+pub fn attempt_id() -> String {
     format!("{:x}-{:04x}", timefmt::now(), rand::random::<u16>())
 }
 

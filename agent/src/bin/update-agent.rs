@@ -27,6 +27,9 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Command {
+    /// Run the daemon: serve the gRPC API on the Unix socket (and TCP with mutual TLS
+    /// when configured), resume an interrupted update, run updates asked for.
+    Serve,
     /// Stage a release into the inactive slot and arm the bootloader to try it.
     /// Re-running with the same URL resumes an interrupted staging.
     Stage {
@@ -103,9 +106,49 @@ fn reboot(cmd: &[String]) -> anyhow::Result<()> {
     Ok(())
 }
 
+fn serve(cfg: Config) -> anyhow::Result<()> {
+    // One thread serves every call; agent work runs on threads of its own, so a long
+    // update or health check never delays a status call.
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?;
+    rt.block_on(async {
+        let daemon = std::sync::Arc::new(
+            update_agent::api::service::Daemon::new(cfg).context("starting the daemon")?,
+        );
+        let shutdown = async {
+            use tokio::signal::unix::{signal, SignalKind};
+            match (
+                signal(SignalKind::terminate()),
+                signal(SignalKind::interrupt()),
+            ) {
+                (Ok(mut t), Ok(mut i)) => {
+                    tokio::select! { _ = t.recv() => {}, _ = i.recv() => {} }
+                }
+                _ => std::future::pending::<()>().await,
+            }
+            tracing::info!("stopping; an update in progress resumes at the next start");
+            let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Stopping]);
+        };
+        update_agent::api::server::serve(daemon, shutdown, |at| {
+            tracing::info!(socket = at, "serving the update API");
+            update_agent::api::server::notify_ready(at);
+        })
+        .await
+        .context("serving the API")
+    })?;
+    // An update thread may still be writing: its progress is checkpointed, and ending
+    // the process here is the same as the power cuts the resume path is built for.
+    std::process::exit(0);
+}
+
 fn run(cli: Cli) -> anyhow::Result<()> {
     let cfg =
         Config::load(&cli.config).with_context(|| format!("loading {}", cli.config.display()))?;
+    if let Command::Serve = cli.command {
+        return serve(cfg);
+    }
     let mut agent = Agent::new(cfg).context("starting the agent")?;
     // SIGTERM/SIGINT cancel cleanly: the slot stays unbootable, the state says cancelled.
     let cancel = Arc::new(AtomicBool::new(false));
@@ -155,6 +198,8 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         }
     };
     match cli.command {
+        // Returned above, before the one-shot commands set up their own agent.
+        Command::Serve => {}
         Command::Stage {
             url,
             allow_downgrade,

@@ -11,7 +11,13 @@ fn main() -> ExitCode {
     match cli::run(args) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("error: {e:#}");
+            // Colour only when a person is looking.
+            let prefix = if std::io::IsTerminal::is_terminal(&std::io::stderr()) {
+                "\x1b[1;31merror:\x1b[0m"
+            } else {
+                "error:"
+            };
+            eprintln!("{prefix} {e:#}");
             cli::exit_code(&e)
         }
     }

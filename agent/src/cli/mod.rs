@@ -4,39 +4,74 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
+pub mod agent;
 pub mod bundle;
+pub mod render;
 
 /// Exit codes, documented in `updatectl --help` and the README.
 pub const EXIT_OK: u8 = 0;
 pub const EXIT_FAILURE: u8 = 1;
 pub const EXIT_USAGE: u8 = 2;
 pub const EXIT_REJECTED: u8 = 3;
+pub const EXIT_UNREACHABLE: u8 = 4;
+pub const EXIT_REFUSED: u8 = 5;
+
+const EXIT_HELP: &str = "Exit codes:
+  0  success
+  1  failure (I/O, a missing file, an update that failed or was cancelled)
+  2  usage error (bad arguments, or the agent named a bad request field)
+  3  payload rejected (untrusted or bad signature, expired, malformed, hash
+     mismatch, not for this node, a downgrade)
+  4  the agent cannot be reached (not running, no access to its socket, TLS)
+  5  the agent refused (permission denied, another update running, wrong state,
+     release not found)";
 
 #[derive(Debug, Parser)]
 #[command(
     name = "updatectl",
     version,
     about = "Control and publish A/B updates for immutable Linux hosts",
-    after_help = "Exit codes:\n  0  success\n  1  failure (I/O, a missing or unreadable file, ...)\n  \
-                  2  usage error (bad arguments)\n  3  payload rejected (untrusted or bad signature, \
-                  expired, malformed manifest, hash mismatch)"
+    after_help = EXIT_HELP
 )]
 pub struct Cli {
+    #[command(flatten)]
+    pub connect: agent::Connect,
     #[command(subcommand)]
     pub command: Command,
 }
 
 #[derive(Debug, Subcommand)]
 pub enum Command {
+    #[command(flatten)]
+    Agent(agent::AgentCommand),
     /// Make, inspect and check release payloads (for publishers).
     #[command(subcommand)]
     Bundle(bundle::BundleCommand),
+    /// Print a shell completion script (bash, zsh, fish, elvish, powershell).
+    Completions { shell: clap_complete::Shell },
+    /// Write man pages for updatectl and each subcommand into DIR (for packagers).
+    #[command(name = "man")]
+    Man { dir: std::path::PathBuf },
 }
 
 /// Runs a parsed command line.
 pub fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
+        Command::Agent(cmd) => agent::run(cmd, &cli.connect),
         Command::Bundle(cmd) => bundle::run(cmd),
+        Command::Completions { shell } => {
+            let mut cmd = <Cli as clap::CommandFactory>::command();
+            clap_complete::generate(shell, &mut cmd, "updatectl", &mut std::io::stdout());
+            Ok(())
+        }
+        Command::Man { dir } => {
+            use anyhow::Context as _;
+            std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+            let cmd = <Cli as clap::CommandFactory>::command();
+            clap_mangen::generate_to(cmd, &dir)
+                .with_context(|| format!("writing man pages into {}", dir.display()))?;
+            Ok(())
+        }
     }
 }
 
@@ -44,6 +79,31 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
 pub fn exit_code(err: &anyhow::Error) -> ExitCode {
     use crate::apply::ApplyError;
     use crate::payload::PayloadError;
+    if err.chain().any(|e| {
+        e.downcast_ref::<crate::api::client::ConnectError>()
+            .is_some()
+    }) {
+        return ExitCode::from(EXIT_UNREACHABLE);
+    }
+    if let Some(c) = err
+        .chain()
+        .find_map(|e| e.downcast_ref::<agent::CallError>())
+    {
+        use tonic::Code;
+        return ExitCode::from(match (c.code, c.reason.as_str()) {
+            (_, "REJECTED") => EXIT_REJECTED,
+            (Code::InvalidArgument, _) => EXIT_USAGE,
+            (Code::Unavailable, _) => EXIT_UNREACHABLE,
+            (
+                Code::PermissionDenied
+                | Code::FailedPrecondition
+                | Code::NotFound
+                | Code::Unimplemented,
+                _,
+            ) => EXIT_REFUSED,
+            _ => EXIT_FAILURE,
+        });
+    }
     let rejected = err.chain().any(|e| {
         matches!(
             e.downcast_ref::<PayloadError>(),

@@ -578,6 +578,8 @@ impl Node {
     }
 }
 
+mod api;
+
 fn text(o: &Output) -> String {
     format!(
         "{}{}",

@@ -1,0 +1,90 @@
+//! Connecting to the agent: over its Unix socket (updatectl's default), or over TCP
+//! with mutual TLS (fleet controllers, the VM lab).
+
+use std::path::{Path, PathBuf};
+
+use hyper_util::rt::TokioIo;
+use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
+
+use super::pb::update_agent_client::UpdateAgentClient;
+
+pub type Client = UpdateAgentClient<Channel>;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConnectError {
+    #[error("cannot reach update-agent at {path}: is update-agent.service running?")]
+    Unix {
+        path: PathBuf,
+        #[source]
+        source: tonic::transport::Error,
+    },
+    #[error("cannot reach update-agent at {address}")]
+    Tcp {
+        address: String,
+        #[source]
+        source: tonic::transport::Error,
+    },
+    #[error("reading {path}")]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// Connects over the Unix socket at `path` (the URI is a placeholder gRPC needs).
+pub async fn unix(path: &Path) -> Result<Client, ConnectError> {
+    let p = path.to_owned();
+    let channel = Endpoint::from_static("http://localhost")
+        .connect_with_connector(tower::service_fn(move |_| {
+            let p = p.clone();
+            async move {
+                Ok::<_, std::io::Error>(TokioIo::new(tokio::net::UnixStream::connect(p).await?))
+            }
+        }))
+        .await
+        .map_err(|source| ConnectError::Unix {
+            path: path.to_owned(),
+            source,
+        })?;
+    Ok(UpdateAgentClient::new(channel))
+}
+
+/// Client side of mutual TLS.
+#[derive(Debug, Clone)]
+pub struct TlsFiles {
+    /// CA that signed the agent's server certificate.
+    pub ca: PathBuf,
+    pub cert: PathBuf,
+    pub key: PathBuf,
+    /// Name to expect in the server certificate (default: the address's host).
+    pub server_name: Option<String>,
+}
+
+/// Connects to `address` (`https://host:port`) with a client certificate.
+pub async fn tls(address: &str, files: &TlsFiles) -> Result<Client, ConnectError> {
+    let read = |path: &PathBuf| {
+        std::fs::read(path).map_err(|source| ConnectError::Read {
+            path: path.clone(),
+            source,
+        })
+    };
+    let mut tls = ClientTlsConfig::new()
+        .ca_certificate(Certificate::from_pem(read(&files.ca)?))
+        .identity(Identity::from_pem(read(&files.cert)?, read(&files.key)?));
+    if let Some(name) = &files.server_name {
+        tls = tls.domain_name(name.clone());
+    }
+    let err = |source| ConnectError::Tcp {
+        address: address.to_owned(),
+        source,
+    };
+    let channel = Endpoint::from_shared(address.to_owned())
+        .map_err(err)?
+        .tls_config(tls)
+        .map_err(err)?
+        .connect()
+        .await
+        .map_err(err)?;
+    Ok(UpdateAgentClient::new(channel))
+}

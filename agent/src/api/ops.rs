@@ -1,0 +1,247 @@
+//! Operations: one update at a time, run on its own thread with the Agent, watched
+//! through a broadcast of typed events.
+//!
+//! An operation is registered (phase OPENING) before its payload is even opened, so
+//! a second StartUpdate for another target is refused at once and one for the same
+//! target gets the same id. Its id is the staging attempt id, so `state.json`,
+//! history and logs all name it the same way across restarts.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+
+use tokio::sync::broadcast;
+
+use super::pb;
+use super::status::now;
+
+/// Events buffered per watcher; one that falls further behind gets a fresh snapshot.
+const EVENT_BUFFER: usize = 1024;
+
+#[derive(Debug)]
+struct Op {
+    key: String,
+    snapshot: pb::Operation,
+    cancel: Arc<AtomicBool>,
+    result: Option<pb::Result>,
+}
+
+#[derive(Debug, Default)]
+struct Inner {
+    current: Option<Op>,
+    last: Option<Op>,
+}
+
+/// The running operation (if any), the last finished one, and the event stream.
+#[derive(Debug)]
+pub struct Ops {
+    inner: Mutex<Inner>,
+    events: broadcast::Sender<pb::UpdateEvent>,
+}
+
+/// What [`Ops::begin`] decided.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Begin {
+    /// A new operation with this id and cancel flag.
+    Started { id: String },
+    /// The same target is already running.
+    AlreadyRunning { id: String },
+    /// Something else runs.
+    Busy { id: String, version: String },
+}
+
+impl Default for Ops {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Ops {
+    pub fn new() -> Self {
+        Self {
+            inner: Mutex::new(Inner::default()),
+            events: broadcast::channel(EVENT_BUFFER).0,
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
+        // A panicked worker must not take the API down with it.
+        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub fn subscribe(&self) -> broadcast::Receiver<pb::UpdateEvent> {
+        self.events.subscribe()
+    }
+
+    /// Registers an operation for `key` (the resolved target) unless one runs.
+    pub fn begin(&self, key: &str, id: String, snapshot: pb::Operation) -> Begin {
+        let mut g = self.lock();
+        if let Some(op) = &g.current {
+            return if op.key == key {
+                Begin::AlreadyRunning {
+                    id: op.snapshot.id.clone(),
+                }
+            } else {
+                Begin::Busy {
+                    id: op.snapshot.id.clone(),
+                    version: op.snapshot.version.clone(),
+                }
+            };
+        }
+        let mut snapshot = snapshot;
+        snapshot.id = id.clone();
+        g.current = Some(Op {
+            key: key.to_owned(),
+            snapshot: snapshot.clone(),
+            cancel: Arc::new(AtomicBool::new(false)),
+            result: None,
+        });
+        drop(g);
+        self.emit(&id, pb::update_event::Kind::Snapshot(snapshot));
+        Begin::Started { id }
+    }
+
+    /// Drops an operation that never started (its payload was refused up front).
+    pub fn abandon(&self, id: &str) {
+        let mut g = self.lock();
+        if g.current.as_ref().is_some_and(|o| o.snapshot.id == id) {
+            g.current = None;
+        }
+    }
+
+    pub fn cancel_flag(&self, id: &str) -> Option<Arc<AtomicBool>> {
+        let g = self.lock();
+        g.current
+            .as_ref()
+            .filter(|o| o.snapshot.id == id)
+            .map(|o| Arc::clone(&o.cancel))
+    }
+
+    /// Asks the running operation to stop; returns its id.
+    pub fn request_cancel(&self) -> Option<String> {
+        let g = self.lock();
+        g.current.as_ref().map(|o| {
+            o.cancel.store(true, Ordering::SeqCst);
+            o.snapshot.id.clone()
+        })
+    }
+
+    pub fn current(&self) -> Option<pb::Operation> {
+        self.lock().current.as_ref().map(|o| o.snapshot.clone())
+    }
+
+    /// The snapshot (and result, once finished) of the current or last operation;
+    /// `id` empty means the current one.
+    pub fn find(&self, id: &str) -> Option<(pb::Operation, Option<pb::Result>)> {
+        let g = self.lock();
+        let op = match (&g.current, &g.last) {
+            (Some(c), _) if id.is_empty() || c.snapshot.id == id => Some(c),
+            (_, Some(l)) if !id.is_empty() && l.snapshot.id == id => Some(l),
+            _ => None,
+        };
+        op.map(|o| (o.snapshot.clone(), o.result.clone()))
+    }
+
+    /// Updates the running operation's snapshot with `f` and broadcasts `kind`.
+    pub fn update(
+        &self,
+        id: &str,
+        f: impl FnOnce(&mut pb::Operation),
+        kind: Option<pb::update_event::Kind>,
+    ) {
+        {
+            let mut g = self.lock();
+            if let Some(op) = g.current.as_mut().filter(|o| o.snapshot.id == id) {
+                f(&mut op.snapshot);
+            }
+        }
+        if let Some(k) = kind {
+            self.emit(id, k);
+        }
+    }
+
+    /// Ends the running operation with its result.
+    pub fn finish(&self, id: &str, result: pb::Result) {
+        {
+            let mut g = self.lock();
+            if g.current.as_ref().is_some_and(|o| o.snapshot.id == id) {
+                if let Some(mut op) = g.current.take() {
+                    op.snapshot.phase = pb::Phase::Done as i32;
+                    op.result = Some(result.clone());
+                    g.last = Some(op);
+                }
+            }
+        }
+        self.emit(id, pb::update_event::Kind::Phase(pb::Phase::Done as i32));
+        self.emit(id, pb::update_event::Kind::Result(result));
+    }
+
+    fn emit(&self, id: &str, kind: pb::update_event::Kind) {
+        // No receivers is fine: nobody is watching.
+        let _ = self.events.send(pb::UpdateEvent {
+            operation_id: id.to_owned(),
+            at: Some(now()),
+            kind: Some(kind),
+        });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn one_operation_at_a_time_and_idempotent() {
+        let ops = Ops::new();
+        let snap = pb::Operation {
+            version: "2.0".into(),
+            ..Default::default()
+        };
+        let mut rx = ops.subscribe();
+        assert_eq!(
+            ops.begin("u1", "op1".into(), snap.clone()),
+            Begin::Started { id: "op1".into() }
+        );
+        assert_eq!(
+            ops.begin("u1", "op2".into(), snap.clone()),
+            Begin::AlreadyRunning { id: "op1".into() }
+        );
+        assert_eq!(
+            ops.begin("u2", "op3".into(), snap),
+            Begin::Busy {
+                id: "op1".into(),
+                version: "2.0".into()
+            }
+        );
+        ops.update("op1", |s| s.bytes_done = 7, None);
+        assert_eq!(ops.current().map(|o| o.bytes_done), Some(7));
+        assert_eq!(ops.request_cancel().as_deref(), Some("op1"));
+        assert!(ops
+            .cancel_flag("op1")
+            .is_some_and(|f| f.load(Ordering::SeqCst)));
+        ops.finish(
+            "op1",
+            pb::Result {
+                outcome: pb::Outcome::Cancelled as i32,
+                ..Default::default()
+            },
+        );
+        assert!(ops.current().is_none());
+        let (snap, result) = ops.find("op1").expect("last op is kept");
+        assert_eq!(snap.phase, pb::Phase::Done as i32);
+        assert!(result.is_some());
+        assert!(ops.find("").is_none(), "nothing runs");
+        // Snapshot first, then the phase change and the result.
+        let kinds: Vec<_> = std::iter::from_fn(|| rx.try_recv().ok())
+            .filter_map(|e| e.kind)
+            .collect();
+        assert!(matches!(kinds[0], pb::update_event::Kind::Snapshot(_)));
+        assert!(matches!(
+            kinds.last(),
+            Some(pb::update_event::Kind::Result(_))
+        ));
+        assert_eq!(
+            ops.begin("u2", "op4".into(), pb::Operation::default()),
+            Begin::Started { id: "op4".into() }
+        );
+    }
+}

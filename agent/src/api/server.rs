@@ -1,0 +1,203 @@
+//! The listeners: the Unix socket (always) and TCP with mutual TLS (when configured),
+//! each serving the agent's service plus the standard gRPC health and reflection
+//! services; readiness and the watchdog for systemd.
+
+use std::future::Future;
+use std::os::unix::fs::PermissionsExt as _;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use tonic::transport::{Certificate, Identity, Server, ServerTlsConfig};
+
+use super::pb::update_agent_server::UpdateAgentServer;
+use super::service::{Daemon, Service};
+use crate::update::UpdateError;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    #[error("starting the agent")]
+    Agent(#[source] UpdateError),
+    #[error(transparent)]
+    Access(#[from] super::access::AccessError),
+    #[error("api.socket_group")]
+    SocketGroup(#[source] super::access::AccessError),
+    #[error("preparing the API socket {path}")]
+    Socket {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{path} exists and is not a socket; refusing to replace it")]
+    NotASocket { path: PathBuf },
+    #[error("reading {key} {path}")]
+    TlsFile {
+        key: &'static str,
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("listening on {addr} (api.tcp_listen)")]
+    Tcp {
+        addr: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("setting up TLS for api.tcp_listen")]
+    Tls(#[source] tonic::transport::Error),
+    #[error("reflection service")]
+    Reflection(#[source] tonic_reflection::server::Error),
+    #[error("serving gRPC")]
+    Serve(#[source] tonic::transport::Error),
+}
+
+/// Binds the socket: stale sockets are replaced, anything else at the path is not;
+/// mode 0660 and the configured group before the first client can get in.
+fn bind_unix(path: &Path, group: &str) -> Result<tokio::net::UnixListener, ServeError> {
+    let io = |source| ServeError::Socket {
+        path: path.to_owned(),
+        source,
+    };
+    match std::fs::symlink_metadata(path) {
+        Ok(m) if std::os::unix::fs::FileTypeExt::is_socket(&m.file_type()) => {
+            std::fs::remove_file(path).map_err(io)?
+        }
+        Ok(_) => {
+            return Err(ServeError::NotASocket {
+                path: path.to_owned(),
+            })
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(io(e)),
+    }
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir).map_err(io)?;
+    }
+    let listener = tokio::net::UnixListener::bind(path).map_err(io)?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o660)).map_err(io)?;
+    if !group.is_empty() {
+        let gid = super::access::resolve_group(group).map_err(ServeError::SocketGroup)?;
+        nix::unistd::chown(path, None, Some(nix::unistd::Gid::from_raw(gid)))
+            .map_err(|e| io(std::io::Error::from(e)))?;
+    }
+    Ok(listener)
+}
+
+fn read(key: &'static str, path: Option<&PathBuf>) -> Result<Vec<u8>, ServeError> {
+    let path = path.cloned().unwrap_or_default();
+    std::fs::read(&path).map_err(|source| ServeError::TlsFile { key, path, source })
+}
+
+/// Serves until `shutdown` resolves. Calls `ready` once every listener is bound.
+pub async fn serve(
+    daemon: Arc<Daemon>,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+    ready: impl FnOnce(&str),
+) -> Result<(), ServeError> {
+    let cfg = daemon.cfg.api.clone();
+    let service = Service(Arc::clone(&daemon));
+    let (health, health_service) = tonic_health::server::health_reporter();
+    health.set_serving::<UpdateAgentServer<Service>>().await;
+    let reflection = || {
+        tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(super::pb::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+    };
+    let reflection_v1 = reflection().build_v1().map_err(ServeError::Reflection)?;
+    let reflection_v1alpha = reflection()
+        .build_v1alpha()
+        .map_err(ServeError::Reflection)?;
+
+    let unix = bind_unix(&cfg.socket, &cfg.socket_group)?;
+    let tcp = match &cfg.tcp_listen {
+        Some(addr) => {
+            let l = tokio::net::TcpListener::bind(addr)
+                .await
+                .map_err(|source| ServeError::Tcp {
+                    addr: addr.clone(),
+                    source,
+                })?;
+            let tls = ServerTlsConfig::new()
+                .identity(Identity::from_pem(
+                    read("api.tls_cert", cfg.tls_cert.as_ref())?,
+                    read("api.tls_key", cfg.tls_key.as_ref())?,
+                ))
+                .client_ca_root(Certificate::from_pem(read(
+                    "api.tls_client_ca",
+                    cfg.tls_client_ca.as_ref(),
+                )?))
+                .client_auth_optional(false);
+            Some((l, tls))
+        }
+        None => None,
+    };
+    let where_ = match &tcp {
+        Some((l, _)) => format!(
+            "{} and {}",
+            cfg.socket.display(),
+            l.local_addr().map(|a| a.to_string()).unwrap_or_default()
+        ),
+        None => cfg.socket.display().to_string(),
+    };
+    service.resume_interrupted();
+    ready(&where_);
+
+    // One shutdown signal for both listeners.
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    tokio::spawn(async move {
+        shutdown.await;
+        let _ = stop_tx.send(true);
+    });
+    let stopped = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
+        let _ = rx.wait_for(|s| *s).await;
+    };
+
+    let router = |b: &mut Server| {
+        b.add_service(UpdateAgentServer::new(service.clone()))
+            .add_service(health_service.clone())
+            .add_service(reflection_v1.clone())
+            .add_service(reflection_v1alpha.clone())
+    };
+    let unix_server = router(&mut Server::builder()).serve_with_incoming_shutdown(
+        tokio_stream::wrappers::UnixListenerStream::new(unix),
+        stopped(stop_rx.clone()),
+    );
+    match tcp {
+        Some((listener, tls)) => {
+            let mut b = Server::builder().tls_config(tls).map_err(ServeError::Tls)?;
+            let tcp_server = router(&mut b).serve_with_incoming_shutdown(
+                tonic::transport::server::TcpIncoming::from(listener),
+                stopped(stop_rx),
+            );
+            let (a, b) = tokio::join!(unix_server, tcp_server);
+            a.and(b).map_err(ServeError::Serve)?;
+        }
+        None => unix_server.await.map_err(ServeError::Serve)?,
+    }
+    let _ = std::fs::remove_file(&cfg.socket);
+    Ok(())
+}
+
+/// Tells systemd we are up, and feeds its watchdog from the runtime (a wedged
+/// runtime stops the feeding and systemd restarts us). Does nothing outside systemd.
+pub fn notify_ready(where_: &str) {
+    let status = format!("serving on {where_}");
+    let _ = sd_notify::notify(
+        false,
+        &[
+            sd_notify::NotifyState::Ready,
+            sd_notify::NotifyState::Status(&status),
+        ],
+    );
+    let mut usec = 0u64;
+    if sd_notify::watchdog_enabled(false, &mut usec) && usec > 0 {
+        let every = Duration::from_micros(usec / 2);
+        tokio::spawn(async move {
+            let mut t = tokio::time::interval(every);
+            loop {
+                t.tick().await;
+                let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Watchdog]);
+            }
+        });
+    }
+}

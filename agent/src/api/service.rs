@@ -1,0 +1,767 @@
+//! The `updateagent.v1.UpdateAgent` service: checks access, then reads status or
+//! hands changes to the operation runner.
+
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio::sync::broadcast::error::RecvError;
+use tokio_stream::Stream;
+use tonic::{Request, Response, Status};
+
+use super::access::{Need, Policy};
+use super::ops::{Begin, Ops};
+use super::pb::update_event::Kind;
+use super::status::{self, Reader};
+use super::{pb, ApiError};
+use crate::config::Config;
+use crate::state::State;
+use crate::update::{attempt_id, error_chain, Agent, Progress, UpdateError};
+
+/// Everything the service works with.
+pub struct Daemon {
+    pub cfg: Config,
+    pub reader: Reader,
+    /// The handle that changes things; held by one operation at a time.
+    agent: Arc<Mutex<Agent>>,
+    /// A second handle for payload checks, so a check never waits for a staging.
+    checker: Arc<Mutex<Agent>>,
+    pub ops: Arc<Ops>,
+    policy: Policy,
+}
+
+impl std::fmt::Debug for Daemon {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Daemon").finish_non_exhaustive()
+    }
+}
+
+/// The resolved target of StartUpdate or CheckForUpdate.
+#[derive(Debug, Clone)]
+struct Target {
+    /// Identifies "the same target" for idempotency.
+    key: String,
+    /// Payload locations to try in order (a delta for this node first, when known).
+    urls: Vec<String>,
+    /// Set when a version was asked for: not finding it is NOT_FOUND.
+    version: Option<String>,
+}
+
+impl Daemon {
+    pub fn new(cfg: Config) -> Result<Self, super::server::ServeError> {
+        use super::server::ServeError;
+        let agent = Agent::new(cfg.clone()).map_err(ServeError::Agent)?;
+        let checker = Agent::new(cfg.clone()).map_err(ServeError::Agent)?;
+        let reader = Reader::new(cfg.clone(), agent.layout.clone()).map_err(ServeError::Agent)?;
+        let policy = Policy::new(&cfg.api).map_err(ServeError::Access)?;
+        Ok(Self {
+            cfg,
+            reader,
+            agent: Arc::new(Mutex::new(agent)),
+            checker: Arc::new(Mutex::new(checker)),
+            ops: Arc::new(Ops::new()),
+            policy,
+        })
+    }
+
+    fn resolve(&self, field: &'static str, source: Source) -> Result<Target, ApiError> {
+        match source {
+            Source::None => Err(ApiError::InvalidArgument {
+                field: "source",
+                why: "name a channel, a version, a url or a path".into(),
+            }),
+            Source::Channel(channel) => Err(ApiError::ChannelsUnsupported { channel }),
+            Source::Url(u) if u.trim().is_empty() => Err(ApiError::InvalidArgument {
+                field: "url",
+                why: "is empty".into(),
+            }),
+            Source::Url(u) => {
+                if !(u.starts_with("http://")
+                    || u.starts_with("https://")
+                    || u.starts_with("file://"))
+                {
+                    return Err(ApiError::InvalidArgument {
+                        field: "url",
+                        why: format!("{u:?} is not an http://, https:// or file:// URL"),
+                    });
+                }
+                Ok(Target {
+                    key: format!("url {u}"),
+                    urls: vec![u],
+                    version: None,
+                })
+            }
+            Source::Path(p) => {
+                if !p.starts_with('/') {
+                    return Err(ApiError::InvalidArgument {
+                        field: "path",
+                        why: format!("{p:?} is not an absolute path on the node"),
+                    });
+                }
+                Ok(Target {
+                    key: format!("path {p}"),
+                    urls: vec![p],
+                    version: None,
+                })
+            }
+            Source::Version(v) => {
+                if v.is_empty() || v.contains('/') || v.chars().any(char::is_whitespace) {
+                    return Err(ApiError::InvalidArgument {
+                        field,
+                        why: format!("{v:?} is not a release version"),
+                    });
+                }
+                let Some(base) = self.cfg.releases.url.as_deref() else {
+                    return Err(ApiError::InvalidArgument {
+                        field,
+                        why: "this node has no release server (agent.toml [releases] url); give a url instead".into(),
+                    });
+                };
+                let base = base.trim_end_matches('/');
+                let mut urls = Vec::new();
+                // The delta built from the image this node runs, when the agent knows
+                // which image that is (it records the hash of every release it commits).
+                if let Ok(State::Committed {
+                    image_sha256: Some(h),
+                    ..
+                }) = self.reader.state()
+                {
+                    if let Some(short) = h.get(..16) {
+                        urls.push(format!("{base}/{v}.from-{short}.uap"));
+                    }
+                }
+                urls.push(format!("{base}/{v}.full.uap"));
+                Ok(Target {
+                    key: format!("version {v}"),
+                    urls,
+                    version: Some(v),
+                })
+            }
+        }
+    }
+
+    /// Opens and checks the first payload of `target` that exists (blocking).
+    fn precheck(
+        checker: &Mutex<Agent>,
+        target: &Target,
+        allow_downgrade: bool,
+    ) -> Result<crate::update::Checked, ApiError> {
+        let agent = checker.lock().unwrap_or_else(|p| p.into_inner());
+        let mut last = None;
+        for url in &target.urls {
+            match agent.check(url, allow_downgrade) {
+                Ok(c) => return Ok(c),
+                Err(e) => {
+                    let not_found = ApiError::from(e);
+                    if not_found.code().0 != tonic::Code::NotFound {
+                        return Err(not_found);
+                    }
+                    last = Some(not_found);
+                }
+            }
+        }
+        match (last, &target.version) {
+            (Some(ApiError::Update(e)), Some(v)) => Err(ApiError::VersionNotFound {
+                version: v.clone(),
+                url: target.urls.last().cloned().unwrap_or_default(),
+                source: Box::new(e),
+            }),
+            (Some(e), _) => Err(e),
+            (None, _) => Err(ApiError::Worker),
+        }
+    }
+}
+
+enum Source {
+    None,
+    Channel(String),
+    Version(String),
+    Url(String),
+    Path(String),
+}
+
+fn start_source(s: Option<pb::start_update_request::Source>) -> Source {
+    use pb::start_update_request::Source as S;
+    match s {
+        None => Source::None,
+        Some(S::Channel(c)) => Source::Channel(c),
+        Some(S::Version(v)) => Source::Version(v),
+        Some(S::Url(u)) => Source::Url(u),
+        Some(S::Path(p)) => Source::Path(p),
+    }
+}
+
+fn check_source(s: Option<pb::check_for_update_request::Source>) -> Source {
+    use pb::check_for_update_request::Source as S;
+    match s {
+        None => Source::None,
+        Some(S::Channel(c)) => Source::Channel(c),
+        Some(S::Version(v)) => Source::Version(v),
+        Some(S::Url(u)) => Source::Url(u),
+    }
+}
+
+/// Runs blocking agent work off the async runtime.
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T, ApiError> + Send + 'static,
+) -> Result<T, ApiError> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|_| ApiError::Worker)?
+}
+
+/// The tonic service (cheap to clone: one shared daemon).
+#[derive(Debug, Clone)]
+pub struct Service(pub Arc<Daemon>);
+
+type EventStream = Pin<Box<dyn Stream<Item = Result<pb::UpdateEvent, Status>> + Send>>;
+
+impl Service {
+    /// Starts (or resumes) an operation on its own thread.
+    fn spawn_operation(
+        &self,
+        id: String,
+        url: String,
+        allow_downgrade: bool,
+        reboot: pb::RebootPolicy,
+        resume: bool,
+    ) {
+        let d = Arc::clone(&self.0);
+        std::thread::Builder::new()
+            .name(format!("update {id}"))
+            .spawn(move || run_operation(&d, &id, &url, allow_downgrade, reboot, resume))
+            .map(drop)
+            .unwrap_or_else(|e| tracing::error!(error = %e, "cannot start the update thread"));
+    }
+
+    /// At start: an interrupted staging, or a staged release not yet armed, carries on
+    /// as an operation of its own.
+    pub fn resume_interrupted(&self) {
+        let (id, url, version) = match self.0.reader.state() {
+            Ok(State::Staging(s)) => (s.attempt, s.url, s.version),
+            Ok(State::Staged(s)) => (s.attempt, String::new(), s.version),
+            _ => return,
+        };
+        let snapshot = pb::Operation {
+            phase: pb::Phase::Opening as i32,
+            version,
+            source: url.clone(),
+            reboot: pb::RebootPolicy::Never as i32,
+            started: Some(status::now()),
+            ..Default::default()
+        };
+        let key = format!("url {url}");
+        if let Begin::Started { id } = self.0.ops.begin(&key, id, snapshot) {
+            tracing::info!(attempt = %id, "resuming the interrupted update");
+            self.spawn_operation(id, url, true, pb::RebootPolicy::Never, true);
+        }
+    }
+}
+
+/// The body of an operation's thread: stage (or resume), report, maybe reboot.
+fn run_operation(
+    d: &Daemon,
+    id: &str,
+    url: &str,
+    allow_downgrade: bool,
+    reboot: pb::RebootPolicy,
+    resume: bool,
+) {
+    let ops = &d.ops;
+    let Some(cancel) = ops.cancel_flag(id) else {
+        return;
+    };
+    let mut last_progress = std::time::Instant::now();
+    let mut on = |p: Progress| match p {
+        Progress::Opened {
+            version,
+            delta,
+            ops: n,
+            bytes,
+            ..
+        } => ops.update(
+            id,
+            |s| {
+                s.phase = pb::Phase::Writing as i32;
+                s.version = version;
+                s.delta = delta;
+                s.ops_total = u32::try_from(n).unwrap_or(u32::MAX);
+                s.bytes_total = bytes;
+            },
+            Some(Kind::Phase(pb::Phase::Writing as i32)),
+        ),
+        Progress::Op {
+            done,
+            total,
+            bytes_done,
+            bytes_fetched,
+        } => {
+            // Every operation updates the snapshot; watchers get at most ten a second.
+            let emit = done == total || last_progress.elapsed() >= Duration::from_millis(100);
+            if emit {
+                last_progress = std::time::Instant::now();
+            }
+            let progress = pb::Progress {
+                bytes_done,
+                bytes_total: 0,
+                bytes_fetched,
+                ops_done: u32::try_from(done).unwrap_or(u32::MAX),
+                ops_total: u32::try_from(total).unwrap_or(u32::MAX),
+            };
+            let mut out = progress;
+            ops.update(
+                id,
+                |s| {
+                    s.bytes_done = bytes_done;
+                    s.bytes_fetched = bytes_fetched;
+                    s.ops_done = out.ops_done;
+                    s.ops_total = out.ops_total;
+                    out.bytes_total = s.bytes_total;
+                },
+                None,
+            );
+            if emit {
+                ops.update(id, |_| {}, Some(Kind::Progress(out)));
+            }
+        }
+        Progress::Verifying => ops.update(
+            id,
+            |s| s.phase = pb::Phase::Verifying as i32,
+            Some(Kind::Phase(pb::Phase::Verifying as i32)),
+        ),
+        Progress::Armed { .. } => ops.update(
+            id,
+            |s| s.phase = pb::Phase::Armed as i32,
+            Some(Kind::Phase(pb::Phase::Armed as i32)),
+        ),
+    };
+    let (result, from_version) = {
+        let mut agent = d.agent.lock().unwrap_or_else(|p| p.into_inner());
+        let from = agent.running_version();
+        let r = if resume {
+            agent.resume(Some(&cancel), &mut on)
+        } else {
+            agent.stage_as(id, url, allow_downgrade, Some(&cancel), &mut on)
+        };
+        (r, from)
+    };
+    let snap = ops.find(id).map(|(s, _)| s).unwrap_or_default();
+    let mut res = pb::Result {
+        outcome: pb::Outcome::Armed as i32,
+        version: snap.version.clone(),
+        from_version: from_version.unwrap_or_default(),
+        reason: String::new(),
+        at: Some(status::now()),
+        bytes_fetched: snap.bytes_fetched,
+    };
+    let reboot_now = match &result {
+        Ok(()) => reboot == pb::RebootPolicy::Immediate,
+        Err(UpdateError::Apply(crate::apply::ApplyError::Cancelled { .. })) => {
+            res.outcome = pb::Outcome::Cancelled as i32;
+            res.reason = "cancelled".into();
+            false
+        }
+        Err(e) => {
+            res.outcome = pb::Outcome::Failed as i32;
+            res.reason = error_chain(e);
+            false
+        }
+    };
+    if reboot_now {
+        ops.update(
+            id,
+            |s| s.phase = pb::Phase::Rebooting as i32,
+            Some(Kind::Phase(pb::Phase::Rebooting as i32)),
+        );
+        res.reason = "rebooting into the trial slot".into();
+    }
+    tracing::info!(attempt = %id, outcome = res.outcome, reason = %res.reason, "operation ended");
+    ops.finish(id, res);
+    if reboot_now {
+        if let Err(e) = run_reboot(&d.cfg.health.reboot_command) {
+            tracing::error!(error = %error_chain(&e), "reboot after staging failed; reboot the node to try the release");
+        }
+    }
+}
+
+fn run_reboot(cmd: &[String]) -> Result<(), ApiError> {
+    let err = |source| ApiError::Reboot {
+        command: cmd.to_vec(),
+        source,
+    };
+    let (prog, args) = cmd
+        .split_first()
+        .ok_or_else(|| err(std::io::Error::other("health.reboot_command is empty")))?;
+    let st = std::process::Command::new(prog)
+        .args(args)
+        .status()
+        .map_err(err)?;
+    if !st.success() {
+        return Err(err(std::io::Error::other(format!("exited with {st}"))));
+    }
+    Ok(())
+}
+
+#[tonic::async_trait]
+impl pb::update_agent_server::UpdateAgent for Service {
+    async fn get_status(
+        &self,
+        req: Request<pb::GetStatusRequest>,
+    ) -> Result<Response<pb::Status>, Status> {
+        self.0.policy.check(&req, Need::Read)?;
+        let st = self
+            .0
+            .reader
+            .status(self.0.ops.current())
+            .map_err(ApiError::from)?;
+        Ok(Response::new(st))
+    }
+
+    async fn check_for_update(
+        &self,
+        req: Request<pb::CheckForUpdateRequest>,
+    ) -> Result<Response<pb::CheckForUpdateResponse>, Status> {
+        self.0.policy.check(&req, Need::Read)?;
+        let target = self
+            .0
+            .resolve("version", check_source(req.into_inner().source))?;
+        let checker = Arc::clone(&self.0.checker);
+        let running = crate::update::running_version(&self.0.cfg.os_release).unwrap_or_default();
+        let t = target.clone();
+        let checked = blocking(move || Daemon::precheck(&checker, &t, true)).await?;
+        let newer =
+            running.is_empty() || crate::version::compare(&checked.version, &running).is_gt();
+        // The same checks StartUpdate will make, without the downgrade allowance.
+        let policy = {
+            let checker = Arc::clone(&self.0.checker);
+            let url = checked.url.clone();
+            blocking(move || {
+                let a = checker.lock().unwrap_or_else(|p| p.into_inner());
+                Ok(a.check(&url, false).err().map(|e| error_chain(&e)))
+            })
+            .await?
+        };
+        let reason = match (&policy, newer) {
+            (Some(why), _) => why.clone(),
+            (None, false) => format!(
+                "{} is not newer than the running {running}",
+                checked.version
+            ),
+            (None, true) => String::new(),
+        };
+        Ok(Response::new(pb::CheckForUpdateResponse {
+            available: reason.is_empty(),
+            version: checked.version,
+            running_version: running,
+            url: checked.url,
+            delta: checked.delta,
+            download_bytes: checked.download_bytes,
+            reason,
+        }))
+    }
+
+    async fn start_update(
+        &self,
+        req: Request<pb::StartUpdateRequest>,
+    ) -> Result<Response<pb::StartUpdateResponse>, Status> {
+        let caller = self.0.policy.check(&req, Need::Change)?;
+        let r = req.into_inner();
+        let reboot = match pb::RebootPolicy::try_from(r.reboot) {
+            Ok(pb::RebootPolicy::Unspecified | pb::RebootPolicy::Never) => pb::RebootPolicy::Never,
+            Ok(pb::RebootPolicy::Immediate) => pb::RebootPolicy::Immediate,
+            Ok(pb::RebootPolicy::InWindow) => {
+                return Err(ApiError::InvalidArgument {
+                    field: "reboot",
+                    why: "IN_WINDOW needs maintenance windows, which this node does not have configured; use NEVER and reboot in your window".into(),
+                }
+                .into())
+            }
+            Err(_) => {
+                return Err(ApiError::InvalidArgument {
+                    field: "reboot",
+                    why: format!("{} is not a RebootPolicy", r.reboot),
+                }
+                .into())
+            }
+        };
+        let target = self.0.resolve("version", start_source(r.source))?;
+        let key = format!("{} downgrade={}", target.key, r.allow_downgrade);
+        let snapshot = pb::Operation {
+            phase: pb::Phase::Opening as i32,
+            version: target.version.clone().unwrap_or_default(),
+            source: target.urls.last().cloned().unwrap_or_default(),
+            reboot: reboot as i32,
+            started: Some(status::now()),
+            ..Default::default()
+        };
+        // An interrupted staging of the same payload keeps its id (and resumes).
+        let id = match self.0.reader.state() {
+            Ok(State::Staging(s)) if target.urls.contains(&s.url) => s.attempt,
+            _ => attempt_id(),
+        };
+        let id = match self.0.ops.begin(&key, id, snapshot) {
+            Begin::Started { id } => id,
+            Begin::AlreadyRunning { id } => {
+                return Ok(Response::new(pb::StartUpdateResponse {
+                    operation_id: id,
+                    already_running: true,
+                }))
+            }
+            Begin::Busy { id, version } => {
+                return Err(ApiError::Busy {
+                    operation: id,
+                    version,
+                }
+                .into())
+            }
+        };
+        let checker = Arc::clone(&self.0.checker);
+        let t = target.clone();
+        let allow = r.allow_downgrade;
+        let checked = match blocking(move || Daemon::precheck(&checker, &t, allow)).await {
+            Ok(c) => c,
+            Err(e) => {
+                self.0.ops.abandon(&id);
+                return Err(e.into());
+            }
+        };
+        tracing::info!(attempt = %id, caller = %caller, release = %checked.version, url = %checked.url, "update started");
+        self.0.ops.update(
+            &id,
+            |s| {
+                s.version = checked.version.clone();
+                s.source = checked.url.clone();
+                s.delta = checked.delta;
+            },
+            None,
+        );
+        self.spawn_operation(id.clone(), checked.url, allow, reboot, false);
+        Ok(Response::new(pb::StartUpdateResponse {
+            operation_id: id,
+            already_running: false,
+        }))
+    }
+
+    type WatchUpdateStream = EventStream;
+
+    async fn watch_update(
+        &self,
+        req: Request<pb::WatchUpdateRequest>,
+    ) -> Result<Response<Self::WatchUpdateStream>, Status> {
+        self.0.policy.check(&req, Need::Read)?;
+        let want = req.into_inner().operation_id;
+        let ops = Arc::clone(&self.0.ops);
+        // Subscribe before looking, so nothing between the two is missed.
+        let mut rx = ops.subscribe();
+        let first = ops.find(&want);
+        if !want.is_empty() && first.is_none() {
+            return Err(ApiError::UnknownOperation(want).into());
+        }
+        let (tx, out) = tokio::sync::mpsc::channel::<Result<pb::UpdateEvent, Status>>(64);
+        tokio::spawn(async move {
+            let event = |id: &str, kind| pb::UpdateEvent {
+                operation_id: id.to_owned(),
+                at: Some(status::now()),
+                kind: Some(kind),
+            };
+            let mut target = first.as_ref().map(|(s, _)| s.id.clone());
+            if let Some((snap, result)) = first {
+                let id = snap.id.clone();
+                if tx.send(Ok(event(&id, Kind::Snapshot(snap)))).await.is_err() {
+                    return;
+                }
+                if let Some(r) = result {
+                    let _ = tx.send(Ok(event(&id, Kind::Result(r)))).await;
+                    return;
+                }
+            }
+            loop {
+                match rx.recv().await {
+                    Ok(ev) => {
+                        let id = target.get_or_insert_with(|| ev.operation_id.clone());
+                        if ev.operation_id != *id {
+                            continue;
+                        }
+                        let terminal = matches!(ev.kind, Some(Kind::Result(_)));
+                        // A watcher that went away ends here; the update never notices.
+                        if tx.send(Ok(ev)).await.is_err() || terminal {
+                            return;
+                        }
+                    }
+                    Err(RecvError::Lagged(_)) => {
+                        let Some(id) = target.clone() else { continue };
+                        let Some((snap, result)) = ops.find(&id) else {
+                            return;
+                        };
+                        if tx.send(Ok(event(&id, Kind::Snapshot(snap)))).await.is_err() {
+                            return;
+                        }
+                        if let Some(r) = result {
+                            let _ = tx.send(Ok(event(&id, Kind::Result(r)))).await;
+                            return;
+                        }
+                    }
+                    Err(RecvError::Closed) => return,
+                }
+            }
+        });
+        Ok(Response::new(Box::pin(
+            tokio_stream::wrappers::ReceiverStream::new(out),
+        )))
+    }
+
+    async fn cancel(
+        &self,
+        req: Request<pb::CancelRequest>,
+    ) -> Result<Response<pb::CancelResponse>, Status> {
+        let caller = self.0.policy.check(&req, Need::Change)?;
+        let slot = self.0.reader.layout().inactive().letter().to_owned();
+        let mut rx = self.0.ops.subscribe();
+        if let Some(id) = self.0.ops.request_cancel() {
+            tracing::info!(attempt = %id, caller = %caller, "cancel requested");
+            // Answer once the operation has really stopped (its slot is unbootable then).
+            let wait = async {
+                loop {
+                    match rx.recv().await {
+                        Ok(ev)
+                            if ev.operation_id == id
+                                && matches!(ev.kind, Some(Kind::Result(_))) =>
+                        {
+                            return
+                        }
+                        Ok(_) | Err(RecvError::Lagged(_)) => {
+                            if self.0.ops.find(&id).is_some_and(|(_, r)| r.is_some()) {
+                                return;
+                            }
+                        }
+                        Err(RecvError::Closed) => return,
+                    }
+                }
+            };
+            let _ = tokio::time::timeout(Duration::from_secs(120), wait).await;
+            return Ok(Response::new(pb::CancelResponse { slot }));
+        }
+        let agent = Arc::clone(&self.0.agent);
+        let slot = blocking(move || {
+            let mut a = agent
+                .try_lock()
+                .map_err(|_| ApiError::AgentBusy { what: "an update" })?;
+            Ok(a.cancel()?)
+        })
+        .await?;
+        Ok(Response::new(pb::CancelResponse {
+            slot: slot.letter().to_owned(),
+        }))
+    }
+
+    async fn reboot(
+        &self,
+        req: Request<pb::RebootRequest>,
+    ) -> Result<Response<pb::RebootResponse>, Status> {
+        let caller = self.0.policy.check(&req, Need::Change)?;
+        let force = req.into_inner().force;
+        let state = self.0.reader.state().map_err(ApiError::from)?;
+        if !force && !matches!(state, State::Armed { .. } | State::RollingBack { .. }) {
+            return Err(ApiError::NothingToReboot {
+                state: state.name(),
+            }
+            .into());
+        }
+        tracing::warn!(caller = %caller, state = state.name(), "reboot requested over the API");
+        let cmd = self.0.cfg.health.reboot_command.clone();
+        blocking(move || run_reboot(&cmd)).await?;
+        Ok(Response::new(pb::RebootResponse {}))
+    }
+
+    async fn rollback(
+        &self,
+        req: Request<pb::RollbackRequest>,
+    ) -> Result<Response<pb::RollbackResponse>, Status> {
+        let caller = self.0.policy.check(&req, Need::Change)?;
+        let agent = Arc::clone(&self.0.agent);
+        let (outcome, before) = blocking(move || {
+            let mut a = agent
+                .try_lock()
+                .map_err(|_| ApiError::AgentBusy { what: "an update" })?;
+            let before = a.state()?;
+            Ok((a.rollback()?, before))
+        })
+        .await?;
+        tracing::warn!(caller = %caller, ?outcome, "manual rollback");
+        let version = match before {
+            State::Committed {
+                previous: Some((_, v)),
+                ..
+            } => v,
+            _ => String::new(),
+        };
+        let slot = match outcome {
+            crate::postboot::BootOutcome::RollingBack { to, .. } => to.letter().to_owned(),
+            _ => String::new(),
+        };
+        Ok(Response::new(pb::RollbackResponse { slot, version }))
+    }
+
+    async fn mark_good(
+        &self,
+        req: Request<pb::MarkGoodRequest>,
+    ) -> Result<Response<pb::MarkGoodResponse>, Status> {
+        let caller = self.0.policy.check(&req, Need::Change)?;
+        let agent = Arc::clone(&self.0.agent);
+        let outcome = blocking(move || {
+            let mut a = agent
+                .try_lock()
+                .map_err(|_| ApiError::AgentBusy { what: "an update" })?;
+            Ok(a.mark_good()?)
+        })
+        .await?;
+        tracing::info!(caller = %caller, ?outcome, "marked good over the API");
+        let (slot, version) = match outcome {
+            crate::postboot::BootOutcome::Committed { version, slot } => {
+                (slot.letter().to_owned(), version)
+            }
+            _ => (String::new(), String::new()),
+        };
+        Ok(Response::new(pb::MarkGoodResponse { slot, version }))
+    }
+
+    async fn list_history(
+        &self,
+        req: Request<pb::ListHistoryRequest>,
+    ) -> Result<Response<pb::ListHistoryResponse>, Status> {
+        self.0.policy.check(&req, Need::Read)?;
+        let r = req.into_inner();
+        let size = match r.page_size {
+            0 => 50,
+            n => n.min(crate::history::MAX_ENTRIES as u32) as usize,
+        };
+        let start = if r.page_token.is_empty() {
+            0
+        } else {
+            r.page_token
+                .parse::<usize>()
+                .map_err(|_| ApiError::InvalidArgument {
+                    field: "page_token",
+                    why: format!("{:?} is not a token from ListHistory", r.page_token),
+                })?
+        };
+        let mut all = self.0.reader.history().map_err(ApiError::from)?;
+        all.reverse();
+        let end = (start + size).min(all.len());
+        let entries = all
+            .get(start..end)
+            .unwrap_or_default()
+            .iter()
+            .map(status::history_entry)
+            .collect();
+        let next_page_token = if end < all.len() {
+            end.to_string()
+        } else {
+            String::new()
+        };
+        Ok(Response::new(pb::ListHistoryResponse {
+            entries,
+            next_page_token,
+        }))
+    }
+}

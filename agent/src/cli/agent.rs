@@ -1,0 +1,459 @@
+//! `updatectl` verbs that talk to the daemon over its API: status, check, update,
+//! watch, cancel, reboot, rollback, mark-good, history.
+
+use std::io::IsTerminal as _;
+use std::path::PathBuf;
+
+use anyhow::Context as _;
+use clap::{Args, ValueEnum};
+use tokio_stream::StreamExt as _;
+
+use super::render;
+use crate::api::client::{self, Client, TlsFiles};
+use crate::api::pb;
+
+/// Where the agent is.
+#[derive(Debug, Clone, Args)]
+pub struct Connect {
+    /// The agent's Unix socket.
+    #[arg(long, global = true, env = "UPDATECTL_SOCKET", default_value = crate::config::DEFAULT_SOCKET)]
+    pub socket: PathBuf,
+    /// Talk to a remote agent over TCP with mutual TLS instead (https://HOST:PORT).
+    #[arg(long, global = true, env = "UPDATECTL_ADDRESS", requires_all = ["tls_ca", "tls_cert", "tls_key"])]
+    pub address: Option<String>,
+    /// CA certificate that signed the agent's server certificate (PEM).
+    #[arg(long, global = true, env = "UPDATECTL_TLS_CA")]
+    pub tls_ca: Option<PathBuf>,
+    /// Client certificate (PEM).
+    #[arg(long, global = true, env = "UPDATECTL_TLS_CERT")]
+    pub tls_cert: Option<PathBuf>,
+    /// Client key (PEM).
+    #[arg(long, global = true, env = "UPDATECTL_TLS_KEY")]
+    pub tls_key: Option<PathBuf>,
+    /// Name expected in the agent's certificate (default: the address's host).
+    #[arg(long, global = true)]
+    pub tls_server_name: Option<String>,
+}
+
+/// A call the agent answered with an error: code, stable reason, and its message.
+#[derive(Debug, thiserror::Error)]
+#[error("{message}{hint}")]
+pub struct CallError {
+    pub code: tonic::Code,
+    pub reason: String,
+    pub message: String,
+    hint: &'static str,
+}
+
+impl From<tonic::Status> for CallError {
+    fn from(s: tonic::Status) -> Self {
+        use tonic_types::StatusExt as _;
+        let reason = s
+            .get_error_details()
+            .error_info()
+            .map(|i| i.reason.clone())
+            .unwrap_or_default();
+        let hint = match (s.code(), reason.as_str()) {
+            (_, "BUSY") => {
+                " (follow it with `updatectl watch`, or stop it with `updatectl cancel`)"
+            }
+            (tonic::Code::Unavailable, _) => " (is update-agent.service running?)",
+            (tonic::Code::Unimplemented, _) => "",
+            _ => "",
+        };
+        let message = if s.message().is_empty() {
+            format!("the agent answered {:?}", s.code())
+        } else {
+            s.message().to_owned()
+        };
+        Self {
+            code: s.code(),
+            reason,
+            message,
+            hint,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+pub enum Reboot {
+    /// Stage and arm only; reboot yourself (or `updatectl reboot`).
+    Never,
+    /// Reboot as soon as the release is armed.
+    Now,
+    /// Reboot inside the next maintenance window.
+    Window,
+}
+
+#[derive(Debug, Clone, Args)]
+#[group(required = true, multiple = false)]
+pub struct Source {
+    /// A release version from the node's release server (agent.toml [releases] url).
+    #[arg(long)]
+    pub version: Option<String>,
+    /// A channel to follow.
+    #[arg(long)]
+    pub channel: Option<String>,
+    /// A payload URL.
+    #[arg(long)]
+    pub url: Option<String>,
+    /// A payload file on this node.
+    #[arg(long)]
+    pub file: Option<PathBuf>,
+}
+
+#[derive(Debug, clap::Subcommand)]
+pub enum AgentCommand {
+    /// What runs, what is next, and how the last update went (and why).
+    Status {
+        /// The versioned JSON document (schema updatectl.status.v1) instead.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Ask whether a newer release is available (nothing is downloaded but its head).
+    Check {
+        #[command(flatten)]
+        source: Source,
+    },
+    /// Stage a release into the inactive slot and arm it for the next boot.
+    Update {
+        #[command(flatten)]
+        source: Source,
+        /// When to reboot into it.
+        #[arg(long, value_enum, default_value = "never")]
+        reboot: Reboot,
+        /// Accept a release older than the running one.
+        #[arg(long)]
+        allow_downgrade: bool,
+        /// Follow the update to its end; exit non-zero if it fails.
+        #[arg(long)]
+        wait: bool,
+    },
+    /// Follow the running update (or the next one) to its end.
+    Watch {
+        /// An operation id (from `update`); default: the running one.
+        operation: Option<String>,
+    },
+    /// Stop the running update, or drop a staged or armed release.
+    Cancel,
+    /// Reboot the node into the armed release (or to finish a rollback).
+    Reboot {
+        /// Reboot even when nothing is armed.
+        #[arg(long)]
+        force: bool,
+    },
+    /// Go back to the previous, known-good release (takes effect at the next boot).
+    Rollback,
+    /// Commit the running trial release now, without waiting for health checks.
+    MarkGood,
+    /// Past updates, newest first.
+    History {
+        #[arg(long)]
+        json: bool,
+        /// At most this many entries.
+        #[arg(long, default_value_t = 20)]
+        limit: u32,
+    },
+}
+
+async fn connect(c: &Connect) -> anyhow::Result<Client> {
+    Ok(match &c.address {
+        Some(addr) => {
+            let files = TlsFiles {
+                ca: c.tls_ca.clone().unwrap_or_default(),
+                cert: c.tls_cert.clone().unwrap_or_default(),
+                key: c.tls_key.clone().unwrap_or_default(),
+                server_name: c.tls_server_name.clone(),
+            };
+            client::tls(addr, &files).await?
+        }
+        None => client::unix(&c.socket).await?,
+    })
+}
+
+pub fn run(cmd: AgentCommand, c: &Connect) -> anyhow::Result<()> {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?;
+    rt.block_on(run_async(cmd, c))
+}
+
+fn source_of(s: Source) -> anyhow::Result<pb::start_update_request::Source> {
+    use pb::start_update_request::Source as S;
+    Ok(match s {
+        Source {
+            version: Some(v), ..
+        } => S::Version(v),
+        Source {
+            channel: Some(c), ..
+        } => S::Channel(c),
+        Source { url: Some(u), .. } => S::Url(u),
+        Source { file: Some(f), .. } => {
+            // The agent reads the file itself, so it needs the absolute path.
+            let abs =
+                std::path::absolute(&f).with_context(|| format!("resolving {}", f.display()))?;
+            S::Path(abs.display().to_string())
+        }
+        _ => anyhow::bail!("name a --version, --channel, --url or --file"),
+    })
+}
+
+async fn run_async(cmd: AgentCommand, c: &Connect) -> anyhow::Result<()> {
+    let mut cl = connect(c).await?;
+    match cmd {
+        AgentCommand::Status { json } => {
+            let s = cl
+                .get_status(pb::GetStatusRequest {})
+                .await
+                .map_err(CallError::from)?
+                .into_inner();
+            print!(
+                "{}",
+                if json {
+                    render::status_json(&s)
+                } else {
+                    render::status_text(&s)
+                }
+            );
+        }
+        AgentCommand::Check { source } => {
+            use pb::check_for_update_request::Source as C;
+            use pb::start_update_request::Source as S;
+            let src = match source_of(source)? {
+                S::Version(v) => C::Version(v),
+                S::Channel(ch) => C::Channel(ch),
+                S::Url(u) => C::Url(u),
+                S::Path(p) => C::Url(format!("file://{p}")),
+            };
+            let r = cl
+                .check_for_update(pb::CheckForUpdateRequest { source: Some(src) })
+                .await
+                .map_err(CallError::from)?
+                .into_inner();
+            let kind = if r.delta { "delta" } else { "full payload" };
+            if r.available {
+                println!(
+                    "{} is available (running {}): {kind}, at most {} to download",
+                    r.version,
+                    r.running_version,
+                    render::bytes(r.download_bytes)
+                );
+            } else {
+                println!("no update: {}", r.reason);
+            }
+        }
+        AgentCommand::Update {
+            source,
+            reboot,
+            allow_downgrade,
+            wait,
+        } => {
+            let r = cl
+                .start_update(pb::StartUpdateRequest {
+                    source: Some(source_of(source)?),
+                    reboot: match reboot {
+                        Reboot::Never => pb::RebootPolicy::Never,
+                        Reboot::Now => pb::RebootPolicy::Immediate,
+                        Reboot::Window => pb::RebootPolicy::InWindow,
+                    } as i32,
+                    allow_downgrade,
+                })
+                .await
+                .map_err(CallError::from)?
+                .into_inner();
+            if r.already_running {
+                println!("already running as operation {}", r.operation_id);
+            } else {
+                println!("started operation {}", r.operation_id);
+            }
+            if wait {
+                watch(&mut cl, &r.operation_id).await?;
+            } else {
+                println!("follow it with: updatectl watch {}", r.operation_id);
+            }
+        }
+        AgentCommand::Watch { operation } => {
+            watch(&mut cl, operation.as_deref().unwrap_or_default()).await?;
+        }
+        AgentCommand::Cancel => {
+            let r = cl
+                .cancel(pb::CancelRequest {})
+                .await
+                .map_err(CallError::from)?
+                .into_inner();
+            println!("cancelled: slot {} is marked unbootable", r.slot);
+        }
+        AgentCommand::Reboot { force } => {
+            cl.reboot(pb::RebootRequest { force })
+                .await
+                .map_err(CallError::from)?;
+            println!("rebooting");
+        }
+        AgentCommand::Rollback => {
+            let r = cl
+                .rollback(pb::RollbackRequest {})
+                .await
+                .map_err(CallError::from)?
+                .into_inner();
+            println!(
+                "rolling back: slot {} ({}) boots next; reboot to finish (updatectl reboot)",
+                r.slot, r.version
+            );
+        }
+        AgentCommand::MarkGood => {
+            let r = cl
+                .mark_good(pb::MarkGoodRequest {})
+                .await
+                .map_err(CallError::from)?
+                .into_inner();
+            println!(
+                "committed: {} on slot {} is the default now",
+                r.version, r.slot
+            );
+        }
+        AgentCommand::History { json, limit } => {
+            let mut entries = Vec::new();
+            let mut token = String::new();
+            while (entries.len() as u32) < limit {
+                let r = cl
+                    .list_history(pb::ListHistoryRequest {
+                        page_size: (limit - entries.len() as u32).min(200),
+                        page_token: token,
+                    })
+                    .await
+                    .map_err(CallError::from)?
+                    .into_inner();
+                entries.extend(r.entries);
+                if r.next_page_token.is_empty() {
+                    break;
+                }
+                token = r.next_page_token;
+            }
+            print!(
+                "{}",
+                if json {
+                    render::history_json(&entries)
+                } else {
+                    render::history_text(&entries)
+                }
+            );
+        }
+    }
+    Ok(())
+}
+
+/// An update that ended without a staged release.
+#[derive(Debug, thiserror::Error)]
+#[error("update {version} {outcome}: {reason}")]
+pub struct UpdateFailed {
+    pub version: String,
+    pub outcome: &'static str,
+    pub reason: String,
+}
+
+/// Follows an operation: a progress bar on a terminal, plain lines otherwise.
+async fn watch(cl: &mut Client, id: &str) -> anyhow::Result<()> {
+    let mut stream = cl
+        .watch_update(pb::WatchUpdateRequest {
+            operation_id: id.to_owned(),
+        })
+        .await
+        .map_err(CallError::from)?
+        .into_inner();
+    if id.is_empty() {
+        println!("waiting for an update to start…");
+    }
+    let tty = std::io::stdout().is_terminal();
+    let bar = tty.then(|| {
+        let b = indicatif::ProgressBar::new(0);
+        b.set_style(
+            indicatif::ProgressStyle::with_template(
+                "{msg:12} [{bar:30}] {bytes}/{total_bytes} {bytes_per_sec} eta {eta}",
+            )
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar())
+            .progress_chars("=> "),
+        );
+        b
+    });
+    let mut version = String::new();
+    let mut last_pct = u64::MAX;
+    while let Some(ev) = stream.next().await {
+        let ev = ev.map_err(CallError::from)?;
+        let Some(kind) = ev.kind else { continue };
+        use pb::update_event::Kind;
+        match kind {
+            Kind::Snapshot(op) => {
+                version = op.version.clone();
+                let line = format!(
+                    "operation {} · {} · {}",
+                    op.id,
+                    if op.version.is_empty() {
+                        "?"
+                    } else {
+                        &op.version
+                    },
+                    render::phase(op.phase)
+                );
+                match &bar {
+                    Some(b) => {
+                        b.println(line);
+                        b.set_length(op.bytes_total);
+                        b.set_position(op.bytes_done);
+                        b.set_message(render::phase(op.phase));
+                    }
+                    None => println!("{line}"),
+                }
+            }
+            Kind::Phase(p) => match &bar {
+                Some(b) => b.set_message(render::phase(p)),
+                None => println!("phase: {}", render::phase(p)),
+            },
+            Kind::Progress(p) => match &bar {
+                Some(b) => {
+                    b.set_length(p.bytes_total);
+                    b.set_position(p.bytes_done);
+                }
+                None => {
+                    let pct = p.bytes_done.saturating_mul(100) / p.bytes_total.max(1);
+                    if last_pct == u64::MAX || pct >= last_pct + 10 || p.ops_done == p.ops_total {
+                        last_pct = pct;
+                        println!(
+                            "progress: {pct}% · {} of {} written · {} fetched · operation {}/{}",
+                            render::bytes(p.bytes_done),
+                            render::bytes(p.bytes_total),
+                            render::bytes(p.bytes_fetched),
+                            p.ops_done,
+                            p.ops_total
+                        );
+                    }
+                }
+            },
+            Kind::Warning(w) => match &bar {
+                Some(b) => b.println(format!("warning: {w}")),
+                None => println!("warning: {w}"),
+            },
+            Kind::Result(r) => {
+                if let Some(b) = &bar {
+                    b.finish_and_clear();
+                }
+                let o = pb::Outcome::try_from(r.outcome).unwrap_or_default();
+                println!("{}", render::result_line(&r));
+                return match o {
+                    pb::Outcome::Armed | pb::Outcome::Committed => Ok(()),
+                    _ => Err(UpdateFailed {
+                        version: if r.version.is_empty() {
+                            version
+                        } else {
+                            r.version
+                        },
+                        outcome: render::outcome(r.outcome),
+                        reason: r.reason,
+                    }
+                    .into()),
+                };
+            }
+        }
+    }
+    anyhow::bail!("the agent closed the event stream before the update ended (did it restart?)")
+}

@@ -1,0 +1,468 @@
+//! How `updatectl status` and `history` look: a summary for people that fits 80
+//! columns, and a versioned JSON document for programs (schema `updatectl.status.v1`,
+//! documented in docs/api.md; fields are only ever added).
+
+use serde::Serialize;
+
+use crate::api::pb;
+
+pub const STATUS_SCHEMA: &str = "updatectl.status.v1";
+pub const HISTORY_SCHEMA: &str = "updatectl.history.v1";
+
+/// Bytes for people, decimal units as download sizes are quoted.
+pub fn bytes(n: u64) -> String {
+    const UNITS: [&str; 5] = ["B", "kB", "MB", "GB", "TB"];
+    let mut v = n as f64;
+    let mut u = 0;
+    while v >= 1000.0 && u < UNITS.len() - 1 {
+        v /= 1000.0;
+        u += 1;
+    }
+    if u == 0 {
+        format!("{n} B")
+    } else {
+        format!("{v:.1} {}", UNITS[u])
+    }
+}
+
+fn when(t: Option<&prost_types::Timestamp>) -> String {
+    match t {
+        Some(t) if t.seconds > 0 => {
+            let s = crate::timefmt::rfc3339(u64::try_from(t.seconds).unwrap_or(0));
+            // "2026-11-26 04:12 UTC": minutes are enough for people.
+            format!("{} {} UTC", &s[..10], &s[11..16])
+        }
+        _ => "(unknown time)".into(),
+    }
+}
+
+pub fn slot_state(s: i32) -> &'static str {
+    match pb::SlotState::try_from(s).unwrap_or_default() {
+        pb::SlotState::Unspecified => "unknown",
+        pb::SlotState::Empty => "empty",
+        pb::SlotState::Staging => "staging",
+        pb::SlotState::Staged => "staged",
+        pb::SlotState::Armed => "armed",
+        pb::SlotState::KnownGood => "known good",
+        pb::SlotState::KnownBad => "known bad",
+        pb::SlotState::Trial => "trial",
+    }
+}
+
+pub fn phase(p: i32) -> &'static str {
+    match pb::Phase::try_from(p).unwrap_or_default() {
+        pb::Phase::Unspecified => "unknown",
+        pb::Phase::Opening => "opening",
+        pb::Phase::Writing => "writing",
+        pb::Phase::Verifying => "verifying",
+        pb::Phase::Armed => "armed",
+        pb::Phase::Rebooting => "rebooting",
+        pb::Phase::Done => "done",
+    }
+}
+
+pub fn outcome(o: i32) -> &'static str {
+    match pb::Outcome::try_from(o).unwrap_or_default() {
+        pb::Outcome::Unspecified => "unknown",
+        pb::Outcome::Armed => "armed",
+        pb::Outcome::Committed => "committed",
+        pb::Outcome::RolledBack => "rolled back",
+        pb::Outcome::Failed => "failed",
+        pb::Outcome::Cancelled => "cancelled",
+        pb::Outcome::RollingBack => "rolling back",
+    }
+}
+
+fn reboot(r: i32) -> &'static str {
+    match pb::RebootPolicy::try_from(r).unwrap_or_default() {
+        pb::RebootPolicy::Unspecified | pb::RebootPolicy::Never => "never",
+        pb::RebootPolicy::Immediate => "now",
+        pb::RebootPolicy::InWindow => "window",
+    }
+}
+
+/// Cuts `s` to `max` characters with an ellipsis, so a long reason keeps the layout.
+fn fit(s: &str, max: usize) -> String {
+    let one_line = s.replace('\n', " ");
+    if one_line.chars().count() <= max {
+        return one_line;
+    }
+    let mut out: String = one_line.chars().take(max.saturating_sub(1)).collect();
+    out.push('…');
+    out
+}
+
+/// One line about how an attempt ended, e.g. "rolled back from 1.4.0: unit ...".
+pub fn result_line(r: &pb::Result) -> String {
+    let o = pb::Outcome::try_from(r.outcome).unwrap_or_default();
+    let from = if r.from_version.is_empty() {
+        String::new()
+    } else {
+        format!(" (from {})", r.from_version)
+    };
+    match o {
+        pb::Outcome::Committed => format!("{} committed{from}", r.version),
+        pb::Outcome::Armed => format!("{} staged and armed{from}", r.version),
+        pb::Outcome::RolledBack | pb::Outcome::RollingBack => {
+            format!("{} from {}: {}", outcome(r.outcome), r.version, r.reason)
+        }
+        _ if r.reason.is_empty() => format!("{} {}", r.version, outcome(r.outcome)),
+        _ => format!("{} {}: {}", r.version, outcome(r.outcome), r.reason),
+    }
+}
+
+/// The summary: what runs, what is next, how the last update went and why.
+pub fn status_text(s: &pb::Status) -> String {
+    const W: usize = 80;
+    let mut out = String::new();
+    let mut line = |label: &str, text: String| {
+        out.push_str(&fit(&format!("{label:<10}{text}"), W));
+        out.push('\n');
+    };
+    let bl = s.bootloader.clone().unwrap_or_default();
+    line(
+        "Node",
+        format!(
+            "{} · bootloader {} · agent {}",
+            if s.compatible.is_empty() {
+                "?"
+            } else {
+                &s.compatible
+            },
+            bl.backend,
+            s.agent_version
+        ),
+    );
+    let b = s.booted.clone().unwrap_or_default();
+    let version = |v: &str| {
+        if v.is_empty() {
+            "(unknown release)".to_owned()
+        } else {
+            v.to_owned()
+        }
+    };
+    line(
+        "Running",
+        format!(
+            "{} on slot {} ({}) · {}",
+            version(&b.version),
+            b.name,
+            b.device,
+            slot_state(b.state)
+        ),
+    );
+    let o = s.other.clone().unwrap_or_default();
+    let other_state = pb::SlotState::try_from(o.state).unwrap_or_default();
+    let other_text = match other_state {
+        pb::SlotState::Empty => format!("slot {} ({}) · empty", o.name, o.device),
+        pb::SlotState::KnownGood if o.version.is_empty() => {
+            format!("slot {} ({}) · bootable, release unknown", o.name, o.device)
+        }
+        pb::SlotState::KnownGood => {
+            format!(
+                "{} on slot {} ({}) · known good, rollback target",
+                o.version, o.name, o.device
+            )
+        }
+        _ => format!(
+            "{} on slot {} ({}) · {}",
+            version(&o.version),
+            o.name,
+            o.device,
+            slot_state(o.state)
+        ),
+    };
+    line("Other", other_text);
+    let on_trial = b.state == pb::SlotState::Trial as i32;
+    let next = match &s.operation {
+        Some(op) if on_trial => format!(
+            "{} on trial: health checks decide if it stays (mark-good commits now)",
+            op.version
+        ),
+        Some(op) => {
+            let ph = pb::Phase::try_from(op.phase).unwrap_or_default();
+            match ph {
+                pb::Phase::Armed => format!(
+                    "{} armed on slot {}: reboot to try it{}",
+                    op.version,
+                    o.name,
+                    if bl.tries_left > 0 {
+                        format!(" ({} tries)", bl.tries_left)
+                    } else {
+                        String::new()
+                    }
+                ),
+                pb::Phase::Writing | pb::Phase::Verifying if op.bytes_total > 0 => {
+                    let pct = op.bytes_done.saturating_mul(100) / op.bytes_total.max(1);
+                    format!(
+                        "{} {} {}% ({} of {}, {} fetched) · reboot {}",
+                        op.version,
+                        phase(op.phase),
+                        pct,
+                        bytes(op.bytes_done),
+                        bytes(op.bytes_total),
+                        bytes(op.bytes_fetched),
+                        reboot(op.reboot)
+                    )
+                }
+                _ => format!(
+                    "{} {} · reboot {}",
+                    version(&op.version),
+                    phase(op.phase),
+                    reboot(op.reboot)
+                ),
+            }
+        }
+        None if s.state == "rolling_back" => "reboot to finish the rollback".into(),
+        None => "nothing pending".into(),
+    };
+    line("Next", next);
+    if let Some(op) = &s.operation {
+        match op.source.as_str() {
+            "" => line("Operation", op.id.clone()),
+            src => line("Operation", format!("{} · {}", op.id, fit(src, 50))),
+        }
+    }
+    match &s.last_result {
+        Some(r) if r.reason.is_empty() => line(
+            "Last",
+            format!("{} · {}", result_line(r), when(r.at.as_ref())),
+        ),
+        Some(r) => {
+            let head = format!("{} {}", r.version, outcome(r.outcome));
+            line("Last", format!("{head} · {}", when(r.at.as_ref())));
+            // The why gets room of its own: up to three wrapped lines.
+            for (i, l) in wrap(&r.reason, W - 10, 3).into_iter().enumerate() {
+                line(if i == 0 { "Why" } else { "" }, l);
+            }
+        }
+        None => line("Last", "no update yet".into()),
+    }
+    out
+}
+
+/// Word-wraps `text` into at most `lines` lines of `width` characters (the last one
+/// cut with an ellipsis when there is more).
+fn wrap(text: &str, width: usize, lines: usize) -> Vec<String> {
+    let mut out: Vec<String> = Vec::new();
+    let mut cur = String::new();
+    for word in text.split_whitespace() {
+        let len = cur.chars().count();
+        if len > 0 && len + 1 + word.chars().count() > width {
+            out.push(std::mem::take(&mut cur));
+        }
+        if !cur.is_empty() {
+            cur.push(' ');
+        }
+        cur.push_str(word);
+    }
+    if !cur.is_empty() {
+        out.push(cur);
+    }
+    if out.len() > lines {
+        let rest = out[lines - 1..].join(" ");
+        out.truncate(lines - 1);
+        out.push(fit(&rest, width));
+    }
+    out.into_iter().map(|l| fit(&l, width)).collect()
+}
+
+#[derive(Debug, Serialize)]
+struct SlotJson<'a> {
+    name: &'a str,
+    device: &'a str,
+    partlabel: &'a str,
+    size_bytes: u64,
+    state: &'static str,
+    version: &'a str,
+    bootable: bool,
+}
+
+#[derive(Debug, Serialize)]
+struct OperationJson<'a> {
+    id: &'a str,
+    phase: &'static str,
+    version: &'a str,
+    source: &'a str,
+    delta: bool,
+    reboot: &'static str,
+    bytes_done: u64,
+    bytes_total: u64,
+    bytes_fetched: u64,
+    ops_done: u32,
+    ops_total: u32,
+    started: Option<String>,
+}
+
+#[derive(Debug, Serialize)]
+struct ResultJson<'a> {
+    outcome: &'static str,
+    version: &'a str,
+    from_version: &'a str,
+    reason: &'a str,
+    at: Option<String>,
+    bytes_fetched: u64,
+}
+
+#[derive(Debug, Serialize)]
+struct BootloaderJson<'a> {
+    backend: &'a str,
+    default_slot: &'a str,
+    trial_slot: &'a str,
+    tries_left: u32,
+    raw: &'a str,
+}
+
+#[derive(Debug, Serialize)]
+struct StatusJson<'a> {
+    schema: &'static str,
+    agent_version: &'a str,
+    compatible: &'a str,
+    running_version: &'a str,
+    state: &'a str,
+    booted: Option<SlotJson<'a>>,
+    other: Option<SlotJson<'a>>,
+    bootloader: Option<BootloaderJson<'a>>,
+    operation: Option<OperationJson<'a>>,
+    last_result: Option<ResultJson<'a>>,
+}
+
+fn rfc(t: Option<&prost_types::Timestamp>) -> Option<String> {
+    t.and_then(|t| u64::try_from(t.seconds).ok())
+        .map(crate::timefmt::rfc3339)
+}
+
+fn snake(s: &'static str) -> &'static str {
+    match s {
+        "known good" => "known_good",
+        "known bad" => "known_bad",
+        "rolled back" => "rolled_back",
+        "rolling back" => "rolling_back",
+        other => other,
+    }
+}
+
+fn slot_json(s: &pb::Slot) -> SlotJson<'_> {
+    SlotJson {
+        name: &s.name,
+        device: &s.device,
+        partlabel: &s.partlabel,
+        size_bytes: s.size_bytes,
+        state: snake(slot_state(s.state)),
+        version: &s.version,
+        bootable: s.bootable,
+    }
+}
+
+fn result_json(r: &pb::Result) -> ResultJson<'_> {
+    ResultJson {
+        outcome: snake(outcome(r.outcome)),
+        version: &r.version,
+        from_version: &r.from_version,
+        reason: &r.reason,
+        at: rfc(r.at.as_ref()),
+        bytes_fetched: r.bytes_fetched,
+    }
+}
+
+/// `updatectl status --json`.
+pub fn status_json(s: &pb::Status) -> String {
+    let doc = StatusJson {
+        schema: STATUS_SCHEMA,
+        agent_version: &s.agent_version,
+        compatible: &s.compatible,
+        running_version: &s.running_version,
+        state: &s.state,
+        booted: s.booted.as_ref().map(slot_json),
+        other: s.other.as_ref().map(slot_json),
+        bootloader: s.bootloader.as_ref().map(|b| BootloaderJson {
+            backend: &b.backend,
+            default_slot: &b.default_slot,
+            trial_slot: &b.trial_slot,
+            tries_left: b.tries_left,
+            raw: &b.raw,
+        }),
+        operation: s.operation.as_ref().map(|o| OperationJson {
+            id: &o.id,
+            phase: phase(o.phase),
+            version: &o.version,
+            source: &o.source,
+            delta: o.delta,
+            reboot: reboot(o.reboot),
+            bytes_done: o.bytes_done,
+            bytes_total: o.bytes_total,
+            bytes_fetched: o.bytes_fetched,
+            ops_done: o.ops_done,
+            ops_total: o.ops_total,
+            started: rfc(o.started.as_ref()),
+        }),
+        last_result: s.last_result.as_ref().map(result_json),
+    };
+    serde_json::to_string_pretty(&doc).unwrap_or_default() + "\n"
+}
+
+#[derive(Debug, Serialize)]
+struct HistoryJson<'a> {
+    schema: &'static str,
+    entries: Vec<HistoryEntryJson<'a>>,
+}
+
+#[derive(Debug, Serialize)]
+struct HistoryEntryJson<'a> {
+    version: &'a str,
+    from_version: &'a str,
+    slot: &'a str,
+    outcome: &'static str,
+    reason: &'a str,
+    bytes_fetched: u64,
+    at: Option<String>,
+}
+
+/// `updatectl history --json`, newest first.
+pub fn history_json(entries: &[pb::HistoryEntry]) -> String {
+    let doc = HistoryJson {
+        schema: HISTORY_SCHEMA,
+        entries: entries
+            .iter()
+            .map(|e| HistoryEntryJson {
+                version: &e.version,
+                from_version: &e.from_version,
+                slot: &e.slot,
+                outcome: snake(outcome(e.outcome)),
+                reason: &e.reason,
+                bytes_fetched: e.bytes_fetched,
+                at: rfc(e.at.as_ref()),
+            })
+            .collect(),
+    };
+    serde_json::to_string_pretty(&doc).unwrap_or_default() + "\n"
+}
+
+/// `updatectl history`: one line per attempt, newest first.
+pub fn history_text(entries: &[pb::HistoryEntry]) -> String {
+    if entries.is_empty() {
+        return "no updates recorded\n".into();
+    }
+    let mut out = String::new();
+    for e in entries {
+        let head = format!(
+            "{}  {:<12} {:<12} slot {}  {:>9}",
+            when(e.at.as_ref()),
+            fit(&e.version, 12),
+            snake(outcome(e.outcome)),
+            e.slot,
+            bytes(e.bytes_fetched)
+        );
+        out.push_str(&fit(&head, 80));
+        out.push('\n');
+        if !e.reason.is_empty() {
+            out.push_str(&fit(&format!("    {}", e.reason), 80));
+            out.push('\n');
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+#[path = "render_golden.rs"]
+mod golden;

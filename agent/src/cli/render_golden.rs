@@ -1,0 +1,259 @@
+//! Golden files for `updatectl status` (text and JSON) and `history`, built through
+//! the same status mapping the daemon uses. `UPDATE_GOLDEN=1 cargo test golden`
+//! rewrites them; review the diff like code.
+
+use std::path::PathBuf;
+
+use crate::api::pb;
+use crate::api::status::{build, Inputs};
+use crate::boot::BootStatus;
+use crate::history::{Entry, Outcome};
+use crate::slots::{Partition, Slot, SlotLayout};
+use crate::state::{Staged, Staging, State};
+
+const T0: u64 = 1_795_000_000; // 2026-11-18
+
+fn layout(booted: Slot) -> SlotLayout {
+    let part = |label: &str, number: u32| Partition {
+        label: label.into(),
+        number,
+        device: format!("/dev/vda{number}").into(),
+        major: 253,
+        minor: number,
+        disk: "vda".into(),
+        size: 2 << 30,
+    };
+    SlotLayout {
+        a: part("root-a", 2),
+        b: part("root-b", 3),
+        esp: Some(part("esp", 1)),
+        booted,
+    }
+}
+
+fn boot(default: Slot, trial: Option<(Slot, u8)>, bootable: [bool; 2]) -> BootStatus {
+    BootStatus {
+        default,
+        trial,
+        bootable,
+        raw: "ua_default=b ua_a_ok=1 ua_b_ok=1".into(),
+    }
+}
+
+fn staged(version: &str, slot: Slot) -> Staged {
+    Staged {
+        attempt: "19a7c1f0-3e21".into(),
+        version: version.into(),
+        slot,
+        target_sha256: "ab".repeat(32),
+        bytes_fetched: 6_830_000,
+        from_version: Some("1.0".into()),
+    }
+}
+
+fn entry(version: &str, outcome: Outcome, reason: &str, at: u64) -> Entry {
+    Entry {
+        version: version.into(),
+        from_version: Some("1.0".into()),
+        slot: Slot::B,
+        outcome,
+        reason: reason.into(),
+        bytes_fetched: 6_830_000,
+        at,
+    }
+}
+
+const HEALTH_FAIL: &str = "unit kubelet.service: failed 40 s after start \
+    (ExecMainStatus=1, Result=exit-code); last output: E1126 kubelet.go:1480] \
+    failed to run Kubelet: running with swap on is not supported";
+
+fn scenarios() -> Vec<(&'static str, pb::Status)> {
+    let l_b = layout(Slot::B);
+    let l_a = layout(Slot::A);
+    let mk = |layout: &SlotLayout,
+              state: State,
+              boot: BootStatus,
+              last: Option<Entry>,
+              running: &str,
+              operation: Option<pb::Operation>| {
+        let mut s = build(&Inputs {
+            compatible: "azurelinux-3-x86_64",
+            layout,
+            backend: "grub",
+            state,
+            boot,
+            last,
+            running_version: Some(running.into()),
+            operation,
+        });
+        s.agent_version = "0.1.0".into();
+        s
+    };
+    vec![
+        (
+            "fresh",
+            mk(
+                &l_a,
+                State::Idle,
+                boot(Slot::A, None, [true, false]),
+                None,
+                "1.0",
+                None,
+            ),
+        ),
+        (
+            "committed",
+            mk(
+                &l_b,
+                State::Committed {
+                    version: "2.0".into(),
+                    slot: Slot::B,
+                    previous: Some((Slot::A, "1.0".into())),
+                    image_sha256: None,
+                    at: T0,
+                },
+                boot(Slot::B, None, [true, true]),
+                Some(entry("2.0", Outcome::Committed, "", T0)),
+                "2.0",
+                None,
+            ),
+        ),
+        (
+            "staging",
+            mk(
+                &l_a,
+                State::Staging(Staging {
+                    attempt: "19a7c1f0-3e21".into(),
+                    version: "2.0".into(),
+                    url: "https://updates.example/azl3/2.0.from-8c1f0e3a9b7d2c45.uap".into(),
+                    manifest_sha256: "cd".repeat(32),
+                    slot: Slot::B,
+                    ops_total: 40,
+                    ops_done: 12,
+                    bytes_total: 1 << 30,
+                    bytes_done: 483_183_820,
+                    bytes_fetched: 3_100_000,
+                    started: T0,
+                    from_version: Some("1.0".into()),
+                }),
+                boot(Slot::A, None, [true, false]),
+                None,
+                "1.0",
+                Some(pb::Operation {
+                    id: "19a7c1f0-3e21".into(),
+                    phase: pb::Phase::Writing as i32,
+                    version: "2.0".into(),
+                    source: "https://updates.example/azl3/2.0.from-8c1f0e3a9b7d2c45.uap".into(),
+                    delta: true,
+                    reboot: pb::RebootPolicy::Immediate as i32,
+                    bytes_done: 483_183_820,
+                    bytes_total: 1 << 30,
+                    bytes_fetched: 3_100_000,
+                    ops_done: 12,
+                    ops_total: 40,
+                    started: Some(crate::api::status::ts(T0)),
+                }),
+            ),
+        ),
+        (
+            "armed",
+            mk(
+                &l_a,
+                State::Armed {
+                    staged: staged("2.0", Slot::B),
+                    tries: 3,
+                },
+                boot(Slot::A, Some((Slot::B, 3)), [true, true]),
+                None,
+                "1.0",
+                None,
+            ),
+        ),
+        (
+            "trial",
+            mk(
+                &l_b,
+                State::Armed {
+                    staged: staged("2.0", Slot::B),
+                    tries: 3,
+                },
+                boot(Slot::A, Some((Slot::B, 2)), [true, true]),
+                None,
+                "2.0",
+                None,
+            ),
+        ),
+        (
+            "rolled-back",
+            mk(
+                &l_a,
+                State::RolledBack {
+                    version: "1.4.0".into(),
+                    slot: Slot::A,
+                    reason: HEALTH_FAIL.into(),
+                    at: T0 + 600,
+                },
+                boot(Slot::A, None, [true, false]),
+                Some(entry("1.4.0", Outcome::RolledBack, HEALTH_FAIL, T0 + 600)),
+                "1.0",
+                None,
+            ),
+        ),
+    ]
+}
+
+fn golden(name: &str, actual: &str) {
+    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/golden")
+        .join(name);
+    if std::env::var_os("UPDATE_GOLDEN").is_some() {
+        std::fs::create_dir_all(path.parent().expect("golden dir")).expect("mkdir golden");
+        std::fs::write(&path, actual).expect("write golden");
+        return;
+    }
+    let want = std::fs::read_to_string(&path)
+        .unwrap_or_else(|e| panic!("{}: {e} (UPDATE_GOLDEN=1 creates it)", path.display()));
+    assert_eq!(
+        actual,
+        want,
+        "{} differs (UPDATE_GOLDEN=1 to accept)",
+        path.display()
+    );
+}
+
+#[test]
+fn status_golden_text_and_json() {
+    for (name, s) in scenarios() {
+        let text = super::status_text(&s);
+        for l in text.lines() {
+            assert!(
+                l.chars().count() <= 80,
+                "{name}: line over 80 columns: {l:?}"
+            );
+        }
+        golden(&format!("status-{name}.txt"), &text);
+        let json = super::status_json(&s);
+        let v: serde_json::Value = serde_json::from_str(&json).expect("valid JSON");
+        assert_eq!(v["schema"], super::STATUS_SCHEMA);
+        golden(&format!("status-{name}.json"), &json);
+    }
+}
+
+#[test]
+fn history_golden_text_and_json() {
+    let entries: Vec<pb::HistoryEntry> = [
+        entry("1.4.0", Outcome::RolledBack, HEALTH_FAIL, T0 + 600),
+        entry("2.0", Outcome::Committed, "", T0),
+        entry(
+            "1.9",
+            Outcome::Failed,
+            "fetching the payload: https://updates.example/azl3/1.9.full.uap: HTTP 503",
+            T0 - 86_400,
+        ),
+    ]
+    .iter()
+    .map(crate::api::status::history_entry)
+    .collect();
+    golden("history.txt", &super::history_text(&entries));
+    golden("history.json", &super::history_json(&entries));
+}

@@ -1,0 +1,598 @@
+//! The gRPC API end to end: the real `update-agent serve` on a loop-device node, the
+//! real Unix socket, our client and `updatectl`, peers with other credentials, and
+//! a Python grpcio client generated from the .proto (not our code).
+
+use std::os::unix::fs::PermissionsExt as _;
+use std::process::{Child, Stdio};
+
+use tokio_stream::StreamExt as _;
+use tonic::Code;
+use tonic_types::StatusExt as _;
+use update_agent::api::client;
+use update_agent::api::pb;
+
+use super::*;
+
+/// A running daemon; killed when dropped.
+struct Daemon {
+    child: Option<Child>,
+    socket: PathBuf,
+}
+
+impl Daemon {
+    fn start(n: &Node) -> Self {
+        let log = fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(n.path("daemon.log"))
+            .expect("daemon log");
+        let child = Command::new(env!("CARGO_BIN_EXE_update-agent"))
+            .arg("--config")
+            .arg(&n.config)
+            .arg("serve")
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("spawn update-agent serve");
+        let d = Self {
+            child: Some(child),
+            socket: n.path("run/agent.sock"),
+        };
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while std::os::unix::net::UnixStream::connect(&d.socket).is_err() {
+            assert!(
+                Instant::now() < deadline,
+                "daemon did not start: {}",
+                fs::read_to_string(n.path("daemon.log")).unwrap_or_default()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        d
+    }
+
+    fn signal(&mut self, sig: nix::sys::signal::Signal) {
+        if let Some(mut c) = self.child.take() {
+            let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(c.id() as i32), sig);
+            let _ = c.wait();
+        }
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        self.signal(nix::sys::signal::Signal::SIGKILL);
+    }
+}
+
+/// API settings for a node: socket under DIR/run (reachable by other users), group
+/// 4242 may read, group 4243 may change things, reboots only leave a mark.
+fn api_node() -> Node {
+    let n = Node::new();
+    fs::set_permissions(n.dir.path(), fs::Permissions::from_mode(0o755)).expect("chmod");
+    let cfg = fs::read_to_string(&n.config).expect("config");
+    let api = format!(
+        "[api]\nsocket = \"{}\"\nsocket_group = \"4242\"\nadmin_groups = [\"4243\"]\n\
+         [releases]\nurl = \"{}\"\n",
+        n.path("run/agent.sock").display(),
+        n.server.url("").trim_end_matches('/'),
+    );
+    let cfg = cfg.replace("[health]\n", &format!("{api}[health]\n"));
+    fs::write(&n.config, cfg).expect("config");
+    n.health_config(&format!(
+        "reboot_command = [\"touch\", \"{}\"]",
+        n.path("rebooted").display()
+    ));
+    n
+}
+
+fn rt() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime")
+}
+
+fn reason(s: &tonic::Status) -> String {
+    s.get_error_details()
+        .error_info()
+        .map(|i| i.reason.clone())
+        .unwrap_or_default()
+}
+
+fn start_req(source: pb::start_update_request::Source) -> pb::StartUpdateRequest {
+    pb::StartUpdateRequest {
+        source: Some(source),
+        reboot: pb::RebootPolicy::Never as i32,
+        allow_downgrade: false,
+    }
+}
+
+/// Every event of an operation, to its result.
+async fn collect(c: &mut client::Client, id: &str) -> Vec<pb::update_event::Kind> {
+    let mut s = c
+        .watch_update(pb::WatchUpdateRequest {
+            operation_id: id.into(),
+        })
+        .await
+        .expect("watch")
+        .into_inner();
+    let mut out = Vec::new();
+    while let Some(ev) = s.next().await {
+        let kind = ev.expect("event").kind.expect("kind");
+        let end = matches!(kind, pb::update_event::Kind::Result(_));
+        out.push(kind);
+        if end {
+            break;
+        }
+    }
+    out
+}
+
+fn result_of(events: &[pb::update_event::Kind]) -> pb::Result {
+    match events.last() {
+        Some(pb::update_event::Kind::Result(r)) => r.clone(),
+        other => panic!("no result at the end: {other:?}"),
+    }
+}
+
+async fn wait_phase(c: &mut client::Client, phase: pb::Phase) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let s = c
+            .get_status(pb::GetStatusRequest {})
+            .await
+            .expect("status")
+            .into_inner();
+        if s.operation
+            .as_ref()
+            .is_some_and(|o| o.phase == phase as i32)
+        {
+            return;
+        }
+        assert!(Instant::now() < deadline, "never reached {phase:?}: {s:?}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[test]
+fn api_update_commit_rollback_over_the_socket() {
+    use pb::start_update_request::Source as S;
+    let n = api_node();
+    let delta = n.publish("2.0", "test-board", &n.path("v2.img"), 64 << 10);
+    let d = Daemon::start(&n);
+    let rt = rt();
+    rt.block_on(async {
+        let mut c = client::unix(&d.socket).await.expect("connect");
+        let s = c
+            .get_status(pb::GetStatusRequest {})
+            .await
+            .expect("status")
+            .into_inner();
+        assert_eq!(s.state, "idle");
+        assert_eq!(s.running_version, "1.0");
+        assert_eq!(s.booted.as_ref().map(|b| b.name.as_str()), Some("a"));
+        assert_eq!(
+            s.bootloader.as_ref().map(|b| b.backend.as_str()),
+            Some("grub")
+        );
+        assert!(s.operation.is_none() && s.last_result.is_none(), "{s:?}");
+
+        // Bad requests name the field; unknown versions are NOT_FOUND.
+        let e = c
+            .start_update(pb::StartUpdateRequest::default())
+            .await
+            .expect_err("no source");
+        assert_eq!(e.code(), Code::InvalidArgument);
+        assert_eq!(
+            e.get_error_details()
+                .bad_request()
+                .expect("field")
+                .field_violations[0]
+                .field,
+            "source"
+        );
+        let e = c
+            .start_update(start_req(S::Url("ftp://x/y".into())))
+            .await
+            .expect_err("scheme");
+        assert_eq!(e.code(), Code::InvalidArgument, "{e:?}");
+        let e = c
+            .start_update(start_req(S::Version("9.9".into())))
+            .await
+            .expect_err("9.9");
+        assert_eq!(e.code(), Code::NotFound, "{e:?}");
+        assert!(e.message().contains("9.9"), "{}", e.message());
+        let e = c
+            .start_update(pb::StartUpdateRequest {
+                reboot: pb::RebootPolicy::InWindow as i32,
+                ..start_req(S::Version("2.0".into()))
+            })
+            .await
+            .expect_err("no windows");
+        assert_eq!(e.code(), Code::InvalidArgument);
+        let e = c
+            .start_update(start_req(S::Channel("stable".into())))
+            .await
+            .expect_err("channel");
+        assert_eq!(e.code(), Code::Unimplemented);
+        let e = c
+            .start_update(start_req(S::Path(n.path("nope.uap").display().to_string())))
+            .await
+            .expect_err("path");
+        assert_eq!(e.code(), Code::NotFound, "{e:?}");
+        assert!(c
+            .get_status(pb::GetStatusRequest {})
+            .await
+            .expect("status")
+            .into_inner()
+            .operation
+            .is_none());
+
+        // Check: a delta newer than 1.0 is there; the version resolves to the full payload.
+        let r = c
+            .check_for_update(pb::CheckForUpdateRequest {
+                source: Some(pb::check_for_update_request::Source::Url(
+                    n.server.url(&delta),
+                )),
+            })
+            .await
+            .expect("check")
+            .into_inner();
+        assert!(r.available && r.delta && r.version == "2.0", "{r:?}");
+        let r = c
+            .check_for_update(pb::CheckForUpdateRequest {
+                source: Some(pb::check_for_update_request::Source::Version("2.0".into())),
+            })
+            .await
+            .expect("check version")
+            .into_inner();
+        assert!(
+            r.available && !r.delta && r.url.ends_with("2.0.full.uap"),
+            "{r:?}"
+        );
+
+        // A slow server keeps the update running while two more clients ask.
+        n.server.set(Faults {
+            delay_ms: 15,
+            ..Faults::default()
+        });
+        let op = c
+            .start_update(start_req(S::Url(n.server.url(&delta))))
+            .await
+            .expect("start")
+            .into_inner();
+        assert!(!op.already_running);
+        let again = c
+            .start_update(start_req(S::Url(n.server.url(&delta))))
+            .await
+            .expect("again")
+            .into_inner();
+        assert!(
+            again.already_running && again.operation_id == op.operation_id,
+            "{again:?}"
+        );
+        let mut c2 = client::unix(&d.socket).await.expect("second client");
+        let e = c2
+            .start_update(start_req(S::Version("2.0".into())))
+            .await
+            .expect_err("busy");
+        assert_eq!(e.code(), Code::FailedPrecondition);
+        assert_eq!(reason(&e), "BUSY");
+        let info = e
+            .get_error_details()
+            .error_info()
+            .cloned()
+            .expect("error info");
+        assert_eq!(info.metadata.get("operation_id"), Some(&op.operation_id));
+        // A watcher that goes away after its first event disturbs nothing.
+        {
+            let mut w = c2
+                .watch_update(pb::WatchUpdateRequest {
+                    operation_id: op.operation_id.clone(),
+                })
+                .await
+                .expect("watch")
+                .into_inner();
+            let first = w.next().await.expect("one event").expect("ok");
+            assert!(
+                matches!(first.kind, Some(pb::update_event::Kind::Snapshot(_))),
+                "{first:?}"
+            );
+        }
+        drop(c2);
+        let events = collect(&mut c, &op.operation_id).await;
+        assert!(
+            matches!(events[0], pb::update_event::Kind::Snapshot(_)),
+            "{:?}",
+            events[0]
+        );
+        let phases: Vec<i32> = events
+            .iter()
+            .filter_map(|k| match k {
+                pb::update_event::Kind::Phase(p) => Some(*p),
+                _ => None,
+            })
+            .collect();
+        for p in [pb::Phase::Verifying, pb::Phase::Armed, pb::Phase::Done] {
+            assert!(
+                phases.contains(&(p as i32)),
+                "{p:?} missing from {phases:?}"
+            );
+        }
+        let progress: Vec<&pb::Progress> = events
+            .iter()
+            .filter_map(|k| match k {
+                pb::update_event::Kind::Progress(p) => Some(p),
+                _ => None,
+            })
+            .collect();
+        assert!(progress.len() >= 2, "{progress:?}");
+        assert!(progress
+            .windows(2)
+            .all(|w| w[0].bytes_done <= w[1].bytes_done));
+        let last = progress.last().expect("progress");
+        assert_eq!(last.ops_done, last.ops_total);
+        assert_eq!(last.bytes_done, last.bytes_total);
+        let r = result_of(&events);
+        assert_eq!(r.outcome, pb::Outcome::Armed as i32, "{r:?}");
+        assert_eq!(r.version, "2.0");
+        n.server.set(Faults::default());
+        n.assert_armed_v2();
+
+        let s = c
+            .get_status(pb::GetStatusRequest {})
+            .await
+            .expect("status")
+            .into_inner();
+        assert_eq!(s.state, "armed");
+        let other = s.other.expect("other slot");
+        assert_eq!(
+            (other.state, other.version.as_str()),
+            (pb::SlotState::Armed as i32, "2.0")
+        );
+        assert_eq!(s.operation.map(|o| o.phase), Some(pb::Phase::Armed as i32));
+        assert_eq!(
+            s.bootloader.map(|b| (b.trial_slot, b.tries_left)),
+            Some(("b".into(), 3))
+        );
+
+        // Reboot: allowed now that a release is armed (the command leaves a mark here).
+        c.reboot(pb::RebootRequest { force: false })
+            .await
+            .expect("reboot");
+        assert!(n.path("rebooted").exists());
+    });
+
+    // The reboot: GRUB tries b, the boot-check unit commits, the daemon starts again.
+    drop(d);
+    n.boot_into("b");
+    fs::write(n.path("os-release"), "VERSION_ID=2.0\n").expect("os-release");
+    let o = n.agent(&["boot-check"], &[]);
+    assert!(o.status.success(), "{}", text(&o));
+    let d = Daemon::start(&n);
+    rt.block_on(async {
+        let mut c = client::unix(&d.socket).await.expect("connect");
+        let s = c
+            .get_status(pb::GetStatusRequest {})
+            .await
+            .expect("status")
+            .into_inner();
+        assert_eq!(s.state, "committed");
+        assert_eq!(s.running_version, "2.0");
+        let other = s.other.expect("other");
+        assert_eq!(
+            (other.state, other.version.as_str()),
+            (pb::SlotState::KnownGood as i32, "1.0")
+        );
+        let last = s.last_result.expect("last result");
+        assert_eq!(
+            (last.outcome, last.version.as_str()),
+            (pb::Outcome::Committed as i32, "2.0")
+        );
+
+        let e = c
+            .mark_good(pb::MarkGoodRequest {})
+            .await
+            .expect_err("not on trial");
+        assert_eq!(e.code(), Code::FailedPrecondition);
+        let e = c
+            .cancel(pb::CancelRequest {})
+            .await
+            .expect_err("nothing to cancel");
+        assert_eq!(e.code(), Code::FailedPrecondition);
+        // Now that the agent knows the image it runs, a version resolves to its delta.
+        let r = c
+            .check_for_update(pb::CheckForUpdateRequest {
+                source: Some(pb::check_for_update_request::Source::Version("2.0".into())),
+            })
+            .await
+            .expect("check")
+            .into_inner();
+        assert!(!r.available && r.reason.contains("not newer"), "{r:?}");
+
+        let h = c
+            .list_history(pb::ListHistoryRequest {
+                page_size: 1,
+                page_token: String::new(),
+            })
+            .await
+            .expect("history")
+            .into_inner();
+        assert_eq!(h.entries.len(), 1);
+        assert_eq!(h.entries[0].outcome, pb::Outcome::Committed as i32);
+        assert!(h.next_page_token.is_empty());
+        let e = c
+            .list_history(pb::ListHistoryRequest {
+                page_size: 1,
+                page_token: "x".into(),
+            })
+            .await
+            .expect_err("token");
+        assert_eq!(e.code(), Code::InvalidArgument);
+
+        let r = c
+            .rollback(pb::RollbackRequest {})
+            .await
+            .expect("rollback")
+            .into_inner();
+        assert_eq!((r.slot.as_str(), r.version.as_str()), ("a", "1.0"));
+        let s = c
+            .get_status(pb::GetStatusRequest {})
+            .await
+            .expect("status")
+            .into_inner();
+        assert_eq!(s.state, "rolling_back");
+        assert_eq!(s.bootloader.map(|b| b.default_slot), Some("a".into()));
+    });
+
+    // updatectl against the same daemon: status in both forms, history.
+    let ctl = |args: &[&str]| {
+        Command::new(env!("CARGO_BIN_EXE_updatectl"))
+            .arg("--socket")
+            .arg(&d.socket)
+            .args(args)
+            .output()
+            .expect("updatectl")
+    };
+    let o = ctl(&["status"]);
+    assert!(o.status.success(), "{}", text(&o));
+    let out = String::from_utf8_lossy(&o.stdout).into_owned();
+    assert!(out.contains("Running   2.0 on slot b"), "{out}");
+    assert!(out.contains("reboot to finish the rollback"), "{out}");
+    assert!(out.lines().all(|l| l.chars().count() <= 80), "{out}");
+    let o = ctl(&["status", "--json"]);
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).expect("status json");
+    assert_eq!(v["schema"], "updatectl.status.v1");
+    assert_eq!(v["state"], "rolling_back");
+    let o = ctl(&["history", "--json"]);
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).expect("history json");
+    assert_eq!(v["entries"][0]["outcome"], "committed");
+    let o = ctl(&["mark-good"]);
+    assert_eq!(o.status.code(), Some(5), "{}", text(&o));
+    assert!(
+        text(&o).contains("no trial boot to mark good"),
+        "{}",
+        text(&o)
+    );
+}
+
+/// Runs `updatectl` as another user: uid, primary gid, supplementary groups.
+fn ctl_as(socket: &Path, uid: u32, groups: &[u32], args: &[&str]) -> Output {
+    let list = groups
+        .iter()
+        .map(u32::to_string)
+        .collect::<Vec<_>>()
+        .join(",");
+    let mut c = Command::new("setpriv");
+    c.arg(format!("--reuid={uid}"))
+        .arg(format!("--regid={uid}"));
+    if groups.is_empty() {
+        c.arg("--clear-groups");
+    } else {
+        c.arg(format!("--groups={list}"));
+    }
+    c.arg(env!("CARGO_BIN_EXE_updatectl"))
+        .arg("--socket")
+        .arg(socket)
+        .args(args)
+        .output()
+        .expect("setpriv updatectl")
+}
+
+#[test]
+fn api_access_cancel_and_restart_mid_update() {
+    use pb::start_update_request::Source as S;
+    let n = api_node();
+    let delta = n.publish("2.0", "test-board", &n.path("v2.img"), 64 << 10);
+    let mut d = Daemon::start(&n);
+    let mode = fs::metadata(&d.socket)
+        .expect("socket")
+        .permissions()
+        .mode()
+        & 0o777;
+    assert_eq!(mode, 0o660, "socket mode {mode:o}");
+
+    // Group 4242 may read but not change; 4243 may change; nobody else gets in.
+    let o = ctl_as(&d.socket, 4242, &[4242], &["status"]);
+    assert!(o.status.success(), "{}", text(&o));
+    let url = n.server.url(&delta);
+    let o = ctl_as(&d.socket, 4242, &[4242], &["update", "--url", &url]);
+    assert_eq!(o.status.code(), Some(5), "{}", text(&o));
+    assert!(text(&o).contains("may read but not change"), "{}", text(&o));
+    let o = ctl_as(&d.socket, 4243, &[4242, 4243], &["cancel"]);
+    assert_eq!(o.status.code(), Some(5), "{}", text(&o));
+    assert!(
+        text(&o).contains("nothing to cancel"),
+        "admin passes the access check: {}",
+        text(&o)
+    );
+    let o = ctl_as(&d.socket, 4244, &[], &["status"]);
+    assert_eq!(o.status.code(), Some(4), "{}", text(&o));
+
+    let rt = rt();
+    let op = rt.block_on(async {
+        let mut c = client::unix(&d.socket).await.expect("connect");
+        // Cancel mid-write: the call returns once the operation has stopped.
+        n.server.set(Faults {
+            delay_ms: 30,
+            ..Faults::default()
+        });
+        let op = c
+            .start_update(start_req(S::Url(url.clone())))
+            .await
+            .expect("start")
+            .into_inner();
+        wait_phase(&mut c, pb::Phase::Writing).await;
+        let r = c
+            .cancel(pb::CancelRequest {})
+            .await
+            .expect("cancel")
+            .into_inner();
+        assert_eq!(r.slot, "b");
+        let events = collect(&mut c, &op.operation_id).await;
+        assert_eq!(result_of(&events).outcome, pb::Outcome::Cancelled as i32);
+        assert_eq!(n.state()["state"], "cancelled");
+        assert_eq!(n.grub_vars().get("ua_b_ok").map(String::as_str), Some("0"));
+        let h = c
+            .list_history(pb::ListHistoryRequest::default())
+            .await
+            .expect("history")
+            .into_inner();
+        assert_eq!(h.entries[0].outcome, pb::Outcome::Cancelled as i32);
+
+        // Started again, then the daemon is killed mid-write.
+        let op = c
+            .start_update(start_req(S::Url(url.clone())))
+            .await
+            .expect("start")
+            .into_inner();
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let s = c
+                .get_status(pb::GetStatusRequest {})
+                .await
+                .expect("status")
+                .into_inner();
+            if s.operation.as_ref().is_some_and(|o| o.ops_done >= 4) {
+                break;
+            }
+            assert!(Instant::now() < deadline, "no progress: {s:?}");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        op
+    });
+    d.signal(nix::sys::signal::Signal::SIGKILL);
+    n.server.set(Faults::default());
+    // The next start resumes the same operation by itself and arms the release.
+    let d = Daemon::start(&n);
+    rt.block_on(async {
+        let mut c = client::unix(&d.socket).await.expect("connect");
+        // Same operation id: it is the staging attempt's, kept in state.json.
+        let events = collect(&mut c, &op.operation_id).await;
+        let r = result_of(&events);
+        assert_eq!(r.outcome, pb::Outcome::Armed as i32, "{r:?}");
+    });
+    n.assert_armed_v2();
+    let log = fs::read_to_string(n.path("daemon.log")).unwrap_or_default();
+    assert!(log.contains("resuming the interrupted update"), "{log}");
+}
