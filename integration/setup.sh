@@ -20,6 +20,8 @@ declare -A want=(
   [mcopy]=mtools
   [partx]=util-linux
   [systemd-analyze]=systemd
+  [openssl]=openssl
+  [setpriv]=util-linux
 )
 need=()
 export PATH=$PATH:/usr/sbin:/sbin
@@ -48,3 +50,16 @@ if ! command -v cargo >/dev/null 2>&1; then
 fi
 # Builds go outside the checkout so clean clones on one machine share dependency builds.
 export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-/var/tmp/update-agent-target}
+
+# The Python gRPC client of the API tests, in a venv of its own (PyPI, pinned).
+export UPDATE_AGENT_PYTHON=${UPDATE_AGENT_PYTHON:-/var/tmp/update-agent-py/bin/python}
+py_reqs=$(dirname "${BASH_SOURCE[0]}")/grpc/requirements.txt
+python3 -c 'import ensurepip' 2>/dev/null || {
+  [[ $(id -u) -eq 0 ]] && apt-get install -y -qq python3-venv >/dev/null
+}
+if ! cmp -s "$py_reqs" "$(dirname "$UPDATE_AGENT_PYTHON")/../requirements.txt" 2>/dev/null; then
+  echo "setup: installing the Python gRPC client into $(dirname "$(dirname "$UPDATE_AGENT_PYTHON")")"
+  python3 -m venv "$(dirname "$(dirname "$UPDATE_AGENT_PYTHON")")"
+  "$UPDATE_AGENT_PYTHON" -m pip install -q --disable-pip-version-check -r "$py_reqs"
+  cp "$py_reqs" "$(dirname "$UPDATE_AGENT_PYTHON")/../requirements.txt"
+fi

@@ -454,14 +454,33 @@ impl Agent {
     pub fn cancel(&mut self) -> Result<crate::slots::Slot, UpdateError> {
         let lock = self.store.lock()?;
         let mut state = self.store.load()?;
-        let slot = match &state {
-            State::Staging(s) => s.slot,
-            State::Staged(s) | State::Armed { staged: s, .. } => s.slot,
+        let (slot, version, from_version, bytes_fetched) = match &state {
+            State::Staging(s) => (
+                s.slot,
+                s.version.clone(),
+                s.from_version.clone(),
+                s.bytes_fetched,
+            ),
+            State::Staged(s) | State::Armed { staged: s, .. } => (
+                s.slot,
+                s.version.clone(),
+                s.from_version.clone(),
+                s.bytes_fetched,
+            ),
             other => return Err(UpdateError::NothingToCancel(other.name())),
         };
         self.boot.mark_unbootable(slot)?;
         state.cancel(timefmt::now())?;
         self.store.save(&lock, &state)?;
+        self.history.record(crate::history::Entry {
+            version,
+            from_version,
+            slot,
+            outcome: crate::history::Outcome::Cancelled,
+            reason: String::new(),
+            bytes_fetched,
+            at: timefmt::now(),
+        })?;
         Ok(slot)
     }
 

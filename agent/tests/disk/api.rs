@@ -596,3 +596,258 @@ fn api_access_cancel_and_restart_mid_update() {
     let log = fs::read_to_string(n.path("daemon.log")).unwrap_or_default();
     assert!(log.contains("resuming the interrupted update"), "{log}");
 }
+
+#[test]
+fn api_python_grpcio_client() {
+    let python = std::env::var("UPDATE_AGENT_PYTHON")
+        .unwrap_or_else(|_| "/var/tmp/update-agent-py/bin/python".into());
+    assert!(
+        Path::new(&python).exists(),
+        "{python} is missing: integration/setup.sh installs the Python gRPC client"
+    );
+    let n = api_node();
+    let delta = n.publish("2.0", "test-board", &n.path("v2.img"), 64 << 10);
+    let d = Daemon::start(&n);
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../integration/grpc/client.py");
+    let o = Command::new(&python)
+        .arg(script)
+        .arg("--socket")
+        .arg(&d.socket)
+        .arg("--url")
+        .arg(n.server.url(&delta))
+        .output()
+        .expect("run the Python client");
+    let out = text(&o);
+    assert!(o.status.success(), "{out}");
+    for want in [
+        "reflection lists updateagent.v1.UpdateAgent",
+        "health: SERVING",
+        "update ends ARMED",
+        "history records the cancel",
+        "all checks passed",
+    ] {
+        assert!(out.contains(want), "missing {want:?} in:\n{out}");
+    }
+    assert_eq!(n.state()["state"], "cancelled");
+}
+
+/// A CA, and certificates it signs, made with the openssl command line.
+struct Pki {
+    dir: PathBuf,
+}
+
+impl Pki {
+    fn new(dir: PathBuf) -> Self {
+        fs::create_dir_all(&dir).expect("pki dir");
+        Self { dir }
+    }
+
+    fn openssl(&self, args: &[&str]) {
+        let o = Command::new("openssl")
+            .current_dir(&self.dir)
+            .args(args)
+            .output()
+            .expect("openssl");
+        assert!(o.status.success(), "openssl {args:?}: {}", text(&o));
+    }
+
+    fn ca(&self, name: &str) {
+        self.openssl(&[
+            "req",
+            "-x509",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:P-256",
+            "-nodes",
+            "-keyout",
+            &format!("{name}.key"),
+            "-out",
+            &format!("{name}.crt"),
+            "-subj",
+            &format!("/CN={name}"),
+            "-days",
+            "2",
+        ]);
+    }
+
+    /// A certificate for `cn` with `san` (e.g. "DNS:node1,IP:127.0.0.1"), signed by `ca`.
+    fn cert(&self, ca: &str, name: &str, cn: &str, san: &str, usage: &str) {
+        self.openssl(&[
+            "req",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:P-256",
+            "-nodes",
+            "-keyout",
+            &format!("{name}.key"),
+            "-out",
+            &format!("{name}.csr"),
+            "-subj",
+            &format!("/CN={cn}"),
+        ]);
+        fs::write(
+            self.dir.join(format!("{name}.ext")),
+            format!("subjectAltName={san}\nextendedKeyUsage={usage}\n"),
+        )
+        .expect("ext");
+        self.openssl(&[
+            "x509",
+            "-req",
+            "-in",
+            &format!("{name}.csr"),
+            "-CA",
+            &format!("{ca}.crt"),
+            "-CAkey",
+            &format!("{ca}.key"),
+            "-CAcreateserial",
+            "-out",
+            &format!("{name}.crt"),
+            "-days",
+            "2",
+            "-extfile",
+            &format!("{name}.ext"),
+        ]);
+    }
+
+    fn path(&self, f: &str) -> PathBuf {
+        self.dir.join(f)
+    }
+}
+
+#[test]
+fn api_tcp_mutual_tls() {
+    let n = api_node();
+    let pki = Pki::new(n.path("pki"));
+    pki.ca("fleet-ca");
+    pki.ca("rogue-ca");
+    pki.cert(
+        "fleet-ca",
+        "server",
+        "node1",
+        "DNS:node1,IP:127.0.0.1",
+        "serverAuth",
+    );
+    pki.cert(
+        "fleet-ca",
+        "controller",
+        "fleet-controller",
+        "URI:spiffe://fleet/controller",
+        "clientAuth",
+    );
+    pki.cert(
+        "fleet-ca",
+        "intruder",
+        "intruder",
+        "DNS:intruder",
+        "clientAuth",
+    );
+    pki.cert(
+        "rogue-ca",
+        "rogue",
+        "fleet-controller",
+        "URI:spiffe://fleet/controller",
+        "clientAuth",
+    );
+    let port = TcpListener::bind("127.0.0.1:0")
+        .expect("port")
+        .local_addr()
+        .expect("addr")
+        .port();
+    let cfg = fs::read_to_string(&n.config).expect("config");
+    let tls = format!(
+        "tcp_listen = \"127.0.0.1:{port}\"\ntls_cert = \"{}\"\ntls_key = \"{}\"\ntls_client_ca = \"{}\"\n\
+         tls_allowed_clients = [\"spiffe://fleet/controller\"]\n[releases]\n",
+        pki.path("server.crt").display(),
+        pki.path("server.key").display(),
+        pki.path("fleet-ca.crt").display(),
+    );
+    fs::write(&n.config, cfg.replacen("[releases]\n", &tls, 1)).expect("config");
+    let _d = Daemon::start(&n);
+    let address = format!("https://127.0.0.1:{port}");
+    let files = |name: &str, ca: &str| client::TlsFiles {
+        ca: pki.path(&format!("{ca}.crt")),
+        cert: pki.path(&format!("{name}.crt")),
+        key: pki.path(&format!("{name}.key")),
+        server_name: None,
+    };
+    let rt = rt();
+    rt.block_on(async {
+        // On the list: reads and changes (cancel gets past access, to "nothing to cancel").
+        let mut c = client::tls(&address, &files("controller", "fleet-ca"))
+            .await
+            .expect("connect");
+        let s = c
+            .get_status(pb::GetStatusRequest {})
+            .await
+            .expect("status over TLS")
+            .into_inner();
+        assert_eq!(s.state, "idle");
+        let e = c
+            .cancel(pb::CancelRequest {})
+            .await
+            .expect_err("nothing to cancel");
+        assert_eq!(e.code(), Code::FailedPrecondition, "{e:?}");
+
+        // A good certificate whose identity is not on the list: refused every call.
+        let mut c = client::tls(&address, &files("intruder", "fleet-ca"))
+            .await
+            .expect("connect");
+        let e = c
+            .get_status(pb::GetStatusRequest {})
+            .await
+            .expect_err("intruder");
+        assert_eq!(e.code(), Code::PermissionDenied, "{e:?}");
+        assert!(e.message().contains("intruder"), "{}", e.message());
+
+        // Same identity, signed by an unknown CA; and no certificate at all.
+        let rogue = match client::tls(&address, &files("rogue", "fleet-ca")).await {
+            Ok(mut c) => c
+                .get_status(pb::GetStatusRequest {})
+                .await
+                .map(drop)
+                .map_err(|e| e.to_string()),
+            Err(e) => Err(e.to_string()),
+        };
+        assert!(rogue.is_err(), "a certificate from an unknown CA got in");
+        let plain = async {
+            let tls = tonic::transport::ClientTlsConfig::new().ca_certificate(
+                tonic::transport::Certificate::from_pem(
+                    fs::read(pki.path("fleet-ca.crt")).expect("ca"),
+                ),
+            );
+            let ch = tonic::transport::Endpoint::from_shared(address.clone())
+                .expect("uri")
+                .tls_config(tls)
+                .expect("tls")
+                .connect()
+                .await
+                .map_err(|e| e.to_string())?;
+            pb::update_agent_client::UpdateAgentClient::new(ch)
+                .get_status(pb::GetStatusRequest {})
+                .await
+                .map(drop)
+                .map_err(|e| e.to_string())
+        };
+        assert!(
+            plain.await.is_err(),
+            "a client without a certificate got in"
+        );
+    });
+    // updatectl over TCP, as a fleet operator would run it.
+    let o = Command::new(env!("CARGO_BIN_EXE_updatectl"))
+        .args(["--address", &address])
+        .arg("--tls-ca")
+        .arg(pki.path("fleet-ca.crt"))
+        .arg("--tls-cert")
+        .arg(pki.path("controller.crt"))
+        .arg("--tls-key")
+        .arg(pki.path("controller.key"))
+        .args(["status", "--json"])
+        .output()
+        .expect("updatectl");
+    assert!(o.status.success(), "{}", text(&o));
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).expect("json");
+    assert_eq!(v["running_version"], "1.0");
+}
