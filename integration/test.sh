@@ -38,6 +38,15 @@ mkdir -p "$t/root/etc"
 systemd-sysusers --root="$t/root" "$PWD/systemd/update-agent.sysusers.conf"
 systemd-tmpfiles --root="$t/root" --create "$PWD/systemd/update-agent.tmpfiles.conf"
 
+step "updatectl man pages and shell completions (generated from clap)"
+"$CARGO_TARGET_DIR/debug/updatectl" man "$t/man"
+for page in updatectl.1 updatectl-status.1 updatectl-update.1 updatectl-bundle-create.1; do
+  grep -q '^\.TH' "$t/man/$page" || { echo "man page $page missing or empty" >&2; exit 1; }
+done
+"$CARGO_TARGET_DIR/debug/updatectl" completions bash >"$t/updatectl.bash"
+bash -n "$t/updatectl.bash"
+grep -q -- '--reboot' "$t/updatectl.bash"
+
 step "GRUB fragment in grub-emu"
 sh bootloader-hooks/grub/test-grub-emu.sh
 

@@ -54,6 +54,10 @@ impl History {
         }
     }
 
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
     /// Oldest first. A missing file is an empty history.
     pub fn load(&self) -> Result<Vec<Entry>, StateError> {
         match fs::read(&self.path) {

@@ -12,7 +12,7 @@ pub type Client = UpdateAgentClient<Channel>;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConnectError {
-    #[error("cannot reach update-agent at {path}: is update-agent.service running?")]
+    #[error("cannot reach update-agent at {path} (is update-agent.service running? see `systemctl status update-agent`)")]
     Unix {
         path: PathBuf,
         #[source]

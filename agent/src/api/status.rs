@@ -211,6 +211,28 @@ pub struct Reader {
     store: StateStore,
     history: History,
     boot: Mutex<Box<dyn BootControl>>,
+    /// The newest history record, kept while `history.json` is the same file: the
+    /// whole history (up to 200 records) need not be parsed for every status call.
+    last: Mutex<Option<(FileKey, Option<Entry>)>>,
+}
+
+/// Identifies one version of a file: it is replaced by rename, so a new inode, size
+/// or mtime means new content.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct FileKey {
+    ino: u64,
+    size: u64,
+    mtime_ns: i128,
+}
+
+fn file_key(path: &std::path::Path) -> Option<FileKey> {
+    use std::os::unix::fs::MetadataExt as _;
+    let m = std::fs::metadata(path).ok()?;
+    Some(FileKey {
+        ino: m.ino(),
+        size: m.size(),
+        mtime_ns: i128::from(m.mtime()) * 1_000_000_000 + i128::from(m.mtime_nsec()),
+    })
 }
 
 impl std::fmt::Debug for Reader {
@@ -227,6 +249,7 @@ impl Reader {
             boot: Mutex::new(crate::update::open_boot(&cfg)?),
             store: StateStore::new(&cfg.state_dir),
             history: History::new(&cfg.state_dir),
+            last: Mutex::new(None),
             cfg,
             layout,
         })
@@ -244,13 +267,26 @@ impl Reader {
         Ok(self.history.load()?)
     }
 
+    fn last_entry(&self) -> Result<Option<Entry>, UpdateError> {
+        let key = file_key(self.history.path());
+        let mut cache = self.last.lock().unwrap_or_else(|p| p.into_inner());
+        if let (Some(k), Some((cached, entry))) = (key, cache.as_ref()) {
+            if k == *cached {
+                return Ok(entry.clone());
+            }
+        }
+        let entry = self.history.load()?.pop();
+        *cache = key.map(|k| (k, entry.clone()));
+        Ok(entry)
+    }
+
     pub fn status(&self, operation: Option<pb::Operation>) -> Result<pb::Status, UpdateError> {
         let state = self.store.load()?;
         let (boot, backend) = {
             let b = self.boot.lock().unwrap_or_else(|p| p.into_inner());
             (b.status()?, b.name())
         };
-        let last = self.history.load()?.pop();
+        let last = self.last_entry()?;
         Ok(build(&Inputs {
             compatible: &self.cfg.compatible,
             layout: &self.layout,

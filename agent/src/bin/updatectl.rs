@@ -17,7 +17,7 @@ fn main() -> ExitCode {
             } else {
                 "error:"
             };
-            eprintln!("{prefix} {e:#}");
+            eprintln!("{prefix} {}", cli::one_line(&e));
             cli::exit_code(&e)
         }
     }

@@ -16,22 +16,37 @@ use crate::api::pb;
 #[derive(Debug, Clone, Args)]
 pub struct Connect {
     /// The agent's Unix socket.
-    #[arg(long, global = true, env = "UPDATECTL_SOCKET", default_value = crate::config::DEFAULT_SOCKET)]
+    #[arg(long, global = true, help_heading = "Connection", env = "UPDATECTL_SOCKET", default_value = crate::config::DEFAULT_SOCKET)]
     pub socket: PathBuf,
     /// Talk to a remote agent over TCP with mutual TLS instead (https://HOST:PORT).
-    #[arg(long, global = true, env = "UPDATECTL_ADDRESS", requires_all = ["tls_ca", "tls_cert", "tls_key"])]
+    #[arg(long, global = true, help_heading = "Connection", env = "UPDATECTL_ADDRESS", requires_all = ["tls_ca", "tls_cert", "tls_key"])]
     pub address: Option<String>,
     /// CA certificate that signed the agent's server certificate (PEM).
-    #[arg(long, global = true, env = "UPDATECTL_TLS_CA")]
+    #[arg(
+        long,
+        global = true,
+        help_heading = "Connection",
+        env = "UPDATECTL_TLS_CA"
+    )]
     pub tls_ca: Option<PathBuf>,
     /// Client certificate (PEM).
-    #[arg(long, global = true, env = "UPDATECTL_TLS_CERT")]
+    #[arg(
+        long,
+        global = true,
+        help_heading = "Connection",
+        env = "UPDATECTL_TLS_CERT"
+    )]
     pub tls_cert: Option<PathBuf>,
     /// Client key (PEM).
-    #[arg(long, global = true, env = "UPDATECTL_TLS_KEY")]
+    #[arg(
+        long,
+        global = true,
+        help_heading = "Connection",
+        env = "UPDATECTL_TLS_KEY"
+    )]
     pub tls_key: Option<PathBuf>,
     /// Name expected in the agent's certificate (default: the address's host).
-    #[arg(long, global = true)]
+    #[arg(long, global = true, help_heading = "Connection")]
     pub tls_server_name: Option<String>,
 }
 

@@ -75,6 +75,19 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
     }
 }
 
+/// The error and its causes in one line, each said once (transport errors repeat
+/// their cause in their own message).
+pub fn one_line(err: &anyhow::Error) -> String {
+    let mut parts: Vec<String> = Vec::new();
+    for cause in err.chain() {
+        let msg = cause.to_string();
+        if !parts.iter().any(|p| p.contains(&msg)) {
+            parts.push(msg);
+        }
+    }
+    parts.join(": ")
+}
+
 /// The exit code for an error: 3 when a payload was rejected on its merits.
 pub fn exit_code(err: &anyhow::Error) -> ExitCode {
     use crate::apply::ApplyError;

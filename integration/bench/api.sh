@@ -1,0 +1,102 @@
+#!/bin/bash
+# integration/bench/api.sh [SECONDS_IDLE] [SECONDS_LOAD] [RATE]
+#
+# API benchmark: `update-agent serve` (release build) on a loop-device node with a
+# full history (200 records, the cap). First idle for 60 s: RSS, CPU time and
+# context switches (wake-ups) of all its threads. Then GetStatus over the Unix socket
+# at a steady 1,000 calls/s for 30 s (agent/examples/status_load.rs, open loop):
+# latency percentiles, and the daemon's CPU and RSS under that load. Needs root.
+set -euo pipefail
+here=$(cd "$(dirname "$0")" && pwd)
+repo=$(dirname "$(dirname "$here")")
+# shellcheck source=../setup.sh
+source "$repo/integration/setup.sh"
+# shellcheck source=../node.sh
+source "$repo/integration/node.sh"
+idle=${1:-60}
+load=${2:-30}
+rate=${3:-1000}
+
+cd "$repo"
+cargo build --release --locked -q --bin update-agent --bin updatectl --example status_load
+bin=$CARGO_TARGET_DIR/release
+w=$(mktemp -d /var/tmp/ua-api-bench.XXXXXX)
+loop=""
+daemon=""
+cleanup() {
+  [[ -n $daemon ]] && kill "$daemon" 2>/dev/null || true
+  [[ -n $loop ]] && losetup -d "$loop" 2>/dev/null || true
+  rm -rf "$w"
+}
+trap cleanup EXIT
+
+truncate -s 16M "$w/v1.img"
+make_node_disk "$w" "$w/v1.img"
+"$bin/updatectl" bundle keygen --out "$w/keys" >/dev/null
+mkdir -p "$w/keys.d" "$w/state" && cp "$w/keys/update-agent.pub" "$w/keys.d/"
+echo "root=PARTLABEL=root-a" >"$w/cmdline"
+echo "VERSION_ID=1.0" >"$w/os-release"
+grub-editenv "$w/grubenv" create
+grub-editenv "$w/grubenv" set ua_default=a ua_a_ok=1 ua_b_ok=1
+python3 - "$w/state/history.json" <<'PY'
+import json, sys
+entries = [{"version": f"1.{i}", "from_version": f"1.{i-1}", "slot": "b" if i % 2 else "a",
+            "outcome": "committed" if i % 5 else "rolled_back",
+            "reason": "" if i % 5 else "unit kubelet.service: failed 40 s after start",
+            "bytes_fetched": 6830000, "at": 1790000000 + i * 604800} for i in range(1, 201)]
+json.dump(entries, open(sys.argv[1], "w"))
+PY
+cat >"$w/agent.toml" <<TOML
+compatible = "bench"
+state_dir = "$w/state"
+keys_dir = "$w/keys.d"
+os_release = "$w/os-release"
+[slots]
+cmdline = "$w/cmdline"
+root_device = "${loop}p2"
+[boot]
+grubenv = "$w/grubenv"
+[api]
+socket = "$w/agent.sock"
+socket_group = ""
+TOML
+
+RUST_LOG=warn "$bin/update-agent" --config "$w/agent.toml" serve &
+daemon=$!
+for _ in $(seq 200); do [[ -S $w/agent.sock ]] && break; sleep 0.05; done
+"$bin/updatectl" --socket "$w/agent.sock" status >/dev/null
+
+# CPU ticks (utime+stime), context switches of every thread, RSS.
+ticks() { awk '{print $14 + $15}' "/proc/$daemon/stat"; }
+switches() { cat /proc/"$daemon"/task/*/status | awk '/ctxt_switches/ {s += $2} END {print s}'; }
+rss_kib() { awk '/^VmRSS/ {print $2}' "/proc/$daemon/status"; }
+threads() { ls /proc/"$daemon"/task | wc -l; }
+hz=$(getconf CLK_TCK)
+
+sleep 2
+t0=$(ticks); s0=$(switches)
+echo "bench: idle for $idle s..." >&2
+sleep "$idle"
+t1=$(ticks); s1=$(switches)
+idle_rss=$(rss_kib)
+idle_threads=$(threads)
+
+echo "bench: GetStatus at $rate/s for $load s..." >&2
+l0=$(ticks)
+result=$("$bin/examples/status_load" "$w/agent.sock" "$rate" "$load")
+l1=$(ticks)
+load_rss=$(rss_kib)
+peak_rss=$(awk '/^VmHWM/ {print $2}' "/proc/$daemon/status")
+
+cat <<EOF2
+## GetStatus over the Unix socket ($(date -u +%Y-%m-%d), $(nproc) cores)
+
+| measure | value |
+|---|---|
+| idle ${idle} s: CPU time | $(( (t1 - t0) * 1000 / hz )) ms |
+| idle ${idle} s: context switches (all threads) | $(( s1 - s0 )) |
+| idle RSS | $(( idle_rss / 1024 )).$(( idle_rss % 1024 * 10 / 1024 )) MiB ($idle_threads threads) |
+| load: $rate calls/s for $load s | $result |
+| load: daemon CPU | $(( (l1 - l0) * 1000 / hz / load )) ms per second ($(( (l1 - l0) * 100 / hz / load ))% of one core) |
+| RSS after load / peak | $(( load_rss / 1024 )).$(( load_rss % 1024 * 10 / 1024 )) MiB / $(( peak_rss / 1024 )).$(( peak_rss % 1024 * 10 / 1024 )) MiB |
+EOF2
