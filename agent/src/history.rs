@@ -5,8 +5,7 @@
 //! only ever gain fields (unknown fields are ignored when read), so newer and older
 //! agents read each other's history.
 
-use std::fs::{self, File};
-use std::io::Write;
+use std::fs;
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
@@ -83,24 +82,12 @@ impl History {
         all.push(entry);
         let drop = all.len().saturating_sub(MAX_ENTRIES);
         all.drain(..drop);
-        let werr = |p: &Path| {
-            let p = p.to_owned();
-            move |source| StateError::Write { path: p, source }
-        };
-        let dir = self.path.parent().unwrap_or(Path::new("."));
-        let tmp = dir.join(".history.json.tmp");
         let bytes = serde_json::to_vec_pretty(&all).map_err(|e| StateError::Write {
             path: self.path.clone(),
             source: std::io::Error::other(e),
         })?;
-        let mut f = File::create(&tmp).map_err(werr(&tmp))?;
-        f.write_all(&bytes).map_err(werr(&tmp))?;
-        f.sync_all().map_err(werr(&tmp))?;
-        fs::rename(&tmp, &self.path).map_err(werr(&self.path))?;
-        File::open(dir)
-            .and_then(|d| d.sync_all())
-            .map_err(werr(dir))?;
-        Ok(())
+        crate::durable::replace(&self.path, &bytes)
+            .map_err(|(path, source)| StateError::Write { path, source })
     }
 }
 

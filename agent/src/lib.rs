@@ -8,8 +8,10 @@
 pub mod api;
 pub mod apply;
 pub mod boot;
+pub mod channel;
 pub mod cli;
 pub mod config;
+pub mod durable;
 pub mod fetch;
 pub mod file_target;
 pub mod health;

@@ -10,7 +10,6 @@
 //! [`StateError::Illegal`] for a move that is not allowed; nothing asserts.
 
 use std::fs::{self, File, OpenOptions};
-use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
@@ -430,11 +429,6 @@ impl StateStore {
     /// Replaces the state durably. Needs the lock, so only its holder writes.
     pub fn save(&self, _lock: &UpdateLock, state: &State) -> Result<(), StateError> {
         let path = self.path();
-        let tmp = self.dir.join(".state.json.tmp");
-        let werr = |p: &Path| {
-            let p = p.to_owned();
-            move |source| StateError::Write { path: p, source }
-        };
         let doc = Document {
             schema: SCHEMA,
             state: state.clone(),
@@ -444,14 +438,8 @@ impl StateStore {
             source: std::io::Error::other(e),
         })?;
         bytes.push(b'\n');
-        let mut f = File::create(&tmp).map_err(werr(&tmp))?;
-        f.write_all(&bytes).map_err(werr(&tmp))?;
-        f.sync_all().map_err(werr(&tmp))?;
-        fs::rename(&tmp, &path).map_err(werr(&path))?;
-        File::open(&self.dir)
-            .and_then(|d| d.sync_all())
-            .map_err(werr(&self.dir))?;
-        Ok(())
+        crate::durable::replace(&path, &bytes)
+            .map_err(|(path, source)| StateError::Write { path, source })
     }
 }
 

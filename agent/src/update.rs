@@ -105,6 +105,27 @@ pub enum UpdateError {
     NothingToCancel(&'static str),
     #[error(transparent)]
     PostBoot(#[from] crate::postboot::PostBootError),
+    #[error("fetching channel {channel} from {url}")]
+    ChannelFetch {
+        channel: String,
+        url: String,
+        #[source]
+        source: Box<FetchError>,
+    },
+    #[error("reading channel {channel} from {url}")]
+    ChannelRead {
+        channel: String,
+        url: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("channel {channel} from {url}")]
+    Channel {
+        channel: String,
+        url: String,
+        #[source]
+        source: Box<crate::channel::ChannelError>,
+    },
 }
 
 /// Fail points stop the process at a named step, like a power cut, for the kill tests.
@@ -195,6 +216,54 @@ impl Agent {
 
     pub fn history(&self) -> &crate::history::History {
         &self.history
+    }
+
+    /// Fetches and checks the channel document `name` under the release directory
+    /// `base` (signature, expiry, channel name, product line).
+    pub fn open_channel(
+        &self,
+        base: &str,
+        name: &str,
+    ) -> Result<crate::channel::Channel, UpdateError> {
+        use crate::channel::{self, ChannelError};
+        let url = channel::document_url(base, name);
+        let ctx = |source| UpdateError::Channel {
+            channel: name.to_owned(),
+            url: url.clone(),
+            source: Box::new(source),
+        };
+        let src =
+            fetch::open(&url, &self.cfg.fetch).map_err(|source| UpdateError::ChannelFetch {
+                channel: name.to_owned(),
+                url: url.clone(),
+                source: Box::new(source),
+            })?;
+        let len = src.size();
+        if len > channel::MAX_LEN {
+            return Err(ctx(ChannelError::TooLarge { len }));
+        }
+        let mut buf = vec![0u8; len as usize];
+        src.read_range(0, &mut buf)
+            .map_err(|source| UpdateError::ChannelRead {
+                channel: name.to_owned(),
+                url: url.clone(),
+                source,
+            })?;
+        crate::channel::Channel::open(&buf, &self.keys, name, &self.cfg.compatible, timefmt::now())
+            .map_err(ctx)
+    }
+
+    /// sha256 (hex) of the image the booted slot holds, when the agent knows it (it
+    /// records the image of every release it commits).
+    pub fn booted_image_sha256(&self) -> Option<String> {
+        match self.store.load() {
+            Ok(State::Committed {
+                slot,
+                image_sha256: Some(h),
+                ..
+            }) if slot == self.layout.booted => Some(h),
+            _ => None,
+        }
     }
 
     /// Opens the payload at `url` and applies every policy check that does not need

@@ -52,8 +52,6 @@ pub enum ApiError {
     },
     #[error("operation {0} is not known (only the running and the last operation are)")]
     UnknownOperation(String),
-    #[error("channel {channel:?}: updates from a channel are not supported by this agent yet; use a version, a url or a path")]
-    ChannelsUnsupported { channel: String },
     #[error("nothing to reboot into: the agent is {state} (set force to reboot anyway)")]
     NothingToReboot { state: &'static str },
     #[error("running the reboot command {command:?}")]
@@ -79,7 +77,6 @@ impl ApiError {
             Self::Busy { .. } | Self::AgentBusy { .. } => (Code::FailedPrecondition, "BUSY"),
             Self::VersionNotFound { .. } => (Code::NotFound, "VERSION_NOT_FOUND"),
             Self::UnknownOperation(_) => (Code::NotFound, "UNKNOWN_OPERATION"),
-            Self::ChannelsUnsupported { .. } => (Code::Unimplemented, "UNSUPPORTED"),
             Self::NothingToReboot { .. } => (Code::FailedPrecondition, "NOTHING_TO_REBOOT"),
             Self::Reboot { .. } | Self::Worker => (Code::Internal, "INTERNAL"),
             Self::Update(e) => match e {
@@ -91,6 +88,18 @@ impl ApiError {
                 UpdateError::PostBoot(_) => (Code::FailedPrecondition, "WRONG_STATE"),
                 UpdateError::Fetch(FetchError::Status { status: 404, .. })
                 | UpdateError::Fetch(FetchError::File(_)) => (Code::NotFound, "PAYLOAD_NOT_FOUND"),
+                UpdateError::ChannelFetch { source, .. }
+                    if matches!(
+                        **source,
+                        FetchError::Status { status: 404, .. } | FetchError::File(_)
+                    ) =>
+                {
+                    (Code::NotFound, "CHANNEL_NOT_FOUND")
+                }
+                UpdateError::ChannelFetch { .. } | UpdateError::ChannelRead { .. } => {
+                    (Code::Unavailable, "FETCH_FAILED")
+                }
+                UpdateError::Channel { .. } => (Code::FailedPrecondition, "REJECTED"),
                 UpdateError::Fetch(FetchError::Scheme { .. }) => {
                     (Code::InvalidArgument, "INVALID_ARGUMENT")
                 }

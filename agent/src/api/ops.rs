@@ -100,14 +100,6 @@ impl Ops {
         Begin::Started { id }
     }
 
-    /// Drops an operation that never started (its payload was refused up front).
-    pub fn abandon(&self, id: &str) {
-        let mut g = self.lock();
-        if g.current.as_ref().is_some_and(|o| o.snapshot.id == id) {
-            g.current = None;
-        }
-    }
-
     pub fn cancel_flag(&self, id: &str) -> Option<Arc<AtomicBool>> {
         let g = self.lock();
         g.current

@@ -45,6 +45,9 @@ struct Target {
     urls: Vec<String>,
     /// Set when a version was asked for: not finding it is NOT_FOUND.
     version: Option<String>,
+    /// A channel to read first (it names the version and the payloads): the channel's
+    /// name and the release directory's URL.
+    channel: Option<(String, String)>,
 }
 
 impl Daemon {
@@ -70,7 +73,26 @@ impl Daemon {
                 field: "source",
                 why: "name a channel, a version, a url or a path".into(),
             }),
-            Source::Channel(channel) => Err(ApiError::ChannelsUnsupported { channel }),
+            Source::Channel(name) => {
+                if !crate::channel::valid_name(&name) {
+                    return Err(ApiError::InvalidArgument {
+                        field: "channel",
+                        why: format!("{name:?} is not a channel name (letters, digits, . _ -)"),
+                    });
+                }
+                let Some(base) = self.cfg.releases.url.clone() else {
+                    return Err(ApiError::InvalidArgument {
+                        field: "channel",
+                        why: "this node has no release server (agent.toml [releases] url); give a url instead".into(),
+                    });
+                };
+                Ok(Target {
+                    key: format!("channel {name}"),
+                    urls: Vec::new(),
+                    version: None,
+                    channel: Some((name, base)),
+                })
+            }
             Source::Url(u) if u.trim().is_empty() => Err(ApiError::InvalidArgument {
                 field: "url",
                 why: "is empty".into(),
@@ -89,6 +111,7 @@ impl Daemon {
                     key: format!("url {u}"),
                     urls: vec![u],
                     version: None,
+                    channel: None,
                 })
             }
             Source::Path(p) => {
@@ -102,6 +125,7 @@ impl Daemon {
                     key: format!("path {p}"),
                     urls: vec![p],
                     version: None,
+                    channel: None,
                 })
             }
             Source::Version(v) => {
@@ -135,6 +159,7 @@ impl Daemon {
                     key: format!("version {v}"),
                     urls,
                     version: Some(v),
+                    channel: None,
                 })
             }
         }
@@ -147,6 +172,12 @@ impl Daemon {
         allow_downgrade: bool,
     ) -> Result<crate::update::Checked, ApiError> {
         let agent = checker.lock().unwrap_or_else(|p| p.into_inner());
+        let mut target = target.clone();
+        if let Some((name, base)) = &target.channel {
+            let c = agent.open_channel(base, name)?;
+            target.urls = c.urls(base, agent.booted_image_sha256().as_deref());
+            target.version = Some(c.version);
+        }
         let mut last = None;
         for url in &target.urls {
             match agent.check(url, allow_downgrade) {
@@ -521,7 +552,17 @@ impl pb::update_agent_server::UpdateAgent for Service {
         let checked = match blocking(move || Daemon::precheck(&checker, &t, allow)).await {
             Ok(c) => c,
             Err(e) => {
-                self.0.ops.abandon(&id);
+                // Watchers (and a Cancel waiting for the end) learn how it ended too.
+                self.0.ops.finish(
+                    &id,
+                    pb::Result {
+                        outcome: pb::Outcome::Failed as i32,
+                        version: target.version.clone().unwrap_or_default(),
+                        reason: error_chain(&e),
+                        at: Some(status::now()),
+                        ..Default::default()
+                    },
+                );
                 return Err(e.into());
             }
         };

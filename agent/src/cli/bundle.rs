@@ -28,6 +28,25 @@ pub enum BundleCommand {
     },
     /// Build a full payload and one delta per --source from a slot image.
     Create(CreateArgs),
+    /// Point a channel at a release in a payload directory: writes the signed
+    /// DIR/channels/CHANNEL.json naming VERSION's full payload and its deltas.
+    Publish {
+        /// Channel name (what nodes follow), e.g. stable.
+        #[arg(long)]
+        channel: String,
+        /// The payload directory `create` wrote (served as the node's releases.url).
+        #[arg(long)]
+        dir: PathBuf,
+        /// The release the channel points at (VERSION.full.uap must be in DIR).
+        #[arg(long)]
+        version: String,
+        /// Publisher's secret key (PKCS#8 PEM); nodes must trust its public half.
+        #[arg(long)]
+        key: PathBuf,
+        /// Days until nodes refuse the channel document (re-publish before then).
+        #[arg(long, default_value_t = 30)]
+        expires_in_days: u64,
+    },
     /// Show what a payload holds (does not check signatures).
     Inspect {
         payload: PathBuf,
@@ -157,6 +176,13 @@ pub fn run(cmd: BundleCommand) -> anyhow::Result<()> {
             Ok(())
         }
         BundleCommand::Create(args) => create(&args),
+        BundleCommand::Publish {
+            channel,
+            dir,
+            version,
+            key,
+            expires_in_days,
+        } => publish(&channel, &dir, &version, &key, expires_in_days),
         BundleCommand::Inspect { payload, json, ops } => inspect(&payload, json, ops),
         BundleCommand::Verify {
             payload,
@@ -244,6 +270,86 @@ fn create(a: &CreateArgs) -> anyhow::Result<()> {
         let s = generate::create_delta(&target, src, &opts, &key, &path)?;
         print_summary(&s, Some(&src.path), t.elapsed().as_secs_f64());
     }
+    Ok(())
+}
+
+fn publish(
+    channel: &str,
+    dir: &Path,
+    version: &str,
+    key: &Path,
+    expires_in_days: u64,
+) -> anyhow::Result<()> {
+    anyhow::ensure!(
+        crate::channel::valid_name(channel),
+        "--channel {channel:?} must be 1-64 characters of A-Z a-z 0-9 . _ - and not start with a dot"
+    );
+    check_name("--version", version)?;
+    let key = PublisherKey::load(key)?;
+    let full_name = format!("{version}.full.uap");
+    let full = Payload::open(
+        &FileSource::open(&dir.join(&full_name))?,
+        Trust::InspectOnly,
+    )?;
+    let compatible = full.manifest.compatible.clone();
+    anyhow::ensure!(
+        full.manifest.version == version && !full.manifest.is_delta(),
+        "{} is not the full payload of {version}",
+        dir.join(&full_name).display()
+    );
+    let mut deltas = std::collections::BTreeMap::new();
+    let prefix = format!("{version}.from-");
+    let entries = std::fs::read_dir(dir).with_context(|| format!("reading {}", dir.display()))?;
+    for e in entries {
+        let name = e
+            .with_context(|| format!("reading {}", dir.display()))?
+            .file_name();
+        let name = name.to_string_lossy();
+        if !(name.starts_with(&prefix) && name.ends_with(".uap")) {
+            continue;
+        }
+        let path = dir.join(name.as_ref());
+        let p = Payload::open(&FileSource::open(&path)?, Trust::InspectOnly)?;
+        let Some(src) = &p.manifest.source else {
+            anyhow::bail!(
+                "{} is named like a delta but is a full payload",
+                path.display()
+            );
+        };
+        anyhow::ensure!(
+            p.manifest.version == version && p.manifest.compatible == compatible,
+            "{} is {} for {}, not {version} for {compatible}",
+            path.display(),
+            p.manifest.version,
+            p.manifest.compatible
+        );
+        deltas.insert(hex::encode(src.sha256), name.into_owned());
+    }
+    let now = timefmt::now();
+    let doc = crate::channel::Channel {
+        format: crate::channel::FORMAT.into(),
+        channel: channel.to_owned(),
+        compatible,
+        version: version.to_owned(),
+        published: now,
+        expires: now + expires_in_days.max(1) * 86_400,
+        full: full_name,
+        deltas,
+    };
+    let out_dir = dir.join("channels");
+    std::fs::create_dir_all(&out_dir).with_context(|| format!("creating {}", out_dir.display()))?;
+    let out = out_dir.join(format!("{channel}.json"));
+    crate::durable::replace(&out, &doc.sign(&key)).map_err(|(path, e)| {
+        anyhow::Error::new(e).context(format!("writing {}", path.display()))
+    })?;
+    println!(
+        "channel {channel} -> {version} ({}, {} delta{}), expires {}: {}",
+        doc.compatible,
+        doc.deltas.len(),
+        if doc.deltas.len() == 1 { "" } else { "s" },
+        timefmt::rfc3339(doc.expires),
+        out.display()
+    );
     Ok(())
 }
 

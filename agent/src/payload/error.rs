@@ -135,11 +135,9 @@ pub enum TrustError {
     },
     #[error("trusted key directory {path} holds no *.pub keys")]
     NoTrustedKeys { path: PathBuf },
-    #[error("payload is not signed")]
+    #[error("not signed")]
     Unsigned,
-    #[error(
-        "payload is signed only by keys this node does not trust (fingerprints: {fingerprints})"
-    )]
+    #[error("signed only by keys this node does not trust (fingerprints: {fingerprints})")]
     UntrustedKey { fingerprints: String },
     #[error("signature by key {fingerprint} does not match the manifest")]
     BadSignature { fingerprint: String },

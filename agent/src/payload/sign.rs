@@ -1,4 +1,5 @@
-//! Keys and signatures: ed25519 over the canonical manifest bytes.
+//! Keys and signatures: ed25519 over the canonical manifest bytes (and over channel
+//! documents, in a domain of their own).
 //!
 //! Keys are PEM files (PKCS#8 for the secret, SubjectPublicKeyInfo for the public half),
 //! the forms `openssl genpkey -algorithm ed25519` produces, so publishers can keep
@@ -16,9 +17,31 @@ use sha2::{Digest, Sha256};
 
 use super::error::TrustError;
 
-/// Prepended to the manifest bytes before signing, so a signature over a manifest can
-/// never be replayed as a signature over anything else.
-const CONTEXT: &[u8] = b"update-agent manifest v1\n";
+/// What a signature is over. Its context is prepended to the bytes before signing, so
+/// a signature over a manifest can never be replayed as one over a channel document,
+/// or the other way round.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Domain {
+    Manifest,
+    Channel,
+}
+
+impl Domain {
+    fn context(self) -> &'static [u8] {
+        match self {
+            Self::Manifest => b"update-agent manifest v1\n",
+            Self::Channel => b"update-agent channel v1\n",
+        }
+    }
+
+    fn message(self, bytes: &[u8]) -> Vec<u8> {
+        let c = self.context();
+        let mut msg = Vec::with_capacity(c.len() + bytes.len());
+        msg.extend_from_slice(c);
+        msg.extend_from_slice(bytes);
+        msg
+    }
+}
 
 /// The default directory of keys a node trusts.
 pub const DEFAULT_KEYS_DIR: &str = "/etc/update-agent/keys.d";
@@ -72,12 +95,13 @@ impl PublisherKey {
     }
 
     pub fn sign(&self, manifest: &[u8]) -> SignatureEntry {
-        let mut msg = Vec::with_capacity(CONTEXT.len() + manifest.len());
-        msg.extend_from_slice(CONTEXT);
-        msg.extend_from_slice(manifest);
+        self.sign_as(Domain::Manifest, manifest)
+    }
+
+    pub fn sign_as(&self, domain: Domain, bytes: &[u8]) -> SignatureEntry {
         SignatureEntry {
             key: fingerprint(&self.public()),
-            signature: self.key.sign(&msg).to_bytes(),
+            signature: self.key.sign(&domain.message(bytes)).to_bytes(),
         }
     }
 }
@@ -193,12 +217,19 @@ impl TrustedKeys {
         manifest: &[u8],
         signatures: &[SignatureEntry],
     ) -> Result<Fingerprint, TrustError> {
+        self.verify_as(Domain::Manifest, manifest, signatures)
+    }
+
+    pub fn verify_as(
+        &self,
+        domain: Domain,
+        bytes: &[u8],
+        signatures: &[SignatureEntry],
+    ) -> Result<Fingerprint, TrustError> {
         if signatures.is_empty() {
             return Err(TrustError::Unsigned);
         }
-        let mut msg = Vec::with_capacity(CONTEXT.len() + manifest.len());
-        msg.extend_from_slice(CONTEXT);
-        msg.extend_from_slice(manifest);
+        let msg = domain.message(bytes);
         for entry in signatures {
             if let Some((fp, key)) = self.keys.iter().find(|(fp, _)| *fp == entry.key) {
                 let sig = Signature::from_bytes(&entry.signature);

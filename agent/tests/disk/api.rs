@@ -210,11 +210,81 @@ fn api_update_commit_rollback_over_the_socket() {
             .await
             .expect_err("no windows");
         assert_eq!(e.code(), Code::InvalidArgument);
+        // Channels: none published yet, a bad name, then the publisher's document.
         let e = c
             .start_update(start_req(S::Channel("stable".into())))
             .await
             .expect_err("channel");
-        assert_eq!(e.code(), Code::Unimplemented);
+        assert_eq!(e.code(), Code::NotFound, "{e:?}");
+        assert_eq!(reason(&e), "CHANNEL_NOT_FOUND");
+        let e = c
+            .start_update(start_req(S::Channel("../etc".into())))
+            .await
+            .expect_err("name");
+        assert_eq!(e.code(), Code::InvalidArgument, "{e:?}");
+        let pem = {
+            use ed25519_dalek::pkcs8::EncodePrivateKey;
+            ed25519_dalek::SigningKey::from_bytes(&[3u8; 32])
+                .to_pkcs8_pem(ed25519_dalek::pkcs8::spki::der::pem::LineEnding::LF)
+                .expect("pem")
+        };
+        fs::write(n.path("publisher.key"), pem.as_bytes()).expect("key");
+        let o = Command::new(env!("CARGO_BIN_EXE_updatectl"))
+            .args([
+                "bundle",
+                "publish",
+                "--channel",
+                "stable",
+                "--version",
+                "2.0",
+                "--dir",
+            ])
+            .arg(&n.payloads)
+            .arg("--key")
+            .arg(n.path("publisher.key"))
+            .output()
+            .expect("publish");
+        assert!(o.status.success(), "{}", text(&o));
+        assert!(
+            text(&o).contains("channel stable -> 2.0 (test-board, 1 delta)"),
+            "{}",
+            text(&o)
+        );
+        let r = c
+            .check_for_update(pb::CheckForUpdateRequest {
+                source: Some(pb::check_for_update_request::Source::Channel(
+                    "stable".into(),
+                )),
+            })
+            .await
+            .expect("check channel")
+            .into_inner();
+        // The node does not know the image it runs yet (nothing committed): full payload.
+        assert!(
+            r.available && r.version == "2.0" && r.url.ends_with("/2.0.full.uap"),
+            "{r:?}"
+        );
+        // A channel document edited after signing is refused, naming the channel.
+        let doc = n.payloads.join("channels/stable.json");
+        let good = fs::read(&doc).expect("doc");
+        let text_doc = String::from_utf8(good.clone()).expect("utf8");
+        let v: serde_json::Value = serde_json::from_str(&text_doc).expect("json");
+        let signed = v["signed"].as_str().expect("signed").to_owned();
+        let mut flipped = signed.clone().into_bytes();
+        flipped[10] = if flipped[10] == b'A' { b'B' } else { b'A' };
+        let bad = text_doc.replace(&signed, &String::from_utf8(flipped).expect("ascii"));
+        fs::write(&doc, bad).expect("tamper");
+        let e = c
+            .check_for_update(pb::CheckForUpdateRequest {
+                source: Some(pb::check_for_update_request::Source::Channel(
+                    "stable".into(),
+                )),
+            })
+            .await
+            .expect_err("tampered");
+        assert_eq!(e.code(), Code::FailedPrecondition, "{e:?}");
+        assert!(e.message().contains("channel stable"), "{}", e.message());
+        fs::write(&doc, &good).expect("restore");
         let e = c
             .start_update(start_req(S::Path(n.path("nope.uap").display().to_string())))
             .await
@@ -409,6 +479,16 @@ fn api_update_commit_rollback_over_the_socket() {
             .expect("check")
             .into_inner();
         assert!(!r.available && r.reason.contains("not newer"), "{r:?}");
+        let r = c
+            .check_for_update(pb::CheckForUpdateRequest {
+                source: Some(pb::check_for_update_request::Source::Channel(
+                    "stable".into(),
+                )),
+            })
+            .await
+            .expect("check channel")
+            .into_inner();
+        assert!(!r.available && r.version == "2.0", "{r:?}");
 
         let h = c
             .list_history(pb::ListHistoryRequest {
