@@ -30,7 +30,9 @@ rm -rf "$work"
 mkdir -p "$work"
 loop=""
 server=""
+daemon=""
 cleanup() {
+  [[ -n $daemon ]] && kill "$daemon" 2>/dev/null || true
   umount "$work/mnt" 2>/dev/null || true
   [[ -n $server ]] && kill "$server" 2>/dev/null || true
   [[ -n $loop ]] && losetup -d "$loop" 2>/dev/null || true
@@ -111,24 +113,12 @@ echo "exit code $code (3 = payload rejected); slot-c.img exists: $([[ -e $work/s
 say "node: a GPT disk (esp, root-a, root-b, state) on a loop device, running v1 in slot a"
 make_node_disk "$work" "$work/v1.img"
 sfdisk -l "$loop" | tail -n 5
-echo "root=PARTLABEL=root-a ro" >"$work/cmdline"
-echo "VERSION_ID=1.0" >"$work/os-release"
-grub-editenv "$work/grubenv" create
-grub-editenv "$work/grubenv" set ua_default=a ua_a_ok=1 ua_b_ok=1
 mkdir -p "$work/health.d"
 # A health check as an operator would write one: exit 0 means healthy.
 printf '#!/bin/sh\necho "workloads answer"\n' >"$work/health.d/10-demo"
 chmod +x "$work/health.d/10-demo"
-cat >"$work/agent.toml" <<TOML
-compatible = "demo-x86_64"
-state_dir = "$work/state"
-keys_dir = "$work/node-keys.d"
-os_release = "$work/os-release"
-[slots]
-cmdline = "$work/cmdline"
-root_device = "${loop}p2"
-[boot]
-grubenv = "$work/grubenv"
+write_node_config "$work" demo-x86_64 "$work/node-keys.d"
+cat >>"$work/agent.toml" <<TOML
 [health]
 scripts_dir = "$work/health.d"
 deadline_secs = 30
@@ -150,6 +140,19 @@ run grub-editenv "$work/grubenv" list
 mount -o ro "${loop}p3" "$work/mnt"
 printf 'slot b, now the default: /etc/release says "%s"\n' "$(cat "$work/mnt/etc/release")"
 umount "$work/mnt"
-run "$agent" --config "$work/agent.toml" status
+
+say "the daemon: update-agent serve, and updatectl over its API socket"
+cat >>"$work/agent.toml" <<TOML
+[api]
+socket = "$work/agent.sock"
+socket_group = ""
+TOML
+"$agent" --config "$work/agent.toml" serve 2>"$work/daemon.log" &
+daemon=$!
+for _ in $(seq 200); do [[ -S $work/agent.sock ]] && break; sleep 0.05; done
+run "$updatectl" --socket "$work/agent.sock" status
+run "$updatectl" --socket "$work/agent.sock" history
+kill "$daemon"
+wait "$daemon" 2>/dev/null || true
 
 say "demo done: files are in $work"

@@ -30,3 +30,25 @@ start_range_server() {
   echo "range server on port $port did not start" >&2
   return 1
 }
+
+# write_node_config DIR COMPATIBLE KEYS_DIR: the node's view of itself for a disk
+# made by make_node_disk (booted slot a, running 1.0, GRUB with both slots good):
+# DIR/cmdline, DIR/os-release, DIR/grubenv and DIR/agent.toml. Callers append tables.
+write_node_config() {
+  local dir=$1 compatible=$2 keys=$3
+  echo "root=PARTLABEL=root-a ro" >"$dir/cmdline"
+  echo "VERSION_ID=1.0" >"$dir/os-release"
+  grub-editenv "$dir/grubenv" create
+  grub-editenv "$dir/grubenv" set ua_default=a ua_a_ok=1 ua_b_ok=1
+  cat >"$dir/agent.toml" <<TOML
+compatible = "$compatible"
+state_dir = "$dir/state"
+keys_dir = "$keys"
+os_release = "$dir/os-release"
+[slots]
+cmdline = "$dir/cmdline"
+root_device = "${loop}p2"
+[boot]
+grubenv = "$dir/grubenv"
+TOML
+}

@@ -34,10 +34,6 @@ truncate -s 16M "$w/v1.img"
 make_node_disk "$w" "$w/v1.img"
 "$bin/updatectl" bundle keygen --out "$w/keys" >/dev/null
 mkdir -p "$w/keys.d" "$w/state" && cp "$w/keys/update-agent.pub" "$w/keys.d/"
-echo "root=PARTLABEL=root-a" >"$w/cmdline"
-echo "VERSION_ID=1.0" >"$w/os-release"
-grub-editenv "$w/grubenv" create
-grub-editenv "$w/grubenv" set ua_default=a ua_a_ok=1 ua_b_ok=1
 python3 - "$w/state/history.json" <<'PY'
 import json, sys
 entries = [{"version": f"1.{i}", "from_version": f"1.{i-1}", "slot": "b" if i % 2 else "a",
@@ -46,16 +42,8 @@ entries = [{"version": f"1.{i}", "from_version": f"1.{i-1}", "slot": "b" if i % 
             "bytes_fetched": 6830000, "at": 1790000000 + i * 604800} for i in range(1, 201)]
 json.dump(entries, open(sys.argv[1], "w"))
 PY
-cat >"$w/agent.toml" <<TOML
-compatible = "bench"
-state_dir = "$w/state"
-keys_dir = "$w/keys.d"
-os_release = "$w/os-release"
-[slots]
-cmdline = "$w/cmdline"
-root_device = "${loop}p2"
-[boot]
-grubenv = "$w/grubenv"
+write_node_config "$w" bench "$w/keys.d"
+cat >>"$w/agent.toml" <<TOML
 [api]
 socket = "$w/agent.sock"
 socket_group = ""

@@ -36,21 +36,7 @@ delta=$(cd "$w/www" && ls 2.0.from-*.uap)
 
 start_range_server "$w/www"
 
-echo "root=PARTLABEL=root-a" >"$w/cmdline"
-echo "VERSION_ID=1.0" >"$w/os-release"
-grub-editenv "$w/grubenv" create
-grub-editenv "$w/grubenv" set ua_default=a ua_a_ok=1 ua_b_ok=1
-cat >"$w/agent.toml" <<TOML
-compatible = "bench"
-state_dir = "$w/state"
-keys_dir = "$w/keys.d"
-os_release = "$w/os-release"
-[slots]
-cmdline = "$w/cmdline"
-root_device = "${loop}p2"
-[boot]
-grubenv = "$w/grubenv"
-TOML
+write_node_config "$w" bench "$w/keys.d"
 
 echo "bench: staging (update-agent), xdelta3 -d, dd oflag=direct..." >&2
 sync; echo 3 >/proc/sys/vm/drop_caches 2>/dev/null || true

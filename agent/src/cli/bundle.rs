@@ -368,20 +368,9 @@ fn print_summary(s: &generate::Summary, from: Option<&Path>, secs: f64) {
     );
 }
 
-/// Bytes for people, in SI units the way download sizes are usually shown.
+/// Bytes for people, SI units with two decimals (publishers compare sizes closely).
 pub fn human(n: u64) -> String {
-    const UNITS: [&str; 5] = ["B", "kB", "MB", "GB", "TB"];
-    let mut v = n as f64;
-    let mut u = 0;
-    while v >= 1000.0 && u < UNITS.len() - 1 {
-        v /= 1000.0;
-        u += 1;
-    }
-    if u == 0 {
-        format!("{n} B")
-    } else {
-        format!("{v:.2} {}", UNITS[u])
-    }
+    super::render::si_bytes(n, 2)
 }
 
 /// Per-kind totals for `inspect`.

@@ -9,8 +9,13 @@ use crate::api::pb;
 pub const STATUS_SCHEMA: &str = "updatectl.status.v1";
 pub const HISTORY_SCHEMA: &str = "updatectl.history.v1";
 
-/// Bytes for people, decimal units as download sizes are quoted.
+/// Bytes for people, decimal units as download sizes are quoted, one decimal.
 pub fn bytes(n: u64) -> String {
+    si_bytes(n, 1)
+}
+
+/// Bytes in SI units (kB, MB, ...) with `decimals` digits after the point.
+pub fn si_bytes(n: u64, decimals: usize) -> String {
     const UNITS: [&str; 5] = ["B", "kB", "MB", "GB", "TB"];
     let mut v = n as f64;
     let mut u = 0;
@@ -21,7 +26,7 @@ pub fn bytes(n: u64) -> String {
     if u == 0 {
         format!("{n} B")
     } else {
-        format!("{v:.1} {}", UNITS[u])
+        format!("{v:.decimals$} {}", UNITS[u])
     }
 }
 
