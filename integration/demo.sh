@@ -44,7 +44,7 @@ mkdir -p "$work/v1/usr/lib" "$work/v1/usr/bin" "$work/v1/etc" "$work/v2/usr/shar
 # About 100 MB of real binaries and libraries (smallest first, so the pick is stable).
 copy_upto() { # SRC DST MB
   find "$1" -maxdepth 1 -type f -printf '%s %p\n' | sort -n | awk -v cap=$(($3 << 20)) \
-    '{ t += $1; if (t > cap) exit; print $2 }' | xargs -r cp -a -t "$2"
+    '{ t += $1; if (t <= cap) print $2 }' | xargs -r cp -a -t "$2"
 }
 copy_upto /usr/bin "$work/v1/usr/bin" 40
 copy_upto /usr/lib/x86_64-linux-gnu "$work/v1/usr/lib" 60
