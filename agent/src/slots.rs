@@ -394,7 +394,19 @@ impl SlotLayout {
             device: p.device.clone(),
             source,
         })?;
-        Ok(BootedSlot { file, size: p.size })
+        // The mounted file system may have changed blocks in the page cache that it
+        // never writes back (ext4 touches its superblock even on a read-only mount):
+        // deltas are made against the bytes on the device, so read those.
+        let direct = OpenOptions::new()
+            .read(true)
+            .custom_flags(nix::libc::O_DIRECT)
+            .open(&p.device)
+            .ok();
+        Ok(BootedSlot {
+            file,
+            direct,
+            size: p.size,
+        })
     }
 
     /// The inactive slot, opened for writing with O_EXCL: the kernel refuses if the
@@ -544,6 +556,8 @@ impl Drop for ReadOnlyMount {
 #[derive(Debug)]
 pub struct BootedSlot {
     file: File,
+    /// The same device with O_DIRECT (device bytes, not the page cache), when supported.
+    direct: Option<File>,
     size: u64,
 }
 
@@ -552,7 +566,29 @@ impl SourceSlot for BootedSlot {
         self.size
     }
     fn read_exact_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
-        FileExt::read_exact_at(&self.file, buf, offset)
+        let Some(d) = &self.direct else {
+            return FileExt::read_exact_at(&self.file, buf, offset);
+        };
+        if crate::apply::direct_ok(buf, offset) {
+            return FileExt::read_exact_at(d, buf, offset);
+        }
+        // Unaligned: read the aligned blocks around it into a bounce buffer.
+        const CHUNK: u64 = 1 << 20;
+        let align = crate::apply::AlignedBuf::ALIGN as u64;
+        let mut bounce = crate::apply::AlignedBuf::new(CHUNK as usize);
+        let (mut pos, end) = (offset, offset + buf.len() as u64);
+        while pos < end {
+            let start = pos - pos % align;
+            let len = ((end - start).div_ceil(align) * align).min(CHUNK);
+            let b = &mut bounce.bytes_mut()[..len as usize];
+            FileExt::read_exact_at(d, b, start)?;
+            let from = (pos - start) as usize;
+            let n = (len as usize - from).min((end - pos) as usize);
+            let at = (pos - offset) as usize;
+            buf[at..at + n].copy_from_slice(&b[from..from + n]);
+            pos += n as u64;
+        }
+        Ok(())
     }
 }
 

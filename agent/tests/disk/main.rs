@@ -1410,3 +1410,45 @@ fn systemd_boot_stage_trial_and_commit() {
     let s: serde_json::Value = serde_json::from_slice(&o.stdout).expect("status json");
     assert_eq!(s["boot"]["default"], "b", "{s}");
 }
+
+/// The booted slot is a mounted file system, and ext4 changes its superblock in the
+/// page cache even when mounted read-only (never written back): a buffered read of the
+/// device sees bytes that are not on it, and no delta made from the release image
+/// would apply. Found by the VM lab; the agent reads the booted slot with O_DIRECT.
+#[test]
+fn delta_applies_while_the_booted_slot_is_mounted() {
+    let n = Node::new();
+    let d = n.dir.path();
+    let v1 = ext4_image(d, "ro-v1", &b"kernel one ".repeat(1000), "1.0");
+    let v2 = ext4_image(d, "ro-v2", &b"kernel two ".repeat(1000), "2.0");
+    fs::copy(&v1, n.path("v1.img")).expect("v1");
+    let v1_bytes = fs::read(&v1).expect("read v1");
+    fs::OpenOptions::new()
+        .write(true)
+        .open(n.disk.part(2))
+        .and_then(|mut f| f.write_all(&v1_bytes).and_then(|()| f.sync_all()))
+        .expect("v1 into root-a");
+    let delta = n.publish("2.0", "test-board", &v2, 1 << 20);
+    // No full payload to fall back to: the delta itself must apply.
+    fs::remove_file(n.payloads.join("2.0.full.uap")).expect("rm full");
+    let mnt = n.path("root");
+    fs::create_dir_all(&mnt).expect("mnt");
+    sh(
+        "mount",
+        &["-o", "ro", &n.disk.part(2), mnt.to_str().expect("p")],
+    );
+    let o = n.agent(&["stage", &n.server.url(&delta)], &[]);
+    sh("umount", &[mnt.to_str().expect("p")]);
+    assert!(o.status.success(), "{}", text(&o));
+    let v2_bytes = fs::read(&v2).expect("read v2");
+    assert_eq!(
+        sha(&read_dev(&n.disk.part(3), v2_bytes.len() as u64)),
+        sha(&v2_bytes),
+        "slot b does not hold 2.0"
+    );
+    assert_eq!(
+        sha(&read_dev(&n.disk.part(2), v1_bytes.len() as u64)),
+        sha(&v1_bytes),
+        "root-a changed"
+    );
+}
