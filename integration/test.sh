@@ -6,7 +6,10 @@
 #      server, fail points and random SIGKILLs (agent/tests/disk/; the gRPC API through the real socket in disk/api.rs)
 #   3. systemd-analyze verify on the units, sysusers and tmpfiles into a scratch root
 #   4. the GRUB script fragment run in grub-emu, GRUB's own script engine (~3 min)
-# Later tiers (gRPC, the VM lab) are added here as they land.
+#   5. the VM lab (integration/vm/lab.sh): real OVMF, GRUB, kernel and systemd under
+#      QEMU (TCG), the agent driven over gRPC with mutual TLS: update and commit,
+#      failed health and rollback, a kernel that never reaches user space (~10 min;
+#      UPDATE_AGENT_SKIP_VM=1 skips it for a quick local run, never in CI)
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 repo=$(dirname "$here")
@@ -49,5 +52,12 @@ grep -q -- '--reboot' "$t/updatectl.bash"
 
 step "GRUB fragment in grub-emu"
 sh bootloader-hooks/grub/test-grub-emu.sh
+
+if [[ ${UPDATE_AGENT_SKIP_VM:-} == 1 && -z ${CI:-} ]]; then
+  step "VM lab skipped (UPDATE_AGENT_SKIP_VM=1)"
+else
+  step "VM lab (GRUB): scenarios 1 2 3 under QEMU"
+  bash integration/vm/lab.sh 1 2 3
+fi
 
 step "all tiers passed"

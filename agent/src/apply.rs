@@ -547,7 +547,8 @@ fn write_in_order(
 ) -> Result<(), ApplyError> {
     let ops = &manifest.operations;
     let mut pending: BTreeMap<usize, Result<Produced, ApplyError>> = BTreeMap::new();
-    let mut copy_buf = vec![0u8; IO_CHUNK];
+    // Aligned, so a booted slot opened with O_DIRECT reads straight into it.
+    let mut copy_buf = AlignedBuf::new(IO_CHUNK);
     for (i, op) in ops.iter().enumerate().skip(opts.start_op) {
         if opts.cancel.is_some_and(|c| c.load(Ordering::Relaxed)) {
             return Err(ApplyError::Cancelled { op: i });
@@ -577,7 +578,7 @@ fn write_in_order(
             }
             Produced::Inline => {
                 let src = source.ok_or(ApplyError::SourceRequired)?;
-                copy_op(i, op, bs, src, target, &mut copy_buf)?;
+                copy_op(i, op, bs, src, target, copy_buf.bytes_mut())?;
                 (0, false)
             }
             Produced::Bytes {

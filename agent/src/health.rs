@@ -38,6 +38,8 @@ pub struct HealthConfig {
     pub output_limit: usize,
     /// The systemctl to ask (tests point this at a stand-in).
     pub systemctl: PathBuf,
+    /// The journalctl that gives a failed unit's last lines for the reason.
+    pub journalctl: PathBuf,
     /// Reboot into the old slot by itself after a failed trial boot.
     pub reboot_on_failure: bool,
     /// Command that reboots the node.
@@ -58,6 +60,7 @@ impl Default for HealthConfig {
             probe_timeout_secs: 10,
             output_limit: 4096,
             systemctl: "systemctl".into(),
+            journalctl: "journalctl".into(),
             reboot_on_failure: true,
             reboot_command: vec!["systemctl".into(), "reboot".into()],
         }
@@ -182,13 +185,15 @@ struct UnitState {
     sub: String,
     restarts: String,
     invocation: String,
+    result: String,
+    exit_status: String,
 }
 
 fn unit_state(systemctl: &Path, unit: &str) -> Result<UnitState, String> {
     let out = Command::new(systemctl)
         .args([
             "show",
-            "--property=LoadState,ActiveState,SubState,NRestarts,InvocationID",
+            "--property=LoadState,ActiveState,SubState,NRestarts,InvocationID,Result,ExecMainStatus",
             "--",
             unit,
         ])
@@ -209,10 +214,61 @@ fn unit_state(systemctl: &Path, unit: &str) -> Result<UnitState, String> {
             Some(("SubState", v)) => v.clone_into(&mut s.sub),
             Some(("NRestarts", v)) => v.clone_into(&mut s.restarts),
             Some(("InvocationID", v)) => v.clone_into(&mut s.invocation),
+            Some(("Result", v)) => v.clone_into(&mut s.result),
+            Some(("ExecMainStatus", v)) => v.clone_into(&mut s.exit_status),
             _ => {}
         }
     }
     Ok(s)
+}
+
+/// Why a unit is not healthy, for people: its state, how its main process ended, and
+/// its last lines in this boot's journal (bounded by `output_limit`).
+fn unit_failure(cfg: &HealthConfig, unit: &str, s: &UnitState, when: &str) -> String {
+    let mut why = format!("{} {when}", s.active);
+    let how: Vec<String> = [("Result", &s.result), ("ExecMainStatus", &s.exit_status)]
+        .iter()
+        .filter(|(_, v)| !v.is_empty())
+        .map(|(k, v)| format!("{k}={v}"))
+        .collect();
+    if !how.is_empty() {
+        why.push_str(&format!(" ({})", how.join(", ")));
+    }
+    let journal = Command::new(&cfg.journalctl)
+        .args(["-b", "-u", unit, "-n", "5", "-o", "cat", "--no-pager"])
+        .stdin(Stdio::null())
+        .output();
+    if let Some(out) = journal.ok().filter(|o| o.status.success()) {
+        let text = String::from_utf8_lossy(&out.stdout);
+        // The unit's own lines: systemd's about it ("Started …", "unit: Main process
+        // exited …") say what Result and ExecMainStatus already say.
+        let own = |l: &&str| {
+            !l.is_empty()
+                && !l.starts_with(&format!("{unit}: "))
+                && ![
+                    "Started ",
+                    "Starting ",
+                    "Stopped ",
+                    "Stopping ",
+                    "Failed to start ",
+                ]
+                .iter()
+                .any(|p| l.starts_with(p))
+        };
+        let lines: Vec<&str> = text.lines().map(str::trim).filter(own).collect();
+        if !lines.is_empty() {
+            let mut tail = lines.join(" | ");
+            if tail.len() > cfg.output_limit {
+                let mut cut = tail.len() - cfg.output_limit;
+                while !tail.is_char_boundary(cut) {
+                    cut += 1;
+                }
+                tail = format!("…{}", &tail[cut..]);
+            }
+            why.push_str(&format!("; last output: {tail}"));
+        }
+    }
+    why
 }
 
 fn check_unit(cfg: &HealthConfig, unit: &str, deadline: Instant) -> (bool, String) {
@@ -253,17 +309,16 @@ fn check_unit(cfg: &HealthConfig, unit: &str, deadline: Instant) -> (bool, Strin
             }
             ever_active = true;
         } else if ever_active {
+            let when = format!(
+                "{:.0} s into the check",
+                now.duration_since(start).as_secs_f64()
+            );
+            return (false, unit_failure(cfg, unit, &s, &when));
+        } else if s.active == "failed" {
             return (
                 false,
-                format!(
-                    "{} ({}) {:.0} s after start",
-                    s.active,
-                    s.sub,
-                    now.duration_since(start).as_secs_f64()
-                ),
+                unit_failure(cfg, unit, &s, "before the check saw it active"),
             );
-        } else if s.active == "failed" {
-            return (false, format!("failed ({}) before it became active", s.sub));
         }
         if now + poll > deadline {
             return (
@@ -378,5 +433,63 @@ fn check_http(url: &str, timeout: Duration) -> (bool, String) {
         Ok(r) if r.status().is_success() => (true, format!("HTTP {}", r.status().as_u16())),
         Ok(r) => (false, format!("HTTP {}", r.status().as_u16())),
         Err(e) => (false, e.to_string()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::PermissionsExt as _;
+
+    fn script(dir: &Path, name: &str, body: &str) -> PathBuf {
+        let p = dir.join(name);
+        std::fs::write(&p, format!("#!/bin/sh\n{body}\n")).expect("write script");
+        std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+        p
+    }
+
+    #[test]
+    fn a_unit_that_fails_after_start_is_named_with_its_exit_and_last_output() {
+        let d = tempfile::tempdir().expect("tempdir");
+        // Active on the first look, failed with exit status 1 on every later one.
+        let systemctl = script(
+            d.path(),
+            "systemctl",
+            &format!(
+                "if [ -e {seen} ]; then\n\
+                 printf 'LoadState=loaded\\nActiveState=failed\\nSubState=failed\\nNRestarts=0\\nInvocationID=x\\nResult=exit-code\\nExecMainStatus=1\\n'\n\
+                 else touch {seen}\n\
+                 printf 'LoadState=loaded\\nActiveState=active\\nSubState=running\\nNRestarts=0\\nInvocationID=x\\nResult=success\\nExecMainStatus=0\\n'\n\
+                 fi",
+                seen = d.path().join("seen").display()
+            ),
+        );
+        let journalctl = script(
+            d.path(),
+            "journalctl",
+            "echo 'Started worker.service - a worker'; echo 'starting worker'; \
+             echo 'worker: cannot open /var/lib/worker/db'; \
+             echo 'worker.service: Main process exited, code=exited, status=1/FAILURE'",
+        );
+        let cfg = HealthConfig {
+            units: vec!["worker.service".into()],
+            sustain_secs: 5,
+            poll_ms: 10,
+            deadline_secs: 10,
+            scripts_dir: d.path().join("none"),
+            systemctl,
+            journalctl,
+            ..HealthConfig::default()
+        };
+        let r = run_all(&cfg);
+        assert_eq!(r.len(), 1);
+        assert!(!r[0].ok);
+        let s = r[0].summary();
+        assert!(s.starts_with("unit worker.service: failed "), "{s}");
+        assert!(s.contains("(Result=exit-code, ExecMainStatus=1)"), "{s}");
+        assert!(
+            s.ends_with("last output: starting worker | worker: cannot open /var/lib/worker/db"),
+            "{s}"
+        );
     }
 }

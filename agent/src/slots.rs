@@ -575,8 +575,10 @@ impl SourceSlot for BootedSlot {
         // Unaligned: read the aligned blocks around it into a bounce buffer.
         const CHUNK: u64 = 1 << 20;
         let align = crate::apply::AlignedBuf::ALIGN as u64;
-        let mut bounce = crate::apply::AlignedBuf::new(CHUNK as usize);
         let (mut pos, end) = (offset, offset + buf.len() as u64);
+        // No bigger than the span needs: small reads stay cheap.
+        let span = (end - (offset - offset % align)).div_ceil(align) * align;
+        let mut bounce = crate::apply::AlignedBuf::new(span.min(CHUNK) as usize);
         while pos < end {
             let start = pos - pos % align;
             let len = ((end - start).div_ceil(align) * align).min(CHUNK);

@@ -358,6 +358,22 @@ pub struct StateStore {
     dir: PathBuf,
 }
 
+/// A verified release image in a slot.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SlotImage {
+    pub version: String,
+    pub sha256: String,
+}
+
+/// `images.json`: fields are only ever added.
+#[derive(Debug, Default, Serialize, Deserialize)]
+struct Images {
+    #[serde(default)]
+    a: Option<SlotImage>,
+    #[serde(default)]
+    b: Option<SlotImage>,
+}
+
 /// Held for as long as a process may change the slots or the state. Dropping it
 /// releases the lock (the kernel also releases it if the process dies).
 #[derive(Debug)]
@@ -374,6 +390,39 @@ impl StateStore {
 
     pub fn path(&self) -> PathBuf {
         self.dir.join("state.json")
+    }
+
+    fn images_path(&self) -> PathBuf {
+        self.dir.join("images.json")
+    }
+
+    /// What each slot holds, as far as the agent wrote and verified it: the release
+    /// and the sha256 of its image (which deltas fit the slot once it runs). A missing
+    /// or unreadable file is an empty record: the agent then asks for full payloads.
+    pub fn images(&self) -> [Option<SlotImage>; 2] {
+        std::fs::read(self.images_path())
+            .ok()
+            .and_then(|b| serde_json::from_slice::<Images>(&b).ok())
+            .map(|i| [i.a, i.b])
+            .unwrap_or_default()
+    }
+
+    /// Records (or with `None` forgets) the image in `slot`. Needs the lock.
+    pub fn set_image(
+        &self,
+        _lock: &UpdateLock,
+        slot: Slot,
+        image: Option<SlotImage>,
+    ) -> Result<(), StateError> {
+        let mut all = self.images();
+        all[slot.index()] = image;
+        let [a, b] = all;
+        let bytes = serde_json::to_vec_pretty(&Images { a, b }).map_err(|e| StateError::Write {
+            path: self.images_path(),
+            source: std::io::Error::other(e),
+        })?;
+        crate::durable::replace(&self.images_path(), &bytes)
+            .map_err(|(path, source)| StateError::Write { path, source })
     }
 
     /// Takes the update lock without waiting.

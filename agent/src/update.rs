@@ -256,14 +256,11 @@ impl Agent {
     /// sha256 (hex) of the image the booted slot holds, when the agent knows it (it
     /// records the image of every release it commits).
     pub fn booted_image_sha256(&self) -> Option<String> {
-        match self.store.load() {
-            Ok(State::Committed {
-                slot,
-                image_sha256: Some(h),
-                ..
-            }) if slot == self.layout.booted => Some(h),
-            _ => None,
-        }
+        let running = self.running_version();
+        self.store.images()[self.layout.booted.index()]
+            .clone()
+            .filter(|i| running.is_none() || running.as_deref() == Some(i.version.as_str()))
+            .map(|i| i.sha256)
     }
 
     /// Opens the payload at `url` and applies every policy check that does not need
@@ -419,6 +416,7 @@ impl Agent {
         let writer = self.layout.open_inactive()?;
         // From here on a half-written slot can never be chosen by the bootloader.
         self.boot.mark_unbootable(slot)?;
+        self.store.set_image(lock, slot, None)?;
         failpoint("after-mark-unbootable");
         state.begin(Staging {
             attempt: attempt.to_owned(),
@@ -689,6 +687,14 @@ impl Agent {
         state.progress(m.operations.len(), m.target_size, fetched)?;
         state.staged(hex::encode(m.target_sha256))?;
         self.store.save(lock, &state)?;
+        self.store.set_image(
+            lock,
+            slot,
+            Some(crate::state::SlotImage {
+                version: m.version.clone(),
+                sha256: hex::encode(m.target_sha256),
+            }),
+        )?;
         failpoint("after-staged");
         // Release the exclusive hold on the slot: the bootloader may need to mount it.
         drop(writer);

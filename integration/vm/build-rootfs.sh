@@ -32,7 +32,10 @@
 #   UA_VM_MIRROR    Debian mirror (default http://deb.debian.org/debian)
 #   UA_VM_INCLUDE   extra packages for debootstrap, comma separated (default none)
 #   UA_VM_MODULES   kernel modules to keep (default below)
-#   UA_VM_KERNEL    kernel package (default: what linux-image-cloud-amd64 depends on)
+#   UA_VM_KERNEL    kernel package (default: the cached one, else what bookworm's
+#                   linux-image-cloud-amd64 depends on now)
+# The layers are never refreshed on their own (the lab wants the same bits every run):
+# remove CACHE_DIR (or CACHE_DIR/kernel) to pick up newer packages.
 # Output: CACHE_DIR/rootfs.tar (+ rootfs.tar.ok), CACHE_DIR/kernel/vmlinuz-VERSION.
 set -euo pipefail
 export PATH=$PATH:/usr/sbin:/sbin

@@ -42,6 +42,8 @@ Pin-Priority: 990
     [mkfs.ext4]=e2fsprogs
     [debootstrap]=debootstrap
     [dpkg-deb]=dpkg
+    [nc]=netcat-openbsd
+    [openssl]=openssl
   )
   local need=() k
   for k in "${!want[@]}"; do

@@ -52,6 +52,7 @@ boot_once() {
   wait "$pid" || rc=$?
   boot_total=$(secs "$t0" "$(now)")
   ((rc == 0)) || fail "qemu exited with $rc ($(cat "$serial.qemu")); see $serial"
+  log "$(basename "$serial"): multi-user marker after ${boot_marker} s, qemu exit after ${boot_total} s"
 }
 # The first marker line starting with $2 (kernel messages may share its line).
 marker() { grep -ao "UA-LAB: $2.*" "$1" | head -n 1 | tr -d '\r'; }

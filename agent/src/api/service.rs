@@ -67,6 +67,12 @@ impl Daemon {
         })
     }
 
+    /// sha256 of the image the booted slot holds, when the agent wrote it.
+    fn booted_image(&self) -> Option<String> {
+        let checker = self.checker.lock().unwrap_or_else(|p| p.into_inner());
+        checker.booted_image_sha256()
+    }
+
     fn resolve(&self, field: &'static str, source: Source) -> Result<Target, ApiError> {
         match source {
             Source::None => Err(ApiError::InvalidArgument {
@@ -144,12 +150,8 @@ impl Daemon {
                 let base = base.trim_end_matches('/');
                 let mut urls = Vec::new();
                 // The delta built from the image this node runs, when the agent knows
-                // which image that is (it records the hash of every release it commits).
-                if let Ok(State::Committed {
-                    image_sha256: Some(h),
-                    ..
-                }) = self.reader.state()
-                {
+                // which image that is (it records every image it writes and verifies).
+                if let Some(h) = self.booted_image() {
                     if let Some(short) = h.get(..16) {
                         urls.push(format!("{base}/{v}.from-{short}.uap"));
                     }

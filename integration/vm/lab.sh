@@ -1,0 +1,298 @@
+#!/bin/bash
+# integration/vm/lab.sh [SCENARIO...]: the VM lab's scenarios on real firmware (OVMF),
+# a real GRUB with our fragment, a real kernel and systemd, the agent installed in the
+# image the way a distribution would (binaries in /usr/bin, our units enabled, config
+# in /etc/update-agent). The host drives the guest's agent over gRPC with mutual TLS
+# through a QEMU host-forward, using updatectl; the guest fetches payloads from an HTTP
+# server on the host's loopback through an explicit guest-forward and reaches nothing
+# else. One QEMU run per boot: a reboot is QEMU exiting (-no-reboot) and a new run.
+#
+# Scenarios (default: 1 2 3, in this order; each starts where the last ended):
+#   1  v1 -> v2: staged over gRPC while the node runs, reboot, health passes, committed;
+#      the downtime is measured next to a plain reboot of the same VM
+#   2  v2 -> v3 whose required unit fails a few seconds after start: the trial fails
+#      its health check, the node reboots itself into v2, status says which check
+#      failed and why
+#   3  v2 -> v4 whose kernel never reaches user space (no init): GRUB's try counter
+#      brings the node back to v2 without the agent's help; status says so
+#
+# Releases (built from the lab's cached rootfs): v1; v2 = v1 plus a package (jq) and
+# VERSION_ID 2.0; v3 = v2 plus a unit that exits 1 four seconds after it starts,
+# listed as required in v3's health config; v4 = v2 without an init (the kernel
+# panics). Each is published with `updatectl bundle create` as a delta against the
+# release it replaces (v2 for v3 and v4).
+set -euo pipefail
+export PATH=$PATH:/usr/sbin:/sbin
+here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+repo=$(cd "$here/../.." && pwd)
+cache=${UA_LAB_CACHE:-/var/tmp/update-agent-vm}
+scenarios=("$@")
+((${#scenarios[@]})) || scenarios=(1 2 3)
+export UA_VM_TIMEOUT=${UA_VM_TIMEOUT:-600}
+
+say() { printf '\n\033[1m== %s\033[0m\n' "$*"; }
+log() { printf 'vm/lab: %s\n' "$*" >&2; }
+fail() { log "FAIL: $*"; exit 1; }
+
+# shellcheck source=../setup.sh
+source "$repo/integration/setup.sh"
+"$here/setup.sh"
+"$here/build-rootfs.sh" "$cache" >&2
+
+say "building update-agent and updatectl (release) for the image"
+(cd "$repo" && cargo build --release --locked -q --bin update-agent --bin updatectl)
+bin=$CARGO_TARGET_DIR/release
+updatectl_host=$bin/updatectl
+
+w=$cache/lab
+rm -rf "$w"
+mkdir -p "$w/www" "$w/pki" "$w/keys"
+qemu_pid=""
+server=""
+cleanup() {
+  [[ -n $qemu_pid ]] && kill "$qemu_pid" 2>/dev/null || true
+  [[ -n $server ]] && kill "$server" 2>/dev/null || true
+}
+trap cleanup EXIT
+
+# ---- trust: the publisher's key, and a PKI for the API (server in the guest, the
+# ---- fleet controller on the host)
+"$updatectl_host" bundle keygen --out "$w/keys" >/dev/null
+pki() { openssl "$@" >/dev/null 2>&1; }
+( cd "$w/pki"
+  pki req -x509 -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -keyout ca.key -out ca.crt \
+    -subj /CN=ua-lab-ca -days 7
+  for who in server:ua-lab:"subjectAltName=DNS:ua-lab,IP:127.0.0.1\nextendedKeyUsage=serverAuth" \
+             client:lab-controller:"subjectAltName=DNS:lab-controller\nextendedKeyUsage=clientAuth"; do
+    IFS=: read -r name cn ext <<<"$who"
+    pki req -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -keyout "$name.key" -out "$name.csr" -subj "/CN=$cn"
+    printf '%b\n' "$ext" >"$name.ext"
+    pki x509 -req -in "$name.csr" -CA ca.crt -CAkey ca.key -CAcreateserial -out "$name.crt" -days 7 -extfile "$name.ext"
+  done )
+
+# ---- release images
+# release VERSION DIR [health units...]: the rootfs with the agent installed, as a
+# distribution image would carry it, made into an ext4 image file $w/VERSION.img the
+# size of a slot. Deterministic (fixed time, UUID and hash seed), so consecutive
+# releases share most of their blocks, as real ones do.
+slot_mib=${UA_VM_SLOT_MIB:-600}
+release() {
+  local version=$1 tree=$2
+  shift 2
+  local units=""
+  local u
+  for u in "$@"; do units+="\"$u\", "; done
+  install -D -m 0755 "$bin/update-agent" "$tree/usr/bin/update-agent"
+  install -D -m 0755 "$bin/updatectl" "$tree/usr/bin/updatectl"
+  install -D -m 0644 -t "$tree/usr/lib/systemd/system" "$repo"/systemd/*.service
+  install -D -m 0644 "$repo/systemd/update-agent.tmpfiles.conf" "$tree/usr/lib/tmpfiles.d/update-agent.conf"
+  install -D -m 0644 "$repo/systemd/update-agent.sysusers.conf" "$tree/usr/lib/sysusers.d/update-agent.conf"
+  # The root is read-only at run time: users and directories exist in the image.
+  systemd-sysusers --root="$tree" >/dev/null
+  systemctl --root="$tree" --quiet enable update-agent.service update-agent-boot-check.service
+  install -d -m 0755 "$tree/etc/update-agent/keys.d" "$tree/etc/update-agent/health.d" "$tree/etc/update-agent/tls"
+  install -m 0644 "$w/keys/update-agent.pub" "$tree/etc/update-agent/keys.d/lab.pub"
+  install -m 0644 "$w/pki/ca.crt" "$w/pki/server.crt" "$tree/etc/update-agent/tls/"
+  install -m 0600 "$w/pki/server.key" "$tree/etc/update-agent/tls/"
+  cat >"$tree/etc/update-agent/agent.toml" <<TOML
+compatible = "ua-lab-x86_64"
+[boot]
+grubenv = "/boot/efi/EFI/BOOT/grubenv"
+[api]
+tcp_listen = "0.0.0.0:7443"
+tls_cert = "/etc/update-agent/tls/server.crt"
+tls_key = "/etc/update-agent/tls/server.key"
+tls_client_ca = "/etc/update-agent/tls/ca.crt"
+tls_allowed_clients = ["lab-controller"]
+[releases]
+url = "http://10.0.2.100:8080"
+[health]
+units = [${units}"systemd-networkd.service"]
+sustain_secs = 8
+deadline_secs = 120
+TOML
+  rm -f "$tree/etc/os-release"
+  printf 'PRETTY_NAME="update-agent lab %s"\nNAME="ua-lab"\nID=ua-lab\nVERSION_ID=%s\n' \
+    "$version" "$version" >"$tree/etc/os-release"
+  rm -f "$w/$version.img"
+  E2FSPROGS_FAKE_TIME=1700000000 mkfs.ext4 -q -b 4096 -L root -U 6d1b3c2e-0000-4000-8000-0000000000aa \
+    -E hash_seed=6d1b3c2e-0000-4000-8000-0000000000bb -d "$tree" "$w/$version.img" "${slot_mib}M"
+}
+
+say "release images: v1, v2 (+ jq), v3 (+ a required unit that fails)"
+t=$w/tree
+mkdir -p "$t"
+tar -C "$t" --numeric-owner --xattrs --xattrs-include='*' -xf "$cache/rootfs.tar"
+release 1.0 "$t"
+# v2: a package added, as a distribution update would.
+( cd "$w" && apt-get download -qq jq libjq1 libonig5 >/dev/null )
+for deb in "$w"/*.deb; do dpkg-deb -x "$deb" "$t"; done
+release 2.0 "$t"
+# v3: a unit that starts, runs four seconds and fails; v3's health config requires it.
+cat >"$t/etc/systemd/system/ua-lab-worker.service" <<'UNIT'
+[Unit]
+Description=update-agent VM lab: a workload that fails four seconds after it starts
+[Service]
+ExecStart=/bin/sh -c 'echo "worker: cannot open /var/lib/worker/db: no such file"; sleep 4; exit 1'
+[Install]
+WantedBy=multi-user.target
+UNIT
+systemctl --root="$t" --quiet enable ua-lab-worker.service
+release 3.0 "$t" ua-lab-worker.service
+# v4: v2 whose kernel finds no init (/sbin/init, /etc/init, /bin/init, /bin/sh).
+systemctl --root="$t" --quiet disable ua-lab-worker.service
+rm -f "$t/etc/systemd/system/ua-lab-worker.service" "$t/usr/sbin/init" "$t/sbin/init" "$t/usr/bin/sh" "$t/bin/sh"
+release 4.0 "$t"
+ls -l "$w"/*.img >&2
+
+say "publisher: 2.0 as a delta from 1.0; 3.0 and 4.0 as deltas from 2.0"
+for pair in 2.0:1.0 3.0:2.0 4.0:2.0; do
+  "$updatectl_host" bundle create --target "$w/${pair%%:*}.img" --source "$w/${pair##*:}.img" \
+    --version "${pair%%:*}" --compatible ua-lab-x86_64 --key "$w/keys/update-agent.key" \
+    --out "$w/www" --no-full --level 9
+done
+ls -l "$w/www" >&2
+
+say "the node: GPT disk, GRUB + fragment on the ESP, 1.0 in root-a, root-b empty"
+UA_VM_POWEROFF=0 "$here/make-disk.sh" "$w/disk.img" "$w/1.0.img" - >&2
+
+# ---- running the node
+source "$repo/integration/node.sh"
+start_range_server "$w/www"
+http_port=$port
+api_port=$(python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
+boots=0
+# boot: one QEMU run in the background (one boot); returns at once.
+boot() {
+  boots=$((boots + 1))
+  UA_VM_HOSTFWD="$api_port:7443" \
+    UA_VM_NETDEV="guestfwd=tcp:10.0.2.100:8080-cmd:nc 127.0.0.1 $http_port" \
+    "$here/boot.sh" "$w/disk.img" "$w/serial-$boots.log" &
+  qemu_pid=$!
+  boot_started=$(date +%s.%N)
+}
+# wait_down: until QEMU exits (the guest rebooted or powered off).
+wait_down() {
+  local rc=0
+  wait "$qemu_pid" || rc=$?
+  qemu_pid=""
+  log "boot $boots ended (qemu exit $rc)"
+}
+ctl() {
+  "$updatectl_host" --address "https://127.0.0.1:$api_port" --tls-ca "$w/pki/ca.crt" \
+    --tls-cert "$w/pki/client.crt" --tls-key "$w/pki/client.key" "$@"
+}
+# wait_api: until the guest's agent answers over TLS (after the health gate).
+wait_api() {
+  local deadline=$((SECONDS + ${1:-240}))
+  until ctl status >/dev/null 2>&1; do
+    ((SECONDS < deadline)) || fail "the agent did not answer within ${1:-240} s (serial log: $w/serial-$boots.log)"
+    kill -0 "$qemu_pid" 2>/dev/null || fail "the VM stopped before its agent answered (serial log: $w/serial-$boots.log)"
+    sleep 1
+  done
+  log "agent answers, $(awk -v a="$boot_started" -v b="$(date +%s.%N)" 'BEGIN { printf "%.1f", b - a }') s after QEMU started"
+}
+status_json() { ctl status --json; }
+# boot_until_api: boots until the agent answers; a boot that ends first (a kernel
+# panic, with panic=-1 and -no-reboot) is followed by the next, as firmware would.
+boot_until_api() {
+  local tries=0
+  boot
+  until ctl status >/dev/null 2>&1; do
+    if ! kill -0 "$qemu_pid" 2>/dev/null; then
+      wait_down
+      tries=$((tries + 1))
+      ((tries <= ${1:-6})) || fail "no boot reached the agent after $tries boots"
+      log "boot $boots ended before the agent answered: $(grep -a -m1 -o 'Kernel panic[^\r]*' "$w/serial-$boots.log" || echo 'no panic line')"
+      boot
+    fi
+    sleep 1
+  done
+}
+secs_since() { awk -v a="$1" -v b="$(date +%s.%N)" 'BEGIN { printf "%.1f", b - a }'; }
+field() { python3 -c "import json,sys; d=json.load(sys.stdin); print(eval('d' + sys.argv[1]))" "$1"; }
+
+say "boot 1: the node runs 1.0"
+boot
+wait_api
+ctl status
+
+for s in "${scenarios[@]}"; do
+  case $s in
+    1)
+      say "a plain reboot of the same VM, for comparison (request to the agent answering)"
+      t=$(date +%s.%N)
+      ctl reboot --force || log "the reboot call got no answer (the node went down first)"
+      wait_down
+      boot
+      wait_api
+      plain=$(secs_since "$t")
+      log "plain reboot: $plain s"
+      say "scenario 1: 1.0 -> 2.0 staged over gRPC while the node runs"
+      delta=$(cd "$w/www" && ls 2.0.from-*.uap)
+      t0=$(date +%s.%N)
+      ctl update --url "http://10.0.2.100:8080/$delta" --wait
+      t1=$(date +%s.%N)
+      ctl status
+      say "reboot into the trial (updatectl reboot; QEMU exits, and starts again)"
+      t2=$(date +%s.%N)
+      ctl reboot || log "the reboot call got no answer (the node went down first)"
+      wait_down
+      boot
+      wait_api
+      j=$(status_json)
+      t3=$(date +%s.%N)
+      ctl status
+      [[ $(field "['state']" <<<"$j") == committed ]] || fail "2.0 was not committed: $j"
+      [[ $(field "['running_version']" <<<"$j") == 2.0 && $(field "['booted']['name']" <<<"$j") == b ]] \
+        || fail "the node does not run 2.0 on slot b: $j"
+      ssh_status=$(grep -a 'UA-LAB' "$w/serial-$boots.log" | tail -3 || true)
+      printf '%s\n' "$ssh_status"
+      awk -v a="$t0" -v b="$t1" -v c="$t2" -v d="$t3" -v p="$plain" 'BEGIN {
+        printf "scenario 1: StartUpdate to armed %.1f s; update downtime (reboot request to committed and answering) %.1f s; plain reboot %.1f s; ratio %.2f\n", b - a, d - c, p, (d - c) / p }'
+      ;;
+    2)
+      say "scenario 2: 2.0 -> 3.0, whose required unit fails after start"
+      ctl check --version 3.0
+      ctl update --version 3.0 --wait
+      ctl reboot || log "the reboot call got no answer (the node went down first)"
+      wait_down
+      say "boot: the 3.0 trial; the health gate fails it and reboots the node itself"
+      boot
+      wait_down
+      grep -a -E 'update-agent|rolling back|FAIL' "$w/serial-$boots.log" | tail -5 || true
+      say "boot: back on 2.0"
+      boot
+      wait_api
+      j=$(status_json)
+      ctl status
+      ctl history
+      [[ $(field "['state']" <<<"$j") == rolled_back ]] || fail "3.0 was not rolled back: $j"
+      [[ $(field "['running_version']" <<<"$j") == 2.0 ]] || fail "the node does not run 2.0: $j"
+      field "['last_result']['reason']" <<<"$j" | grep -q 'ua-lab-worker.service' \
+        || fail "the reason does not name the failed unit: $j"
+      field "['last_result']['reason']" <<<"$j" | grep -q 'cannot open /var/lib/worker/db' \
+        || fail "the reason does not carry the unit's output: $j"
+      ;;
+    3)
+      say "scenario 3: 2.0 -> 4.0, whose kernel finds no init"
+      ctl update --version 4.0 --wait
+      ctl reboot || log "the reboot call got no answer (the node went down first)"
+      wait_down
+      say "boots: GRUB tries 4.0 (each try a kernel panic), then falls back to 2.0"
+      boot_until_api 5
+      j=$(status_json)
+      ctl status
+      [[ $(field "['state']" <<<"$j") == rolled_back ]] || fail "4.0 was not rolled back: $j"
+      [[ $(field "['running_version']" <<<"$j") == 2.0 ]] || fail "the node does not run 2.0: $j"
+      field "['last_result']['reason']" <<<"$j" | grep -q 'did not boot' \
+        || fail "the reason does not say the new slot did not boot: $j"
+      ;;
+    *) fail "unknown scenario $s" ;;
+  esac
+done
+
+say "power off"
+ctl reboot --force >/dev/null 2>&1 || true
+wait_down
+say "VM lab: scenarios ${scenarios[*]} passed ($boots boots)"
