@@ -203,7 +203,7 @@ boot_until_api() {
       wait_down
       tries=$((tries + 1))
       ((tries <= ${1:-6})) || fail "no boot reached the agent after $tries boots"
-      log "boot $boots ended before the agent answered: $(grep -a -m1 -o 'Kernel panic[^\r]*' "$w/serial-$boots.log" || echo 'no panic line')"
+      log "boot $boots ended before the agent answered: $(tr -d '\r' <"$w/serial-$boots.log" | grep -a -m1 -o 'Kernel panic.*' || echo 'no panic line')"
       boot
     fi
     sleep 1
