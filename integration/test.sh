@@ -8,7 +8,8 @@
 #   4. the GRUB script fragment run in grub-emu, GRUB's own script engine (~3 min)
 #   5. the VM lab (integration/vm/lab.sh): real OVMF, GRUB, kernel and systemd under
 #      QEMU (TCG), the agent driven over gRPC with mutual TLS: update and commit,
-#      failed health and rollback, a kernel that never reaches user space (~10 min;
+#      failed health and rollback, a kernel that never reaches user space, a power
+#      cut mid-write and the resume, manual rollback (~12 min;
 #      UPDATE_AGENT_SKIP_VM=1 skips it for a quick local run, never in CI)
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
@@ -56,8 +57,8 @@ sh bootloader-hooks/grub/test-grub-emu.sh
 if [[ ${UPDATE_AGENT_SKIP_VM:-} == 1 && -z ${CI:-} ]]; then
   step "VM lab skipped (UPDATE_AGENT_SKIP_VM=1)"
 else
-  step "VM lab (GRUB): scenarios 1 2 3 under QEMU"
-  bash integration/vm/lab.sh 1 2 3
+  step "VM lab (GRUB): scenarios 1 2 3 4 6 under QEMU"
+  bash integration/vm/lab.sh 1 2 3 4 6
 fi
 
 step "all tiers passed"

@@ -187,13 +187,15 @@ struct UnitState {
     invocation: String,
     result: String,
     exit_status: String,
+    /// CLOCK_MONOTONIC µs when the unit last became active (0: unknown).
+    active_since_us: u64,
 }
 
 fn unit_state(systemctl: &Path, unit: &str) -> Result<UnitState, String> {
     let out = Command::new(systemctl)
         .args([
             "show",
-            "--property=LoadState,ActiveState,SubState,NRestarts,InvocationID,Result,ExecMainStatus",
+            "--property=LoadState,ActiveState,SubState,NRestarts,InvocationID,Result,ExecMainStatus,ActiveEnterTimestampMonotonic",
             "--",
             unit,
         ])
@@ -216,10 +218,25 @@ fn unit_state(systemctl: &Path, unit: &str) -> Result<UnitState, String> {
             Some(("InvocationID", v)) => v.clone_into(&mut s.invocation),
             Some(("Result", v)) => v.clone_into(&mut s.result),
             Some(("ExecMainStatus", v)) => v.clone_into(&mut s.exit_status),
+            Some(("ActiveEnterTimestampMonotonic", v)) => {
+                s.active_since_us = v.trim().parse().unwrap_or(0);
+            }
             _ => {}
         }
     }
     Ok(s)
+}
+
+/// How long ago (by CLOCK_MONOTONIC, systemd's clock for these timestamps) a unit
+/// became active, when systemd said.
+fn active_since(enter_us: u64) -> Option<Duration> {
+    if enter_us == 0 {
+        return None;
+    }
+    let now = nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC).ok()?;
+    let now_us =
+        u64::try_from(now.tv_sec()).ok()? * 1_000_000 + u64::try_from(now.tv_nsec()).ok()? / 1_000;
+    now_us.checked_sub(enter_us).map(Duration::from_micros)
 }
 
 /// Why a unit is not healthy, for people: its state, how its main process ended, and
@@ -305,7 +322,19 @@ fn check_unit(cfg: &HealthConfig, unit: &str, deadline: Instant) -> (bool, Strin
                     return (true, format!("active for {} s", cfg.sustain_secs));
                 }
                 Some(_) => {}
-                None => stretch = Some((now, s.restarts.clone(), s.invocation.clone())),
+                None => {
+                    // The stretch began when the unit became active, not when this check
+                    // first looked: a unit up since early boot has already served part
+                    // (or all) of its sustain period, and the trial boot is not made
+                    // longer than it must be. Restarts and new invocations still end it.
+                    let since = active_since(s.active_since_us)
+                        .and_then(|ago| now.checked_sub(ago))
+                        .unwrap_or(now);
+                    if now.duration_since(since) >= sustain {
+                        return (true, format!("active for {} s", cfg.sustain_secs));
+                    }
+                    stretch = Some((since, s.restarts.clone(), s.invocation.clone()));
+                }
             }
             ever_active = true;
         } else if ever_active {
@@ -491,5 +520,34 @@ mod tests {
             s.ends_with("last output: starting worker | worker: cannot open /var/lib/worker/db"),
             "{s}"
         );
+    }
+
+    #[test]
+    fn a_unit_active_since_early_boot_has_served_its_sustain_period() {
+        let d = tempfile::tempdir().expect("tempdir");
+        let now = nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC).expect("clock");
+        let since_us = (now.tv_sec() as u64).saturating_sub(40) * 1_000_000;
+        let systemctl = script(
+            d.path(),
+            "systemctl",
+            &format!(
+                "printf 'LoadState=loaded\\nActiveState=active\\nSubState=running\\nNRestarts=0\\n\
+                 InvocationID=x\\nActiveEnterTimestampMonotonic={since_us}\\n'"
+            ),
+        );
+        let cfg = HealthConfig {
+            units: vec!["kubelet.service".into()],
+            sustain_secs: 30,
+            poll_ms: 10,
+            deadline_secs: 60,
+            scripts_dir: d.path().join("none"),
+            systemctl,
+            ..HealthConfig::default()
+        };
+        let t = std::time::Instant::now();
+        let r = run_all(&cfg);
+        assert!(r[0].ok, "{}", r[0].summary());
+        // Active for 40 s already: no 30 s wait on the trial boot.
+        assert!(t.elapsed() < Duration::from_secs(5), "{:?}", t.elapsed());
     }
 }

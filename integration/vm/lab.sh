@@ -7,7 +7,7 @@
 # server on the host's loopback through an explicit guest-forward and reaches nothing
 # else. One QEMU run per boot: a reboot is QEMU exiting (-no-reboot) and a new run.
 #
-# Scenarios (default: 1 2 3, in this order; each starts where the last ended):
+# Scenarios (default: 1 2 3 4 6, in this order; each starts where the last ended):
 #   1  v1 -> v2: staged over gRPC while the node runs, reboot, health passes, committed;
 #      the downtime is measured next to a plain reboot of the same VM
 #   2  v2 -> v3 whose required unit fails a few seconds after start: the trial fails
@@ -15,19 +15,24 @@
 #      failed and why
 #   3  v2 -> v4 whose kernel never reaches user space (no init): GRUB's try counter
 #      brings the node back to v2 without the agent's help; status says so
+#   4  v2 -> v5 with the power cut (QEMU killed) in the middle of the write: the node
+#      boots v2, the agent resumes the staging by itself without fetching again what
+#      was verified, and v5 is committed after its reboot
+#   6  manual rollback over the API from v5 to v2 (needs 4 before it)
 #
 # Releases (built from the lab's cached rootfs): v1; v2 = v1 plus a package (jq) and
 # VERSION_ID 2.0; v3 = v2 plus a unit that exits 1 four seconds after it starts,
 # listed as required in v3's health config; v4 = v2 without an init (the kernel
-# panics). Each is published with `updatectl bundle create` as a delta against the
-# release it replaces (v2 for v3 and v4).
+# panics); v5 = v2 plus 48 MiB of new data (a delta worth cutting the power in).
+# Each is published with `updatectl bundle create` as a delta against the release it
+# replaces (v2 for v3, v4 and v5).
 set -euo pipefail
 export PATH=$PATH:/usr/sbin:/sbin
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 repo=$(cd "$here/../.." && pwd)
 cache=${UA_LAB_CACHE:-/var/tmp/update-agent-vm}
 scenarios=("$@")
-((${#scenarios[@]})) || scenarios=(1 2 3)
+((${#scenarios[@]})) || scenarios=(1 2 3 4 6)
 export UA_VM_TIMEOUT=${UA_VM_TIMEOUT:-600}
 
 say() { printf '\n\033[1m== %s\033[0m\n' "$*"; }
@@ -141,12 +146,21 @@ systemctl --root="$t" --quiet enable ua-lab-worker.service
 release 3.0 "$t" ua-lab-worker.service
 # v4: v2 whose kernel finds no init (/sbin/init, /etc/init, /bin/init, /bin/sh).
 systemctl --root="$t" --quiet disable ua-lab-worker.service
-rm -f "$t/etc/systemd/system/ua-lab-worker.service" "$t/usr/sbin/init" "$t/sbin/init" "$t/usr/bin/sh" "$t/bin/sh"
+rm -f "$t/etc/systemd/system/ua-lab-worker.service"
+init_link=$(readlink "$t/usr/sbin/init")
+sh_link=$(readlink "$t/usr/bin/sh")
+rm -f "$t/usr/sbin/init" "$t/usr/bin/sh"
 release 4.0 "$t"
+# v5: v2 (init back) with 48 MiB of new, incompressible data.
+ln -s "$init_link" "$t/usr/sbin/init"
+ln -s "$sh_link" "$t/usr/bin/sh"
+mkdir -p "$t/usr/share/ua-lab"
+head -c 48M /dev/urandom >"$t/usr/share/ua-lab/data-5.0"
+release 5.0 "$t"
 ls -l "$w"/*.img >&2
 
-say "publisher: 2.0 as a delta from 1.0; 3.0 and 4.0 as deltas from 2.0"
-for pair in 2.0:1.0 3.0:2.0 4.0:2.0; do
+say "publisher: 2.0 as a delta from 1.0; 3.0, 4.0 and 5.0 as deltas from 2.0"
+for pair in 2.0:1.0 3.0:2.0 4.0:2.0 5.0:2.0; do
   "$updatectl_host" bundle create --target "$w/${pair%%:*}.img" --source "$w/${pair##*:}.img" \
     --version "${pair%%:*}" --compatible ua-lab-x86_64 --key "$w/keys/update-agent.key" \
     --out "$w/www" --no-full --level 9
@@ -158,14 +172,17 @@ UA_VM_POWEROFF=0 "$here/make-disk.sh" "$w/disk.img" "$w/1.0.img" - >&2
 
 # ---- running the node
 source "$repo/integration/node.sh"
-start_range_server "$w/www"
+# A slow link for 5.0 only (scenario 4 cuts the power while it downloads); every
+# response is logged, to count what was fetched twice.
+RANGE_SERVER_LOG=$w/served.log RANGE_SERVER_DELAY_MS=3000 RANGE_SERVER_DELAY_MATCH=/5.0. \
+  start_range_server "$w/www"
 http_port=$port
 api_port=$(python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
 boots=0
 # boot: one QEMU run in the background (one boot); returns at once.
 boot() {
   boots=$((boots + 1))
-  UA_VM_HOSTFWD="$api_port:7443" \
+  UA_VM_HOSTFWD="$api_port:7443" UA_VM_PIDFILE="$w/qemu.pid" \
     UA_VM_NETDEV="guestfwd=tcp:10.0.2.100:8080-cmd:nc 127.0.0.1 $http_port" \
     "$here/boot.sh" "$w/disk.img" "$w/serial-$boots.log" &
   qemu_pid=$!
@@ -287,6 +304,64 @@ for s in "${scenarios[@]}"; do
       [[ $(field "['running_version']" <<<"$j") == 2.0 ]] || fail "the node does not run 2.0: $j"
       field "['last_result']['reason']" <<<"$j" | grep -q 'did not boot' \
         || fail "the reason does not say the new slot did not boot: $j"
+      ;;
+    4)
+      say "scenario 4: 2.0 -> 5.0, the power cut in the middle of the write"
+      op=$(ctl update --version 5.0 | sed -n 's/^started operation //p')
+      [[ -n $op ]] || fail "no operation id"
+      # Cut once a 16 MiB frame has arrived and a checkpoint (every second) has had
+      # time to record it; the slow link holds the next frames back.
+      deadline=$((SECONDS + 300))
+      until j=$(status_json 2>/dev/null) \
+        && (($(field "['operation']['bytes_fetched'] if d['operation'] else 0" <<<"$j") > 16000000)); do
+        ((SECONDS < deadline)) || fail "the download never got going: $j"
+        sleep 0.3
+      done
+      sleep 1.5
+      j=$(status_json)
+      total=$(field "['operation']['ops_total']" <<<"$j")
+      done_at_cut=$(field "['operation']['ops_done']" <<<"$j")
+      cut_lines=$(wc -l <"$w/served.log")
+      kill -9 "$(cat "$w/qemu.pid")"
+      wait_down
+      log "power cut at operation $done_at_cut of $total"
+      ((done_at_cut < total)) || fail "the write had finished before the cut"
+      say "boot: 2.0 again; the agent resumes the staging by itself"
+      boot
+      wait_api
+      ctl watch "$op"
+      j=$(status_json)
+      [[ $(field "['state']" <<<"$j") == armed ]] || fail "5.0 is not armed after the resume: $j"
+      payload=$(stat -c %s "$w/www/$(cd "$w/www" && ls 5.0.from-*.uap)")
+      read -r served reused < <(awk -v n="$cut_lines" '$1 ~ /5\.0\./ {
+          k = $2 " " $3; len = $3 - $2 + 1; total += len
+          if (NR <= n) before[k] = len; else again[k] = 1 }
+        END { for (k in before) if (!(k in again) && before[k] > 1000000) kept += before[k]
+              print total + 0, kept + 0 }' "$w/served.log")
+      log "5.0: payload $payload bytes; served $served in all; $reused bytes fetched before the cut were verified and not fetched again"
+      ((reused > 0)) || fail "everything fetched before the cut was fetched again"
+      ctl reboot || log "the reboot call got no answer (the node went down first)"
+      wait_down
+      boot
+      wait_api
+      j=$(status_json)
+      ctl status
+      [[ $(field "['state']" <<<"$j") == committed && $(field "['running_version']" <<<"$j") == 5.0 ]] \
+        || fail "5.0 was not committed: $j"
+      ;;
+    6)
+      say "scenario 6: manual rollback over the API, 5.0 -> 2.0"
+      ctl rollback
+      ctl reboot || log "the reboot call got no answer (the node went down first)"
+      wait_down
+      boot
+      wait_api
+      j=$(status_json)
+      ctl status
+      [[ $(field "['state']" <<<"$j") == rolled_back && $(field "['running_version']" <<<"$j") == 2.0 ]] \
+        || fail "the node did not go back to 2.0: $j"
+      field "['last_result']['reason']" <<<"$j" | grep -q 'manual rollback from 5.0 to 2.0' \
+        || fail "the reason does not say it was a manual rollback: $j"
       ;;
     *) fail "unknown scenario $s" ;;
   esac

@@ -63,6 +63,8 @@ pub struct Inputs<'a> {
     pub running_version: Option<String>,
     /// The operation the daemon runs now, if any.
     pub operation: Option<pb::Operation>,
+    /// What the agent wrote and verified into each slot (`[a, b]`), when it did.
+    pub images: [Option<crate::state::SlotImage>; 2],
 }
 
 /// Builds the status. Pure: the golden tests call it with fixed inputs.
@@ -106,6 +108,12 @@ pub fn build(i: &Inputs<'_>) -> pb::Status {
     };
     other_slot.state = other_state as i32;
     other_slot.version = other_version;
+    if other_slot.version.is_empty() && other_state != pb::SlotState::Empty {
+        // What the agent itself wrote there (e.g. the release an operator rolled back from).
+        if let Some(img) = &i.images[other.index()] {
+            other_slot.version.clone_from(&img.version);
+        }
+    }
 
     let operation = i
         .operation
@@ -296,6 +304,7 @@ impl Reader {
             last,
             running_version: crate::update::running_version(&self.cfg.os_release),
             operation,
+            images: self.store.images(),
         }))
     }
 }

@@ -164,8 +164,13 @@ pub fn status_text(s: &pb::Status) -> String {
             format!("slot {} ({}) · bootable, release unknown", o.name, o.device)
         }
         pb::SlotState::KnownGood => {
+            let role = match s.state.as_str() {
+                "committed" => ", rollback target",
+                "armed" => ", the fallback",
+                _ => "",
+            };
             format!(
-                "{} on slot {} ({}) · known good, rollback target",
+                "{} on slot {} ({}) · known good{role}",
                 o.version, o.name, o.device
             )
         }

@@ -85,6 +85,7 @@ fn scenarios() -> Vec<(&'static str, pb::Status)> {
             last,
             running_version: Some(running.into()),
             operation,
+            images: [None, None],
         });
         s.agent_version = "0.1.0".into();
         s
