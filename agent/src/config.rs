@@ -106,6 +106,9 @@ pub struct ApplyConfig {
     pub checkpoint_ms: u64,
     /// ... or after this many bytes written, whichever comes first.
     pub checkpoint_bytes: u64,
+    /// ... or after this many bytes downloaded: on a slow link, what cost the network
+    /// is made durable at once instead of waiting for the next operation to finish.
+    pub checkpoint_fetched_bytes: u64,
     /// Bytes of frames, references and outputs in flight (bounds memory).
     pub memory_budget: u64,
 }
@@ -115,6 +118,7 @@ impl Default for ApplyConfig {
         Self {
             checkpoint_ms: 1000,
             checkpoint_bytes: 64 << 20,
+            checkpoint_fetched_bytes: 4 << 20,
             memory_budget: 40 << 20,
         }
     }

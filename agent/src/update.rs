@@ -582,6 +582,7 @@ impl Agent {
         });
         let mut last = Instant::now();
         let mut since = 0u64;
+        let mut fetched_since = 0u64;
         let mut ops_written = start_op;
         let mut checkpoint_err: Option<UpdateError> = None;
         let opts = apply::Options {
@@ -592,6 +593,7 @@ impl Agent {
             check_zero_digests: false,
         };
         let every_bytes = self.cfg.apply.checkpoint_bytes;
+        let every_fetched = self.cfg.apply.checkpoint_fetched_bytes;
         let every_secs = self.cfg.apply.checkpoint_ms as f64 / 1000.0;
         let result = apply::apply(
             m,
@@ -613,6 +615,7 @@ impl Agent {
                     bytes_done += bytes;
                     fetched += f;
                     since += bytes;
+                    fetched_since += f;
                     on(Progress::Op {
                         done: op + 1,
                         total: m.operations.len(),
@@ -620,7 +623,9 @@ impl Agent {
                         bytes_fetched: fetched,
                     });
                     if checkpoint_err.is_none()
-                        && (since >= every_bytes || last.elapsed().as_secs_f64() >= every_secs)
+                        && (since >= every_bytes
+                            || fetched_since >= every_fetched
+                            || last.elapsed().as_secs_f64() >= every_secs)
                     {
                         let r = sync_handle
                             .sync_all()
@@ -632,6 +637,7 @@ impl Agent {
                         }
                         failpoint("after-checkpoint");
                         since = 0;
+                        fetched_since = 0;
                         last = Instant::now();
                     }
                 }
