@@ -85,6 +85,18 @@ impl CheckResult {
     }
 }
 
+/// Runs `health.reboot_command` (default `systemctl reboot`) and waits for it.
+pub fn reboot(cmd: &[String]) -> std::io::Result<()> {
+    let (prog, args) = cmd
+        .split_first()
+        .ok_or_else(|| std::io::Error::other("health.reboot_command is empty"))?;
+    let st = Command::new(prog).args(args).status()?;
+    if !st.success() {
+        return Err(std::io::Error::other(format!("exited with {st}")));
+    }
+    Ok(())
+}
+
 /// Runs every configured check in parallel and returns when all have finished or the
 /// deadline has passed (checks still running then fail with "deadline passed").
 pub fn run_all(cfg: &HealthConfig) -> Vec<CheckResult> {

@@ -397,11 +397,7 @@ impl SlotLayout {
         // The mounted file system may have changed blocks in the page cache that it
         // never writes back (ext4 touches its superblock even on a read-only mount):
         // deltas are made against the bytes on the device, so read those.
-        let direct = OpenOptions::new()
-            .read(true)
-            .custom_flags(nix::libc::O_DIRECT)
-            .open(&p.device)
-            .ok();
+        let direct = open_direct(&p.device);
         Ok(BootedSlot {
             file,
             direct,
@@ -445,11 +441,7 @@ impl SlotLayout {
             })?;
         // Read-back goes around the page cache where the device allows it, so the
         // verification sees the device's bytes, not our own writes still in memory.
-        let direct = OpenOptions::new()
-            .read(true)
-            .custom_flags(nix::libc::O_DIRECT)
-            .open(&p.device)
-            .ok();
+        let direct = open_direct(&p.device);
         Ok(SlotWriter {
             slot,
             device: p.device.clone(),
@@ -550,6 +542,16 @@ impl Drop for ReadOnlyMount {
             let _ = nix::mount::umount2(&self.path, nix::mount::MntFlags::MNT_DETACH);
         }
     }
+}
+
+/// `device` opened for reading with O_DIRECT (the device's bytes, not the page
+/// cache), when the device allows it.
+fn open_direct(device: &Path) -> Option<File> {
+    OpenOptions::new()
+        .read(true)
+        .custom_flags(nix::libc::O_DIRECT)
+        .open(device)
+        .ok()
 }
 
 /// The running system's slot: readable, never writable.

@@ -117,9 +117,6 @@ pub enum State {
         version: String,
         slot: Slot,
         previous: Option<(Slot, String)>,
-        /// sha256 of the committed image: which deltas fit this node.
-        #[serde(default)]
-        image_sha256: Option<String>,
         at: u64,
     },
     /// The old slot is the default again; the node still runs `from` and must reboot.
@@ -270,7 +267,6 @@ impl State {
                     version: staged.version.clone(),
                     slot: staged.slot,
                     previous,
-                    image_sha256: Some(staged.target_sha256.clone()),
                     at,
                 };
                 Ok(())

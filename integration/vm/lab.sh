@@ -210,6 +210,18 @@ wait_api() {
   log "agent answers, $(awk -v a="$boot_started" -v b="$(date +%s.%N)" 'BEGIN { printf "%.1f", b - a }') s after QEMU started"
 }
 status_json() { ctl status --json; }
+# reboot_down [--force]: asks the agent to reboot the node and waits for QEMU to exit.
+# The answer may not arrive when the node goes down first; the exit is what counts.
+reboot_down() {
+  ctl reboot "$@" || log "the reboot call got no answer (the node went down first)"
+  wait_down
+}
+# reboot_up [--force]: the same, then the next boot, until the agent answers.
+reboot_up() {
+  reboot_down "$@"
+  boot
+  wait_api
+}
 # boot_until_api: boots until the agent answers; a boot that ends first (a kernel
 # panic, with panic=-1 and -no-reboot) is followed by the next, as firmware would.
 boot_until_api() {
@@ -239,10 +251,7 @@ for s in "${scenarios[@]}"; do
     1)
       say "a plain reboot of the same VM, for comparison (request to the agent answering)"
       t=$(date +%s.%N)
-      ctl reboot --force || log "the reboot call got no answer (the node went down first)"
-      wait_down
-      boot
-      wait_api
+      reboot_up --force
       plain=$(secs_since "$t")
       log "plain reboot: $plain s"
       say "scenario 1: 1.0 -> 2.0 staged over gRPC while the node runs"
@@ -253,10 +262,7 @@ for s in "${scenarios[@]}"; do
       ctl status
       say "reboot into the trial (updatectl reboot; QEMU exits, and starts again)"
       t2=$(date +%s.%N)
-      ctl reboot || log "the reboot call got no answer (the node went down first)"
-      wait_down
-      boot
-      wait_api
+      reboot_up
       j=$(status_json)
       t3=$(date +%s.%N)
       ctl status
@@ -272,8 +278,7 @@ for s in "${scenarios[@]}"; do
       say "scenario 2: 2.0 -> 3.0, whose required unit fails after start"
       ctl check --version 3.0
       ctl update --version 3.0 --wait
-      ctl reboot || log "the reboot call got no answer (the node went down first)"
-      wait_down
+      reboot_down
       say "boot: the 3.0 trial; the health gate fails it and reboots the node itself"
       boot
       wait_down
@@ -294,8 +299,7 @@ for s in "${scenarios[@]}"; do
     3)
       say "scenario 3: 2.0 -> 4.0, whose kernel finds no init"
       ctl update --version 4.0 --wait
-      ctl reboot || log "the reboot call got no answer (the node went down first)"
-      wait_down
+      reboot_down
       say "boots: GRUB tries 4.0 (each try a kernel panic), then falls back to 2.0"
       boot_until_api 5
       j=$(status_json)
@@ -340,10 +344,7 @@ for s in "${scenarios[@]}"; do
               print total + 0, kept + 0 }' "$w/served.log")
       log "5.0: payload $payload bytes; served $served in all; $reused bytes fetched before the cut were verified and not fetched again"
       ((reused > 0)) || fail "everything fetched before the cut was fetched again"
-      ctl reboot || log "the reboot call got no answer (the node went down first)"
-      wait_down
-      boot
-      wait_api
+      reboot_up
       j=$(status_json)
       ctl status
       [[ $(field "['state']" <<<"$j") == committed && $(field "['running_version']" <<<"$j") == 5.0 ]] \
@@ -352,10 +353,7 @@ for s in "${scenarios[@]}"; do
     6)
       say "scenario 6: manual rollback over the API, 5.0 -> 2.0"
       ctl rollback
-      ctl reboot || log "the reboot call got no answer (the node went down first)"
-      wait_down
-      boot
-      wait_api
+      reboot_up
       j=$(status_json)
       ctl status
       [[ $(field "['state']" <<<"$j") == rolled_back && $(field "['running_version']" <<<"$j") == 2.0 ]] \

@@ -418,21 +418,10 @@ fn run_operation(
 }
 
 fn run_reboot(cmd: &[String]) -> Result<(), ApiError> {
-    let err = |source| ApiError::Reboot {
+    crate::health::reboot(cmd).map_err(|source| ApiError::Reboot {
         command: cmd.to_vec(),
         source,
-    };
-    let (prog, args) = cmd
-        .split_first()
-        .ok_or_else(|| err(std::io::Error::other("health.reboot_command is empty")))?;
-    let st = std::process::Command::new(prog)
-        .args(args)
-        .status()
-        .map_err(err)?;
-    if !st.success() {
-        return Err(err(std::io::Error::other(format!("exited with {st}"))));
-    }
-    Ok(())
+    })
 }
 
 #[tonic::async_trait]

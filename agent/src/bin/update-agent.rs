@@ -94,16 +94,8 @@ fn print_outcome(o: &BootOutcome) {
 }
 
 fn reboot(cmd: &[String]) -> anyhow::Result<()> {
-    let (prog, args) = cmd
-        .split_first()
-        .context("health.reboot_command is empty")?;
     println!("rebooting into the old slot: {}", cmd.join(" "));
-    let status = std::process::Command::new(prog)
-        .args(args)
-        .status()
-        .with_context(|| format!("running {prog}"))?;
-    anyhow::ensure!(status.success(), "{} exited with {status}", cmd.join(" "));
-    Ok(())
+    update_agent::health::reboot(cmd).with_context(|| format!("running {}", cmd.join(" ")))
 }
 
 fn serve(cfg: Config) -> anyhow::Result<()> {

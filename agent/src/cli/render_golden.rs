@@ -110,7 +110,6 @@ fn scenarios() -> Vec<(&'static str, pb::Status)> {
                     version: "2.0".into(),
                     slot: Slot::B,
                     previous: Some((Slot::A, "1.0".into())),
-                    image_sha256: None,
                     at: T0,
                 },
                 boot(Slot::B, None, [true, true]),
