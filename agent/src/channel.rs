@@ -19,13 +19,14 @@ use serde::{Deserialize, Serialize};
 
 use crate::payload::sign::{Domain, PublisherKey, SignatureEntry};
 use crate::payload::{TrustError, TrustedKeys};
+use crate::policy::wave::{self, Wave, WaveError};
 
 pub const FORMAT: &str = "update-agent.channel.v1";
 /// A channel document is small; anything larger is not one.
 pub const MAX_LEN: u64 = 1 << 20;
 
 /// What a channel says.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Channel {
     pub format: String,
     pub channel: String,
@@ -41,6 +42,9 @@ pub struct Channel {
     /// Deltas by the sha256 (hex) of the image they apply to.
     #[serde(default)]
     pub deltas: BTreeMap<String, String>,
+    /// The rollout schedule (empty: every node at once); see `policy::wave`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub waves: Vec<Wave>,
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -74,6 +78,12 @@ pub enum ChannelError {
         channel: String,
         found: String,
         node: String,
+    },
+    #[error("channel {channel} has a bad wave schedule")]
+    Waves {
+        channel: String,
+        #[source]
+        source: WaveError,
     },
     #[error("channel {channel} expired at {expires} (now {now}); the publisher must re-sign it")]
     Expired {
@@ -155,6 +165,12 @@ impl Channel {
                 node: compatible.to_owned(),
             });
         }
+        if let Err(source) = wave::validate(&c.waves) {
+            return Err(ChannelError::Waves {
+                channel: c.channel,
+                source,
+            });
+        }
         if now >= c.expires {
             return Err(ChannelError::Expired {
                 channel: c.channel,
@@ -213,6 +229,16 @@ mod tests {
             expires: 1000,
             full: "2.0.full.uap".into(),
             deltas: [("ab".repeat(32), "2.0.from-abababababababab.uap".into())].into(),
+            waves: vec![
+                Wave {
+                    after_secs: 0,
+                    percent: 5.0,
+                },
+                Wave {
+                    after_secs: 3600,
+                    percent: 100.0,
+                },
+            ],
         }
     }
 
@@ -296,7 +322,7 @@ mod tests {
     fn unknown_body_fields_are_ignored() {
         let k = PublisherKey::from_seed([7; 32]);
         let mut body: serde_json::Value = serde_json::to_value(sample()).expect("value");
-        body["waves"] = serde_json::json!([{"after_secs": 0, "share": 0.05}]);
+        body["rings"] = serde_json::json!([{"after_secs": 0, "share": 0.05}]);
         let body = serde_json::to_vec(&body).expect("json");
         let sig = k.sign_as(Domain::Channel, &body);
         let b64 = base64::engine::general_purpose::STANDARD;

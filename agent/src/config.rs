@@ -32,6 +32,8 @@ pub enum ConfigError {
     },
     #[error("configuration key `{key}` is invalid: {why}")]
     Value { key: &'static str, why: String },
+    #[error(transparent)]
+    Auto(#[from] crate::policy::SettingsError),
 }
 
 /// The validated configuration; nothing else reads raw config.
@@ -51,6 +53,19 @@ pub struct Config {
     pub health: crate::health::HealthConfig,
     pub api: ApiConfig,
     pub releases: ReleasesConfig,
+    pub auto: crate::policy::AutoConfig,
+    pub metrics: MetricsConfig,
+}
+
+/// Prometheus metrics: an HTTP endpoint and/or a node-exporter textfile. Both off by
+/// default.
+#[derive(Debug, Clone, Default, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields, default)]
+pub struct MetricsConfig {
+    /// `address:port` to serve `/metrics` on, e.g. `127.0.0.1:9469`.
+    pub listen: Option<String>,
+    /// A file for node-exporter's textfile collector, rewritten on every change.
+    pub textfile: Option<PathBuf>,
 }
 
 /// The gRPC API: a Unix socket always, TCP with mutual TLS optionally.
@@ -187,6 +202,8 @@ impl Default for Config {
             health: crate::health::HealthConfig::default(),
             api: ApiConfig::default(),
             releases: ReleasesConfig::default(),
+            auto: crate::policy::AutoConfig::default(),
+            metrics: MetricsConfig::default(),
         }
     }
 }
@@ -340,6 +357,15 @@ impl Config {
                 return bad(
                     "api.tls_allowed_clients",
                     "must name the client identities allowed over TCP",
+                );
+            }
+        }
+        crate::policy::Settings::new(&self.auto, self.releases.url.as_deref())?;
+        if let Some(l) = &self.metrics.listen {
+            if l.parse::<std::net::SocketAddr>().is_err() {
+                return bad(
+                    "metrics.listen",
+                    "must be address:port, e.g. 127.0.0.1:9469",
                 );
             }
         }

@@ -151,7 +151,11 @@ pub fn run_all(cfg: &HealthConfig) -> Vec<CheckResult> {
     while results.iter().any(Option::is_none) {
         let left = deadline.saturating_duration_since(Instant::now());
         match rx.recv_timeout(left) {
-            Ok((i, r)) => results[i] = Some(r),
+            Ok((i, r)) => {
+                // On the console and in the journal: where a trial boot's time goes.
+                tracing::info!(check = %r.name, ok = r.ok, millis = r.millis, "health check {} {} after {} ms", r.name, if r.ok { "passed" } else { "failed" }, r.millis);
+                results[i] = Some(r);
+            }
             Err(_) => break,
         }
     }
@@ -307,7 +311,9 @@ fn check_unit(cfg: &HealthConfig, unit: &str, deadline: Instant) -> (bool, Strin
     // (since, restarts, invocation) of the current active stretch.
     let mut stretch: Option<(Instant, String, String)> = None;
     let mut ever_active = false;
+    let mut polls = 0u32;
     loop {
+        polls += 1;
         let s = match unit_state(&cfg.systemctl, unit) {
             Ok(s) => s,
             Err(e) => return (false, e),
@@ -339,9 +345,9 @@ fn check_unit(cfg: &HealthConfig, unit: &str, deadline: Instant) -> (bool, Strin
                     // first looked: a unit up since early boot has already served part
                     // (or all) of its sustain period, and the trial boot is not made
                     // longer than it must be. Restarts and new invocations still end it.
-                    let since = active_since(s.active_since_us)
-                        .and_then(|ago| now.checked_sub(ago))
-                        .unwrap_or(now);
+                    let ago = active_since(s.active_since_us);
+                    let since = ago.and_then(|ago| now.checked_sub(ago)).unwrap_or(now);
+                    tracing::info!(unit, active_since_us = s.active_since_us, "unit {unit}: active for {:.1} s when first seen ({} poll(s), ActiveEnterTimestampMonotonic={})", now.duration_since(since).as_secs_f64(), polls, s.active_since_us);
                     if now.duration_since(since) >= sustain {
                         return (true, format!("active for {} s", cfg.sustain_secs));
                     }
@@ -361,7 +367,15 @@ fn check_unit(cfg: &HealthConfig, unit: &str, deadline: Instant) -> (bool, Strin
                 unit_failure(cfg, unit, &s, "before the check saw it active"),
             );
         }
-        if now + poll > deadline {
+        // Look again when the sustain period ends rather than at the next whole poll:
+        // polling once a second made a healthy trial boot up to a second longer.
+        let wait = match &stretch {
+            Some((since, _, _)) => poll
+                .min((*since + sustain).saturating_duration_since(now))
+                .max(Duration::from_millis(10)),
+            None => poll,
+        };
+        if now + wait > deadline {
             return (
                 false,
                 if ever_active {
@@ -371,7 +385,7 @@ fn check_unit(cfg: &HealthConfig, unit: &str, deadline: Instant) -> (bool, Strin
                 },
             );
         }
-        std::thread::sleep(poll);
+        std::thread::sleep(wait);
     }
 }
 
@@ -561,5 +575,39 @@ mod tests {
         assert!(r[0].ok, "{}", r[0].summary());
         // Active for 40 s already: no 30 s wait on the trial boot.
         assert!(t.elapsed() < Duration::from_secs(5), "{:?}", t.elapsed());
+    }
+
+    #[test]
+    fn the_sustain_period_ends_on_time_not_at_the_next_poll() {
+        let d = tempfile::tempdir().expect("tempdir");
+        let now = nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC).expect("clock");
+        // Active for half a second when first seen: 2.5 s of a 3 s sustain period left.
+        let since_us = (now.tv_sec() as u64 * 1_000_000 + now.tv_nsec() as u64 / 1_000) - 500_000;
+        let systemctl = script(
+            d.path(),
+            "systemctl",
+            &format!(
+                "printf 'LoadState=loaded\\nActiveState=active\\nSubState=running\\nNRestarts=0\\n\
+                 InvocationID=x\\nActiveEnterTimestampMonotonic={since_us}\\n'"
+            ),
+        );
+        let cfg = HealthConfig {
+            units: vec!["kubelet.service".into()],
+            sustain_secs: 3,
+            poll_ms: 2000,
+            deadline_secs: 60,
+            scripts_dir: d.path().join("none"),
+            systemctl,
+            ..HealthConfig::default()
+        };
+        let t = std::time::Instant::now();
+        let r = run_all(&cfg);
+        assert!(r[0].ok, "{}", r[0].summary());
+        // Polls at 0 and 2 s, then at the end of the period (2.5 s), not at 4 s.
+        let took = t.elapsed();
+        assert!(
+            took >= Duration::from_millis(2300) && took < Duration::from_millis(3500),
+            "{took:?}"
+        );
     }
 }

@@ -24,6 +24,29 @@ pub enum Outcome {
     Cancelled,
 }
 
+/// Why a release was rolled back, for metrics and alerts (the reason says it in
+/// words).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RollbackCause {
+    /// The trial boot failed its health checks.
+    HealthCheck,
+    /// The bootloader fell back: the new slot never reached the health checks.
+    DidNotBoot,
+    /// An operator asked.
+    Manual,
+}
+
+impl RollbackCause {
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::HealthCheck => "health_check",
+            Self::DidNotBoot => "did_not_boot",
+            Self::Manual => "manual",
+        }
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Entry {
     pub version: String,
@@ -39,6 +62,9 @@ pub struct Entry {
     pub bytes_fetched: u64,
     /// Seconds since the Unix epoch.
     pub at: u64,
+    /// Set on rollbacks (records written before it existed have none).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cause: Option<RollbackCause>,
 }
 
 #[derive(Debug)]
@@ -109,6 +135,7 @@ mod tests {
                 reason: String::new(),
                 bytes_fetched: 0,
                 at: i as u64,
+                cause: None,
             })
             .expect("record");
         }
@@ -124,6 +151,7 @@ mod tests {
             reason: "unit x failed".into(),
             bytes_fetched: 1,
             at: 1,
+            cause: Some(RollbackCause::HealthCheck),
         })
         .expect("record after corruption");
         assert_eq!(h.load().expect("load").len(), 1);

@@ -3,7 +3,8 @@
 //! Rooms (see ARCHITECTURE.md): [`payload`] owns the signed delta format and its
 //! generator; [`apply`] turns a payload into a slot image; [`file_target`] is the
 //! file-backed slot used by the offline tools; [`api`] is the gRPC service the daemon
-//! serves; [`cli`] is `updatectl`.
+//! serves; [`cli`] is `updatectl`; [`policy`] decides unattended patching and
+//! [`fleetlock`] coordinates its reboots; [`metrics`] renders Prometheus text.
 
 pub mod api;
 pub mod apply;
@@ -12,12 +13,16 @@ pub mod channel;
 pub mod cli;
 pub mod config;
 pub mod durable;
+pub mod events;
 pub mod fetch;
 pub mod file_target;
+pub mod fleetlock;
 pub mod health;
 pub mod history;
 pub mod logging;
+pub mod metrics;
 pub mod payload;
+pub mod policy;
 pub mod postboot;
 pub mod slots;
 pub mod state;

@@ -3,22 +3,40 @@
 //! (default `info`).
 //!
 //! Fields every event of an attempt carries: `release`, `slot`, `phase`, `attempt`,
-//! so `journalctl UPDATE_AGENT_PHASE=rolled_back` finds every rollback.
+//! so `journalctl UPDATE_AGENT_PHASE=rolled_back` finds every rollback. State changes
+//! (see [`crate::events`]) go through a second journal layer without the prefix, so
+//! their `message_id` is the journal's `MESSAGE_ID`.
 
+use tracing_subscriber::filter::filter_fn;
 use tracing_subscriber::prelude::*;
 use tracing_subscriber::EnvFilter;
 
 pub fn init() {
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
-    let journald = std::env::var_os("JOURNAL_STREAM")
-        .is_some()
-        .then(|| tracing_journald::layer().ok())
-        .flatten()
-        .map(|l| l.with_field_prefix(Some("UPDATE_AGENT".into())));
+    let journal = std::env::var_os("JOURNAL_STREAM").is_some();
+    let layers = journal
+        .then(|| {
+            let lines = tracing_journald::layer().ok()?;
+            let events = tracing_journald::layer().ok()?;
+            Some((lines, events))
+        })
+        .flatten();
     let registry = tracing_subscriber::registry().with(filter);
-    match journald {
-        Some(j) => {
-            let _ = registry.with(j).try_init();
+    match layers {
+        Some((lines, events)) => {
+            let is_event = |m: &tracing::Metadata<'_>| m.target() == crate::events::TARGET;
+            let _ = registry
+                .with(
+                    lines
+                        .with_field_prefix(Some("UPDATE_AGENT".into()))
+                        .with_filter(filter_fn(move |m| !is_event(m))),
+                )
+                .with(
+                    events
+                        .with_field_prefix(None)
+                        .with_filter(filter_fn(is_event)),
+                )
+                .try_init();
         }
         None => {
             let _ = registry

@@ -8,15 +8,27 @@
 //! | Armed(b) | a | the bootloader fell back | RolledBack "the new slot did not boot", b unbootable |
 //! | RollingBack(b→a) | a | the rollback reboot happened | RolledBack (b unbootable unless manual) |
 //! | RollingBack(b→a) | b | killed before the reboot | point the bootloader at a again, reboot |
+//! | Staged(b), b bootable | any | the flip reached the disk, the state did not | as Armed(b) |
 //! | anything else | — | a normal boot | nothing |
+//!
+//! The last but one: arming writes the bootloader first and the state second, so a
+//! power cut between the two leaves a release the bootloader will try (and may be
+//! running now) while the state says Staged. Only `arm_trial` makes a slot bootable
+//! again once staging began (it starts by marking the slot unbootable), so a Staged
+//! slot the bootloader calls bootable was armed: it is taken as Armed, and the trial
+//! is judged (or its fallback recorded) like any other instead of being re-armed under
+//! a running trial (found by VM lab scenario 5).
 //!
 //! Order keeps every interruption recoverable: the state says RollingBack *before* the
 //! bootloader is pointed back, so an agent killed in between redoes the rollback on the
 //! next start instead of mistaking the reboot for a bootloader fallback; a commit
 //! killed between the bootloader and the state is redone (both steps are idempotent).
 
+use std::time::Instant;
+
+use crate::boot::BootStatus;
 use crate::health::CheckResult;
-use crate::history::{Entry, Outcome};
+use crate::history::{Entry, Outcome, RollbackCause};
 use crate::slots::Slot;
 use crate::state::State;
 use crate::timefmt;
@@ -63,9 +75,18 @@ impl Agent {
         let mut state = self.store.load()?;
         let booted = self.layout.booted;
         let now = timefmt::now();
+        if armed_before_the_cut(&state, &self.boot.status()?) {
+            tracing::warn!(slot = %booted, phase = "armed", "the bootloader was armed but the state still said staged (power cut between the two); taking the release as armed");
+            state.armed(self.cfg.boot.tries)?;
+            self.store.save(&lock, &state)?;
+        }
         match state.clone() {
             State::Armed { staged, .. } if booted == staged.slot => {
+                tracing::info!(release = %staged.version, slot = %staged.slot, phase = "checking", "trial boot: running the health checks");
+                let t = Instant::now();
                 let results = checks();
+                let ms = t.elapsed().as_millis() as u64;
+                tracing::info!(release = %staged.version, millis = ms, "health checks done in {ms} ms");
                 let failed: Vec<&CheckResult> = results.iter().filter(|r| !r.ok).collect();
                 if let Some(first) = failed.first() {
                     let mut reason = first.summary();
@@ -100,7 +121,12 @@ impl Agent {
                 self.boot.mark_unbootable(staged.slot)?;
                 state.rolled_back(booted, None, now)?;
                 self.store.save(&lock, &state)?;
-                self.record_rollback(&state, staged.slot, staged.from_version)?;
+                self.record_rollback(
+                    &state,
+                    staged.slot,
+                    staged.from_version,
+                    RollbackCause::DidNotBoot,
+                )?;
                 Ok(rolled_back_outcome(&state))
             }
             State::RollingBack {
@@ -126,7 +152,12 @@ impl Agent {
                 }
                 state.rolled_back(to, None, now)?;
                 self.store.save(&lock, &state)?;
-                self.record_rollback(&state, from, None)?;
+                let cause = if manual {
+                    RollbackCause::Manual
+                } else {
+                    RollbackCause::HealthCheck
+                };
+                self.record_rollback(&state, from, None, cause)?;
                 Ok(rolled_back_outcome(&state))
             }
             _ => Ok(BootOutcome::Normal),
@@ -210,11 +241,23 @@ impl Agent {
         staged: &crate::state::Staged,
     ) -> Result<(), UpdateError> {
         let slot = staged.slot;
+        tracing::info!(release = %staged.version, slot = %slot, phase = "committing", "committing: making the trial slot the default");
+        let t = Instant::now();
         self.boot.commit(slot)?;
         failpoint("after-boot-commit");
+        let t_boot = t.elapsed();
         let previous = staged.from_version.clone().map(|v| (slot.other(), v));
         state.commit(previous, timefmt::now())?;
         self.store.save(lock, &state)?;
+        let t_state = t.elapsed();
+        tracing::info!(
+            release = %staged.version,
+            bootloader_ms = t_boot.as_millis() as u64,
+            state_ms = (t_state - t_boot).as_millis() as u64,
+            "commit: bootloader {} ms, state {} ms",
+            t_boot.as_millis(),
+            (t_state - t_boot).as_millis()
+        );
         self.history.record(Entry {
             version: staged.version.clone(),
             from_version: staged.from_version.clone(),
@@ -223,7 +266,9 @@ impl Agent {
             reason: String::new(),
             bytes_fetched: staged.bytes_fetched,
             at: timefmt::now(),
+            cause: None,
         })?;
+        crate::emit!(tracing::Level::INFO, crate::events::COMMITTED, update_agent_release = %staged.version, update_agent_slot = %slot, "committed {} on slot {slot}", staged.version);
         Ok(())
     }
 
@@ -232,6 +277,7 @@ impl Agent {
         state: &State,
         failed_slot: Slot,
         from_version: Option<String>,
+        cause: RollbackCause,
     ) -> Result<(), UpdateError> {
         if let State::RolledBack {
             version,
@@ -241,6 +287,7 @@ impl Agent {
         } = state
         {
             tracing::error!(release = %version, slot = %slot, phase = "rolled_back", reason = %reason, "rolled back");
+            crate::emit!(tracing::Level::ERROR, crate::events::ROLLED_BACK, update_agent_release = %version, update_agent_slot = %slot, update_agent_cause = cause.name(), update_agent_reason = %reason, "{version} rolled back ({}): {reason}", cause.name());
             self.history.record(Entry {
                 version: version.clone(),
                 from_version,
@@ -249,10 +296,17 @@ impl Agent {
                 reason: reason.clone(),
                 bytes_fetched: 0,
                 at: *at,
+                cause: Some(cause),
             })?;
         }
         Ok(())
     }
+}
+
+/// Whether `state` says Staged while the bootloader already calls the staged slot
+/// bootable: `arm_trial` reached the disk and a power cut came before the state did.
+pub fn armed_before_the_cut(state: &State, boot: &BootStatus) -> bool {
+    matches!(state, State::Staged(s) if boot.is_bootable(s.slot))
 }
 
 fn rolled_back_outcome(state: &State) -> BootOutcome {

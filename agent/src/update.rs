@@ -503,9 +503,11 @@ impl Agent {
 
     /// Hands the bootloader what it needs from the verified release in `slot` (for
     /// systemd-boot, its kernel): mounts the slot read-only for the call, always
-    /// unmounts.
+    /// unmounts. Skipped when an earlier run already armed the slot (see
+    /// [`crate::boot::needs_prepare`]).
     fn prepare_boot(&mut self, slot: crate::slots::Slot, version: &str) -> Result<(), UpdateError> {
-        if !self.boot.needs_release_files() {
+        tracing::info!(release = %version, slot = %slot, phase = "arming", "arming the bootloader: {version} on slot {slot}");
+        if !crate::boot::needs_prepare(self.boot.as_ref(), slot)? {
             return Ok(());
         }
         let device = self.layout.partition(slot).device.clone();
@@ -547,6 +549,7 @@ impl Agent {
             reason: String::new(),
             bytes_fetched,
             at: timefmt::now(),
+            cause: None,
         })?;
         Ok(slot)
     }
@@ -674,6 +677,9 @@ impl Agent {
             }
             self.store.save(lock, &state)?;
             tracing::warn!(release = %m.version, slot = %slot, phase = if cancelled { "cancelled" } else { "failed" }, reason = %reason, "staging ended without a staged release");
+            if !cancelled {
+                crate::emit!(tracing::Level::ERROR, crate::events::UPDATE_FAILED, update_agent_release = %m.version, update_agent_slot = %slot, update_agent_reason = %reason, "staging {} failed: {reason}", m.version);
+            }
             self.history.record(crate::history::Entry {
                 version: m.version.clone(),
                 from_version: self.running_version(),
@@ -686,6 +692,7 @@ impl Agent {
                 reason,
                 bytes_fetched: fetched,
                 at: timefmt::now(),
+                cause: None,
             })?;
             return Err(e.into());
         }

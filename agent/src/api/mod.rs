@@ -13,7 +13,9 @@
 //! and, for bad requests, `google.rpc.BadRequest` naming the field.
 
 pub mod access;
+pub mod auto;
 pub mod client;
+pub mod metrics_http;
 pub mod ops;
 pub mod server;
 pub mod service;

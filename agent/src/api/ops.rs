@@ -121,6 +121,25 @@ impl Ops {
         self.lock().current.as_ref().map(|o| o.snapshot.clone())
     }
 
+    /// The running operation, else the last one if it ended armed (its snapshot keeps
+    /// what the caller asked for, such as the reboot policy).
+    pub fn current_or_armed(&self) -> Option<pb::Operation> {
+        let g = self.lock();
+        g.current.as_ref().map(|o| o.snapshot.clone()).or_else(|| {
+            g.last
+                .as_ref()
+                .filter(|o| {
+                    o.result
+                        .as_ref()
+                        .is_some_and(|r| r.outcome == pb::Outcome::Armed as i32)
+                })
+                .map(|o| pb::Operation {
+                    phase: pb::Phase::Armed as i32,
+                    ..o.snapshot.clone()
+                })
+        })
+    }
+
     /// The snapshot (and result, once finished) of the current or last operation;
     /// `id` empty means the current one.
     pub fn find(&self, id: &str) -> Option<(pb::Operation, Option<pb::Result>)> {

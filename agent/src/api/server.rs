@@ -49,6 +49,16 @@ pub enum ServeError {
     Reflection(#[source] tonic_reflection::server::Error),
     #[error("serving gRPC")]
     Serve(#[source] tonic::transport::Error),
+    #[error(transparent)]
+    Settings(#[from] crate::policy::SettingsError),
+    #[error(transparent)]
+    MachineId(#[from] super::auto::MachineIdError),
+    #[error("listening on {addr} (metrics.listen)")]
+    Metrics {
+        addr: String,
+        #[source]
+        source: std::io::Error,
+    },
 }
 
 /// Binds the socket: stale sockets are replaced, anything else at the path is not;
@@ -139,7 +149,25 @@ pub async fn serve(
         ),
         None => cfg.socket.display().to_string(),
     };
+    let metrics = match &daemon.cfg.metrics.listen {
+        Some(addr) => Some(
+            tokio::net::TcpListener::bind(addr)
+                .await
+                .map_err(|source| ServeError::Metrics {
+                    addr: addr.clone(),
+                    source,
+                })?,
+        ),
+        None => None,
+    };
     service.resume_interrupted();
+    daemon.write_textfile();
+    if let Some(l) = metrics {
+        tokio::spawn(super::metrics_http::serve(l, Arc::clone(&daemon)));
+    }
+    if let Some(auto) = &daemon.auto {
+        tokio::spawn(super::auto::run(service.clone(), Arc::clone(auto)));
+    }
     ready(&where_);
 
     // One shutdown signal for both listeners.

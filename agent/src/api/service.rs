@@ -28,6 +28,8 @@ pub struct Daemon {
     checker: Arc<Mutex<Agent>>,
     pub ops: Arc<Ops>,
     policy: Policy,
+    /// Unattended patching, when `[auto]` asks for any of it.
+    pub auto: Option<Arc<super::auto::Auto>>,
 }
 
 impl std::fmt::Debug for Daemon {
@@ -38,7 +40,7 @@ impl std::fmt::Debug for Daemon {
 
 /// The resolved target of StartUpdate or CheckForUpdate.
 #[derive(Debug, Clone)]
-struct Target {
+pub struct Target {
     /// Identifies "the same target" for idempotency.
     key: String,
     /// Payload locations to try in order (a delta for this node first, when known).
@@ -50,6 +52,18 @@ struct Target {
     channel: Option<(String, String)>,
 }
 
+impl Target {
+    /// A release a channel named, with its payload URLs already chosen.
+    pub fn for_release(channel: &str, urls: Vec<String>, version: &str) -> Self {
+        Self {
+            key: format!("channel {channel}"),
+            urls,
+            version: Some(version.to_owned()),
+            channel: None,
+        }
+    }
+}
+
 impl Daemon {
     pub fn new(cfg: Config) -> Result<Self, super::server::ServeError> {
         use super::server::ServeError;
@@ -58,19 +72,73 @@ impl Daemon {
         let reader = Reader::new(cfg.clone(), agent.layout.clone()).map_err(ServeError::Agent)?;
         let policy = Policy::new(&cfg.api).map_err(ServeError::Access)?;
         Ok(Self {
-            cfg,
             reader,
             agent: Arc::new(Mutex::new(agent)),
             checker: Arc::new(Mutex::new(checker)),
             ops: Arc::new(Ops::new()),
             policy,
+            auto: super::auto::Auto::new(&cfg)?.map(Arc::new),
+            cfg,
         })
     }
 
     /// sha256 of the image the booted slot holds, when the agent wrote it.
-    fn booted_image(&self) -> Option<String> {
+    pub fn booted_image(&self) -> Option<String> {
         let checker = self.checker.lock().unwrap_or_else(|p| p.into_inner());
         checker.booted_image_sha256()
+    }
+
+    /// Reads and checks a channel document (blocking).
+    pub fn open_channel(
+        &self,
+        base: &str,
+        name: &str,
+    ) -> Result<crate::channel::Channel, UpdateError> {
+        let checker = self.checker.lock().unwrap_or_else(|p| p.into_inner());
+        checker.open_channel(base, name)
+    }
+
+    /// Status, as GetStatus answers it.
+    pub fn status(&self) -> Result<pb::Status, ApiError> {
+        let auto = self.auto.as_ref().map(|a| a.status(super::auto::now()));
+        Ok(self.reader.status(self.ops.current_or_armed(), auto)?)
+    }
+
+    /// The Prometheus text of this node now.
+    pub fn metrics(&self) -> Result<String, ApiError> {
+        let state = self.reader.state()?;
+        let history = self.reader.history()?;
+        let running = crate::update::running_version(&self.cfg.os_release);
+        let now = super::auto::now();
+        let facts = self.auto.as_ref().map(|a| a.facts(now));
+        Ok(crate::metrics::render(&crate::metrics::Inputs {
+            running: running.as_deref(),
+            slot: self.reader.layout().booted.letter(),
+            bootloader: &self.cfg.boot.backend,
+            compatible: &self.cfg.compatible,
+            state: state.name(),
+            history: &history,
+            op_bytes_fetched: self.ops.current().map_or(0, |o| o.bytes_fetched),
+            auto: facts.as_ref(),
+            now: u64::try_from(now.as_second()).unwrap_or(0),
+        }))
+    }
+
+    /// Rewrites the node-exporter textfile, when one is configured.
+    pub fn write_textfile(&self) {
+        let Some(path) = &self.cfg.metrics.textfile else {
+            return;
+        };
+        let r = self
+            .metrics()
+            .map_err(|e| error_chain(&e))
+            .and_then(|text| {
+                crate::durable::replace(path, text.as_bytes())
+                    .map_err(|(p, e)| format!("writing {}: {e}", p.display()))
+            });
+        if let Err(why) = r {
+            tracing::warn!(error = %why, "metrics textfile not written");
+        }
     }
 
     fn resolve(&self, field: &'static str, source: Source) -> Result<Target, ApiError> {
@@ -267,6 +335,81 @@ impl Service {
             .unwrap_or_else(|e| tracing::error!(error = %e, "cannot start the update thread"));
     }
 
+    /// Starts an update of `target` (StartUpdate, and the unattended loop): idempotent
+    /// for the same target, BUSY for another while one runs.
+    pub async fn begin(
+        &self,
+        target: Target,
+        allow_downgrade: bool,
+        reboot: pb::RebootPolicy,
+        caller: &str,
+    ) -> Result<pb::StartUpdateResponse, ApiError> {
+        let key = format!("{} downgrade={}", target.key, allow_downgrade);
+        let snapshot = pb::Operation {
+            phase: pb::Phase::Opening as i32,
+            version: target.version.clone().unwrap_or_default(),
+            source: target.urls.last().cloned().unwrap_or_default(),
+            reboot: reboot as i32,
+            started: Some(status::now()),
+            ..Default::default()
+        };
+        // An interrupted staging of the same payload keeps its id (and resumes).
+        let id = match self.0.reader.state() {
+            Ok(State::Staging(s)) if target.urls.contains(&s.url) => s.attempt,
+            _ => attempt_id(),
+        };
+        let id = match self.0.ops.begin(&key, id, snapshot) {
+            Begin::Started { id } => id,
+            Begin::AlreadyRunning { id } => {
+                return Ok(pb::StartUpdateResponse {
+                    operation_id: id,
+                    already_running: true,
+                })
+            }
+            Begin::Busy { id, version } => {
+                return Err(ApiError::Busy {
+                    operation: id,
+                    version,
+                })
+            }
+        };
+        let checker = Arc::clone(&self.0.checker);
+        let t = target.clone();
+        let allow = allow_downgrade;
+        let checked = match blocking(move || Daemon::precheck(&checker, &t, allow)).await {
+            Ok(c) => c,
+            Err(e) => {
+                // Watchers (and a Cancel waiting for the end) learn how it ended too.
+                self.0.ops.finish(
+                    &id,
+                    pb::Result {
+                        outcome: pb::Outcome::Failed as i32,
+                        version: target.version.clone().unwrap_or_default(),
+                        reason: error_chain(&e),
+                        at: Some(status::now()),
+                        ..Default::default()
+                    },
+                );
+                return Err(e);
+            }
+        };
+        crate::emit!(tracing::Level::INFO, crate::events::UPDATE_STARTED, update_agent_attempt = %id, update_agent_release = %checked.version, caller = %caller, url = %checked.url, "update to {} started by {caller}", checked.version);
+        self.0.ops.update(
+            &id,
+            |s| {
+                s.version = checked.version.clone();
+                s.source = checked.url.clone();
+                s.delta = checked.delta;
+            },
+            None,
+        );
+        self.spawn_operation(id.clone(), checked.url, allow, reboot, false);
+        Ok(pb::StartUpdateResponse {
+            operation_id: id,
+            already_running: false,
+        })
+    }
+
     /// At start: an interrupted staging, or a staged release not yet armed, carries on
     /// as an operation of its own.
     pub fn resume_interrupted(&self) {
@@ -409,8 +552,13 @@ fn run_operation(
         res.reason = "rebooting into the trial slot".into();
     }
     tracing::info!(attempt = %id, outcome = res.outcome, reason = %res.reason, "operation ended");
+    if result.is_ok() {
+        crate::emit!(tracing::Level::INFO, crate::events::UPDATE_STAGED, update_agent_attempt = %id, update_agent_release = %res.version, "{} is staged and armed for the next boot", res.version);
+    }
     ops.finish(id, res);
+    d.write_textfile();
     if reboot_now {
+        crate::emit!(tracing::Level::WARN, crate::events::REBOOTING, update_agent_attempt = %id, update_agent_release = %snap.version, "rebooting into {}", snap.version);
         if let Err(e) = run_reboot(&d.cfg.health.reboot_command) {
             tracing::error!(error = %error_chain(&e), "reboot after staging failed; reboot the node to try the release");
         }
@@ -431,12 +579,7 @@ impl pb::update_agent_server::UpdateAgent for Service {
         req: Request<pb::GetStatusRequest>,
     ) -> Result<Response<pb::Status>, Status> {
         self.0.policy.check(&req, Need::Read)?;
-        let st = self
-            .0
-            .reader
-            .status(self.0.ops.current())
-            .map_err(ApiError::from)?;
-        Ok(Response::new(st))
+        Ok(Response::new(self.0.status()?))
     }
 
     async fn check_for_update(
@@ -491,10 +634,19 @@ impl pb::update_agent_server::UpdateAgent for Service {
         let reboot = match pb::RebootPolicy::try_from(r.reboot) {
             Ok(pb::RebootPolicy::Unspecified | pb::RebootPolicy::Never) => pb::RebootPolicy::Never,
             Ok(pb::RebootPolicy::Immediate) => pb::RebootPolicy::Immediate,
+            Ok(pb::RebootPolicy::InWindow)
+                if self
+                    .0
+                    .auto
+                    .as_ref()
+                    .is_some_and(|a| !a.settings.windows.is_empty()) =>
+            {
+                pb::RebootPolicy::InWindow
+            }
             Ok(pb::RebootPolicy::InWindow) => {
                 return Err(ApiError::InvalidArgument {
                     field: "reboot",
-                    why: "IN_WINDOW needs maintenance windows, which this node does not have configured; use NEVER and reboot in your window".into(),
+                    why: "IN_WINDOW needs maintenance windows ([[auto.windows]] in agent.toml), which this node does not have; use NEVER and reboot in your window".into(),
                 }
                 .into())
             }
@@ -507,71 +659,10 @@ impl pb::update_agent_server::UpdateAgent for Service {
             }
         };
         let target = self.0.resolve("version", start_source(r.source))?;
-        let key = format!("{} downgrade={}", target.key, r.allow_downgrade);
-        let snapshot = pb::Operation {
-            phase: pb::Phase::Opening as i32,
-            version: target.version.clone().unwrap_or_default(),
-            source: target.urls.last().cloned().unwrap_or_default(),
-            reboot: reboot as i32,
-            started: Some(status::now()),
-            ..Default::default()
-        };
-        // An interrupted staging of the same payload keeps its id (and resumes).
-        let id = match self.0.reader.state() {
-            Ok(State::Staging(s)) if target.urls.contains(&s.url) => s.attempt,
-            _ => attempt_id(),
-        };
-        let id = match self.0.ops.begin(&key, id, snapshot) {
-            Begin::Started { id } => id,
-            Begin::AlreadyRunning { id } => {
-                return Ok(Response::new(pb::StartUpdateResponse {
-                    operation_id: id,
-                    already_running: true,
-                }))
-            }
-            Begin::Busy { id, version } => {
-                return Err(ApiError::Busy {
-                    operation: id,
-                    version,
-                }
-                .into())
-            }
-        };
-        let checker = Arc::clone(&self.0.checker);
-        let t = target.clone();
-        let allow = r.allow_downgrade;
-        let checked = match blocking(move || Daemon::precheck(&checker, &t, allow)).await {
-            Ok(c) => c,
-            Err(e) => {
-                // Watchers (and a Cancel waiting for the end) learn how it ended too.
-                self.0.ops.finish(
-                    &id,
-                    pb::Result {
-                        outcome: pb::Outcome::Failed as i32,
-                        version: target.version.clone().unwrap_or_default(),
-                        reason: error_chain(&e),
-                        at: Some(status::now()),
-                        ..Default::default()
-                    },
-                );
-                return Err(e.into());
-            }
-        };
-        tracing::info!(attempt = %id, caller = %caller, release = %checked.version, url = %checked.url, "update started");
-        self.0.ops.update(
-            &id,
-            |s| {
-                s.version = checked.version.clone();
-                s.source = checked.url.clone();
-                s.delta = checked.delta;
-            },
-            None,
-        );
-        self.spawn_operation(id.clone(), checked.url, allow, reboot, false);
-        Ok(Response::new(pb::StartUpdateResponse {
-            operation_id: id,
-            already_running: false,
-        }))
+        Ok(Response::new(
+            self.begin(target, r.allow_downgrade, reboot, &caller.to_string())
+                .await?,
+        ))
     }
 
     type WatchUpdateStream = EventStream;

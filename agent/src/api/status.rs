@@ -65,6 +65,8 @@ pub struct Inputs<'a> {
     pub operation: Option<pb::Operation>,
     /// What the agent wrote and verified into each slot (`[a, b]`), when it did.
     pub images: [Option<crate::state::SlotImage>; 2],
+    /// Unattended patching, when configured.
+    pub auto: Option<pb::Auto>,
 }
 
 /// Builds the status. Pure: the golden tests call it with fixed inputs.
@@ -115,9 +117,14 @@ pub fn build(i: &Inputs<'_>) -> pb::Status {
         }
     }
 
+    // An armed operation of this process counts only while the state still says so.
     let operation = i
         .operation
         .clone()
+        .filter(|o| {
+            o.phase != pb::Phase::Armed as i32
+                || matches!(&i.state, State::Armed { staged, .. } if staged.attempt == o.id)
+        })
         .or_else(|| persisted_operation(&i.state));
     let last_result = match &i.state {
         State::RollingBack {
@@ -162,6 +169,7 @@ pub fn build(i: &Inputs<'_>) -> pb::Status {
         operation,
         last_result,
         running_version: running,
+        auto: i.auto.clone(),
     }
 }
 
@@ -288,7 +296,11 @@ impl Reader {
         Ok(entry)
     }
 
-    pub fn status(&self, operation: Option<pb::Operation>) -> Result<pb::Status, UpdateError> {
+    pub fn status(
+        &self,
+        operation: Option<pb::Operation>,
+        auto: Option<pb::Auto>,
+    ) -> Result<pb::Status, UpdateError> {
         let state = self.store.load()?;
         let (boot, backend) = {
             let b = self.boot.lock().unwrap_or_else(|p| p.into_inner());
@@ -305,6 +317,7 @@ impl Reader {
             running_version: crate::update::running_version(&self.cfg.os_release),
             operation,
             images: self.store.images(),
+            auto,
         }))
     }
 }

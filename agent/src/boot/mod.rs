@@ -22,6 +22,16 @@ pub struct BootStatus {
     pub raw: String,
 }
 
+/// Whether [`BootControl::prepare`] must still run for `slot` before `arm_trial`: the
+/// backend needs the release's files and the slot is not bootable yet. Staging begins by
+/// marking the slot unbootable and only `arm_trial` makes it bootable again, so a
+/// bootable slot was armed by an earlier run that stopped (power cut, kill) before its
+/// state said so; preparing it again would be refused, since systemd-boot never stages
+/// over an entry, and would leave the update stuck.
+pub fn needs_prepare(boot: &dyn BootControl, slot: Slot) -> Result<bool, BootError> {
+    Ok(boot.needs_release_files() && !boot.status()?.is_bootable(slot))
+}
+
 impl BootStatus {
     pub fn is_bootable(&self, slot: Slot) -> bool {
         self.bootable[slot.index()]

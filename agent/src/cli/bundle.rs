@@ -46,6 +46,11 @@ pub enum BundleCommand {
         /// Days until nodes refuse the channel document (re-publish before then).
         #[arg(long, default_value_t = 30)]
         expires_in_days: u64,
+        /// A rollout wave, AFTER:PERCENT: by AFTER (seconds or e.g. 4h) after
+        /// publication, PERCENT of the fleet may start. Repeat; the last must be 100.
+        /// None: every node at once.
+        #[arg(long = "wave", value_name = "AFTER:PERCENT", value_parser = parse_wave)]
+        waves: Vec<crate::policy::wave::Wave>,
     },
     /// Show what a payload holds (does not check signatures).
     Inspect {
@@ -182,7 +187,8 @@ pub fn run(cmd: BundleCommand) -> anyhow::Result<()> {
             version,
             key,
             expires_in_days,
-        } => publish(&channel, &dir, &version, &key, expires_in_days),
+            waves,
+        } => publish(&channel, &dir, &version, &key, expires_in_days, waves),
         BundleCommand::Inspect { payload, json, ops } => inspect(&payload, json, ops),
         BundleCommand::Verify {
             payload,
@@ -273,13 +279,40 @@ fn create(a: &CreateArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
+fn parse_wave(s: &str) -> Result<crate::policy::wave::Wave, String> {
+    let bad = || format!("{s:?} is not AFTER:PERCENT (e.g. 0:5, 4h:25, 2d:100)");
+    let (after, percent) = s.split_once(':').ok_or_else(bad)?;
+    let after_secs = match after.trim().parse::<u64>() {
+        Ok(n) => n,
+        Err(_) => {
+            let d = crate::policy::window::parse_duration(after)
+                .or_else(|| {
+                    // Days are the natural unit for a fleet's schedule.
+                    let days: u64 = after.trim().strip_suffix('d')?.parse().ok()?;
+                    Some(jiff::SignedDuration::from_hours(
+                        i64::try_from(days * 24).ok()?,
+                    ))
+                })
+                .ok_or_else(bad)?;
+            u64::try_from(d.as_secs()).map_err(|_| bad())?
+        }
+    };
+    let percent = percent.trim().parse::<f64>().map_err(|_| bad())?;
+    Ok(crate::policy::wave::Wave {
+        after_secs,
+        percent,
+    })
+}
+
 fn publish(
     channel: &str,
     dir: &Path,
     version: &str,
     key: &Path,
     expires_in_days: u64,
+    waves: Vec<crate::policy::wave::Wave>,
 ) -> anyhow::Result<()> {
+    crate::policy::wave::validate(&waves).context("--wave")?;
     anyhow::ensure!(
         crate::channel::valid_name(channel),
         "--channel {channel:?} must be 1-64 characters of A-Z a-z 0-9 . _ - and not start with a dot"
@@ -335,6 +368,7 @@ fn publish(
         expires: now + expires_in_days.max(1) * 86_400,
         full: full_name,
         deltas,
+        waves,
     };
     let out_dir = dir.join("channels");
     std::fs::create_dir_all(&out_dir).with_context(|| format!("creating {}", out_dir.display()))?;

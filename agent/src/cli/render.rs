@@ -248,7 +248,61 @@ pub fn status_text(s: &pb::Status) -> String {
         }
         None => line("Last", "no update yet".into()),
     }
+    if let Some(a) = &s.auto {
+        auto_text(a, &mut line);
+    }
     out
+}
+
+/// The unattended-patching lines of `updatectl status`.
+fn auto_text(a: &pb::Auto, line: &mut impl FnMut(&str, String)) {
+    let mut head = format!(
+        "{} · channel {} · reboot {}",
+        if a.enabled { "on" } else { "windows only" },
+        a.channel,
+        a.reboot
+    );
+    if !a.fleetlock.is_empty() {
+        head.push_str(&format!(" · FleetLock {}", a.fleetlock));
+    }
+    line("Auto", head);
+    for l in wrap(&a.next_step, 70, 2) {
+        line("", l);
+    }
+    if !a.last_check_error.is_empty() {
+        let w = wrap(
+            &format!("{}: {}", when(a.last_check.as_ref()), a.last_check_error),
+            70,
+            2,
+        );
+        for (i, l) in w.into_iter().enumerate() {
+            line(if i == 0 { "Check" } else { "" }, l);
+        }
+    }
+    if !a.held_version.is_empty() {
+        line(
+            "Held",
+            format!(
+                "{} (rolled back here; start it by hand to retry)",
+                a.held_version
+            ),
+        );
+    }
+    if let (Some(start), Some(end)) = (&a.window_start, &a.window_end) {
+        let mins = (end.seconds - start.seconds).max(0) / 60;
+        let text = if a.in_window {
+            format!("open until {} · zone {}", when(Some(end)), a.time_zone)
+        } else {
+            format!(
+                "next {} for {}h{:02}m · zone {}",
+                when(Some(start)),
+                mins / 60,
+                mins % 60,
+                a.time_zone
+            )
+        };
+        line("Window", text);
+    }
 }
 
 /// Word-wraps `text` into at most `lines` lines of `width` characters (the last one
@@ -335,6 +389,29 @@ struct StatusJson<'a> {
     bootloader: Option<BootloaderJson<'a>>,
     operation: Option<OperationJson<'a>>,
     last_result: Option<ResultJson<'a>>,
+    /// Added in agent 0.1 with unattended patching; absent when not configured.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    auto: Option<AutoJson<'a>>,
+}
+
+#[derive(Debug, Serialize)]
+struct AutoJson<'a> {
+    enabled: bool,
+    channel: &'a str,
+    reboot: &'a str,
+    last_check: Option<String>,
+    last_check_error: &'a str,
+    next_check: Option<String>,
+    next_step: &'a str,
+    offered_version: &'a str,
+    wave_start: Option<String>,
+    held_version: &'a str,
+    held_reason: &'a str,
+    window_start: Option<String>,
+    window_end: Option<String>,
+    in_window: bool,
+    time_zone: &'a str,
+    fleetlock: &'a str,
 }
 
 fn rfc(t: Option<&prost_types::Timestamp>) -> Option<String> {
@@ -407,6 +484,24 @@ pub fn status_json(s: &pb::Status) -> String {
             started: rfc(o.started.as_ref()),
         }),
         last_result: s.last_result.as_ref().map(result_json),
+        auto: s.auto.as_ref().map(|a| AutoJson {
+            enabled: a.enabled,
+            channel: &a.channel,
+            reboot: &a.reboot,
+            last_check: rfc(a.last_check.as_ref()),
+            last_check_error: &a.last_check_error,
+            next_check: rfc(a.next_check.as_ref()),
+            next_step: &a.next_step,
+            offered_version: &a.offered_version,
+            wave_start: rfc(a.wave_start.as_ref()),
+            held_version: &a.held_version,
+            held_reason: &a.held_reason,
+            window_start: rfc(a.window_start.as_ref()),
+            window_end: rfc(a.window_end.as_ref()),
+            in_window: a.in_window,
+            time_zone: &a.time_zone,
+            fleetlock: &a.fleetlock,
+        }),
     };
     serde_json::to_string_pretty(&doc).unwrap_or_default() + "\n"
 }

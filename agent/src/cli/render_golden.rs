@@ -60,6 +60,7 @@ fn entry(version: &str, outcome: Outcome, reason: &str, at: u64) -> Entry {
         reason: reason.into(),
         bytes_fetched: 6_830_000,
         at,
+        cause: None,
     }
 }
 
@@ -86,6 +87,7 @@ fn scenarios() -> Vec<(&'static str, pb::Status)> {
             running_version: Some(running.into()),
             operation,
             images: [None, None],
+            auto: None,
         });
         s.agent_version = "0.1.0".into();
         s
@@ -199,6 +201,41 @@ fn scenarios() -> Vec<(&'static str, pb::Status)> {
                 None,
             ),
         ),
+        ("armed-waiting-for-window", {
+            let mut s = mk(
+                &l_a,
+                State::Armed {
+                    staged: staged("2.0", Slot::B),
+                    tries: 3,
+                },
+                boot(Slot::A, Some((Slot::B, 3)), [true, true]),
+                None,
+                "1.0",
+                None,
+            );
+            let t = |secs: u64| Some(crate::api::status::ts(secs));
+            s.auto = Some(pb::Auto {
+                enabled: true,
+                channel: "stable".into(),
+                reboot: "fleetlock".into(),
+                last_check: t(T0),
+                last_check_error: String::new(),
+                next_check: t(T0 + 6 * 3600),
+                next_step:
+                    "2.0 is staged; rebooting in the window that opens at 2026-11-28T01:00:00Z"
+                        .into(),
+                offered_version: "2.0".into(),
+                wave_start: t(T0 - 600),
+                held_version: "1.9".into(),
+                held_reason: HEALTH_FAIL.into(),
+                window_start: t(T0 + 86_400),
+                window_end: t(T0 + 86_400 + 3 * 3600),
+                in_window: false,
+                time_zone: "Europe/Berlin".into(),
+                fleetlock: "released".into(),
+            });
+            s
+        }),
     ]
 }
 

@@ -14,13 +14,17 @@ use update_agent::api::pb;
 use super::*;
 
 /// A running daemon; killed when dropped.
-struct Daemon {
+pub(super) struct Daemon {
     child: Option<Child>,
     socket: PathBuf,
 }
 
 impl Daemon {
     fn start(n: &Node) -> Self {
+        Self::start_with(n, &[])
+    }
+
+    pub(super) fn start_with(n: &Node, env: &[(&str, &str)]) -> Self {
         let log = fs::OpenOptions::new()
             .create(true)
             .append(true)
@@ -30,6 +34,7 @@ impl Daemon {
             .arg("--config")
             .arg(&n.config)
             .arg("serve")
+            .envs(env.iter().copied())
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()
@@ -66,7 +71,7 @@ impl Drop for Daemon {
 
 /// API settings for a node: socket under DIR/run (reachable by other users), group
 /// 4242 may read, group 4243 may change things, reboots only leave a mark.
-fn api_node() -> Node {
+pub(super) fn api_node() -> Node {
     let n = Node::new();
     fs::set_permissions(n.dir.path(), fs::Permissions::from_mode(0o755)).expect("chmod");
     let cfg = fs::read_to_string(&n.config).expect("config");
@@ -85,7 +90,7 @@ fn api_node() -> Node {
     n
 }
 
-fn rt() -> tokio::runtime::Runtime {
+pub(super) fn rt() -> tokio::runtime::Runtime {
     tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()

@@ -579,6 +579,7 @@ impl Node {
 }
 
 mod api;
+mod auto;
 
 fn text(o: &Output) -> String {
     format!(

@@ -1,0 +1,202 @@
+//! Unattended patching: which release to stage and when (channel, interval with
+//! jitter, rollout waves), and when a staged release may reboot the node (strategy,
+//! maintenance windows, FleetLock). Decisions are pure functions in [`decide`]; the
+//! daemon's loop that acts on them is `api::auto`.
+
+pub mod decide;
+pub mod wave;
+pub mod window;
+
+use jiff::SignedDuration;
+use serde::Deserialize;
+
+pub use window::{WindowConfig, Windows};
+
+/// How a staged release gets its reboot.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RebootStrategy {
+    /// As soon as it is staged.
+    Immediate,
+    /// Inside the next maintenance window.
+    Window,
+    /// When the FleetLock server grants a slot (inside a window, if any are set).
+    #[serde(rename = "fleetlock")]
+    FleetLock,
+    /// Never by itself: an operator or a controller reboots.
+    Never,
+}
+
+impl RebootStrategy {
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Immediate => "immediate",
+            Self::Window => "window",
+            Self::FleetLock => "fleetlock",
+            Self::Never => "never",
+        }
+    }
+}
+
+/// `[auto]` in agent.toml.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AutoConfig {
+    /// Check, stage and reboot without being asked.
+    pub enabled: bool,
+    /// The channel this node follows (needs `[releases] url`).
+    pub channel: String,
+    /// Time between checks, e.g. `6h`.
+    pub check_interval: String,
+    /// Up to this much is added at random to each interval, e.g. `30m`.
+    pub check_jitter: String,
+    pub reboot: RebootStrategy,
+    /// IANA time zone of the windows, or `localtime`.
+    pub time_zone: String,
+    pub windows: Vec<WindowConfig>,
+    /// Source of the node's stable identity (rollout position, FleetLock id).
+    pub machine_id: std::path::PathBuf,
+    pub fleetlock: FleetLockConfig,
+}
+
+impl Default for AutoConfig {
+    fn default() -> Self {
+        Self {
+            enabled: false,
+            channel: "stable".into(),
+            check_interval: "6h".into(),
+            check_jitter: "30m".into(),
+            reboot: RebootStrategy::Window,
+            time_zone: "UTC".into(),
+            windows: Vec::new(),
+            machine_id: "/etc/machine-id".into(),
+            fleetlock: FleetLockConfig::default(),
+        }
+    }
+}
+
+/// `[auto.fleetlock]`: the reboot manager (Zincati's FleetLock protocol).
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct FleetLockConfig {
+    /// Base URL of the server, e.g. `http://fleetlock.kube-system.svc:8080`.
+    pub url: Option<String>,
+    /// The group whose reboot slots this node competes for.
+    pub group: String,
+    /// First retry delay after a refusal or an error; doubles up to `max_backoff`.
+    pub backoff: String,
+    pub max_backoff: String,
+}
+
+impl Default for FleetLockConfig {
+    fn default() -> Self {
+        Self {
+            url: None,
+            group: "default".into(),
+            backoff: "5s".into(),
+            max_backoff: "5m".into(),
+        }
+    }
+}
+
+/// `[auto]` checked and parsed once.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    pub enabled: bool,
+    pub channel: String,
+    pub interval: SignedDuration,
+    pub jitter: SignedDuration,
+    pub reboot: RebootStrategy,
+    pub windows: Windows,
+    pub fleetlock_backoff: SignedDuration,
+    pub fleetlock_max_backoff: SignedDuration,
+}
+
+/// What is wrong with `[auto]`: the key and why.
+#[derive(Debug, thiserror::Error)]
+#[error("configuration key `auto.{key}` is invalid: {why}")]
+pub struct SettingsError {
+    pub key: &'static str,
+    pub why: String,
+}
+
+impl Settings {
+    pub fn new(c: &AutoConfig, releases_url: Option<&str>) -> Result<Self, SettingsError> {
+        let bad = |key, why: String| SettingsError { key, why };
+        let dur = |key, s: &str, min: SignedDuration| {
+            window::parse_duration(s)
+                .filter(|d| *d >= min)
+                .ok_or_else(|| {
+                    bad(
+                        key,
+                        format!("{s:?} is not a duration of at least {min:#} (e.g. 6h, 30m)"),
+                    )
+                })
+        };
+        let windows = Windows::new(&c.time_zone, &c.windows).map_err(|e| {
+            bad(
+                if matches!(e, window::WindowError::TimeZone { .. }) {
+                    "time_zone"
+                } else {
+                    "windows"
+                },
+                e.to_string(),
+            )
+        })?;
+        let s = Self {
+            enabled: c.enabled,
+            channel: c.channel.clone(),
+            interval: dur(
+                "check_interval",
+                &c.check_interval,
+                SignedDuration::from_mins(1),
+            )?,
+            jitter: dur("check_jitter", &c.check_jitter, SignedDuration::ZERO)?,
+            reboot: c.reboot,
+            windows,
+            fleetlock_backoff: dur(
+                "fleetlock.backoff",
+                &c.fleetlock.backoff,
+                SignedDuration::from_millis(100),
+            )?,
+            fleetlock_max_backoff: dur(
+                "fleetlock.max_backoff",
+                &c.fleetlock.max_backoff,
+                SignedDuration::from_secs(1),
+            )?,
+        };
+        if !crate::channel::valid_name(&c.channel) {
+            return Err(bad(
+                "channel",
+                format!("{:?} is not a channel name", c.channel),
+            ));
+        }
+        if c.enabled && releases_url.is_none() {
+            return Err(bad(
+                "enabled",
+                "needs [releases] url, where the channel document is published".into(),
+            ));
+        }
+        if c.reboot == RebootStrategy::Window && c.enabled && s.windows.is_empty() {
+            return Err(bad(
+                "reboot",
+                "\"window\" needs at least one [[auto.windows]]".into(),
+            ));
+        }
+        if c.reboot == RebootStrategy::FleetLock && c.enabled && c.fleetlock.url.is_none() {
+            return Err(bad(
+                "reboot",
+                "\"fleetlock\" needs auto.fleetlock.url".into(),
+            ));
+        }
+        if let Some(u) = &c.fleetlock.url {
+            if !(u.starts_with("http://") || u.starts_with("https://")) {
+                return Err(bad(
+                    "fleetlock.url",
+                    format!("{u:?} is not an http:// or https:// URL"),
+                ));
+            }
+        }
+        Ok(s)
+    }
+}

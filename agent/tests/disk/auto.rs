@@ -1,0 +1,408 @@
+//! Unattended patching end to end: the real daemon on a loop-device node follows a
+//! signed channel, waits for its rollout wave, stages, waits for its maintenance
+//! window, competes for a FleetLock slot against another node on a FleetLock server
+//! that follows the protocol (integration/fleetlock-server.py), reboots, and releases
+//! the slot after the commit. Metrics come from the HTTP endpoint and the textfile.
+//!
+//! The daemon's clock is shifted with UPDATE_AGENT_TEST_CLOCK_OFFSET_SECS (test builds
+//! only) to stand before the wave, outside the window and inside it; each phase is a
+//! fresh start of the daemon, which is also how the restart-while-holding-the-lock
+//! case is covered.
+
+use std::io::{BufRead as _, Read as _};
+use std::process::Stdio;
+
+use update_agent::api::{client, pb};
+use update_agent::fleetlock::{self, FleetLockError};
+
+use super::api::{api_node, rt, Daemon};
+use super::*;
+
+/// integration/fleetlock-server.py on a free port; killed when dropped.
+struct FleetLockServer {
+    child: std::process::Child,
+    url: String,
+    log: PathBuf,
+}
+
+impl FleetLockServer {
+    fn start(dir: &Path, slots: u32) -> Self {
+        let log = dir.join("fleetlock.log");
+        let script =
+            Path::new(env!("CARGO_MANIFEST_DIR")).join("../integration/fleetlock-server.py");
+        let mut child = Command::new("python3")
+            .arg(script)
+            .args(["0", &slots.to_string()])
+            .env("FLEETLOCK_LOG", &log)
+            .stdout(Stdio::piped())
+            .spawn()
+            .expect("start fleetlock-server.py");
+        let mut line = String::new();
+        std::io::BufReader::new(child.stdout.take().expect("stdout"))
+            .read_line(&mut line)
+            .expect("fleetlock server's first line");
+        let addr = line
+            .trim()
+            .strip_prefix("listening on ")
+            .expect("address")
+            .to_owned();
+        Self {
+            child,
+            url: format!("http://{addr}"),
+            log,
+        }
+    }
+
+    /// Every request so far: (op, id, ok, holders).
+    fn requests(&self) -> Vec<(String, String, bool, Vec<String>)> {
+        fs::read_to_string(&self.log)
+            .unwrap_or_default()
+            .lines()
+            .map(|l| {
+                let v: serde_json::Value = serde_json::from_str(l).expect("log line");
+                let holders = v["holders"]
+                    .as_array()
+                    .expect("holders")
+                    .iter()
+                    .map(|h| h.as_str().unwrap_or_default().to_owned())
+                    .collect();
+                (
+                    v["op"].as_str().unwrap_or_default().to_owned(),
+                    v["id"].as_str().unwrap_or_default().to_owned(),
+                    v["ok"].as_bool().unwrap_or(false),
+                    holders,
+                )
+            })
+            .collect()
+    }
+}
+
+impl Drop for FleetLockServer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+#[test]
+fn fleetlock_clients_compete_for_one_slot() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let server = FleetLockServer::start(dir.path(), 1);
+    let node = |n: &str| {
+        fleetlock::Client::new(
+            &server.url,
+            "workers",
+            fleetlock::node_id(n),
+            Duration::from_secs(5),
+        )
+    };
+    let (a, b, c) = (node("machine-a"), node("machine-b"), node("machine-c"));
+    a.pre_reboot().expect("a takes the only slot");
+    a.pre_reboot().expect("taking it again is fine (recursive)");
+    for other in [&b, &c] {
+        match other.pre_reboot() {
+            Err(FleetLockError::Refused {
+                kind,
+                value,
+                status,
+                ..
+            }) => {
+                assert_eq!((kind.as_str(), status), ("failed_lock", 409));
+                assert!(value.contains(a.id()), "{value}");
+            }
+            r => panic!("a second node got past a held slot: {r:?}"),
+        }
+    }
+    // Releasing what one does not hold is fine; it frees nothing.
+    b.steady_state().expect("idempotent release");
+    assert!(c.pre_reboot().is_err());
+    a.steady_state().expect("a releases");
+    c.pre_reboot().expect("c gets the slot once a released it");
+    assert!(b.pre_reboot().is_err());
+    // Another group has slots of its own.
+    let other_group =
+        fleetlock::Client::new(&server.url, "db", b.id().to_owned(), Duration::from_secs(5));
+    other_group.pre_reboot().expect("a slot in another group");
+    let reqs = server.requests();
+    assert_eq!(reqs.len(), 10, "{reqs:?}");
+    assert!(reqs.iter().all(|(_, id, _, _)| id.len() == 32));
+    // Nothing listening: the error names the server.
+    let gone = fleetlock::Client::new(
+        "http://127.0.0.1:9",
+        "g",
+        "x".into(),
+        Duration::from_secs(2),
+    );
+    let e = gone.steady_state().expect_err("nothing listens");
+    assert!(e.to_string().contains("127.0.0.1:9"), "{e}");
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("free port")
+}
+
+fn http_get(port: u16, path: &str) -> String {
+    use std::io::Write as _;
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).expect("connect metrics");
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n"
+    )
+    .expect("send");
+    let mut out = String::new();
+    s.read_to_string(&mut out).expect("read");
+    out
+}
+
+async fn status_until(
+    c: &mut client::Client,
+    what: &str,
+    ok: impl Fn(&pb::Status) -> bool,
+) -> pb::Status {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let s = c
+            .get_status(pb::GetStatusRequest {})
+            .await
+            .expect("status")
+            .into_inner();
+        if ok(&s) {
+            return s;
+        }
+        assert!(Instant::now() < deadline, "never {what}: {s:#?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+fn auto_of(s: &pb::Status) -> pb::Auto {
+    s.auto.clone().expect("status has the auto section")
+}
+
+#[test]
+fn auto_follows_channel_wave_window_and_fleetlock() {
+    const DAY: i64 = 86_400;
+    let n = api_node();
+    n.publish("2.0", "test-board", &n.path("v2.img"), 64 << 10);
+    let pem = {
+        use ed25519_dalek::pkcs8::EncodePrivateKey;
+        ed25519_dalek::SigningKey::from_bytes(&[3u8; 32])
+            .to_pkcs8_pem(ed25519_dalek::pkcs8::spki::der::pem::LineEnding::LF)
+            .expect("pem")
+    };
+    fs::write(n.path("publisher.key"), pem.as_bytes()).expect("key");
+    // Everyone starts 30 days after publication.
+    let o = Command::new(env!("CARGO_BIN_EXE_updatectl"))
+        .args([
+            "bundle",
+            "publish",
+            "--channel",
+            "stable",
+            "--version",
+            "2.0",
+        ])
+        .args(["--wave", "30d:100", "--expires-in-days", "90", "--dir"])
+        .arg(&n.payloads)
+        .arg("--key")
+        .arg(n.path("publisher.key"))
+        .output()
+        .expect("publish");
+    assert!(o.status.success(), "{}", text(&o));
+    let published = update_agent::timefmt::now() as i64;
+
+    let lock = FleetLockServer::start(n.dir.path(), 1);
+    fs::write(n.path("machine-id"), "5f1c0ffee0dd4e5b9c3b2a1d0e9f8a7b\n").expect("machine-id");
+    let me = fleetlock::node_id("5f1c0ffee0dd4e5b9c3b2a1d0e9f8a7b");
+    let metrics_port = free_port();
+    // A daily one-hour window, three hours after the moment phase 2 stands at.
+    let phase2 = published + 31 * DAY;
+    let opens = phase2 + 3 * 3600;
+    let hhmm = &update_agent::timefmt::rfc3339(opens as u64)[11..16];
+    let window_start = opens - opens % 60;
+    let base = fs::read_to_string(&n.config).expect("config");
+    fs::write(
+        &n.config,
+        format!(
+            "{base}[auto]\nenabled = true\nchannel = \"stable\"\ncheck_interval = \"1h\"\n\
+             check_jitter = \"0s\"\nreboot = \"fleetlock\"\ntime_zone = \"UTC\"\nmachine_id = \"{}\"\n\
+             [[auto.windows]]\ndays = [\"mon\", \"tue\", \"wed\", \"thu\", \"fri\", \"sat\", \"sun\"]\n\
+             start = \"{hhmm}\"\nlength = \"1h\"\n\
+             [auto.fleetlock]\nurl = \"{}\"\ngroup = \"workers\"\nbackoff = \"200ms\"\nmax_backoff = \"1s\"\n\
+             [metrics]\nlisten = \"127.0.0.1:{metrics_port}\"\ntextfile = \"{}\"\n",
+            n.path("machine-id").display(),
+            lock.url,
+            n.path("metrics.prom").display(),
+        ),
+    )
+    .expect("config");
+    let start = |offset: i64| {
+        Daemon::start_with(
+            &n,
+            &[("UPDATE_AGENT_TEST_CLOCK_OFFSET_SECS", &offset.to_string())],
+        )
+    };
+    let rt = rt();
+
+    // 1. Before the wave: the release is seen, not started; the slot is released at start.
+    {
+        let _d = start(0);
+        rt.block_on(async {
+            let mut c = client::unix(&n.path("run/agent.sock"))
+                .await
+                .expect("connect");
+            let s = status_until(&mut c, "checked the channel", |s| {
+                s.auto.as_ref().is_some_and(|a| a.wave_start.is_some())
+            })
+            .await;
+            let a = auto_of(&s);
+            assert_eq!(a.offered_version, "2.0");
+            assert!(a.enabled && a.last_check_error.is_empty(), "{a:?}");
+            let wave = a.wave_start.expect("wave").seconds;
+            assert!(
+                (wave - (published + 30 * DAY)).abs() <= 5,
+                "{wave} vs {published}"
+            );
+            assert!(a.next_step.contains("wave starts at"), "{}", a.next_step);
+            assert!(s.operation.is_none() && s.state == "idle", "{s:?}");
+            status_until(&mut c, "released the FleetLock slot", |s| {
+                auto_of(s).fleetlock == "released"
+            })
+            .await;
+        });
+        assert_eq!(
+            lock.requests()
+                .first()
+                .map(|r| (r.0.as_str(), r.1.as_str(), r.2)),
+            Some(("steady-state", me.as_str(), true))
+        );
+    }
+
+    // 2. In the wave, outside the window: staged, then it waits; nothing reboots.
+    {
+        let _d = start(phase2 - published);
+        rt.block_on(async {
+            let mut c = client::unix(&n.path("run/agent.sock"))
+                .await
+                .expect("connect");
+            let s = status_until(&mut c, "staged and waiting for the window", |s| {
+                s.state == "armed" && auto_of(s).next_step.contains("window that opens")
+            })
+            .await;
+            let a = auto_of(&s);
+            assert!(!a.in_window);
+            assert_eq!(a.window_start.map(|t| t.seconds), Some(window_start));
+            assert_eq!(
+                s.operation.as_ref().map(|o| o.reboot),
+                Some(pb::RebootPolicy::InWindow as i32)
+            );
+        });
+        n.assert_armed_v2();
+        std::thread::sleep(Duration::from_millis(500));
+        assert!(!n.path("rebooted").exists(), "rebooted outside the window");
+        let m = http_get(metrics_port, "/metrics");
+        assert!(m.starts_with("HTTP/1.1 200"), "{m}");
+        assert!(m.contains("text/plain; version=0.0.4"), "{m}");
+        for want in [
+            "update_agent_state{state=\"armed\"} 1",
+            "update_agent_checks_total{result=\"ok\"} 1",
+            &format!("update_agent_next_window_start_timestamp_seconds {window_start}"),
+            "update_agent_fleetlock_held 0",
+        ] {
+            assert!(m.contains(want), "metrics lack {want:?}:\n{m}");
+        }
+        assert!(http_get(metrics_port, "/other").starts_with("HTTP/1.1 404"));
+        let file = fs::read_to_string(n.path("metrics.prom")).expect("textfile");
+        assert!(
+            file.contains("update_agent_state{state=\"armed\"} 1"),
+            "{file}"
+        );
+    }
+
+    // 3. Inside the window, another node holds the only slot: wait, then take it.
+    let other = fleetlock::Client::new(
+        &lock.url,
+        "workers",
+        fleetlock::node_id("other"),
+        Duration::from_secs(5),
+    );
+    other.pre_reboot().expect("the other node takes the slot");
+    {
+        let _d = start(opens + 600 - published);
+        rt.block_on(async {
+            let mut c = client::unix(&n.path("run/agent.sock"))
+                .await
+                .expect("connect");
+            let s = status_until(&mut c, "refused by FleetLock", |s| {
+                auto_of(s).next_step.contains("reboot slots are held")
+            })
+            .await;
+            assert!(auto_of(&s).in_window, "{s:?}");
+            assert!(!n.path("rebooted").exists(), "rebooted without the slot");
+            other.steady_state().expect("the other node is done");
+            status_until(&mut c, "took the slot", |s| auto_of(s).fleetlock == "held").await;
+        });
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !n.path("rebooted").exists() {
+            assert!(Instant::now() < deadline, "never rebooted");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+    let reqs = lock.requests();
+    assert!(
+        reqs.iter()
+            .any(|r| r.0 == "pre-reboot" && r.1 == me && !r.2),
+        "{reqs:?}"
+    );
+    let granted = reqs
+        .iter()
+        .position(|r| r.0 == "pre-reboot" && r.1 == me && r.2);
+    assert!(granted.is_some(), "{reqs:?}");
+    // Released at each start while nothing was pending (phases 1 and 2), never once a
+    // reboot was pending (the restart of phase 3 included).
+    let asked = reqs
+        .iter()
+        .position(|r| r.0 == "pre-reboot" && r.1 == me)
+        .expect("asked");
+    assert_eq!(
+        reqs.iter()
+            .filter(|r| r.0 == "steady-state" && r.1 == me)
+            .count(),
+        2,
+        "{reqs:?}"
+    );
+    assert!(
+        !reqs[asked..]
+            .iter()
+            .any(|r| r.0 == "steady-state" && r.1 == me),
+        "{reqs:?}"
+    );
+
+    // 4. The reboot: the trial commits; the daemon's next start releases the slot.
+    n.boot_into("b");
+    fs::write(n.path("os-release"), "NAME=Test\nVERSION_ID=2.0\n").expect("os-release");
+    let o = n.agent(&["boot-check"], &[]);
+    assert!(o.status.success(), "{}", text(&o));
+    assert_eq!(n.state()["state"], "committed");
+    {
+        let _d = start(opens + 900 - published);
+        rt.block_on(async {
+            let mut c = client::unix(&n.path("run/agent.sock"))
+                .await
+                .expect("connect");
+            let s = status_until(&mut c, "released after the commit", |s| {
+                let a = auto_of(s);
+                a.fleetlock == "released" && a.next_step.contains("up to date")
+            })
+            .await;
+            assert_eq!(s.running_version, "2.0");
+        });
+    }
+    let last = lock.requests().last().cloned().expect("requests");
+    assert_eq!(
+        (last.0.as_str(), last.1.as_str(), last.2),
+        ("steady-state", me.as_str(), true)
+    );
+    assert!(last.3.is_empty(), "{last:?}");
+}
