@@ -90,6 +90,34 @@ pub(super) fn api_node() -> Node {
     n
 }
 
+/// `updatectl bundle publish --channel stable --version VERSION` over the node's
+/// payload directory, signed with the node's publisher key, plus `extra` arguments.
+pub(super) fn publish_channel(n: &Node, version: &str, extra: &[&str]) -> Output {
+    let pem = {
+        use ed25519_dalek::pkcs8::EncodePrivateKey;
+        ed25519_dalek::SigningKey::from_bytes(&[3u8; 32])
+            .to_pkcs8_pem(ed25519_dalek::pkcs8::spki::der::pem::LineEnding::LF)
+            .expect("pem")
+    };
+    fs::write(n.path("publisher.key"), pem.as_bytes()).expect("key");
+    Command::new(env!("CARGO_BIN_EXE_updatectl"))
+        .args([
+            "bundle",
+            "publish",
+            "--channel",
+            "stable",
+            "--version",
+            version,
+        ])
+        .args(extra)
+        .arg("--dir")
+        .arg(&n.payloads)
+        .arg("--key")
+        .arg(n.path("publisher.key"))
+        .output()
+        .expect("publish")
+}
+
 pub(super) fn rt() -> tokio::runtime::Runtime {
     tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -227,28 +255,7 @@ fn api_update_commit_rollback_over_the_socket() {
             .await
             .expect_err("name");
         assert_eq!(e.code(), Code::InvalidArgument, "{e:?}");
-        let pem = {
-            use ed25519_dalek::pkcs8::EncodePrivateKey;
-            ed25519_dalek::SigningKey::from_bytes(&[3u8; 32])
-                .to_pkcs8_pem(ed25519_dalek::pkcs8::spki::der::pem::LineEnding::LF)
-                .expect("pem")
-        };
-        fs::write(n.path("publisher.key"), pem.as_bytes()).expect("key");
-        let o = Command::new(env!("CARGO_BIN_EXE_updatectl"))
-            .args([
-                "bundle",
-                "publish",
-                "--channel",
-                "stable",
-                "--version",
-                "2.0",
-                "--dir",
-            ])
-            .arg(&n.payloads)
-            .arg("--key")
-            .arg(n.path("publisher.key"))
-            .output()
-            .expect("publish");
+        let o = publish_channel(&n, "2.0", &[]);
         assert!(o.status.success(), "{}", text(&o));
         assert!(
             text(&o).contains("channel stable -> 2.0 (test-board, 1 delta)"),

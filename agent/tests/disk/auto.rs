@@ -15,7 +15,7 @@ use std::process::Stdio;
 use update_agent::api::{client, pb};
 use update_agent::fleetlock::{self, FleetLockError};
 
-use super::api::{api_node, rt, Daemon};
+use super::api::{api_node, publish_channel, rt, Daemon};
 use super::*;
 
 /// integration/fleetlock-server.py on a free port; killed when dropped.
@@ -186,29 +186,8 @@ fn auto_follows_channel_wave_window_and_fleetlock() {
     const DAY: i64 = 86_400;
     let n = api_node();
     n.publish("2.0", "test-board", &n.path("v2.img"), 64 << 10);
-    let pem = {
-        use ed25519_dalek::pkcs8::EncodePrivateKey;
-        ed25519_dalek::SigningKey::from_bytes(&[3u8; 32])
-            .to_pkcs8_pem(ed25519_dalek::pkcs8::spki::der::pem::LineEnding::LF)
-            .expect("pem")
-    };
-    fs::write(n.path("publisher.key"), pem.as_bytes()).expect("key");
     // Everyone starts 30 days after publication.
-    let o = Command::new(env!("CARGO_BIN_EXE_updatectl"))
-        .args([
-            "bundle",
-            "publish",
-            "--channel",
-            "stable",
-            "--version",
-            "2.0",
-        ])
-        .args(["--wave", "30d:100", "--expires-in-days", "90", "--dir"])
-        .arg(&n.payloads)
-        .arg("--key")
-        .arg(n.path("publisher.key"))
-        .output()
-        .expect("publish");
+    let o = publish_channel(&n, "2.0", &["--wave", "30d:100", "--expires-in-days", "90"]);
     assert!(o.status.success(), "{}", text(&o));
     let published = update_agent::timefmt::now() as i64;
 

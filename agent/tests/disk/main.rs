@@ -580,6 +580,7 @@ impl Node {
 
 mod api;
 mod auto;
+mod journal;
 
 fn text(o: &Output) -> String {
     format!(
