@@ -434,4 +434,44 @@ mod tests {
         let e = Config::from_toml("").expect_err("compatible");
         assert!(e.to_string().contains("compatible"), "{e}");
     }
+
+    #[test]
+    fn auto_settings_are_checked_at_load() {
+        let base = "compatible = \"x\"\n[releases]\nurl = \"http://h/p\"\n";
+        let bad = |extra: &str| {
+            Config::from_toml(&format!("{base}{extra}"))
+                .expect_err(extra)
+                .to_string()
+        };
+        let e = bad("[auto]\nenabled = true\nreboot = \"window\"\n");
+        assert!(
+            e.contains("auto.reboot") && e.contains("[[auto.windows]]"),
+            "{e}"
+        );
+        let e = bad("[auto]\nenabled = true\nreboot = \"fleetlock\"\n");
+        assert!(e.contains("auto.fleetlock.url"), "{e}");
+        let e = bad("[auto]\ncheck_interval = \"10s\"\n");
+        assert!(
+            e.contains("auto.check_interval") && e.contains("10s"),
+            "{e}"
+        );
+        let e = bad("[auto]\ntime_zone = \"Mars/Base\"\n");
+        assert!(e.contains("auto.time_zone"), "{e}");
+        let e = bad("[[auto.windows]]\ndays = [\"sat\"]\nstart = \"2am\"\nlength = \"1h\"\n");
+        assert!(e.contains("auto.windows") && e.contains("2am"), "{e}");
+        let e = bad("[metrics]\nlisten = \"localhost\"\n");
+        assert!(e.contains("metrics.listen"), "{e}");
+        let e = Config::from_toml("compatible = \"x\"\n[auto]\nenabled = true\n")
+            .expect_err("no releases url")
+            .to_string();
+        assert!(
+            e.contains("auto.enabled") && e.contains("[releases] url"),
+            "{e}"
+        );
+        let ok = Config::from_toml(&format!(
+            "{base}[auto]\nenabled = true\nreboot = \"never\"\ncheck_interval = \"1h30m\"\n"
+        ))
+        .expect("valid");
+        assert_eq!(ok.auto.reboot, crate::policy::RebootStrategy::Never);
+    }
 }

@@ -2,10 +2,12 @@
 # integration/bench/api.sh [SECONDS_IDLE] [SECONDS_LOAD] [RATE]
 #
 # API benchmark: `update-agent serve` (release build) on a loop-device node with a
-# full history (200 records, the cap). First idle for 60 s: RSS, CPU time and
+# full history (200 records, the cap), the unattended loop running (a maintenance
+# window configured) and the metrics endpoint on. First idle for 60 s: RSS, CPU time and
 # context switches (wake-ups) of all its threads. Then GetStatus over the Unix socket
 # at a steady 1,000 calls/s for 30 s (agent/examples/status_load.rs, open loop):
-# latency percentiles, and the daemon's CPU and RSS under that load. Needs root.
+# latency percentiles, and the daemon's CPU and RSS under that load; then 500
+# scrapes of /metrics. Needs root.
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 repo=$(dirname "$(dirname "$here")")
@@ -43,11 +45,21 @@ entries = [{"version": f"1.{i}", "from_version": f"1.{i-1}", "slot": "b" if i % 
 json.dump(entries, open(sys.argv[1], "w"))
 PY
 write_node_config "$w" bench "$w/keys.d"
+metrics_port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
+# The unattended loop runs (a window is configured) and metrics are served, as on a
+# fleet node: the idle numbers include both.
 cat >>"$w/agent.toml" <<TOML
 [api]
 socket = "$w/agent.sock"
 socket_group = ""
+[auto]
+time_zone = "UTC"
+machine_id = "$w/machine-id"
+windows = [{ days = ["sat"], start = "02:00", length = "3h" }]
+[metrics]
+listen = "127.0.0.1:$metrics_port"
 TOML
+echo 0123456789abcdef0123456789abcdef >"$w/machine-id"
 
 RUST_LOG=warn "$bin/update-agent" --config "$w/agent.toml" serve &
 daemon=$!
@@ -73,6 +85,22 @@ echo "bench: GetStatus at $rate/s for $load s..." >&2
 l0=$(ticks)
 result=$("$bin/examples/status_load" "$w/agent.sock" "$rate" "$load")
 l1=$(ticks)
+echo "bench: GET /metrics 500 times..." >&2
+scrape=$(python3 - "$metrics_port" <<'PY'
+import http.client, sys, time
+c = http.client.HTTPConnection("127.0.0.1", int(sys.argv[1]))
+lat = []
+for _ in range(500):
+    t = time.perf_counter()
+    c.request("GET", "/metrics")
+    r = c.getresponse()
+    body = r.read()
+    lat.append((time.perf_counter() - t) * 1000)
+    assert r.status == 200 and b"update_agent_updates_total" in body
+lat.sort()
+print(f"p50 {lat[250]:.2f} ms, p99 {lat[495]:.2f} ms, {len(body)} bytes")
+PY
+)
 load_rss=$(rss_kib)
 peak_rss=$(awk '/^VmHWM/ {print $2}' "/proc/$daemon/status")
 
@@ -85,6 +113,7 @@ cat <<EOF2
 | idle ${idle} s: context switches (all threads) | $(( s1 - s0 )) |
 | idle RSS | $(( idle_rss / 1024 )).$(( idle_rss % 1024 * 10 / 1024 )) MiB ($idle_threads threads) |
 | load: $rate calls/s for $load s | $result |
+| GET /metrics, 500 sequential scrapes (200 history records) | $scrape |
 | load: daemon CPU | $(( (l1 - l0) * 1000 / hz / load )) ms per second ($(( (l1 - l0) * 100 / hz / load ))% of one core) |
 | RSS after load / peak | $(( load_rss / 1024 )).$(( load_rss % 1024 * 10 / 1024 )) MiB / $(( peak_rss / 1024 )).$(( peak_rss % 1024 * 10 / 1024 )) MiB |
 EOF2

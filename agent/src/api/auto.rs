@@ -106,11 +106,16 @@ impl Auto {
         if !settings.enabled && settings.windows.is_empty() && a.fleetlock.url.is_none() {
             return Ok(None);
         }
-        let machine_id =
+        // The identity matters for the wave and the FleetLock id; windows alone (for
+        // IN_WINDOW updates) do not need it.
+        let machine_id = if settings.enabled || a.fleetlock.url.is_some() {
             std::fs::read_to_string(&a.machine_id).map_err(|source| MachineIdError {
                 path: a.machine_id.clone(),
                 source,
-            })?;
+            })?
+        } else {
+            String::new()
+        };
         let lock = a.fleetlock.url.as_deref().map(|url| {
             fleetlock::Client::new(
                 url,
