@@ -5,7 +5,11 @@ use prost::Message as _;
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let proto = "updateagent/v1/agent.proto";
-    println!("cargo:rerun-if-changed={proto}");
+    // An absolute path: checkouts at different paths share a target directory (CI
+    // clones, the VM lab) with the same unit hash, and a relative path would let one
+    // checkout's generated code pass for another's when its .proto is older.
+    let dir = std::path::PathBuf::from(std::env::var("CARGO_MANIFEST_DIR")?);
+    println!("cargo:rerun-if-changed={}", dir.join(proto).display());
     let fds = protox::compile([proto], ["."])?;
     let out = std::path::PathBuf::from(std::env::var("OUT_DIR")?);
     std::fs::write(

@@ -305,7 +305,7 @@ async fn turn(svc: &Service, auto: &Arc<Auto>, t: &mut Turn) -> Timestamp {
                             tracing::Level::INFO,
                             crate::events::LOCK_RELEASED,
                             update_agent_group = client.group(),
-                            "released the FleetLock reboot slot of group {}",
+                            "FleetLock: this node holds no reboot slot of group {} (released if it held one)",
                             client.group()
                         );
                     }
