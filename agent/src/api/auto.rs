@@ -275,7 +275,9 @@ pub async fn run(svc: Service, auto: Arc<Auto>) {
 /// One look at the node; returns when to look again.
 async fn turn(svc: &Service, auto: &Arc<Auto>, t: &mut Turn) -> Timestamp {
     let now = now();
-    let mut wake = t.next_check;
+    // Only deadlines of things that can happen count: a check that cannot run now
+    // (unattended updates off, an update in progress) must not make the loop spin.
+    let mut wake = now + SignedDuration::from_mins(10);
     let state = match svc.0.reader.state() {
         Ok(s) => s,
         Err(e) => {
@@ -341,9 +343,11 @@ async fn turn(svc: &Service, auto: &Arc<Auto>, t: &mut Turn) -> Timestamp {
             state,
             State::Staging(_) | State::Staged(_) | State::Armed { .. } | State::RollingBack { .. }
         );
-    if auto.settings.enabled && idle && now >= t.next_check {
-        if let Some(w) = check_turn(svc, auto, t, now).await {
-            wake = wake.min(w);
+    if auto.settings.enabled && idle {
+        if now >= t.next_check {
+            if let Some(w) = check_turn(svc, auto, t, now).await {
+                wake = wake.min(w);
+            }
         }
         wake = wake.min(t.next_check);
     } else if auto.settings.enabled && !idle && !matches!(state, State::Armed { .. }) {

@@ -55,6 +55,24 @@ impl Daemon {
         d
     }
 
+    /// Context switches of all the daemon's threads so far (its wake-ups).
+    pub(super) fn switches(&self) -> u64 {
+        let pid = self.child.as_ref().map(Child::id).unwrap_or_default();
+        fs::read_dir(format!("/proc/{pid}/task"))
+            .map(|d| {
+                d.flatten()
+                    .filter_map(|t| fs::read_to_string(t.path().join("status")).ok())
+                    .flat_map(|st| {
+                        st.lines()
+                            .filter(|l| l.contains("ctxt_switches"))
+                            .filter_map(|l| l.split_whitespace().last()?.parse::<u64>().ok())
+                            .collect::<Vec<_>>()
+                    })
+                    .sum()
+            })
+            .unwrap_or_default()
+    }
+
     fn signal(&mut self, sig: nix::sys::signal::Signal) {
         if let Some(mut c) = self.child.take() {
             let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(c.id() as i32), sig);

@@ -260,7 +260,7 @@ fn auto_follows_channel_wave_window_and_fleetlock() {
 
     // 2. In the wave, outside the window: staged, then it waits; nothing reboots.
     {
-        let _d = start(phase2 - published);
+        let d = start(phase2 - published);
         rt.block_on(async {
             let mut c = client::unix(&n.path("run/agent.sock"))
                 .await
@@ -278,7 +278,16 @@ fn auto_follows_channel_wave_window_and_fleetlock() {
             );
         });
         n.assert_armed_v2();
-        std::thread::sleep(Duration::from_millis(500));
+        // Waiting for a window is sleeping: no wake-ups while nobody calls (a loop
+        // that spun on a past deadline woke 20 times a second).
+        std::thread::sleep(Duration::from_millis(300));
+        let before = d.switches();
+        std::thread::sleep(Duration::from_secs(2));
+        let woke = d.switches() - before;
+        assert!(
+            woke <= 4,
+            "the daemon woke {woke} times in 2 s while waiting"
+        );
         assert!(!n.path("rebooted").exists(), "rebooted outside the window");
         let m = http_get(metrics_port, "/metrics");
         assert!(m.starts_with("HTTP/1.1 200"), "{m}");
@@ -378,6 +387,31 @@ fn auto_follows_channel_wave_window_and_fleetlock() {
             assert_eq!(s.running_version, "2.0");
         });
     }
+    // 5. Unattended updates off, windows kept (for IN_WINDOW updates): the loop runs
+    // but sleeps (it once spun on a check deadline that never moved).
+    let cfg = fs::read_to_string(&n.config).expect("config");
+    fs::write(&n.config, cfg.replace("enabled = true", "enabled = false")).expect("config");
+    {
+        let d = start(opens + 900 - published);
+        rt.block_on(async {
+            let mut c = client::unix(&n.path("run/agent.sock"))
+                .await
+                .expect("connect");
+            status_until(&mut c, "off", |s| {
+                auto_of(s).next_step.contains("unattended updates are off")
+            })
+            .await;
+        });
+        std::thread::sleep(Duration::from_millis(300));
+        let before = d.switches();
+        std::thread::sleep(Duration::from_secs(2));
+        let woke = d.switches() - before;
+        assert!(
+            woke <= 4,
+            "the daemon woke {woke} times in 2 s with auto off"
+        );
+    }
+
     let last = lock.requests().last().cloned().expect("requests");
     assert_eq!(
         (last.0.as_str(), last.1.as_str(), last.2),
