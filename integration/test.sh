@@ -6,10 +6,11 @@
 #      server, fail points and random SIGKILLs (agent/tests/disk/; the gRPC API through the real socket in disk/api.rs)
 #   3. systemd-analyze verify on the units, sysusers and tmpfiles into a scratch root
 #   4. the GRUB script fragment run in grub-emu, GRUB's own script engine (~3 min)
-#   5. the VM lab (integration/vm/lab.sh): real OVMF, GRUB, kernel and systemd under
-#      QEMU (TCG), the agent driven over gRPC with mutual TLS: update and commit,
-#      failed health and rollback, a kernel that never reaches user space, a power
-#      cut mid-write and the resume, manual rollback (~12 min;
+#   5. the VM lab (integration/vm/lab.sh), once on GRUB and once on systemd-boot: real
+#      OVMF, bootloader, kernel and systemd under QEMU (TCG), the agent driven over
+#      gRPC with mutual TLS: update and commit, failed health and rollback, a kernel
+#      that never reaches user space, a power cut mid-write and the resume, manual
+#      rollback, power cuts during the bootloader flip and the commit (~22 min;
 #      UPDATE_AGENT_SKIP_VM=1 skips it for a quick local run, never in CI)
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
@@ -57,8 +58,10 @@ sh bootloader-hooks/grub/test-grub-emu.sh
 if [[ ${UPDATE_AGENT_SKIP_VM:-} == 1 && -z ${CI:-} ]]; then
   step "VM lab skipped (UPDATE_AGENT_SKIP_VM=1)"
 else
-  step "VM lab (GRUB): scenarios 1 2 3 4 6 under QEMU"
-  bash integration/vm/lab.sh 1 2 3 4 6
+  step "VM lab (GRUB): scenarios 1 2 3 4 6 5 under QEMU"
+  bash integration/vm/lab.sh --bootloader grub 1 2 3 4 6 5
+  step "VM lab (systemd-boot): scenarios 1 2 3 4 6 5 under QEMU"
+  bash integration/vm/lab.sh --bootloader systemd-boot 1 2 3 4 6 5
 fi
 
 step "all tiers passed"

@@ -1,38 +1,58 @@
 #!/bin/bash
-# integration/vm/lab.sh [SCENARIO...]: the VM lab's scenarios on real firmware (OVMF),
-# a real GRUB with our fragment, a real kernel and systemd, the agent installed in the
-# image the way a distribution would (binaries in /usr/bin, our units enabled, config
-# in /etc/update-agent). The host drives the guest's agent over gRPC with mutual TLS
+# integration/vm/lab.sh [--bootloader grub|systemd-boot] [SCENARIO...]: the VM lab's
+# scenarios on real firmware (OVMF), a real bootloader (GRUB with our fragment, or
+# systemd-boot with boot counting), a real kernel and systemd, the agent installed in
+# the image the way a distribution would (binaries in /usr/bin, our units enabled,
+# config in /etc/update-agent). The bootloader is GRUB unless --bootloader (or
+# UA_LAB_BOOTLOADER) says systemd-boot; each has its own work directory and disk. The host drives the guest's agent over gRPC with mutual TLS
 # through a QEMU host-forward, using updatectl; the guest fetches payloads from an HTTP
 # server on the host's loopback through an explicit guest-forward and reaches nothing
 # else. One QEMU run per boot: a reboot is QEMU exiting (-no-reboot) and a new run.
 #
-# Scenarios (default: 1 2 3 4 6, in this order; each starts where the last ended):
+# Scenarios (default: 1 2 3 4 6 5, in this order; each starts where the last ended):
 #   1  v1 -> v2: staged over gRPC while the node runs, reboot, health passes, committed;
 #      the downtime is measured next to a plain reboot of the same VM
 #   2  v2 -> v3 whose required unit fails a few seconds after start: the trial fails
 #      its health check, the node reboots itself into v2, status says which check
 #      failed and why
-#   3  v2 -> v4 whose kernel never reaches user space (no init): GRUB's try counter
-#      brings the node back to v2 without the agent's help; status says so
+#   3  v2 -> v4 whose kernel never reaches user space (no init): the bootloader's try
+#      counter brings the node back to v2 without the agent's help; status says so
 #   4  v2 -> v5 with the power cut (QEMU killed) in the middle of the write: the node
 #      boots v2, the agent resumes the staging by itself without fetching again what
 #      was verified, and v5 is committed after its reboot
-#   6  manual rollback over the API from v5 to v2 (needs 4 before it)
+#   5  the running release -> v6 with power cuts (QEMU killed) during the bootloader
+#      flip and during the commit; after every cut the node must boot a good slot and
+#      the agent must say something consistent; v6 is committed in the end
+#   6  manual rollback over the API to the release before (4 before it: v5 -> v2)
 #
 # Releases (built from the lab's cached rootfs): v1; v2 = v1 plus a package (jq) and
 # VERSION_ID 2.0; v3 = v2 plus a unit that exits 1 four seconds after it starts,
 # listed as required in v3's health config; v4 = v2 without an init (the kernel
-# panics); v5 = v2 plus 48 MiB of new data (a delta worth cutting the power in).
-# Each is published with `updatectl bundle create` as a delta against the release it
-# replaces (v2 for v3, v4 and v5).
+# panics); v5 = v2 plus 48 MiB of new data (a delta worth cutting the power in); v6 =
+# v2 plus a small file. Each is published with `updatectl bundle create` as a delta
+# against the release it replaces (v2 for v3, v4 and v5; v2 and v5 for v6).
+#
+# systemd-boot images also carry Debian's systemd-boot package (bootctl and
+# systemd-bless-boot, as a distribution booting systemd-boot installs them), and their
+# agent.toml says backend = "systemd-boot" with the kernel options of the disk's first
+# entry. Every image forwards the guest's journal to the serial console, so the serial
+# logs show what the agent did and when (scenario 5 times its power cuts by it).
 set -euo pipefail
 export PATH=$PATH:/usr/sbin:/sbin
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 repo=$(cd "$here/../.." && pwd)
 cache=${UA_LAB_CACHE:-/var/tmp/update-agent-vm}
+bootloader=${UA_LAB_BOOTLOADER:-grub}
+if [[ ${1:-} == --bootloader ]]; then
+  bootloader=${2:-}
+  shift 2 || true
+fi
+case $bootloader in
+  grub | systemd-boot) ;;
+  *) echo "usage: $0 [--bootloader grub|systemd-boot] [SCENARIO...]" >&2; exit 2 ;;
+esac
 scenarios=("$@")
-((${#scenarios[@]})) || scenarios=(1 2 3 4 6)
+((${#scenarios[@]})) || scenarios=(1 2 3 4 6 5)
 export UA_VM_TIMEOUT=${UA_VM_TIMEOUT:-600}
 
 say() { printf '\n\033[1m== %s\033[0m\n' "$*"; }
@@ -50,6 +70,7 @@ bin=$CARGO_TARGET_DIR/release
 updatectl_host=$bin/updatectl
 
 w=$cache/lab
+[[ $bootloader == grub ]] || w=$cache/lab-$bootloader
 rm -rf "$w"
 mkdir -p "$w/www" "$w/pki" "$w/keys"
 qemu_pid=""
@@ -81,6 +102,21 @@ pki() { openssl "$@" >/dev/null 2>&1; }
 # size of a slot. Deterministic (fixed time, UUID and hash seed), so consecutive
 # releases share most of their blocks, as real ones do.
 slot_mib=${UA_VM_SLOT_MIB:-600}
+# The kernel arguments after root= and updateagent.slot=: GRUB's ua_cmdline
+# (make-disk.sh writes it into grub.cfg); with systemd-boot, the options of the first
+# entry and, in agent.toml, of every entry the agent writes.
+boot_options="ro rootwait rootfstype=ext4 console=ttyS0 panic=-1${UA_VM_CMDLINE_EXTRA:+ $UA_VM_CMDLINE_EXTRA}"
+# Scenario 5's flip cuts, in seconds after the agent logs "arming the bootloader": GRUB
+# writes grubenv and then the state within a few ms; systemd-boot first copies the
+# kernel onto the ESP and reads it back (~1 s under TCG), then renames the entry. The
+# last delay is meant to land after the flip, so the cut's next boot is the trial.
+if [[ $bootloader == grub ]]; then
+  boot_toml='grubenv = "/boot/efi/EFI/BOOT/grubenv"'
+  flip_cuts_default="0 0.03 0.5"
+else
+  boot_toml=$(printf 'backend = "systemd-boot"\nesp = "/boot/efi"\noptions = "%s"' "$boot_options")
+  flip_cuts_default="0.3 0.95 1.6"
+fi
 release() {
   local version=$1 tree=$2
   shift 2
@@ -102,7 +138,7 @@ release() {
   cat >"$tree/etc/update-agent/agent.toml" <<TOML
 compatible = "ua-lab-x86_64"
 [boot]
-grubenv = "/boot/efi/EFI/BOOT/grubenv"
+$boot_toml
 [api]
 tcp_listen = "0.0.0.0:7443"
 tls_cert = "/etc/update-agent/tls/server.crt"
@@ -128,10 +164,22 @@ say "release images: v1, v2 (+ jq), v3 (+ a required unit that fails)"
 t=$w/tree
 mkdir -p "$t"
 tar -C "$t" --numeric-owner --xattrs --xattrs-include='*' -xf "$cache/rootfs.tar"
+mkdir -p "$t/etc/systemd/journald.conf.d"
+printf '[Journal]\nForwardToConsole=yes\nTTYPath=/dev/ttyS0\n' >"$t/etc/systemd/journald.conf.d/ua-lab-console.conf"
+if [[ $bootloader == systemd-boot ]]; then
+  # The version of the guest's systemd: systemd-boot must match it exactly.
+  sd_version=$(dpkg-query --admindir="$t/var/lib/dpkg" -W -f='${Version}' systemd)
+  ( cd "$w" && apt-get download -qq "systemd-boot=$sd_version" >/dev/null )
+  # bookworm's package ships /lib: unpacked straight into the merged-/usr tree it
+  # would replace the /lib symlink with a directory (and the kernel would find no init).
+  mkdir "$w/sd-boot"
+  dpkg-deb -x "$w"/systemd-boot_*.deb "$w/sd-boot"
+  tar -C "$w/sd-boot" -c . | tar -C "$t" -x --keep-directory-symlink
+fi
 release 1.0 "$t"
 # v2: a package added, as a distribution update would.
 ( cd "$w" && apt-get download -qq jq libjq1 libonig5 >/dev/null )
-for deb in "$w"/*.deb; do dpkg-deb -x "$deb" "$t"; done
+for deb in "$w"/jq_*.deb "$w"/libjq1_*.deb "$w"/libonig5_*.deb; do dpkg-deb -x "$deb" "$t"; done
 release 2.0 "$t"
 # v3: a unit that starts, runs four seconds and fails; v3's health config requires it.
 cat >"$t/etc/systemd/system/ua-lab-worker.service" <<'UNIT'
@@ -157,18 +205,23 @@ ln -s "$sh_link" "$t/usr/bin/sh"
 mkdir -p "$t/usr/share/ua-lab"
 head -c 48M /dev/urandom >"$t/usr/share/ua-lab/data-5.0"
 release 5.0 "$t"
+# v6: v2 with one small file added.
+rm -f "$t/usr/share/ua-lab/data-5.0"
+printf 'update-agent VM lab release 6.0\n' >"$t/usr/share/ua-lab/release-6.0"
+release 6.0 "$t"
 ls -l "$w"/*.img >&2
 
-say "publisher: 2.0 as a delta from 1.0; 3.0, 4.0 and 5.0 as deltas from 2.0"
-for pair in 2.0:1.0 3.0:2.0 4.0:2.0 5.0:2.0; do
+say "publisher: 2.0 as a delta from 1.0; 3.0, 4.0, 5.0 and 6.0 as deltas from 2.0; 6.0 from 5.0"
+for pair in 2.0:1.0 3.0:2.0 4.0:2.0 5.0:2.0 6.0:2.0 6.0:5.0; do
   "$updatectl_host" bundle create --target "$w/${pair%%:*}.img" --source "$w/${pair##*:}.img" \
     --version "${pair%%:*}" --compatible ua-lab-x86_64 --key "$w/keys/update-agent.key" \
     --out "$w/www" --no-full --level 9
 done
 ls -l "$w/www" >&2
 
-say "the node: GPT disk, GRUB + fragment on the ESP, 1.0 in root-a, root-b empty"
-UA_VM_POWEROFF=0 "$here/make-disk.sh" "$w/disk.img" "$w/1.0.img" - >&2
+say "the node: GPT disk, $bootloader on the ESP, 1.0 in root-a, root-b empty"
+UA_VM_BOOTLOADER=$bootloader UA_VM_CMDLINE=$boot_options UA_VM_CMDLINE_EXTRA='' UA_VM_POWEROFF=0 \
+  "$here/make-disk.sh" "$w/disk.img" "$w/1.0.img" - >&2
 
 # ---- running the node
 source "$repo/integration/node.sh"
@@ -240,6 +293,102 @@ boot_until_api() {
 }
 secs_since() { awk -v a="$1" -v b="$(date +%s.%N)" 'BEGIN { printf "%.1f", b - a }'; }
 field() { python3 -c "import json,sys; d=json.load(sys.stdin); print(eval('d' + sys.argv[1]))" "$1"; }
+# cut_on PATTERN DELAY [STOP [FROM_BYTE]]: the power cut. Follows this boot's serial
+# console (the guest's journal is forwarded there) from FROM_BYTE (default 0) and kills
+# QEMU DELAY seconds after a line containing PATTERN appears. Prints "cut", or "stop" when a line with
+# STOP came first, or "ended" when QEMU exited first. Reading the log every 5 ms keeps
+# the kill within a few ms of the line reaching the console.
+cut_on() {
+  python3 - "$w/serial-$boots.log" "$w/qemu.pid" "$qemu_pid" "$1" "$2" "${3:-}" "${4:-0}" <<'PY'
+import os, signal, sys, time
+log, pidfile, runner, pattern, delay, stop, start = sys.argv[1:8]
+pattern, stop, delay, pos = pattern.encode(), stop.encode(), float(delay), int(start)
+tail = b""
+deadline = time.monotonic() + 300
+while time.monotonic() < deadline:
+    try:
+        with open(log, "rb") as f:
+            f.seek(pos)
+            chunk = f.read()
+    except FileNotFoundError:
+        chunk = b""
+    pos += len(chunk)
+    text = tail + chunk
+    hit, halt = text.find(pattern), text.find(stop) if stop else -1
+    if hit >= 0 and (halt < 0 or hit < halt):
+        time.sleep(delay)
+        try:
+            os.kill(int(open(pidfile).read()), signal.SIGKILL)
+        except (OSError, ValueError):
+            print("ended")
+            sys.exit(0)
+        print("cut")
+        sys.exit(0)
+    if halt >= 0:
+        print("stop")
+        sys.exit(0)
+    tail = text[-256:]
+    try:
+        os.kill(int(runner), 0)
+    except OSError:
+        print("ended")
+        sys.exit(0)
+    time.sleep(0.005)
+print("timeout")
+PY
+}
+# booted_slot: the slot this boot's kernel was given (its command line, on the console).
+booted_slot() {
+  local deadline=$((SECONDS + 60)) s
+  until s=$(tr -d '\000' <"$w/serial-$boots.log" 2>/dev/null | grep -a -m1 -o 'Command line: .*updateagent\.slot=[ab]' | grep -o '[ab]$'); do
+    ((SECONDS < deadline)) || fail "no kernel command line on the console (serial log: $w/serial-$boots.log)"
+    sleep 0.2
+  done
+  echo "$s"
+}
+# on_console TEXT: whether this boot's console shows TEXT so far.
+on_console() { tr -d '\000' <"$w/serial-$boots.log" | grep -aqF "$1"; }
+# esp_whole WHEN: after a power cut, what the bootloader reads must be whole, checked
+# on the disk image from the host (mtools, grub-editenv): GRUB's grubenv parses and
+# names a default; every systemd-boot entry has its linux line and that kernel is on
+# the ESP, not empty (a renamed file on vfat is empty until its inode is written back
+# unless the agent fsyncs it: that cut once left no entry to boot).
+esp_whole() {
+  local start esp names n k size out=""
+  if [[ $bootloader == grub ]]; then
+    out=$("$here/grubenv.sh" "$w/disk.img" list) || fail "$1: grubenv does not parse"
+    grep -q '^ua_default=[ab]$' <<<"$out" || fail "$1: grubenv names no default: $out"
+    log "$1: grubenv whole: $(grep '^ua_' <<<"$out" | tr '\n' ' ')"
+    return
+  fi
+  start=$(sfdisk -d "$w/disk.img" | sed -n 's/.*start= *\([0-9]*\),.*name="esp".*/\1/p')
+  esp="$w/disk.img@@$((start * 512))"
+  names=$(MTOOLS_SKIP_CHECK=1 mdir -b -i "$esp" ::/loader/entries | grep '\.conf$' || true)
+  [[ -n $names ]] || fail "$1: no loader entry on the ESP"
+  for n in $names; do
+    k=$(MTOOLS_SKIP_CHECK=1 mcopy -n -i "$esp" "$n" - | sed -n 's/^linux *//p')
+    [[ -n $k ]] || fail "$1: ${n##*/} is empty or has no linux line"
+    size=$(MTOOLS_SKIP_CHECK=1 mcopy -n -i "$esp" "::$k" - | wc -c)
+    ((size > 0)) || fail "$1: ${n##*/} boots $k, which is missing or empty"
+    out+="${n##*/} ($k, $size bytes) "
+  done
+  log "$1: ESP whole: $out"
+}
+# uptime_of TEXT: the guest's uptime (s) at this boot's first console line with TEXT
+# (journal lines carry it in brackets, the lab's marker lines as uptime=).
+uptime_of() {
+  tr -d '\000\r' <"$w/serial-$boots.log" | grep -a -m1 -F "$1" \
+    | sed -n 's/^\[ *\([0-9.]*\)\].*/\1/p; s/.*uptime=\([0-9.]*\).*/\1/p' | head -n 1
+}
+# wait_console REGEX: until this boot's console shows a line matching REGEX (grep BRE).
+wait_console() {
+  local deadline=$((SECONDS + 240))
+  until tr -d '\000' <"$w/serial-$boots.log" | grep -aq "$1"; do
+    ((SECONDS < deadline)) || fail "nothing matching '$1' on the console (serial log: $w/serial-$boots.log)"
+    kill -0 "$qemu_pid" 2>/dev/null || fail "the VM stopped before '$1' (serial log: $w/serial-$boots.log)"
+    sleep 0.2
+  done
+}
 
 say "boot 1: the node runs 1.0"
 boot
@@ -253,7 +402,8 @@ for s in "${scenarios[@]}"; do
       t=$(date +%s.%N)
       reboot_up --force
       plain=$(secs_since "$t")
-      log "plain reboot: $plain s"
+      plain_mu=$(uptime_of "UA-LAB: multi-user reached")
+      log "plain reboot: $plain s (multi-user at $plain_mu s of uptime)"
       say "scenario 1: 1.0 -> 2.0 staged over gRPC while the node runs"
       delta=$(cd "$w/www" && ls 2.0.from-*.uap)
       t0=$(date +%s.%N)
@@ -271,6 +421,11 @@ for s in "${scenarios[@]}"; do
         || fail "the node does not run 2.0 on slot b: $j"
       ssh_status=$(grep -a 'UA-LAB' "$w/serial-$boots.log" | tail -3 || true)
       printf '%s\n' "$ssh_status"
+      # Where the trial boot's time went, from the guest's journal on the console.
+      printf 'scenario 1: guest uptime: multi-user %s s (plain boot %s s); gate checks from %s s, passed %s s, committed %s s; API %s s\n' \
+        "$(uptime_of "UA-LAB: multi-user reached")" "$plain_mu" "$(uptime_of "trial boot: running the health checks")" \
+        "$(uptime_of "health checks done in")" "$(uptime_of "trial boot healthy; committed")" "$(uptime_of "serving the update API")"
+      tr -d '\000\r' <"$w/serial-$boots.log" | grep -a -E 'update-agent\[[0-9]+\]: (unit |health check|commit)' || true
       awk -v a="$t0" -v b="$t1" -v c="$t2" -v d="$t3" -v p="$plain" 'BEGIN {
         printf "scenario 1: StartUpdate to armed %.1f s; update downtime (reboot request to committed and answering) %.1f s; plain reboot %.1f s; ratio %.2f\n", b - a, d - c, p, (d - c) / p }'
       ;;
@@ -300,7 +455,7 @@ for s in "${scenarios[@]}"; do
       say "scenario 3: 2.0 -> 4.0, whose kernel finds no init"
       ctl update --version 4.0 --wait
       reboot_down
-      say "boots: GRUB tries 4.0 (each try a kernel panic), then falls back to 2.0"
+      say "boots: $bootloader tries 4.0 (each try a kernel panic), then falls back to 2.0"
       boot_until_api 5
       j=$(status_json)
       ctl status
@@ -329,6 +484,7 @@ for s in "${scenarios[@]}"; do
       kill -9 "$(cat "$w/qemu.pid")"
       wait_down
       log "power cut at operation $done_at_cut of $total"
+      esp_whole "the cut mid-write"
       ((done_at_cut < total)) || fail "the write had finished before the cut"
       say "boot: 2.0 again; the agent resumes the staging by itself"
       boot
@@ -350,6 +506,99 @@ for s in "${scenarios[@]}"; do
       [[ $(field "['state']" <<<"$j") == committed && $(field "['running_version']" <<<"$j") == 5.0 ]] \
         || fail "5.0 was not committed: $j"
       ;;
+    5)
+      # A flip is one write (grubenv) or one rename (a systemd-boot entry) and its
+      # fsync, then the state file; a commit is the same in the gate. Milliseconds, and
+      # nothing outside the VM can stop the guest inside them. So the cuts are timed
+      # from what the agent logs just before each (the guest's journal is on the serial
+      # console), at a sweep of delays after that line (UA_LAB_FLIP_CUTS,
+      # UA_LAB_COMMIT_CUTS, in seconds; a kill lands within a few ms of its time), one
+      # cut per boot. They land before the write, between it and the state, or after
+      # both; the next boot shows which (the slot the bootloader chose, what the gate
+      # found). A cut before the flip is followed by the agent's resume arming again at
+      # the next start, which the next delay cuts; a cut in the commit, by the gate
+      # committing again at the next boot, which the next delay cuts. Every boot must
+      # run a verified release (the old one, or the new one on trial), the agent must
+      # say armed on the old slot once the flip is through, and 6.0 must end committed.
+      j=$(status_json)
+      from=$(field "['running_version']" <<<"$j")
+      from_slot=$(field "['booted']['name']" <<<"$j")
+      [[ $from_slot == a ]] && new_slot=b || new_slot=a
+      say "scenario 5: $from -> 6.0 with power cuts during the bootloader flip and during the commit"
+      read -r -a flip_cuts <<<"${UA_LAB_FLIP_CUTS:-$flip_cuts_default}"
+      read -r -a commit_cuts <<<"${UA_LAB_COMMIT_CUTS:-0 0.05}"
+      from_byte=$(stat -c %s "$w/serial-$boots.log")
+      ctl update --version 6.0 >/dev/null
+      cuts=()
+      fi_=0
+      ci=0
+      while :; do
+        slot=$(booted_slot)
+        if [[ $slot == "$from_slot" ]] && ((ci == 0 && fi_ < ${#flip_cuts[@]})); then
+          what="flip cut $((fi_ + 1)) at +${flip_cuts[fi_]} s"
+          r=$(cut_on "arming the bootloader: 6.0" "${flip_cuts[fi_]}" "" "$from_byte")
+          fi_=$((fi_ + 1))
+        elif [[ $slot == "$from_slot" ]]; then
+          # The flip went through: 6.0 is armed (once the resumed operation ends), the
+          # old release runs. Then the trial.
+          ((ci == 0)) || fail "slot $slot ($from) booted after a cut in the commit"
+          wait_api 300
+          deadline=$((SECONDS + 180))
+          until j=$(status_json) && [[ $(field "['state']" <<<"$j") == armed ]]; do
+            ((SECONDS < deadline)) || fail "after the flip's cuts the agent is not armed: $j"
+            sleep 1
+          done
+          [[ $(field "['running_version']" <<<"$j") == "$from" ]] || fail "armed, but not running $from: $j"
+          log "6.0 armed on slot $new_slot, $from runs on slot $slot; rebooting into the trial"
+          ctl status
+          reboot_down
+          boot
+          continue
+        elif ((ci < ${#commit_cuts[@]})); then
+          what="commit cut $((ci + 1)) at +${commit_cuts[ci]} s"
+          r=$(cut_on "committing: making the trial slot the default" "${commit_cuts[ci]}" "serving the update API")
+          ci=$((ci + 1))
+          if [[ $r == stop ]]; then
+            log "$what: no commit in this boot (the cut before came after the state said committed)"
+            break
+          fi
+        else
+          break
+        fi
+        [[ $r == cut ]] || fail "$what: $r (serial log: $w/serial-$boots.log)"
+        wait_down
+        esp_whole "$what"
+        boot
+        from_byte=0
+        slot=$(booted_slot)
+        # What the cut hit, as this boot shows it.
+        if [[ $slot == "$from_slot" ]]; then
+          [[ $what == flip* ]] || fail "$what: slot $slot ($from) booted, not the committing slot $new_slot"
+          hit="before the flip reached the disk: $from boots on slot $slot and the agent arms again"
+        else
+          wait_console "the bootloader was armed but the state still said staged\|trial boot: running the health checks\|serving the update API"
+          if on_console "the bootloader was armed but the state still said staged"; then
+            hit="after the flip, before the state: 6.0 boots on slot $slot and the gate takes it as armed"
+          elif [[ $what == flip* ]]; then
+            hit="after the flip and the state: 6.0 boots on slot $slot on trial"
+          elif on_console "trial boot: running the health checks"; then
+            hit="before the state said committed: 6.0 boots on slot $slot and the gate judges it again"
+          else
+            hit="after the state said committed: a normal boot of 6.0 on slot $slot"
+          fi
+        fi
+        log "$what: $hit"
+        cuts+=("$what: $hit")
+      done
+      wait_api
+      j=$(status_json)
+      ctl status
+      ctl history | head -4
+      [[ $(field "['state']" <<<"$j") == committed && $(field "['running_version']" <<<"$j") == 6.0 \
+        && $(field "['booted']['name']" <<<"$j") == "$new_slot" ]] || fail "6.0 was not committed on slot $new_slot: $j"
+      ((${#cuts[@]} >= 2)) || fail "fewer than two power cuts happened"
+      printf 'scenario 5: %s\n' "${cuts[@]}"
+      ;;
     6)
       say "scenario 6: manual rollback over the API, 5.0 -> 2.0"
       ctl rollback
@@ -368,4 +617,4 @@ done
 say "power off"
 ctl reboot --force >/dev/null 2>&1 || true
 wait_down
-say "VM lab: scenarios ${scenarios[*]} passed ($boots boots)"
+say "VM lab ($bootloader): scenarios ${scenarios[*]} passed ($boots boots)"

@@ -17,10 +17,18 @@
 #   4 state   ext4  UA_VM_STATE_MIB (64)   mounted at /var/lib/update-agent
 # Each file system is made as a file of its own and dd'd into the sparse disk file.
 #
-# The ESP: a standalone GRUB (grub-mkimage, prefix /EFI/BOOT) as EFI/BOOT/BOOTX64.EFI;
-# EFI/BOOT/grub.cfg sets ua_cmdline and sources EFI/BOOT/update-agent.cfg (the
-# fragment from bootloader-hooks/grub, as its README describes for a standalone
-# install); EFI/BOOT/grubenv as Grub::create(path, Slot::A) writes it.
+# The ESP with UA_VM_BOOTLOADER=grub (default): a standalone GRUB (grub-mkimage, prefix
+# /EFI/BOOT) as EFI/BOOT/BOOTX64.EFI; EFI/BOOT/grub.cfg sets ua_cmdline and sources
+# EFI/BOOT/update-agent.cfg (the fragment from bootloader-hooks/grub, as its README
+# describes for a standalone install); EFI/BOOT/grubenv as Grub::create(path, Slot::A)
+# writes it.
+# With UA_VM_BOOTLOADER=systemd-boot: systemd-bootx64.efi as EFI/BOOT/BOOTX64.EFI,
+# loader/loader.conf from bootloader-hooks/systemd-boot (timeout 0, no default), and
+# what SystemdBoot::create(esp, cfg, Slot::A, version, kernel, None) leaves: slot a's
+# kernel as update-agent/a/vmlinuz and the blessed entry
+# loader/entries/update-agent-1-a-VERSION.conf (VERSION: VERSION_ID of the slot's
+# /etc/os-release). The entry's options are ua_cmdline below, which must equal the
+# guest's agent.toml [boot] options, since the agent writes the next entries.
 #
 # Knobs (environment):
 #   UA_VM_SLOT_MIB, UA_VM_ESP_MIB, UA_VM_STATE_MIB   partition sizes in MiB
@@ -30,6 +38,7 @@
 #                   systemd-analyze time/blame on the serial console)
 #   UA_VM_POWEROFF  1 (default): add ua_lab.poweroff, so the guest powers off once it
 #                   reaches multi-user (one QEMU run = one boot to multi-user); 0: stays up
+#   UA_VM_BOOTLOADER  grub (default) or systemd-boot
 #   UA_VM_GRUBENV   initial variables (default: ua_default=a ua_trial= ua_tries=0
 #                   ua_a_ok=1 ua_b_ok=0); change them later with grubenv.sh
 #   UA_VM_FRAGMENT  the GRUB fragment (default: bootloader-hooks/grub/update-agent.cfg)
@@ -55,6 +64,12 @@ cmdline=${UA_VM_CMDLINE:-ro rootwait rootfstype=ext4 console=ttyS0 panic=-1}
 grubenv_vars=${UA_VM_GRUBENV:-ua_default=a ua_trial= ua_tries=0 ua_a_ok=1 ua_b_ok=0}
 fragment=${UA_VM_FRAGMENT:-$here/../../bootloader-hooks/grub/update-agent.cfg}
 [[ -f $fragment ]] || { echo "make-disk: no GRUB fragment at $fragment" >&2; exit 1; }
+bootloader=${UA_VM_BOOTLOADER:-grub}
+hooks=$here/../../bootloader-hooks
+case $bootloader in
+  grub | systemd-boot) ;;
+  *) echo "make-disk: UA_VM_BOOTLOADER must be grub or systemd-boot, not $bootloader" >&2; exit 2 ;;
+esac
 
 log() { printf 'vm/make-disk: %s\n' "$*" >&2; }
 start=$SECONDS
@@ -131,26 +146,57 @@ make_slot b "$kind_b" "${path_b:-}"
 mkfs.ext4 -q -F -L state "$work/state.img" "${state_mib}M" >/dev/null
 
 # The ESP.
-grub_dir=$work/esp-files
-mkdir -p "$grub_dir"
-grub-mkimage -O x86_64-efi -p /EFI/BOOT -o "$grub_dir/BOOTX64.EFI" \
-  part_gpt fat ext2 normal linux loadenv search search_label test echo regexp configfile
-cp "$fragment" "$grub_dir/update-agent.cfg"
-cat >"$grub_dir/grub.cfg" <<EOF
+esp=$work/esp.img
+mkfs.vfat -C -n ESP "$esp" $((esp_mib * 1024)) >/dev/null
+export MTOOLS_SKIP_CHECK=1
+mmd -i "$esp" ::/EFI ::/EFI/BOOT
+boot_dir=$work/esp-files
+mkdir -p "$boot_dir"
+if [[ $bootloader == grub ]]; then
+  grub-mkimage -O x86_64-efi -p /EFI/BOOT -o "$boot_dir/BOOTX64.EFI" \
+    part_gpt fat ext2 normal linux loadenv search search_label test echo regexp configfile
+  cp "$fragment" "$boot_dir/update-agent.cfg"
+  cat >"$boot_dir/grub.cfg" <<EOF
 # update-agent VM lab (written by integration/vm/make-disk.sh). The ua_* settings go
 # before the fragment; everything else (slot choice, tries) is the fragment's.
 set ua_cmdline="$cmdline"
 source "\${prefix}/update-agent.cfg"
 EOF
-grub-editenv "$grub_dir/grubenv" create
-# shellcheck disable=SC2086 # one word per variable
-grub-editenv "$grub_dir/grubenv" set $grubenv_vars
-esp=$work/esp.img
-mkfs.vfat -C -n ESP "$esp" $((esp_mib * 1024)) >/dev/null
-export MTOOLS_SKIP_CHECK=1
-mmd -i "$esp" ::/EFI ::/EFI/BOOT
-mcopy -i "$esp" "$grub_dir/BOOTX64.EFI" "$grub_dir/grub.cfg" "$grub_dir/update-agent.cfg" \
-  "$grub_dir/grubenv" ::/EFI/BOOT/
+  grub-editenv "$boot_dir/grubenv" create
+  # shellcheck disable=SC2086 # one word per variable
+  grub-editenv "$boot_dir/grubenv" set $grubenv_vars
+  mcopy -i "$esp" "$boot_dir/BOOTX64.EFI" "$boot_dir/grub.cfg" "$boot_dir/update-agent.cfg" \
+    "$boot_dir/grubenv" ::/EFI/BOOT/
+else
+  # Slot a's kernel and version, from its tree or (without mounting) its ext4 image.
+  os_release=
+  case $kind_a in
+    dir)
+      cp "$path_a/boot/vmlinuz" "$boot_dir/vmlinuz"
+      os_release=$(cat "$path_a/etc/os-release" 2>/dev/null || true)
+      ;;
+    image)
+      debugfs -R "dump /boot/vmlinuz $boot_dir/vmlinuz" "$path_a" >/dev/null 2>&1
+      os_release=$(debugfs -R "cat /etc/os-release" "$path_a" 2>/dev/null || true)
+      ;;
+    *) log "systemd-boot needs a kernel in slot a"; exit 1 ;;
+  esac
+  [[ -s $boot_dir/vmlinuz ]] || { log "slot a has no /boot/vmlinuz"; exit 1; }
+  version=$(sed -n 's/^VERSION_ID="\{0,1\}\([^"]*\)"\{0,1\}$/\1/p' <<<"$os_release")
+  version=${version:-0}
+  # What the agent's entry_text writes with its default title and root labels.
+  cat >"$boot_dir/entry.conf" <<EOF
+title update-agent $version (slot a)
+version $version
+linux /update-agent/a/vmlinuz
+options root=PARTLABEL=root-a updateagent.slot=a $cmdline
+EOF
+  mmd -i "$esp" ::/loader ::/loader/entries ::/update-agent ::/update-agent/a
+  mcopy -i "$esp" /usr/lib/systemd/boot/efi/systemd-bootx64.efi ::/EFI/BOOT/BOOTX64.EFI
+  mcopy -i "$esp" "$hooks/systemd-boot/loader.conf" ::/loader/loader.conf
+  mcopy -i "$esp" "$boot_dir/vmlinuz" ::/update-agent/a/vmlinuz
+  mcopy -i "$esp" "$boot_dir/entry.conf" "::/loader/entries/update-agent-1-a-$version.conf"
+fi
 
 # The disk: 1 MiB for the primary GPT, the partitions, 1 MiB for the backup GPT.
 esp_at=1
@@ -177,5 +223,5 @@ mv "$img" "$out"
 # boot.sh keeps the machine's UEFI variables beside the disk; a new disk gets new ones
 # (the old boot entries would name the old ESP's partition GUID).
 rm -f "$out.vars.fd"
-log "$out: ${total} MiB (esp ${esp_mib}, slots ${slot_mib} each, state ${state_mib});" \
+log "$out: ${total} MiB (esp ${esp_mib}, slots ${slot_mib} each, state ${state_mib}); $bootloader;" \
   "a=$kind_a b=$kind_b; $(du -h "$out" | cut -f1) allocated; $((SECONDS - start)) s"

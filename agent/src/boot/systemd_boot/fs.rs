@@ -18,6 +18,17 @@ fn sync_dir(dir: &Path) -> io::Result<()> {
     File::open(dir)?.sync_all()
 }
 
+/// Makes a file just renamed durable under its new name. Linux's vfat writes a renamed
+/// file's directory entry with start cluster 0 and size 0 and fills both in only when
+/// the file's inode is written back (up to ~30 s later, or at its fsync): an fsync of
+/// the directory alone makes the *empty* entry durable, and a power cut before the
+/// writeback leaves the file empty, its clusters lost. An empty default entry boots
+/// nothing (VM lab scenario 4 on systemd-boot). So the file is fsynced at its new
+/// name, which writes its entry, before the caller fsyncs the directory.
+fn sync_renamed(path: &Path) -> io::Result<()> {
+    File::open(path)?.sync_all()
+}
+
 /// Creates `root/rel/...` as needed, fsyncing each parent that gained a directory.
 pub(super) fn ensure_dirs(root: &Path, rel: &[&str]) -> io::Result<PathBuf> {
     let mut dir = root.to_path_buf();
@@ -89,11 +100,16 @@ fn rename_in(dir: &Path, from: &str, to: &str) -> Result<(), BootError> {
     .map_err(|e| BootError::Write {
         path: dir.join(to),
         source: io::Error::from(e),
+    })?;
+    sync_renamed(&dir.join(to)).map_err(|source| BootError::Write {
+        path: dir.join(to),
+        source,
     })
 }
 
-/// Executes `ops` in order, fsyncing the directory after each, so they reach the disk
-/// in the order the crash-safety argument assumes.
+/// Executes `ops` in order, fsyncing the directory after each (and a renamed file
+/// before it, see [`sync_renamed`]), so they reach the disk in the order the
+/// crash-safety argument assumes.
 pub(super) fn run_ops(dir: &Path, ops: &[Op]) -> Result<(), BootError> {
     for op in ops {
         match op {
@@ -188,10 +204,12 @@ fn copy_verified(src: &BootFile<'_>, dir: &Path, name: &str) -> Result<(), BootE
         if back != src.sha256 {
             return Err(werr(mismatch("the copy read back", &back, &src.sha256)));
         }
-        fs::rename(&tmp, &dst).map_err(|source| BootError::Write {
-            path: dst.clone(),
-            source,
-        })
+        fs::rename(&tmp, &dst)
+            .and_then(|()| sync_renamed(&dst))
+            .map_err(|source| BootError::Write {
+                path: dst.clone(),
+                source,
+            })
     })();
     if result.is_err() {
         let _ = fs::remove_file(&tmp);

@@ -90,7 +90,10 @@
 //! fsynced, renamed to `.staged`, and the directory fsynced; kernels the same way in
 //! their own directory. From then on every change of what boots is one rename or one
 //! removal of one `.conf` file followed by an fsync of the directory, and each keeps a
-//! bootable default:
+//! bootable default. Every rename is also followed by an fsync of the renamed file,
+//! before the directory's: Linux's vfat writes the new directory entry with size 0 and
+//! no clusters and fills them in only at the file's inode writeback, so a power cut
+//! before that (up to ~30 s) would leave the entry empty (see `fs::sync_renamed`):
 //!
 //! * `mark_unbootable` removes an entry that is not the default's;
 //! * `stage` writes only files no live entry refers to (the slot has no entry);
