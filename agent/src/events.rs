@@ -21,9 +21,11 @@ pub const RELEASE_HELD: &str = "387f9c8cc868470a900e8994f73c8a78";
 pub const LOCK_TAKEN: &str = "9f871ac0da894a4a87566106d79a16fa";
 pub const LOCK_RELEASED: &str = "2b4c1d0b41584ce29b92c7e791bce9d1";
 pub const CHECK_FAILED: &str = "332320ea91b44b89aa3fb8bd4076bb73";
+pub const UPDATE_CANCELLED: &str = "b7c4bc55fc32402f9d603f9fae4bac91";
+pub const ROLLING_BACK: &str = "4319aa8d50f64d16b86014ec6df865ef";
 
 /// Every event id with its name, for the docs test and `updatectl`.
-pub const ALL: [(&str, &str); 10] = [
+pub const ALL: [(&str, &str); 12] = [
     ("UPDATE_STARTED", UPDATE_STARTED),
     ("UPDATE_STAGED", UPDATE_STAGED),
     ("UPDATE_FAILED", UPDATE_FAILED),
@@ -34,6 +36,8 @@ pub const ALL: [(&str, &str); 10] = [
     ("LOCK_TAKEN", LOCK_TAKEN),
     ("LOCK_RELEASED", LOCK_RELEASED),
     ("CHECK_FAILED", CHECK_FAILED),
+    ("UPDATE_CANCELLED", UPDATE_CANCELLED),
+    ("ROLLING_BACK", ROLLING_BACK),
 ];
 
 /// Emits an event: `emit!(LEVEL, ID, field = value, ...; "message")`.

@@ -100,6 +100,7 @@ impl Agent {
                     self.boot.rollback_to(to)?;
                     failpoint("after-rollback");
                     tracing::error!(release = %staged.version, slot = %staged.slot, phase = "rolling_back", reason = %reason, "trial boot failed its health checks; rolling back");
+                    crate::emit!(tracing::Level::ERROR, crate::events::ROLLING_BACK, update_agent_release = %staged.version, update_agent_slot = %staged.slot, update_agent_cause = "health_check", update_agent_reason = %reason, "{} failed its health checks; rolling back to slot {to}: {reason}", staged.version);
                     return Ok(BootOutcome::RollingBack {
                         version: staged.version,
                         to,
@@ -226,6 +227,7 @@ impl Agent {
         state.rolling_back(to, reason.clone(), timefmt::now())?;
         self.store.save(&lock, &state)?;
         self.boot.rollback_to(to)?;
+        crate::emit!(tracing::Level::WARN, crate::events::ROLLING_BACK, update_agent_release = %version, update_agent_slot = %to, update_agent_cause = "manual", update_agent_reason = %reason, "{reason}; reboot to finish it");
         Ok(BootOutcome::RollingBack {
             version,
             to,

@@ -541,6 +541,7 @@ impl Agent {
         self.boot.mark_unbootable(slot)?;
         state.cancel(timefmt::now())?;
         self.store.save(&lock, &state)?;
+        crate::emit!(tracing::Level::WARN, crate::events::UPDATE_CANCELLED, update_agent_release = %version, update_agent_slot = %slot, "update to {version} cancelled");
         self.history.record(crate::history::Entry {
             version,
             from_version,
@@ -677,7 +678,9 @@ impl Agent {
             }
             self.store.save(lock, &state)?;
             tracing::warn!(release = %m.version, slot = %slot, phase = if cancelled { "cancelled" } else { "failed" }, reason = %reason, "staging ended without a staged release");
-            if !cancelled {
+            if cancelled {
+                crate::emit!(tracing::Level::WARN, crate::events::UPDATE_CANCELLED, update_agent_release = %m.version, update_agent_slot = %slot, "staging {} cancelled", m.version);
+            } else {
                 crate::emit!(tracing::Level::ERROR, crate::events::UPDATE_FAILED, update_agent_release = %m.version, update_agent_slot = %slot, update_agent_reason = %reason, "staging {} failed: {reason}", m.version);
             }
             self.history.record(crate::history::Entry {

@@ -94,9 +94,20 @@ fn state_changes_are_journal_events_with_message_ids() {
         Some("2.0")
     );
 
-    // A manual rollback, then the boot into the old slot: ROLLED_BACK, cause manual.
-    let o = n.agent(&["rollback"], &[]);
-    assert!(o.status.success(), "{}", text(&o));
+    // A manual rollback (ROLLING_BACK), then the boot into the old slot: ROLLED_BACK,
+    // cause manual.
+    let entries = journal_of(&n, "rollback", "rolling-back.jsonl");
+    let rb = entries
+        .iter()
+        .find(|e| {
+            e.get("MESSAGE_ID").map(String::as_str) == Some(update_agent::events::ROLLING_BACK)
+        })
+        .unwrap_or_else(|| panic!("no rolling-back event: {entries:#?}"));
+    assert_eq!(
+        rb.get("UPDATE_AGENT_CAUSE").map(String::as_str),
+        Some("manual")
+    );
+    assert_eq!(rb.get("UPDATE_AGENT_SLOT").map(String::as_str), Some("a"));
     n.boot_into("a");
     let entries = journal_of(&n, "boot-check", "rollback.jsonl");
     let rb = entries
