@@ -340,7 +340,7 @@ PY
 # booted_slot: the slot this boot's kernel was given (its command line, on the console).
 booted_slot() {
   local deadline=$((SECONDS + 60)) s
-  until s=$(tr -d '\000' <"$w/serial-$boots.log" 2>/dev/null | grep -a -m1 -o 'Command line: .*updateagent\.slot=[ab]' | grep -o '[ab]$'); do
+  until s=$(tr -d '\000' 2>/dev/null <"$w/serial-$boots.log" | grep -a -m1 -o 'Command line: .*updateagent\.slot=[ab]' | grep -o '[ab]$'); do
     ((SECONDS < deadline)) || fail "no kernel command line on the console (serial log: $w/serial-$boots.log)"
     sleep 0.2
   done
