@@ -438,10 +438,16 @@ mod tests {
     #[test]
     fn auto_settings_are_checked_at_load() {
         let base = "compatible = \"x\"\n[releases]\nurl = \"http://h/p\"\n";
+        // The whole chain, as updatectl and the daemon print it.
         let bad = |extra: &str| {
-            Config::from_toml(&format!("{base}{extra}"))
-                .expect_err(extra)
-                .to_string()
+            let e = Config::from_toml(&format!("{base}{extra}")).expect_err(extra);
+            let mut text = e.to_string();
+            let mut src = std::error::Error::source(&e);
+            while let Some(s) = src {
+                text.push_str(&format!(": {s}"));
+                src = s.source();
+            }
+            text
         };
         let e = bad("[auto]\nenabled = true\nreboot = \"window\"\n");
         assert!(
@@ -459,6 +465,8 @@ mod tests {
         assert!(e.contains("auto.time_zone"), "{e}");
         let e = bad("[[auto.windows]]\ndays = [\"sat\"]\nstart = \"2am\"\nlength = \"1h\"\n");
         assert!(e.contains("auto.windows") && e.contains("2am"), "{e}");
+        let e = bad("[auto.fleetlock]\ngroup = \"a b\"\n");
+        assert!(e.contains("auto.fleetlock.group"), "{e}");
         let e = bad("[metrics]\nlisten = \"localhost\"\n");
         assert!(e.contains("metrics.listen"), "{e}");
         let e = Config::from_toml("compatible = \"x\"\n[auto]\nenabled = true\n")

@@ -21,15 +21,18 @@ pub fn init() {
             Some((lines, events))
         })
         .flatten();
-    let registry = tracing_subscriber::registry().with(filter);
+    let registry = tracing_subscriber::registry();
     match layers {
         Some((lines, events)) => {
+            // RUST_LOG filters log lines only: state-change events always reach the
+            // journal (a fleet alerts on them), whatever the verbosity.
             let is_event = |m: &tracing::Metadata<'_>| m.target() == crate::events::TARGET;
             let _ = registry
                 .with(
                     lines
                         .with_field_prefix(Some("UPDATE_AGENT".into()))
-                        .with_filter(filter_fn(move |m| !is_event(m))),
+                        .with_filter(filter_fn(move |m| !is_event(m)))
+                        .with_filter(filter),
                 )
                 .with(
                     events
@@ -43,7 +46,8 @@ pub fn init() {
                 .with(
                     tracing_subscriber::fmt::layer()
                         .with_writer(std::io::stderr)
-                        .with_target(false),
+                        .with_target(false)
+                        .with_filter(filter),
                 )
                 .try_init();
         }

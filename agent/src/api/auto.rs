@@ -63,11 +63,37 @@ impl std::fmt::Debug for Auto {
 }
 
 #[derive(Debug, thiserror::Error)]
-#[error("reading the machine id {path} (auto.machine_id)")]
-pub struct MachineIdError {
-    path: std::path::PathBuf,
-    #[source]
-    source: std::io::Error,
+pub enum MachineIdError {
+    #[error("reading the machine id {path} (auto.machine_id)")]
+    Read {
+        path: std::path::PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    /// Nodes sharing an id would share a FleetLock slot (the lock is recursive per
+    /// id) and a wave; an id that changes at every boot would strand a slot.
+    #[error("the machine id in {path} (auto.machine_id) is {found:?}, not a committed id of 32 hex digits; run systemd-machine-id-setup --commit (or give each node its own id) before enabling unattended updates")]
+    Invalid {
+        path: std::path::PathBuf,
+        found: String,
+    },
+}
+
+/// Reads and checks the machine id.
+fn machine_id(path: &std::path::Path) -> Result<String, MachineIdError> {
+    let text = std::fs::read_to_string(path).map_err(|source| MachineIdError::Read {
+        path: path.to_owned(),
+        source,
+    })?;
+    let id = text.trim();
+    if id.len() != 32 || !id.bytes().all(|b| b.is_ascii_hexdigit()) || id.bytes().all(|b| b == b'0')
+    {
+        return Err(MachineIdError::Invalid {
+            path: path.to_owned(),
+            found: id.chars().take(40).collect(),
+        });
+    }
+    Ok(id.to_ascii_lowercase())
 }
 
 /// The loop's clock. Test builds (the `failpoints` feature) can shift it with
@@ -109,10 +135,7 @@ impl Auto {
         // The identity matters for the wave and the FleetLock id; windows alone (for
         // IN_WINDOW updates) do not need it.
         let machine_id = if settings.enabled || a.fleetlock.url.is_some() {
-            std::fs::read_to_string(&a.machine_id).map_err(|source| MachineIdError {
-                path: a.machine_id.clone(),
-                source,
-            })?
+            machine_id(&a.machine_id)?
         } else {
             String::new()
         };
@@ -143,6 +166,10 @@ impl Auto {
             settings,
             wake: tokio::sync::Notify::new(),
         }))
+    }
+
+    pub fn has_lock(&self) -> bool {
+        self.lock.is_some()
     }
 
     pub fn view(&self) -> View {
@@ -218,8 +245,10 @@ struct Turn {
     check_failures: u32,
     lock_failures: u32,
     lock_retry: Timestamp,
-    /// The attempt this process already rebooted for (a reboot command returns before
-    /// the node goes down; never ask twice).
+    reboot_failures: u32,
+    reboot_retry: Timestamp,
+    /// The attempt this process asked to reboot for (a reboot command returns before
+    /// the node goes down; never ask twice while it is going down).
     rebooted_for: Option<String>,
     /// A held release already reported (the event fires once per release).
     reported_held: Option<String>,
@@ -238,13 +267,16 @@ pub async fn run(svc: Service, auto: Arc<Auto>) {
         check_failures: 0,
         lock_failures: 0,
         lock_retry: now,
+        reboot_failures: 0,
+        reboot_retry: now,
         rebooted_for: None,
         reported_held: None,
     };
     let mut events = svc.0.ops.subscribe();
     loop {
         let wake_at = turn(&svc, &auto, &mut t).await;
-        svc.0.write_textfile();
+        let d = Arc::clone(&svc.0);
+        let _ = blocking(move || d.write_textfile()).await;
         let now = self::now();
         // Sleep on the monotonic clock but look again at least every 10 minutes, so a
         // wall-clock jump (NTP after boot) cannot make a window or a check late.
@@ -288,45 +320,29 @@ async fn turn(svc: &Service, auto: &Arc<Auto>, t: &mut Turn) -> Timestamp {
         }
     };
     let running_op = svc.0.ops.current().is_some();
+    let booted = svc.0.reader.layout().booted;
 
     // Release the FleetLock slot whenever nothing waits for a reboot: after a commit,
     // after a rollback, and at every start (it may be held from before the reboot).
     let pending_reboot = matches!(state, State::Armed { .. } | State::RollingBack { .. });
-    if let (Some(client), false) = (&auto.lock, pending_reboot) {
-        if auto.view().lock != Some(Lock::Released) {
-            if now >= t.lock_retry {
-                let c = client.clone();
-                match blocking(move || c.steady_state()).await {
-                    Some(Ok(())) => {
-                        t.lock_failures = 0;
-                        auto.set(|v| {
-                            v.lock = Some(Lock::Released);
-                            v.facts.lock_held = Some(false);
-                        });
-                        crate::emit!(
-                            tracing::Level::INFO,
-                            crate::events::LOCK_RELEASED,
-                            update_agent_group = client.group(),
-                            "FleetLock: this node holds no reboot slot of group {} (released if it held one)",
-                            client.group()
-                        );
-                    }
-                    other => lock_failed(
-                        auto,
-                        t,
-                        now,
-                        other.map(|r| r.err()).unwrap_or(None),
-                        "release",
-                    ),
-                }
-            }
-            if auto.view().lock != Some(Lock::Released) {
-                wake = wake.min(t.lock_retry);
-            }
+    if !pending_reboot {
+        if let Some(w) = release_lock(auto, t, now).await {
+            wake = wake.min(w);
         }
     }
 
     match &state {
+        // Booted into the trial but not judged: the health gate's to decide, never a
+        // reason to reboot again (that would spend the bootloader's tries).
+        State::Armed { staged, .. } if staged.slot == booted => {
+            auto.set(|v| {
+                v.facts.waiting_since = None;
+                v.next_step = format!(
+                    "{} is on trial; waiting for the health gate (update-agent boot-check)",
+                    staged.version
+                );
+            });
+        }
         State::Armed { staged, .. } if !running_op => {
             auto.set(|v| {
                 v.facts.waiting_since.get_or_insert(secs(now));
@@ -343,13 +359,16 @@ async fn turn(svc: &Service, auto: &Arc<Auto>, t: &mut Turn) -> Timestamp {
             state,
             State::Staging(_) | State::Staged(_) | State::Armed { .. } | State::RollingBack { .. }
         );
-    if auto.settings.enabled && idle {
+    let checking = auto.settings.enabled && idle;
+    if checking {
         if now >= t.next_check {
             if let Some(w) = check_turn(svc, auto, t, now).await {
                 wake = wake.min(w);
             }
         }
         wake = wake.min(t.next_check);
+    } else if matches!(state, State::RollingBack { .. }) {
+        auto.set(|v| v.next_step = "a rollback waits for its reboot".into());
     } else if auto.settings.enabled && !idle && !matches!(state, State::Armed { .. }) {
         auto.set(|v| v.next_step = format!("an update is in progress ({})", state.name()));
     } else if !auto.settings.enabled && !matches!(state, State::Armed { .. }) {
@@ -357,8 +376,42 @@ async fn turn(svc: &Service, auto: &Arc<Auto>, t: &mut Turn) -> Timestamp {
             v.next_step = "unattended updates are off (auto.enabled = false)".into();
         });
     }
-    auto.set(|v| v.next_check = auto.settings.enabled.then_some(t.next_check));
+    // A next check is shown only when one can run.
+    auto.set(|v| v.next_check = checking.then_some(t.next_check));
     wake
+}
+
+/// Releases this node's FleetLock slot unless the view says it is released; returns
+/// when to retry after a failure.
+async fn release_lock(auto: &Auto, t: &mut Turn, now: Timestamp) -> Option<Timestamp> {
+    let client = auto.lock.clone()?;
+    if auto.view().lock == Some(Lock::Released) {
+        return None;
+    }
+    if now < t.lock_retry {
+        return Some(t.lock_retry);
+    }
+    let group = client.group().to_owned();
+    match blocking(move || client.steady_state()).await {
+        Some(Ok(())) => {
+            t.lock_failures = 0;
+            auto.set(|v| {
+                v.lock = Some(Lock::Released);
+                v.facts.lock_held = Some(false);
+            });
+            crate::emit!(
+                tracing::Level::INFO,
+                crate::events::LOCK_RELEASED,
+                update_agent_group = %group,
+                "FleetLock: this node holds no reboot slot of group {group} (released if it held one)"
+            );
+            None
+        }
+        other => {
+            lock_failed(auto, t, now, other.and_then(Result::err), "release");
+            Some(t.lock_retry)
+        }
+    }
 }
 
 fn lock_failed(auto: &Auto, t: &mut Turn, now: Timestamp, e: Option<FleetLockError>, what: &str) {
@@ -375,7 +428,7 @@ fn lock_failed(auto: &Auto, t: &mut Turn, now: Timestamp, e: Option<FleetLockErr
     auto.set(|v| v.next_step = format!("FleetLock {what}: {why}; retrying in {delay:#}"));
 }
 
-/// A staged release is armed: reboot it when the strategy allows.
+/// A staged release is armed: reboot it when its strategy allows.
 async fn reboot_turn(
     svc: &Service,
     auto: &Arc<Auto>,
@@ -386,25 +439,29 @@ async fn reboot_turn(
     if t.rebooted_for.as_deref() == Some(staged.attempt.as_str()) {
         return None;
     }
-    // The operation's own reboot policy rules when this process ran it: IN_WINDOW
-    // follows the windows (and the FleetLock when there is one) even with unattended
-    // updates off; NEVER waits for a person; IMMEDIATE was rebooted by the operation.
-    // After a restart the policy is unknown and the configured strategy applies.
-    let asked = svc
-        .0
-        .ops
-        .find(&staged.attempt)
-        .and_then(|(s, _)| pb::RebootPolicy::try_from(s.reboot).ok());
-    let strategy = match asked {
-        Some(pb::RebootPolicy::InWindow) if auto.lock.is_some() => RebootStrategy::FleetLock,
-        Some(pb::RebootPolicy::InWindow) => RebootStrategy::Window,
-        Some(pb::RebootPolicy::Immediate) => return None,
-        Some(pb::RebootPolicy::Never) => RebootStrategy::Never,
-        _ if auto.settings.enabled => auto.settings.reboot,
-        _ => RebootStrategy::Never,
-    };
+    // An IMMEDIATE operation of this process rebooted by itself.
+    let ran_here = svc.0.ops.find(&staged.attempt).map(|(s, _)| s.reboot);
+    if ran_here == Some(pb::RebootPolicy::Immediate as i32) {
+        return None;
+    }
+    // What the update's starter asked for, kept on disk across restarts (an operator's
+    // NEVER stays never; an IN_WINDOW update follows the windows even with unattended
+    // updates off). Unknown (an older agent staged it): the configured strategy.
+    let strategy = super::intent::load(&svc.0.cfg.state_dir, &staged.attempt).unwrap_or(
+        if auto.settings.enabled {
+            auto.settings.reboot
+        } else {
+            RebootStrategy::Never
+        },
+    );
     let v = &staged.version;
-    match decide::reboot(now, strategy, &auto.settings.windows) {
+    let decision = decide::reboot(now, strategy, &auto.settings.windows);
+    if !matches!(decision, RebootDecision::Now | RebootDecision::Lock) {
+        // Not rebooting now: a slot held from before (a restart, a closed window) goes
+        // back to the group.
+        release_lock(auto, t, now).await;
+    }
+    match decision {
         RebootDecision::Operator => {
             auto.set(|s| {
                 s.next_step = format!(
@@ -426,10 +483,8 @@ async fn reboot_turn(
             });
             opens.map(|w| w.start)
         }
-        RebootDecision::Now => {
-            reboot(svc, auto, t, staged);
-            None
-        }
+        _ if now < t.reboot_retry => Some(t.reboot_retry),
+        RebootDecision::Now => reboot(svc, auto, t, staged, now).await,
         RebootDecision::Lock => {
             let client = auto.lock.clone()?;
             if now < t.lock_retry {
@@ -438,6 +493,8 @@ async fn reboot_turn(
             auto.set(|s| {
                 s.next_step = format!("{v} is staged; asking FleetLock for a reboot slot")
             });
+            // The view says "unknown" while the call is out: a slot may be ours.
+            auto.set(|s| s.lock = Some(Lock::Unknown));
             match blocking(move || client.pre_reboot()).await {
                 Some(Ok(())) => {
                     t.lock_failures = 0;
@@ -446,17 +503,17 @@ async fn reboot_turn(
                         s.facts.lock_held = Some(true);
                     });
                     crate::emit!(tracing::Level::INFO, crate::events::LOCK_TAKEN, update_agent_release = %v, "took a FleetLock reboot slot for {v}");
-                    reboot(svc, auto, t, staged);
-                    None
+                    // The call may have taken seconds: an operator may have cancelled
+                    // or rolled back meanwhile. Reboot only what is still armed.
+                    let still = matches!(svc.0.reader.state(), Ok(State::Armed { staged: s, .. }) if s.attempt == staged.attempt);
+                    if !still || svc.0.ops.current().is_some() {
+                        tracing::info!(attempt = %staged.attempt, "the release changed while FleetLock answered; not rebooting");
+                        return release_lock(auto, t, now).await;
+                    }
+                    reboot(svc, auto, t, staged, now).await
                 }
                 other => {
-                    lock_failed(
-                        auto,
-                        t,
-                        now,
-                        other.map(|r| r.err()).unwrap_or(None),
-                        "pre-reboot",
-                    );
+                    lock_failed(auto, t, now, other.and_then(Result::err), "pre-reboot");
                     Some(t.lock_retry)
                 }
             }
@@ -464,17 +521,44 @@ async fn reboot_turn(
     }
 }
 
-fn reboot(svc: &Service, auto: &Auto, t: &mut Turn, staged: &crate::state::Staged) {
+/// Reboots into the staged release. A reboot command that fails gives the FleetLock
+/// slot back (the node is not going down) and is retried with backoff.
+async fn reboot(
+    svc: &Service,
+    auto: &Auto,
+    t: &mut Turn,
+    staged: &crate::state::Staged,
+    now: Timestamp,
+) -> Option<Timestamp> {
     t.rebooted_for = Some(staged.attempt.clone());
     let v = &staged.version;
     crate::emit!(tracing::Level::WARN, crate::events::REBOOTING, update_agent_release = %v, update_agent_slot = %staged.slot, update_agent_attempt = %staged.attempt, "rebooting into {v} on slot {}", staged.slot);
     auto.set(|s| s.next_step = format!("rebooting into {v}"));
-    if let Err(e) = crate::health::reboot(&svc.0.cfg.health.reboot_command) {
-        tracing::error!(error = %error_chain(&e), "reboot failed; the release stays staged");
-        auto.set(|s| {
-            s.next_step = format!("{v} is staged; the reboot failed: {}", error_chain(&e))
-        });
-    }
+    let cmd = svc.0.cfg.health.reboot_command.clone();
+    let result = blocking(move || crate::health::reboot(&cmd)).await;
+    let why = match result {
+        Some(Ok(())) => {
+            t.reboot_failures = 0;
+            return None;
+        }
+        Some(Err(e)) => error_chain(&e),
+        None => "the worker thread died".to_owned(),
+    };
+    t.rebooted_for = None;
+    let delay = decide::backoff(
+        t.reboot_failures,
+        SignedDuration::from_secs(30),
+        SignedDuration::from_mins(30),
+        random(),
+    );
+    t.reboot_failures = t.reboot_failures.saturating_add(1);
+    t.reboot_retry = now + delay;
+    tracing::error!(error = %why, retry_in = %format!("{delay:#}"), "reboot failed; the release stays staged");
+    auto.set(|s| {
+        s.next_step = format!("{v} is staged; the reboot failed ({why}); retrying in {delay:#}")
+    });
+    release_lock(auto, t, now).await;
+    Some(t.reboot_retry)
 }
 
 /// Time for a check: read the channel and decide.
@@ -501,9 +585,16 @@ async fn check_turn(
             return None;
         }
     };
+    // Without history the agent cannot know what was rolled back here: no guessing.
+    let history = match svc.0.reader.history() {
+        Ok(h) => h,
+        Err(e) => {
+            check_failed(auto, t, now, &error_chain(&e));
+            return None;
+        }
+    };
     t.check_failures = 0;
     t.next_check = decide::next_check(now, s.interval, s.jitter, random());
-    let history = svc.0.reader.history().unwrap_or_default();
     let held = decide::held(&history, &channel.version);
     let running = crate::update::running_version(&svc.0.cfg.os_release);
     let offer = Offer {
@@ -534,11 +625,11 @@ async fn check_turn(
         UpdateDecision::Held(h) => {
             if t.reported_held.as_deref() != Some(h.version.as_str()) {
                 t.reported_held = Some(h.version.clone());
-                crate::emit!(tracing::Level::WARN, crate::events::RELEASE_HELD, update_agent_release = %h.version, update_agent_reason = %h.reason, "channel {name} offers {}, which was rolled back on this node; not retrying it by itself", h.version);
+                crate::emit!(tracing::Level::WARN, crate::events::RELEASE_HELD, update_agent_release = %h.version, update_agent_reason = %h.reason, "channel {name} offers {}, which was rolled back or cancelled on this node; not retrying it by itself", h.version);
             }
             auto.set(|view| {
                 view.next_step = format!(
-                    "holding {v}: it was rolled back on this node ({}); waiting for a newer release or an operator",
+                    "holding {v}: {}; waiting for a newer release or an operator",
                     h.reason
                 );
                 view.held = Some(h);
@@ -546,6 +637,8 @@ async fn check_turn(
             None
         }
         UpdateDecision::WaitWave { at } => {
+            // Look again when the wave comes, not only at the next regular check.
+            t.next_check = t.next_check.min(at);
             auto.set(|view| {
                 view.wave_start = Some(at);
                 view.next_step = format!("{v} is out; this node's wave starts at {at}");
@@ -555,12 +648,7 @@ async fn check_turn(
         UpdateDecision::Start => {
             let urls = channel.urls(&base, svc.0.booted_image().as_deref());
             let target = Target::for_release(&name, urls, &v);
-            let reboot = match s.reboot {
-                RebootStrategy::Immediate => pb::RebootPolicy::Immediate,
-                RebootStrategy::Never => pb::RebootPolicy::Never,
-                RebootStrategy::Window | RebootStrategy::FleetLock => pb::RebootPolicy::InWindow,
-            };
-            match svc.begin(target, false, reboot, "auto").await {
+            match svc.begin(target, false, s.reboot, "auto").await {
                 Ok(r) => {
                     auto.set(|view| {
                         view.next_step = format!("staging {v} (operation {})", r.operation_id)

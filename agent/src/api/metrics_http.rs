@@ -42,9 +42,20 @@ fn answer(d: &Daemon, req: &Request<Incoming>) -> Response<Full<Bytes>> {
 }
 
 pub async fn serve(listener: tokio::net::TcpListener, d: Arc<Daemon>) {
+    let mut pause = std::time::Duration::from_millis(100);
     loop {
-        let Ok((stream, _)) = listener.accept().await else {
-            continue;
+        let stream = match listener.accept().await {
+            Ok((stream, _)) => {
+                pause = std::time::Duration::from_millis(100);
+                stream
+            }
+            Err(e) => {
+                // Out of file descriptors and the like: wait instead of spinning.
+                tracing::warn!(error = %e, "metrics endpoint: accept failed");
+                tokio::time::sleep(pause).await;
+                pause = (pause * 2).min(std::time::Duration::from_secs(5));
+                continue;
+            }
         };
         let d = Arc::clone(&d);
         tokio::spawn(async move {

@@ -15,6 +15,7 @@
 pub mod access;
 pub mod auto;
 pub mod client;
+pub mod intent;
 pub mod metrics_http;
 pub mod ops;
 pub mod server;

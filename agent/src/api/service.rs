@@ -15,6 +15,7 @@ use super::pb::update_event::Kind;
 use super::status::{self, Reader};
 use super::{pb, ApiError};
 use crate::config::Config;
+use crate::policy::RebootStrategy;
 use crate::state::State;
 use crate::update::{attempt_id, error_chain, Agent, Progress, UpdateError};
 
@@ -30,6 +31,7 @@ pub struct Daemon {
     policy: Policy,
     /// Unattended patching, when `[auto]` asks for any of it.
     pub auto: Option<Arc<super::auto::Auto>>,
+    textfile: Mutex<()>,
 }
 
 impl std::fmt::Debug for Daemon {
@@ -78,6 +80,7 @@ impl Daemon {
             ops: Arc::new(Ops::new()),
             policy,
             auto: super::auto::Auto::new(&cfg)?.map(Arc::new),
+            textfile: Mutex::new(()),
             cfg,
         })
     }
@@ -96,6 +99,13 @@ impl Daemon {
     ) -> Result<crate::channel::Channel, UpdateError> {
         let checker = self.checker.lock().unwrap_or_else(|p| p.into_inner());
         checker.open_channel(base, name)
+    }
+
+    /// Tells the unattended loop the state changed under it (cancel, rollback, ...).
+    pub fn poke(&self) {
+        if let Some(a) = &self.auto {
+            a.wake.notify_one();
+        }
     }
 
     /// Status, as GetStatus answers it.
@@ -118,7 +128,13 @@ impl Daemon {
             compatible: &self.cfg.compatible,
             state: state.name(),
             history: &history,
-            op_bytes_fetched: self.ops.current().map_or(0, |o| o.bytes_fetched),
+            // Bytes of an update not yet in history (running, or staged and waiting).
+            op_bytes_fetched: match (&state, self.ops.current()) {
+                (_, Some(o)) => o.bytes_fetched,
+                (State::Staging(s), None) => s.bytes_fetched,
+                (State::Staged(s) | State::Armed { staged: s, .. }, None) => s.bytes_fetched,
+                _ => 0,
+            },
             auto: facts.as_ref(),
             now: u64::try_from(now.as_second()).unwrap_or(0),
         }))
@@ -129,6 +145,9 @@ impl Daemon {
         let Some(path) = &self.cfg.metrics.textfile else {
             return;
         };
+        // The operation thread and the unattended loop both write it; one at a time
+        // (they share the temporary file's name).
+        let _one = self.textfile.lock().unwrap_or_else(|p| p.into_inner());
         let r = self
             .metrics()
             .map_err(|e| error_chain(&e))
@@ -341,9 +360,10 @@ impl Service {
         &self,
         target: Target,
         allow_downgrade: bool,
-        reboot: pb::RebootPolicy,
+        strategy: RebootStrategy,
         caller: &str,
     ) -> Result<pb::StartUpdateResponse, ApiError> {
+        let reboot = strategy.policy();
         let key = format!("{} downgrade={}", target.key, allow_downgrade);
         let snapshot = pb::Operation {
             phase: pb::Phase::Opening as i32,
@@ -393,7 +413,7 @@ impl Service {
                 return Err(e);
             }
         };
-        crate::emit!(tracing::Level::INFO, crate::events::UPDATE_STARTED, update_agent_attempt = %id, update_agent_release = %checked.version, caller = %caller, url = %checked.url, "update to {} started by {caller}", checked.version);
+        crate::emit!(tracing::Level::INFO, crate::events::UPDATE_STARTED, update_agent_attempt = %id, update_agent_release = %checked.version, update_agent_caller = %caller, update_agent_url = %checked.url, "update to {} started by {caller}", checked.version);
         self.0.ops.update(
             &id,
             |s| {
@@ -403,6 +423,10 @@ impl Service {
             },
             None,
         );
+        // Kept on disk so a restarted daemon still reboots this release as asked.
+        if let Err((path, e)) = super::intent::save(&self.0.cfg.state_dir, &id, strategy) {
+            tracing::warn!(path = %path.display(), error = %e, "reboot intent not saved; after a restart the configured strategy applies");
+        }
         self.spawn_operation(id.clone(), checked.url, allow, reboot, false);
         Ok(pb::StartUpdateResponse {
             operation_id: id,
@@ -418,18 +442,27 @@ impl Service {
             Ok(State::Staged(s)) => (s.attempt, String::new(), s.version),
             _ => return,
         };
+        // The reboot its starter asked for (unknown: leave it to a person).
+        let strategy =
+            super::intent::load(&self.0.cfg.state_dir, &id).unwrap_or(RebootStrategy::Never);
         let snapshot = pb::Operation {
             phase: pb::Phase::Opening as i32,
             version,
             source: url.clone(),
-            reboot: pb::RebootPolicy::Never as i32,
+            reboot: strategy.policy() as i32,
             started: Some(status::now()),
             ..Default::default()
         };
         let key = format!("url {url}");
         if let Begin::Started { id } = self.0.ops.begin(&key, id, snapshot) {
-            tracing::info!(attempt = %id, "resuming the interrupted update");
-            self.spawn_operation(id, url, true, pb::RebootPolicy::Never, true);
+            tracing::info!(attempt = %id, reboot = strategy.name(), "resuming the interrupted update");
+            // Windows and FleetLock are the unattended loop's to honour once armed.
+            let now = if strategy == RebootStrategy::Immediate {
+                pb::RebootPolicy::Immediate
+            } else {
+                pb::RebootPolicy::Never
+            };
+            self.spawn_operation(id, url, true, now, true);
         }
     }
 }
@@ -632,8 +665,8 @@ impl pb::update_agent_server::UpdateAgent for Service {
         let caller = self.0.policy.check(&req, Need::Change)?;
         let r = req.into_inner();
         let reboot = match pb::RebootPolicy::try_from(r.reboot) {
-            Ok(pb::RebootPolicy::Unspecified | pb::RebootPolicy::Never) => pb::RebootPolicy::Never,
-            Ok(pb::RebootPolicy::Immediate) => pb::RebootPolicy::Immediate,
+            Ok(pb::RebootPolicy::Unspecified | pb::RebootPolicy::Never) => RebootStrategy::Never,
+            Ok(pb::RebootPolicy::Immediate) => RebootStrategy::Immediate,
             Ok(pb::RebootPolicy::InWindow)
                 if self
                     .0
@@ -641,7 +674,12 @@ impl pb::update_agent_server::UpdateAgent for Service {
                     .as_ref()
                     .is_some_and(|a| !a.settings.windows.is_empty()) =>
             {
-                pb::RebootPolicy::InWindow
+                // The node's windows, and its FleetLock slot when it has one.
+                if self.0.auto.as_ref().is_some_and(|a| a.has_lock()) {
+                    RebootStrategy::FleetLock
+                } else {
+                    RebootStrategy::Window
+                }
             }
             Ok(pb::RebootPolicy::InWindow) => {
                 return Err(ApiError::InvalidArgument {
@@ -762,6 +800,7 @@ impl pb::update_agent_server::UpdateAgent for Service {
                 }
             };
             let _ = tokio::time::timeout(Duration::from_secs(120), wait).await;
+            self.0.poke();
             return Ok(Response::new(pb::CancelResponse { slot }));
         }
         let agent = Arc::clone(&self.0.agent);
@@ -772,6 +811,7 @@ impl pb::update_agent_server::UpdateAgent for Service {
             Ok(a.cancel()?)
         })
         .await?;
+        self.0.poke();
         Ok(Response::new(pb::CancelResponse {
             slot: slot.letter().to_owned(),
         }))
@@ -822,6 +862,7 @@ impl pb::update_agent_server::UpdateAgent for Service {
             crate::postboot::BootOutcome::RollingBack { to, .. } => to.letter().to_owned(),
             _ => String::new(),
         };
+        self.0.poke();
         Ok(Response::new(pb::RollbackResponse { slot, version }))
     }
 
@@ -845,6 +886,7 @@ impl pb::update_agent_server::UpdateAgent for Service {
             }
             _ => (String::new(), String::new()),
         };
+        self.0.poke();
         Ok(Response::new(pb::MarkGoodResponse { slot, version }))
     }
 

@@ -258,7 +258,11 @@ pub fn status_text(s: &pb::Status) -> String {
 fn auto_text(a: &pb::Auto, line: &mut impl FnMut(&str, String)) {
     let mut head = format!(
         "{} · channel {} · reboot {}",
-        if a.enabled { "on" } else { "windows only" },
+        if a.enabled {
+            "on"
+        } else {
+            "off (windows and FleetLock for IN_WINDOW updates)"
+        },
         a.channel,
         a.reboot
     );
@@ -280,13 +284,13 @@ fn auto_text(a: &pb::Auto, line: &mut impl FnMut(&str, String)) {
         }
     }
     if !a.held_version.is_empty() {
-        line(
-            "Held",
-            format!(
-                "{} (rolled back here; start it by hand to retry)",
-                a.held_version
-            ),
+        let text = format!(
+            "{} not retried by itself: {} (start it by hand to retry)",
+            a.held_version, a.held_reason
         );
+        for (i, l) in wrap(&text, 70, 2).into_iter().enumerate() {
+            line(if i == 0 { "Held" } else { "" }, l);
+        }
     }
     if let (Some(start), Some(end)) = (&a.window_start, &a.window_end) {
         let mins = (end.seconds - start.seconds).max(0) / 60;

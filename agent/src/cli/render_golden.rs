@@ -227,7 +227,7 @@ fn scenarios() -> Vec<(&'static str, pb::Status)> {
                 offered_version: "2.0".into(),
                 wave_start: t(T0 - 600),
                 held_version: "1.9".into(),
-                held_reason: HEALTH_FAIL.into(),
+                held_reason: format!("it was rolled back on this node: {HEALTH_FAIL}"),
                 window_start: t(T0 + 86_400),
                 window_end: t(T0 + 86_400 + 3 * 3600),
                 in_window: false,

@@ -39,18 +39,29 @@ pub enum UpdateDecision {
     Start,
 }
 
-/// The newest rollback of `version` in `history` (oldest first), if any. A rollback
-/// of any kind holds the release: a failed health check, a slot that never booted,
-/// or an operator who took it back.
+/// Why this node will not start `version` by itself, from `history` (oldest first):
+/// the newest rollback of it (a failed health check, a slot that never booted, an
+/// operator who took it back) or the newest cancel (only people cancel). A failed
+/// download is not a verdict on the release and holds nothing.
 pub fn held(history: &[Entry], version: &str) -> Option<Held> {
     history
         .iter()
         .rev()
-        .find(|e| e.version == version && e.outcome == Outcome::RolledBack)
-        .map(|e| Held {
-            version: e.version.clone(),
-            reason: e.reason.clone(),
-            at: e.at,
+        .filter(|e| e.version == version)
+        .find_map(|e| {
+            let reason = match e.outcome {
+                Outcome::RolledBack if e.reason.is_empty() => {
+                    "it was rolled back on this node".to_owned()
+                }
+                Outcome::RolledBack => format!("it was rolled back on this node: {}", e.reason),
+                Outcome::Cancelled => "an operator cancelled it on this node".to_owned(),
+                _ => return None,
+            };
+            Some(Held {
+                version: e.version.clone(),
+                reason,
+                at: e.at,
+            })
         })
 }
 
@@ -217,8 +228,12 @@ mod tests {
         let h = held(&history, "2.0").expect("held");
         assert_eq!((h.version.as_str(), h.at), ("2.0", 10));
         assert_eq!(held(&history, "1.5"), None);
+        assert!(h.reason.contains("2.0 went wrong"), "{}", h.reason);
         // A failed download is not a verdict on the release: it is retried.
         assert_eq!(held(&[entry("3.0", Outcome::Failed, 1)], "3.0"), None);
+        // A cancel is an operator's word: held too.
+        let c = held(&[entry("3.0", Outcome::Cancelled, 5)], "3.0").expect("held");
+        assert!(c.reason.contains("cancelled"), "{}", c.reason);
         let offer = Offer {
             version: "2.0",
             published: 0,

@@ -8,12 +8,12 @@ pub mod wave;
 pub mod window;
 
 use jiff::SignedDuration;
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
 pub use window::{WindowConfig, Windows};
 
 /// How a staged release gets its reboot.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum RebootStrategy {
     /// As soon as it is staged.
@@ -28,6 +28,16 @@ pub enum RebootStrategy {
 }
 
 impl RebootStrategy {
+    /// How the API shows it.
+    pub fn policy(self) -> crate::api::pb::RebootPolicy {
+        use crate::api::pb::RebootPolicy as P;
+        match self {
+            Self::Immediate => P::Immediate,
+            Self::Window | Self::FleetLock => P::InWindow,
+            Self::Never => P::Never,
+        }
+    }
+
     pub fn name(self) -> &'static str {
         match self {
             Self::Immediate => "immediate",
@@ -114,15 +124,20 @@ pub struct Settings {
 
 /// What is wrong with `[auto]`: the key and why.
 #[derive(Debug, thiserror::Error)]
-#[error("configuration key `auto.{key}` is invalid: {why}")]
-pub struct SettingsError {
-    pub key: &'static str,
-    pub why: String,
+pub enum SettingsError {
+    #[error("configuration key `auto.{key}` is invalid: {why}")]
+    Value { key: &'static str, why: String },
+    #[error("configuration key `auto.{key}` is invalid")]
+    Windows {
+        key: &'static str,
+        #[source]
+        source: window::WindowError,
+    },
 }
 
 impl Settings {
     pub fn new(c: &AutoConfig, releases_url: Option<&str>) -> Result<Self, SettingsError> {
-        let bad = |key, why: String| SettingsError { key, why };
+        let bad = |key, why: String| SettingsError::Value { key, why };
         let dur = |key, s: &str, min: SignedDuration| {
             window::parse_duration(s)
                 .filter(|d| *d >= min)
@@ -133,16 +148,15 @@ impl Settings {
                     )
                 })
         };
-        let windows = Windows::new(&c.time_zone, &c.windows).map_err(|e| {
-            bad(
-                if matches!(e, window::WindowError::TimeZone { .. }) {
+        let windows =
+            Windows::new(&c.time_zone, &c.windows).map_err(|source| SettingsError::Windows {
+                key: if matches!(source, window::WindowError::TimeZone { .. }) {
                     "time_zone"
                 } else {
                     "windows"
                 },
-                e.to_string(),
-            )
-        })?;
+                source,
+            })?;
         let s = Self {
             enabled: c.enabled,
             channel: c.channel.clone(),
@@ -187,6 +201,18 @@ impl Settings {
             return Err(bad(
                 "reboot",
                 "\"fleetlock\" needs auto.fleetlock.url".into(),
+            ));
+        }
+        let g = &c.fleetlock.group;
+        if g.is_empty()
+            || g.len() > 64
+            || !g
+                .chars()
+                .all(|ch| ch.is_ascii_alphanumeric() || ch == '.' || ch == '-')
+        {
+            return Err(bad(
+                "fleetlock.group",
+                format!("{g:?} is not a group name (1-64 of A-Z a-z 0-9 . -, as Zincati allows)"),
             ));
         }
         if let Some(u) = &c.fleetlock.url {

@@ -84,8 +84,12 @@ pub fn parse_duration(s: &str) -> Option<SignedDuration> {
 impl Windows {
     /// `time_zone`: an IANA name, or `localtime` for the node's own setting.
     pub fn new(time_zone: &str, list: &[WindowConfig]) -> Result<Self, WindowError> {
+        // `localtime` must really be known: jiff's `system()` would fall back to UTC
+        // without a word, and every window would move by the offset.
         let tz = if time_zone == "localtime" {
-            TimeZone::system()
+            TimeZone::try_system().map_err(|_| WindowError::TimeZone {
+                name: "localtime (the node's /etc/localtime or TZ)".into(),
+            })?
         } else {
             TimeZone::get(time_zone).map_err(|_| WindowError::TimeZone {
                 name: time_zone.to_owned(),

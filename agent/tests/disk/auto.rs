@@ -258,9 +258,12 @@ fn auto_follows_channel_wave_window_and_fleetlock() {
         );
     }
 
-    // 2. In the wave, outside the window: staged, then it waits; nothing reboots.
+    // 2. Four seconds before the wave, outside the window: the wave's start wakes the
+    // loop (not the next regular check, an hour later), it stages, then it waits for
+    // the window; nothing reboots.
     {
-        let d = start(phase2 - published);
+        let wave_in_4s = published + 30 * DAY - 4 - update_agent::timefmt::now() as i64;
+        let d = start(wave_in_4s);
         rt.block_on(async {
             let mut c = client::unix(&n.path("run/agent.sock"))
                 .await
@@ -271,7 +274,8 @@ fn auto_follows_channel_wave_window_and_fleetlock() {
             .await;
             let a = auto_of(&s);
             assert!(!a.in_window);
-            assert_eq!(a.window_start.map(|t| t.seconds), Some(window_start));
+            // Daily windows: the next one opens the same day, a day before `opens`.
+            assert_eq!(a.window_start.map(|t| t.seconds), Some(window_start - DAY));
             assert_eq!(
                 s.operation.as_ref().map(|o| o.reboot),
                 Some(pb::RebootPolicy::InWindow as i32)
@@ -294,8 +298,12 @@ fn auto_follows_channel_wave_window_and_fleetlock() {
         assert!(m.contains("text/plain; version=0.0.4"), "{m}");
         for want in [
             "update_agent_state{state=\"armed\"} 1",
-            "update_agent_checks_total{result=\"ok\"} 1",
-            &format!("update_agent_next_window_start_timestamp_seconds {window_start}"),
+            // Two checks: one before the wave, one when it came.
+            "update_agent_checks_total{result=\"ok\"} 2",
+            &format!(
+                "update_agent_next_window_start_timestamp_seconds {}",
+                window_start - DAY
+            ),
             "update_agent_fleetlock_held 0",
         ] {
             assert!(m.contains(want), "metrics lack {want:?}:\n{m}");
@@ -307,6 +315,52 @@ fn auto_follows_channel_wave_window_and_fleetlock() {
             "{file}"
         );
     }
+
+    // 3a. Inside the window with a reboot command that fails: the slot is taken, then
+    // given back (the node is not going down), and the release stays staged.
+    let cfg = fs::read_to_string(&n.config).expect("config");
+    let touch = cfg
+        .lines()
+        .find(|l| l.starts_with("reboot_command"))
+        .expect("reboot_command")
+        .to_owned();
+    fs::write(
+        &n.config,
+        cfg.replace(&touch, "reboot_command = [\"sh\", \"-c\", \"exit 3\"]"),
+    )
+    .expect("config");
+    {
+        let _d = start(opens + 600 - published);
+        rt.block_on(async {
+            let mut c = client::unix(&n.path("run/agent.sock"))
+                .await
+                .expect("connect");
+            let s = status_until(&mut c, "a failed reboot", |s| {
+                let a = auto_of(s);
+                a.next_step.contains("the reboot failed") && a.fleetlock == "released"
+            })
+            .await;
+            assert_eq!(s.state, "armed");
+        });
+    }
+    let reqs = lock.requests();
+    let took = reqs
+        .iter()
+        .rposition(|r| r.0 == "pre-reboot" && r.1 == me && r.2)
+        .expect("took the slot");
+    assert!(
+        reqs[took..]
+            .iter()
+            .any(|r| r.0 == "steady-state" && r.1 == me && r.3.is_empty()),
+        "the slot was not given back after the failed reboot: {reqs:?}"
+    );
+    let before_phase3 = reqs.len();
+    let cfg = fs::read_to_string(&n.config).expect("config");
+    fs::write(
+        &n.config,
+        cfg.replace("reboot_command = [\"sh\", \"-c\", \"exit 3\"]", &touch),
+    )
+    .expect("config");
 
     // 3. Inside the window, another node holds the only slot: wait, then take it.
     let other = fleetlock::Client::new(
@@ -337,7 +391,7 @@ fn auto_follows_channel_wave_window_and_fleetlock() {
             std::thread::sleep(Duration::from_millis(50));
         }
     }
-    let reqs = lock.requests();
+    let reqs: Vec<_> = lock.requests().split_off(before_phase3);
     assert!(
         reqs.iter()
             .any(|r| r.0 == "pre-reboot" && r.1 == me && !r.2),
@@ -347,29 +401,36 @@ fn auto_follows_channel_wave_window_and_fleetlock() {
         .iter()
         .position(|r| r.0 == "pre-reboot" && r.1 == me && r.2);
     assert!(granted.is_some(), "{reqs:?}");
-    // Released at each start while nothing was pending (phases 1 and 2), never once a
-    // reboot was pending (the restart of phase 3 included).
-    let asked = reqs
-        .iter()
-        .position(|r| r.0 == "pre-reboot" && r.1 == me)
-        .expect("asked");
-    assert_eq!(
-        reqs.iter()
-            .filter(|r| r.0 == "steady-state" && r.1 == me)
-            .count(),
-        2,
-        "{reqs:?}"
-    );
+    // In the window with a reboot pending, the restarted daemon never released: it
+    // asked until it got the slot, then rebooted.
     assert!(
-        !reqs[asked..]
-            .iter()
-            .any(|r| r.0 == "steady-state" && r.1 == me),
+        !reqs.iter().any(|r| r.0 == "steady-state" && r.1 == me),
         "{reqs:?}"
     );
 
-    // 4. The reboot: the trial commits; the daemon's next start releases the slot.
+    // 4. The reboot. Should the daemon start before the health gate has judged the
+    // trial, it waits for the gate and never reboots again (that would spend tries).
     n.boot_into("b");
     fs::write(n.path("os-release"), "NAME=Test\nVERSION_ID=2.0\n").expect("os-release");
+    fs::remove_file(n.path("rebooted")).expect("marker");
+    {
+        let _d = start(opens + 700 - published);
+        rt.block_on(async {
+            let mut c = client::unix(&n.path("run/agent.sock"))
+                .await
+                .expect("connect");
+            status_until(&mut c, "waiting for the gate", |s| {
+                auto_of(s).next_step.contains("waiting for the health gate")
+            })
+            .await;
+        });
+        std::thread::sleep(Duration::from_millis(300));
+        assert!(
+            !n.path("rebooted").exists(),
+            "rebooted a trial not yet judged"
+        );
+    }
+    // The gate commits; the daemon's next start releases the slot.
     let o = n.agent(&["boot-check"], &[]);
     assert!(o.status.success(), "{}", text(&o));
     assert_eq!(n.state()["state"], "committed");
