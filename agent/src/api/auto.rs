@@ -684,3 +684,34 @@ fn check_failed(auto: &Auto, t: &mut Turn, now: Timestamp, why: &str) {
         v.next_step = format!("the last check failed; retrying at {}", t.next_check);
     });
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn machine_ids_must_be_committed_and_unique_looking() {
+        let d = tempfile::tempdir().expect("tempdir");
+        let p = d.path().join("machine-id");
+        let check = |text: &str| {
+            std::fs::write(&p, text).expect("write");
+            machine_id(&p)
+        };
+        assert_eq!(
+            check("5F1C0FFEE0DD4E5B9C3B2A1D0E9F8A7B\n").expect("valid"),
+            "5f1c0ffee0dd4e5b9c3b2a1d0e9f8a7b"
+        );
+        for bad in [
+            "",
+            "uninitialized\n",
+            &"0".repeat(32),
+            "5f1c0ffee0dd4e5b",
+            &"g".repeat(32),
+        ] {
+            let e = check(bad).expect_err(bad);
+            assert!(e.to_string().contains("auto.machine_id"), "{e}");
+        }
+        let e = machine_id(&d.path().join("missing")).expect_err("missing");
+        assert!(matches!(e, MachineIdError::Read { .. }), "{e}");
+    }
+}

@@ -263,6 +263,24 @@ mod tests {
     }
 
     #[test]
+    fn long_windows_and_windows_across_a_clock_change() {
+        // Friday 18:00 for 60 hours: the whole weekend, still open on Sunday.
+        let w = Windows::new("UTC", &[cfg(&["fri"], "18:00", "60h")]).expect("valid");
+        let s = w
+            .current(ts("2026-11-29T20:00:00Z"))
+            .expect("open on Sunday");
+        assert_eq!(s.start, ts("2026-11-27T18:00:00Z"));
+        assert_eq!(s.end, ts("2026-11-30T06:00:00Z"));
+        // New York, Saturday 2026-10-31 23:00 for 4 h: the clocks fall back at 02:00 on
+        // Sunday, so the wall-clock end (03:00 EST) is five real hours later.
+        let w = Windows::new("America/New_York", &[cfg(&["sat"], "23:00", "4h")]).expect("valid");
+        let s = w.next(ts("2026-10-31T12:00:00Z")).expect("next");
+        assert_eq!(s.start, ts("2026-11-01T03:00:00Z"));
+        assert_eq!(s.end, ts("2026-11-01T08:00:00Z"));
+        assert!(w.current(ts("2026-11-01T07:30:00Z")).is_some());
+    }
+
+    #[test]
     fn overlapping_windows_report_the_longest() {
         let w = Windows::new(
             "UTC",
