@@ -74,7 +74,10 @@ pub async fn serve(listener: tokio::net::TcpListener, d: Arc<Daemon>) {
                     Ok::<_, Infallible>(r)
                 }
             });
+            // A client that never finishes its request is dropped, not kept forever.
             let _ = hyper::server::conn::http1::Builder::new()
+                .timer(hyper_util::rt::TokioTimer::new())
+                .header_read_timeout(std::time::Duration::from_secs(10))
                 .serve_connection(TokioIo::new(stream), svc)
                 .await;
         });
