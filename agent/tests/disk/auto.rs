@@ -157,6 +157,38 @@ fn http_get(port: u16, path: &str) -> String {
     out
 }
 
+/// The metric families (name → type) the Prometheus project's own parser reads from
+/// `text` (prometheus-client, pinned in integration/grpc/requirements.txt).
+fn prometheus_parse(text: &str) -> HashMap<String, String> {
+    let python = std::env::var("UPDATE_AGENT_PYTHON")
+        .unwrap_or_else(|_| "/var/tmp/update-agent-py/bin/python".into());
+    let mut child = Command::new(&python)
+        .args([
+            "-c",
+            "import json, sys\n\
+             from prometheus_client.parser import text_string_to_metric_families as p\n\
+             print(json.dumps({f.name: f.type for f in p(sys.stdin.read())}))",
+        ])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| panic!("{python}: {e} (integration/setup.sh installs it)"));
+    {
+        use std::io::Write as _;
+        let mut stdin = child.stdin.take().expect("stdin");
+        stdin.write_all(text.as_bytes()).expect("write");
+    }
+    let o = child.wait_with_output().expect("parser");
+    assert!(
+        o.status.success(),
+        "the Prometheus parser refused the text: {}{}\n{text}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    );
+    serde_json::from_slice(&o.stdout).expect("json")
+}
+
 async fn status_until(
     c: &mut client::Client,
     what: &str,
@@ -314,6 +346,26 @@ fn auto_follows_channel_wave_window_and_fleetlock() {
             file.contains("update_agent_state{state=\"armed\"} 1"),
             "{file}"
         );
+        // What Prometheus itself makes of the text (its parser drops `_total` from
+        // counter families).
+        let families = prometheus_parse(&file);
+        for (name, kind) in [
+            ("update_agent_info", "gauge"),
+            ("update_agent_state", "gauge"),
+            ("update_agent_downloaded_bytes", "counter"),
+            ("update_agent_updates", "counter"),
+            ("update_agent_rollbacks", "counter"),
+            ("update_agent_checks", "counter"),
+            ("update_agent_reboot_wait_seconds", "gauge"),
+            ("update_agent_next_window_start_timestamp_seconds", "gauge"),
+            ("update_agent_fleetlock_held", "gauge"),
+        ] {
+            assert_eq!(
+                families.get(name).map(String::as_str),
+                Some(kind),
+                "{families:?}"
+            );
+        }
     }
 
     // 3a. Inside the window with a reboot command that fails: the slot is taken, then
