@@ -162,9 +162,14 @@ impl Daemon {
 
     fn resolve(&self, field: &'static str, source: Source) -> Result<Target, ApiError> {
         match source {
+            // The node's own channel (agent.toml auto.channel), where it has a release
+            // server to read it from.
+            Source::None if self.cfg.releases.url.is_some() => {
+                self.resolve(field, Source::Channel(self.cfg.auto.channel.clone()))
+            }
             Source::None => Err(ApiError::InvalidArgument {
                 field: "source",
-                why: "name a channel, a version, a url or a path".into(),
+                why: "name a channel, a version, a url or a path (this node has no [releases] url, so no channel of its own)".into(),
             }),
             Source::Channel(name) => {
                 if !crate::channel::valid_name(&name) {

@@ -100,8 +100,10 @@ pub enum Reboot {
     Window,
 }
 
+/// Where the release comes from; none: the node's own channel (agent.toml
+/// `auto.channel`, read from `[releases] url`).
 #[derive(Debug, Clone, Args)]
-#[group(required = true, multiple = false)]
+#[group(required = false, multiple = false)]
 pub struct Source {
     /// A release version from the node's release server (agent.toml [releases] url).
     #[arg(long)]
@@ -194,9 +196,10 @@ pub fn run(cmd: AgentCommand, c: &Connect) -> anyhow::Result<()> {
     rt.block_on(run_async(cmd, c))
 }
 
-fn source_of(s: Source) -> anyhow::Result<pb::start_update_request::Source> {
+/// `None`: the node's own channel (the agent resolves it).
+fn source_of(s: Source) -> anyhow::Result<Option<pb::start_update_request::Source>> {
     use pb::start_update_request::Source as S;
-    Ok(match s {
+    Ok(Some(match s {
         Source {
             version: Some(v), ..
         } => S::Version(v),
@@ -210,8 +213,8 @@ fn source_of(s: Source) -> anyhow::Result<pb::start_update_request::Source> {
                 std::path::absolute(&f).with_context(|| format!("resolving {}", f.display()))?;
             S::Path(abs.display().to_string())
         }
-        _ => anyhow::bail!("name a --version, --channel, --url or --file"),
-    })
+        _ => return Ok(None),
+    }))
 }
 
 async fn run_async(cmd: AgentCommand, c: &Connect) -> anyhow::Result<()> {
@@ -235,14 +238,14 @@ async fn run_async(cmd: AgentCommand, c: &Connect) -> anyhow::Result<()> {
         AgentCommand::Check { source } => {
             use pb::check_for_update_request::Source as C;
             use pb::start_update_request::Source as S;
-            let src = match source_of(source)? {
+            let src = source_of(source)?.map(|s| match s {
                 S::Version(v) => C::Version(v),
                 S::Channel(ch) => C::Channel(ch),
                 S::Url(u) => C::Url(u),
                 S::Path(p) => C::Url(format!("file://{p}")),
-            };
+            });
             let r = cl
-                .check_for_update(pb::CheckForUpdateRequest { source: Some(src) })
+                .check_for_update(pb::CheckForUpdateRequest { source: src })
                 .await
                 .map_err(CallError::from)?
                 .into_inner();
@@ -266,7 +269,7 @@ async fn run_async(cmd: AgentCommand, c: &Connect) -> anyhow::Result<()> {
         } => {
             let r = cl
                 .start_update(pb::StartUpdateRequest {
-                    source: Some(source_of(source)?),
+                    source: source_of(source)?,
                     reboot: match reboot {
                         Reboot::Never => pb::RebootPolicy::Never,
                         Reboot::Now => pb::RebootPolicy::Immediate,

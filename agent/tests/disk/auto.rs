@@ -499,6 +499,18 @@ fn auto_follows_channel_wave_window_and_fleetlock() {
             .await;
             assert_eq!(s.running_version, "2.0");
         });
+        // `updatectl check` without a source asks about the node's own channel.
+        let o = Command::new(env!("CARGO_BIN_EXE_updatectl"))
+            .arg("--socket")
+            .arg(n.path("run/agent.sock"))
+            .arg("check")
+            .output()
+            .expect("updatectl check");
+        assert!(
+            o.status.success() && text(&o).contains("2.0 is not newer than the running 2.0"),
+            "{}",
+            text(&o)
+        );
     }
     // 5. Unattended updates off, windows kept (for IN_WINDOW updates): the loop runs
     // but sleeps (it once spun on a check deadline that never moved).
