@@ -186,23 +186,34 @@ fn result_of(events: &[pb::update_event::Kind]) -> pb::Result {
     }
 }
 
-async fn wait_phase(c: &mut client::Client, phase: pb::Phase) {
-    let deadline = Instant::now() + Duration::from_secs(30);
+/// Polls status until `ok` holds (at most a minute); `what` names the wait.
+pub(super) async fn status_until(
+    c: &mut client::Client,
+    what: &str,
+    ok: impl Fn(&pb::Status) -> bool,
+) -> pb::Status {
+    let deadline = Instant::now() + Duration::from_secs(60);
     loop {
         let s = c
             .get_status(pb::GetStatusRequest {})
             .await
             .expect("status")
             .into_inner();
-        if s.operation
+        if ok(&s) {
+            return s;
+        }
+        assert!(Instant::now() < deadline, "never {what}: {s:#?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+async fn wait_phase(c: &mut client::Client, phase: pb::Phase) {
+    status_until(c, &format!("{phase:?}"), |s| {
+        s.operation
             .as_ref()
             .is_some_and(|o| o.phase == phase as i32)
-        {
-            return;
-        }
-        assert!(Instant::now() < deadline, "never reached {phase:?}: {s:?}");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    })
+    .await;
 }
 
 #[test]
@@ -229,10 +240,18 @@ fn api_update_commit_rollback_over_the_socket() {
         assert!(s.operation.is_none() && s.last_result.is_none(), "{s:?}");
 
         // Bad requests name the field; unknown versions are NOT_FOUND.
+        // No source: the node's own channel, not published yet.
         let e = c
             .start_update(pb::StartUpdateRequest::default())
             .await
-            .expect_err("no source");
+            .expect_err("no channel yet");
+        assert_eq!(e.code(), Code::NotFound, "{e:?}");
+        assert_eq!(reason(&e), "CHANNEL_NOT_FOUND");
+        assert!(e.message().contains("channel stable"), "{}", e.message());
+        let e = c
+            .start_update(start_req(S::Path("relative/x.uap".into())))
+            .await
+            .expect_err("relative path");
         assert_eq!(e.code(), Code::InvalidArgument);
         assert_eq!(
             e.get_error_details()
@@ -240,7 +259,7 @@ fn api_update_commit_rollback_over_the_socket() {
                 .expect("field")
                 .field_violations[0]
                 .field,
-            "source"
+            "path"
         );
         let e = c
             .start_update(start_req(S::Url("ftp://x/y".into())))

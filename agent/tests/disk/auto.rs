@@ -15,7 +15,7 @@ use std::process::Stdio;
 use update_agent::api::{client, pb};
 use update_agent::fleetlock::{self, FleetLockError};
 
-use super::api::{api_node, publish_channel, rt, Daemon};
+use super::api::{api_node, publish_channel, rt, status_until, Daemon};
 use super::*;
 
 /// integration/fleetlock-server.py on a free port; killed when dropped.
@@ -189,24 +189,19 @@ fn prometheus_parse(text: &str) -> HashMap<String, String> {
     serde_json::from_slice(&o.stdout).expect("json")
 }
 
-async fn status_until(
-    c: &mut client::Client,
-    what: &str,
-    ok: impl Fn(&pb::Status) -> bool,
-) -> pb::Status {
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        let s = c
-            .get_status(pb::GetStatusRequest {})
-            .await
-            .expect("status")
-            .into_inner();
-        if ok(&s) {
-            return s;
-        }
-        assert!(Instant::now() < deadline, "never {what}: {s:#?}");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+async fn connect(n: &Node) -> client::Client {
+    client::unix(&n.path("run/agent.sock"))
+        .await
+        .expect("connect")
+}
+
+/// Asserts the daemon sleeps: at most 4 wake-ups in 2 s while nobody calls it.
+fn assert_sleeps(d: &Daemon, what: &str) {
+    std::thread::sleep(Duration::from_millis(300));
+    let before = d.switches();
+    std::thread::sleep(Duration::from_secs(2));
+    let woke = d.switches() - before;
+    assert!(woke <= 4, "the daemon woke {woke} times in 2 s {what}");
 }
 
 fn auto_of(s: &pb::Status) -> pb::Auto {
@@ -260,9 +255,7 @@ fn auto_follows_channel_wave_window_and_fleetlock() {
     {
         let _d = start(0);
         rt.block_on(async {
-            let mut c = client::unix(&n.path("run/agent.sock"))
-                .await
-                .expect("connect");
+            let mut c = connect(&n).await;
             let s = status_until(&mut c, "checked the channel", |s| {
                 s.auto.as_ref().is_some_and(|a| a.wave_start.is_some())
             })
@@ -297,9 +290,7 @@ fn auto_follows_channel_wave_window_and_fleetlock() {
         let wave_in_4s = published + 30 * DAY - 4 - update_agent::timefmt::now() as i64;
         let d = start(wave_in_4s);
         rt.block_on(async {
-            let mut c = client::unix(&n.path("run/agent.sock"))
-                .await
-                .expect("connect");
+            let mut c = connect(&n).await;
             let s = status_until(&mut c, "staged and waiting for the window", |s| {
                 s.state == "armed" && auto_of(s).next_step.contains("window that opens")
             })
@@ -316,14 +307,7 @@ fn auto_follows_channel_wave_window_and_fleetlock() {
         n.assert_armed_v2();
         // Waiting for a window is sleeping: no wake-ups while nobody calls (a loop
         // that spun on a past deadline woke 20 times a second).
-        std::thread::sleep(Duration::from_millis(300));
-        let before = d.switches();
-        std::thread::sleep(Duration::from_secs(2));
-        let woke = d.switches() - before;
-        assert!(
-            woke <= 4,
-            "the daemon woke {woke} times in 2 s while waiting"
-        );
+        assert_sleeps(&d, "while waiting");
         assert!(!n.path("rebooted").exists(), "rebooted outside the window");
         let m = http_get(metrics_port, "/metrics");
         assert!(m.starts_with("HTTP/1.1 200"), "{m}");
@@ -384,9 +368,7 @@ fn auto_follows_channel_wave_window_and_fleetlock() {
     {
         let _d = start(opens + 600 - published);
         rt.block_on(async {
-            let mut c = client::unix(&n.path("run/agent.sock"))
-                .await
-                .expect("connect");
+            let mut c = connect(&n).await;
             let s = status_until(&mut c, "a failed reboot", |s| {
                 let a = auto_of(s);
                 a.next_step.contains("the reboot failed") && a.fleetlock == "released"
@@ -425,9 +407,7 @@ fn auto_follows_channel_wave_window_and_fleetlock() {
     {
         let _d = start(opens + 600 - published);
         rt.block_on(async {
-            let mut c = client::unix(&n.path("run/agent.sock"))
-                .await
-                .expect("connect");
+            let mut c = connect(&n).await;
             let s = status_until(&mut c, "refused by FleetLock", |s| {
                 auto_of(s).next_step.contains("reboot slots are held")
             })
@@ -468,9 +448,7 @@ fn auto_follows_channel_wave_window_and_fleetlock() {
     {
         let _d = start(opens + 700 - published);
         rt.block_on(async {
-            let mut c = client::unix(&n.path("run/agent.sock"))
-                .await
-                .expect("connect");
+            let mut c = connect(&n).await;
             status_until(&mut c, "waiting for the gate", |s| {
                 auto_of(s).next_step.contains("waiting for the health gate")
             })
@@ -489,9 +467,7 @@ fn auto_follows_channel_wave_window_and_fleetlock() {
     {
         let _d = start(opens + 900 - published);
         rt.block_on(async {
-            let mut c = client::unix(&n.path("run/agent.sock"))
-                .await
-                .expect("connect");
+            let mut c = connect(&n).await;
             let s = status_until(&mut c, "released after the commit", |s| {
                 let a = auto_of(s);
                 a.fleetlock == "released" && a.next_step.contains("up to date")
@@ -519,22 +495,13 @@ fn auto_follows_channel_wave_window_and_fleetlock() {
     {
         let d = start(opens + 900 - published);
         rt.block_on(async {
-            let mut c = client::unix(&n.path("run/agent.sock"))
-                .await
-                .expect("connect");
+            let mut c = connect(&n).await;
             status_until(&mut c, "off", |s| {
                 auto_of(s).next_step.contains("unattended updates are off")
             })
             .await;
         });
-        std::thread::sleep(Duration::from_millis(300));
-        let before = d.switches();
-        std::thread::sleep(Duration::from_secs(2));
-        let woke = d.switches() - before;
-        assert!(
-            woke <= 4,
-            "the daemon woke {woke} times in 2 s with auto off"
-        );
+        assert_sleeps(&d, "with auto off");
     }
 
     let last = lock.requests().last().cloned().expect("requests");
