@@ -10,7 +10,7 @@
 #      OVMF, bootloader, kernel and systemd under QEMU (TCG), the agent driven over
 #      gRPC with mutual TLS: update and commit, failed health and rollback, a kernel
 #      that never reaches user space, a power cut mid-write and the resume, manual
-#      rollback, power cuts during the bootloader flip and the commit (~22 min;
+#      rollback, power cuts during the bootloader flip and the commit (~18 min;
 #      UPDATE_AGENT_SKIP_VM=1 skips it for a quick local run, never in CI)
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)

@@ -76,7 +76,11 @@ mkdir -p "$w/www" "$w/pki" "$w/keys"
 qemu_pid=""
 server=""
 cleanup() {
-  [[ -n $qemu_pid ]] && kill "$qemu_pid" 2>/dev/null || true
+  # QEMU itself too: killing boot.sh alone leaves it running, holding the serial log.
+  if [[ -n $qemu_pid ]]; then
+    kill "$(cat "$w/qemu.pid" 2>/dev/null)" 2>/dev/null || true
+    kill "$qemu_pid" 2>/dev/null || true
+  fi
   [[ -n $server ]] && kill "$server" 2>/dev/null || true
 }
 trap cleanup EXIT
@@ -256,6 +260,7 @@ ctl() {
 wait_api() {
   local deadline=$((SECONDS + ${1:-240}))
   until ctl status >/dev/null 2>&1; do
+    agent_error
     ((SECONDS < deadline)) || fail "the agent did not answer within ${1:-240} s (serial log: $w/serial-$boots.log)"
     kill -0 "$qemu_pid" 2>/dev/null || fail "the VM stopped before its agent answered (serial log: $w/serial-$boots.log)"
     sleep 1
@@ -380,10 +385,18 @@ uptime_of() {
   tr -d '\000\r' <"$w/serial-$boots.log" | grep -a -m1 -F "$1" \
     | sed -n 's/^\[ *\([0-9.]*\)\].*/\1/p; s/.*uptime=\([0-9.]*\).*/\1/p' | head -n 1
 }
+# agent_error: fails at once, with the agent's words, when this boot's agent refused to
+# start (otherwise the lab would only time out waiting for it).
+agent_error() {
+  local e
+  e=$(tr -d '\000\r' 2>/dev/null <"$w/serial-$boots.log" | grep -a -m1 'update-agent\[[0-9]*\]: error: starting' || true)
+  [[ -z $e ]] || fail "the agent does not start: ${e#*: } (serial log: $w/serial-$boots.log)"
+}
 # wait_console REGEX: until this boot's console shows a line matching REGEX (grep BRE).
 wait_console() {
   local deadline=$((SECONDS + 240))
   until tr -d '\000' <"$w/serial-$boots.log" | grep -aq "$1"; do
+    agent_error
     ((SECONDS < deadline)) || fail "nothing matching '$1' on the console (serial log: $w/serial-$boots.log)"
     kill -0 "$qemu_pid" 2>/dev/null || fail "the VM stopped before '$1' (serial log: $w/serial-$boots.log)"
     sleep 0.2
