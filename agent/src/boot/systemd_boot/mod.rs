@@ -42,8 +42,9 @@
 //!   chooses it): that is what a rollback leaves behind;
 //! * a slot is **bootable** when it has an entry (counted or not).
 //!
-//! Anything else under `update-agent-` (two entries for one slot, equal ranks, a staged
-//! and a bootable entry for one slot, names that do not parse) is
+//! Anything else under `update-agent-` (two entries for one slot other than a torn
+//! rename, see below; equal ranks, a staged and a bootable entry for one slot, names
+//! that do not parse) is
 //! [`BootError::Malformed`]: every call refuses to touch such a tree. Other files (other
 //! distributions' entries) are never written, renamed or removed; they are read only to
 //! check that none of them sorts before the entry we expect to boot (a foreign entry
@@ -102,9 +103,17 @@
 //! * `commit` and `rollback_to` rename one entry that was already bootable: before and
 //!   after, some blessed entry exists and the highest-ranked one is the default.
 //!
-//! A rename torn by the FAT driver (both names left pointing at the same clusters) reads
-//! as two entries for one slot: Malformed, never "repaired" here, because removing one
-//! of two cross-linked names frees the clusters of the other; run `fsck.vfat` first.
+//! A rename torn by a power cut (Linux's vfat makes the new name durable before the old
+//! one is gone, both naming the same clusters; the VM lab's scenario 5 cuts the power
+//! inside a commit and finds it) leaves two entries for one slot. When the names say
+//! which was the rename's target (a higher rank, or the same rank without a counter:
+//! every rank change of ours raises it, and only a commit or `systemd-bless-boot`
+//! drops a counter), the target is read as the slot's entry and the other name is kept
+//! as *stale*: it is listed, never renamed or removed, because removing either of two
+//! cross-linked names frees the clusters of the other. So the commit counts as done
+//! and the node keeps working; only `mark_unbootable` of that slot (before writing a
+//! new release into it) is refused until `fsck.vfat` has been run. Any other pair is
+//! Malformed.
 
 mod entry;
 mod fs;

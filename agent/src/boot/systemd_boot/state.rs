@@ -21,6 +21,31 @@ pub struct EspState {
     entries: [Option<Entry>; 2],
     staged: [Option<String>; 2],
     temps: [bool; 2],
+    /// A second name of a slot's entry left by a torn rename (see [`torn_pair`]).
+    stale: [Option<String>; 2],
+}
+
+/// Two names of one slot's entry, as a rename torn by a power cut leaves them on vfat
+/// (Linux writes the new directory entry before the old one is gone, both naming the
+/// same clusters: seen in the VM lab, a cut inside a commit). Which is the rename's
+/// target, when the names say: every rename that changes a rank raises it, and the
+/// only renames that keep a rank and drop a counter are a commit and
+/// `systemd-bless-boot`. `(kept, stale)`, or `None` when the names do not say.
+fn torn_pair(a: Entry, b: Entry) -> Option<(Entry, Entry)> {
+    if a.version != b.version {
+        return None;
+    }
+    match (
+        a.rank.cmp(&b.rank),
+        a.counter.is_none(),
+        b.counter.is_none(),
+    ) {
+        (std::cmp::Ordering::Greater, ..) => Some((a, b)),
+        (std::cmp::Ordering::Less, ..) => Some((b, a)),
+        (_, true, false) => Some((a, b)),
+        (_, false, true) => Some((b, a)),
+        _ => None,
+    }
 }
 
 impl EspState {
@@ -31,6 +56,7 @@ impl EspState {
             entries: [None, None],
             staged: [None, None],
             temps: [false; 2],
+            stale: [None, None],
         };
         for name in names {
             match Name::parse(name)? {
@@ -43,11 +69,20 @@ impl EspState {
                 }
                 Name::Entry(e) => {
                     let i = e.slot.index();
-                    if st.entries[i].replace(e).is_some() {
-                        return Err(StateError::file(
+                    let two = || {
+                        StateError::file(
                             name,
                             "a slot has two entries (a torn rename? run fsck.vfat)",
-                        ));
+                        )
+                    };
+                    match st.entries[i].take() {
+                        None => st.entries[i] = Some(e),
+                        Some(_) if st.stale[i].is_some() => return Err(two()),
+                        Some(prev) => {
+                            let (kept, stale) = torn_pair(prev, e).ok_or_else(two)?;
+                            st.entries[i] = Some(kept);
+                            st.stale[i] = Some(stale.file_name());
+                        }
                     }
                 }
             }
@@ -84,6 +119,11 @@ impl EspState {
 
     pub fn has_temp(&self, slot: Slot) -> bool {
         self.temps[slot.index()]
+    }
+
+    /// The stale second name of `slot`'s entry, after a torn rename.
+    pub fn stale(&self, slot: Slot) -> Option<&str> {
+        self.stale[slot.index()].as_deref()
     }
 
     fn live(&self) -> impl Iterator<Item = &Entry> {
@@ -141,6 +181,7 @@ impl EspState {
         let mut live: Vec<&Entry> = self.live().collect();
         live.sort_by_key(|e| std::cmp::Reverse(e.rank));
         let mut out: Vec<String> = live.iter().map(|e| e.file_name()).collect();
+        out.extend(self.stale.iter().flatten().cloned());
         for slot in [Slot::A, Slot::B] {
             if let Some(v) = self.staged(slot) {
                 out.push(staged_name(slot, v));
@@ -165,6 +206,14 @@ impl EspState {
     pub fn mark_unbootable(&self, slot: Slot) -> Result<Vec<Op>, BootError> {
         if slot == self.default_entry().map_err(malformed)?.slot {
             return Err(refused("mark unbootable", slot, "it is the default slot"));
+        }
+        if self.stale(slot).is_some() {
+            // Removing either name frees the clusters the other still names.
+            return Err(refused(
+                "mark unbootable",
+                slot,
+                "its entry has a second name from a torn rename, sharing its clusters: run fsck.vfat on the ESP first",
+            ));
         }
         let mut ops = Vec::new();
         // The entry first: from then on the slot cannot be chosen.

@@ -345,10 +345,12 @@ fn trees_systemd_boot_would_read_differently_are_refused() {
             text.push_str("sort-key ua\n");
             fs::write(&p, text).expect("write")
         }),
-        ("torn rename", |esp| {
+        // Two entries for one slot that no torn rename of ours leaves (another
+        // version); a torn rename itself reads as its target (state.rs tests).
+        ("two entries for one slot", |esp| {
             fs::copy(
                 esp.join("loader/entries/update-agent-1-a-1.0.conf"),
-                esp.join("loader/entries/update-agent-2-a-1.0.conf"),
+                esp.join("loader/entries/update-agent-2-a-9.9.conf"),
             )
             .map(drop)
             .expect("copy")
@@ -436,4 +438,39 @@ fn create_and_open() {
         }
         other => panic!("expected Malformed, got {other:?}"),
     }
+}
+
+/// The torn commit the VM lab's scenario 5 left on a real ESP: the blessed name and
+/// the counted one, both present. The agent reads the commit as done, commits again
+/// without writing, rolls back by renaming the entry it reads, and refuses only to
+/// remove the slot's entry (either name would free the other's clusters).
+#[test]
+fn a_torn_commit_is_read_as_committed_and_never_removed() {
+    let esp = tmp();
+    let esp = esp.path();
+    let (r1, r2) = (Release::new("1"), Release::new("2"));
+    let mut sb = created(esp, &r1);
+    sb.mark_unbootable(B).expect("mark");
+    sb.stage(B, "2.0", &r2.kernel(), None).expect("stage");
+    sb.arm_trial(B, 3).expect("arm");
+    assert_eq!(boot(esp), B);
+    let dir = esp.join(ENTRIES_DIR);
+    fs::copy(
+        dir.join("update-agent-2-b-2.0+2-1.conf"),
+        dir.join("update-agent-2-b-2.0.conf"),
+    )
+    .expect("the torn commit");
+    assert_eq!(status(&sb), (B, None, [true, true]));
+    let before = snapshot(esp);
+    sb.commit(B).expect("commit again");
+    assert_eq!(snapshot(esp), before, "nothing to write");
+    sb.rollback_to(A).expect("rollback");
+    assert_eq!(status(&sb), (A, None, [true, true]));
+    let before = snapshot(esp);
+    match sb.mark_unbootable(B) {
+        Err(BootError::Refused { why, .. }) => assert!(why.contains("fsck.vfat"), "{why}"),
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(snapshot(esp), before, "a refused call writes nothing");
+    assert!(entries(esp).contains(&"update-agent-2-b-2.0+2-1.conf".to_owned()));
 }

@@ -72,12 +72,22 @@ fn state_from_names() {
 #[test]
 fn inconsistent_sets_are_malformed() {
     let cases: &[(&[&str], &str)] = &[
+        // Two names of one entry that no torn rename of ours leaves: other versions,
+        // equal ranks with counters on both, three names.
         (
-            &["update-agent-1-a-1.conf", "update-agent-2-a-1.conf"],
+            &["update-agent-1-a-1.conf", "update-agent-2-a-2.conf"],
             "two entries",
         ),
         (
-            &["update-agent-1-a-1.conf", "update-agent-1-a-1+3.conf"],
+            &["update-agent-1-a-1+3.conf", "update-agent-1-a-1+2-1.conf"],
+            "two entries",
+        ),
+        (
+            &[
+                "update-agent-1-a-1.conf",
+                "update-agent-2-a-1.conf",
+                "update-agent-3-a-1.conf",
+            ],
             "two entries",
         ),
         (
@@ -313,4 +323,54 @@ fn every_step_of_every_transition_keeps_a_bootable_default() {
             }
         }
     }
+}
+
+/// A rename torn by a power cut on vfat leaves both names (VM lab scenario 5: a cut in
+/// the commit left `…-9-a-6.0.conf` and `…-9-a-6.0+2-1.conf`). The target is read as
+/// the entry, the other name is kept as stale and never removed (it shares the
+/// entry's clusters), and only `mark_unbootable` of that slot is refused.
+#[test]
+fn a_torn_rename_reads_as_its_target() {
+    // A torn commit (the counter dropped, rank kept).
+    let s = st(&[
+        "update-agent-8-b-2.0.conf",
+        "update-agent-9-a-6.0+2-1.conf",
+        "update-agent-9-a-6.0.conf",
+    ]);
+    assert_eq!(summary(&s), (A, None, [true, true]));
+    assert_eq!(s.stale(A), Some("update-agent-9-a-6.0+2-1.conf"));
+    assert_eq!(s.stale(B), None);
+    assert!(s.commit(A).expect("commit").is_empty(), "already done");
+    assert!(s
+        .names()
+        .contains(&"update-agent-9-a-6.0+2-1.conf".to_owned()));
+    // A torn re-rank (rollback_to or commit of a lower entry): the higher rank wins,
+    // and the slot can still be made the default or armed, never emptied.
+    let names = owned(&[
+        "update-agent-1-a-1.conf",
+        "update-agent-2-a-1.conf",
+        "update-agent-3-b-2.conf",
+    ]);
+    let s = st(&names.iter().map(String::as_str).collect::<Vec<_>>());
+    assert_eq!(summary(&s), (B, None, [true, true]));
+    assert_eq!(s.stale(A), Some("update-agent-1-a-1.conf"));
+    match s.mark_unbootable(A) {
+        Err(BootError::Refused { why, .. }) => assert!(why.contains("fsck.vfat"), "{why}"),
+        other => panic!("mark_unbootable of a slot with a stale name: {other:?}"),
+    }
+    let ops = s.rollback_to(A).expect("rollback");
+    let after = st(&apply_ops(&names, &ops)
+        .iter()
+        .map(String::as_str)
+        .collect::<Vec<_>>());
+    assert_eq!(summary(&after), (A, None, [true, true]));
+    assert_eq!(after.stale(A), Some("update-agent-1-a-1.conf"));
+    // The other slot is not held back.
+    assert!(st(&[
+        "update-agent-1-a-1.conf",
+        "update-agent-2-a-1.conf",
+        "update-agent-3-b-2.conf"
+    ])
+    .mark_unbootable(A)
+    .is_err());
 }
