@@ -440,14 +440,9 @@ mod tests {
         let base = "compatible = \"x\"\n[releases]\nurl = \"http://h/p\"\n";
         // The whole chain, as updatectl and the daemon print it.
         let bad = |extra: &str| {
-            let e = Config::from_toml(&format!("{base}{extra}")).expect_err(extra);
-            let mut text = e.to_string();
-            let mut src = std::error::Error::source(&e);
-            while let Some(s) = src {
-                text.push_str(&format!(": {s}"));
-                src = s.source();
-            }
-            text
+            crate::update::error_chain(
+                &Config::from_toml(&format!("{base}{extra}")).expect_err(extra),
+            )
         };
         let e = bad("[auto]\nenabled = true\nreboot = \"window\"\n");
         assert!(

@@ -112,10 +112,7 @@ pub fn now() -> Timestamp {
 }
 
 fn ts(t: Timestamp) -> prost_types::Timestamp {
-    prost_types::Timestamp {
-        seconds: t.as_second(),
-        nanos: 0,
-    }
+    super::status::ts(secs(t))
 }
 
 fn secs(t: Timestamp) -> u64 {

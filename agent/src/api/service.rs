@@ -368,7 +368,7 @@ impl Service {
         strategy: RebootStrategy,
         caller: &str,
     ) -> Result<pb::StartUpdateResponse, ApiError> {
-        let reboot = strategy.policy();
+        let reboot = super::intent::policy(strategy);
         let key = format!("{} downgrade={}", target.key, allow_downgrade);
         let snapshot = pb::Operation {
             phase: pb::Phase::Opening as i32,
@@ -454,7 +454,7 @@ impl Service {
             phase: pb::Phase::Opening as i32,
             version,
             source: url.clone(),
-            reboot: strategy.policy() as i32,
+            reboot: super::intent::policy(strategy) as i32,
             started: Some(status::now()),
             ..Default::default()
         };

@@ -28,16 +28,6 @@ pub enum RebootStrategy {
 }
 
 impl RebootStrategy {
-    /// How the API shows it.
-    pub fn policy(self) -> crate::api::pb::RebootPolicy {
-        use crate::api::pb::RebootPolicy as P;
-        match self {
-            Self::Immediate => P::Immediate,
-            Self::Window | Self::FleetLock => P::InWindow,
-            Self::Never => P::Never,
-        }
-    }
-
     pub fn name(self) -> &'static str {
         match self {
             Self::Immediate => "immediate",

@@ -59,6 +59,25 @@ fn journal_of(n: &Node, args: &str, name: &str) -> Vec<HashMap<String, String>> 
         .collect()
 }
 
+/// The entries with `MESSAGE_ID` `id`.
+fn events<'a>(
+    entries: &'a [HashMap<String, String>],
+    id: &str,
+) -> Vec<&'a HashMap<String, String>> {
+    entries
+        .iter()
+        .filter(|e| e.get("MESSAGE_ID").map(String::as_str) == Some(id))
+        .collect()
+}
+
+/// The first entry with `MESSAGE_ID` `id`.
+fn event<'a>(entries: &'a [HashMap<String, String>], id: &str) -> &'a HashMap<String, String> {
+    events(entries, id)
+        .first()
+        .copied()
+        .unwrap_or_else(|| panic!("no event {id}: {entries:#?}"))
+}
+
 #[test]
 fn state_changes_are_journal_events_with_message_ids() {
     let n = Node::new();
@@ -67,12 +86,7 @@ fn state_changes_are_journal_events_with_message_ids() {
     assert!(o.status.success(), "{}", text(&o));
     n.boot_into("b");
     let entries = journal_of(&n, "boot-check", "commit.jsonl");
-    let committed: Vec<_> = entries
-        .iter()
-        .filter(|e| {
-            e.get("MESSAGE_ID").map(String::as_str) == Some(update_agent::events::COMMITTED)
-        })
-        .collect();
+    let committed = events(&entries, update_agent::events::COMMITTED);
     assert_eq!(committed.len(), 1, "{entries:#?}");
     let c = committed[0];
     assert_eq!(
@@ -97,12 +111,7 @@ fn state_changes_are_journal_events_with_message_ids() {
     // A manual rollback (ROLLING_BACK), then the boot into the old slot: ROLLED_BACK,
     // cause manual.
     let entries = journal_of(&n, "rollback", "rolling-back.jsonl");
-    let rb = entries
-        .iter()
-        .find(|e| {
-            e.get("MESSAGE_ID").map(String::as_str) == Some(update_agent::events::ROLLING_BACK)
-        })
-        .unwrap_or_else(|| panic!("no rolling-back event: {entries:#?}"));
+    let rb = event(&entries, update_agent::events::ROLLING_BACK);
     assert_eq!(
         rb.get("UPDATE_AGENT_CAUSE").map(String::as_str),
         Some("manual")
@@ -110,12 +119,7 @@ fn state_changes_are_journal_events_with_message_ids() {
     assert_eq!(rb.get("UPDATE_AGENT_SLOT").map(String::as_str), Some("a"));
     n.boot_into("a");
     let entries = journal_of(&n, "boot-check", "rollback.jsonl");
-    let rb = entries
-        .iter()
-        .find(|e| {
-            e.get("MESSAGE_ID").map(String::as_str) == Some(update_agent::events::ROLLED_BACK)
-        })
-        .unwrap_or_else(|| panic!("no rollback event: {entries:#?}"));
+    let rb = event(&entries, update_agent::events::ROLLED_BACK);
     assert_eq!(
         rb.get("UPDATE_AGENT_CAUSE").map(String::as_str),
         Some("manual")
