@@ -19,7 +19,8 @@ repo=$(dirname "$here")
 source "$here/setup.sh"
 cd "$repo"
 
-step() { printf '\n== %s\n' "$*"; }
+# Each step says how long the run has taken so far, so a slow tier shows in CI's log.
+step() { printf '\n== [%dm%02ds] %s\n' $((SECONDS / 60)) $((SECONDS % 60)) "$*"; }
 
 step "cargo fmt --check"
 cargo fmt --all --check

@@ -98,6 +98,28 @@ impl History {
         }
     }
 
+    /// Records `entry` unless the history already has it (the same outcome, release,
+    /// slot and time); whether it was recorded. Earlier builds timed a commit's
+    /// entry a moment after its state: up to 2 s later is the same commit.
+    pub fn record_once(&self, entry: Entry) -> Result<bool, StateError> {
+        let late = if entry.outcome == Outcome::Committed {
+            2
+        } else {
+            0
+        };
+        let seen = self.load().unwrap_or_default().iter().any(|e| {
+            e.outcome == entry.outcome
+                && e.version == entry.version
+                && e.slot == entry.slot
+                && (entry.at..=entry.at + late).contains(&e.at)
+        });
+        if seen {
+            return Ok(false);
+        }
+        self.record(entry)?;
+        Ok(true)
+    }
+
     pub fn record(&self, entry: Entry) -> Result<(), StateError> {
         // A corrupt history must not block updates: start a new one (the old file is
         // kept beside it for a person to look at).
@@ -120,6 +142,45 @@ impl History {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn record_once_finds_the_same_end_again() {
+        let d = tempfile::tempdir().expect("tempdir");
+        let h = History::new(d.path());
+        let commit = Entry {
+            version: "2.0".into(),
+            from_version: Some("1.0".into()),
+            slot: Slot::B,
+            outcome: Outcome::Committed,
+            reason: String::new(),
+            bytes_fetched: 7,
+            at: 1000,
+            cause: None,
+        };
+        assert!(h.record_once(commit.clone()).expect("first"));
+        assert!(!h.record_once(commit.clone()).expect("again"));
+        // An older agent's entry for the same commit, timed a second after the state.
+        let older = History::new(&d.path().join("x"));
+        fs::create_dir_all(d.path().join("x")).expect("dir");
+        older
+            .record(Entry {
+                at: 1001,
+                ..commit.clone()
+            })
+            .expect("older");
+        assert!(!older.record_once(commit.clone()).expect("same commit"));
+        // Another end: a rollback of the same release at the same time is recorded.
+        let rollback = Entry {
+            outcome: Outcome::RolledBack,
+            cause: Some(RollbackCause::HealthCheck),
+            ..commit.clone()
+        };
+        assert!(h.record_once(rollback.clone()).expect("rollback"));
+        assert!(!h.record_once(rollback).expect("rollback again"));
+        // The same release committed on the same slot later is another commit.
+        assert!(h.record_once(Entry { at: 5000, ..commit }).expect("later"));
+        assert_eq!(h.load().expect("load").len(), 3);
+    }
 
     #[test]
     fn bounded_and_survives_corruption() {

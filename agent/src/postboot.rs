@@ -9,6 +9,7 @@
 //! | RollingBack(b→a) | a | the rollback reboot happened | RolledBack (b unbootable unless manual) |
 //! | RollingBack(b→a) | b | killed before the reboot | point the bootloader at a again, reboot |
 //! | Staged(b), b bootable | any | the flip reached the disk, the state did not | as Armed(b) |
+//! | Committed(b), b counted | b | the commit's write was undone (an ESP repair) | commit again |
 //! | anything else | — | a normal boot | nothing |
 //!
 //! The last but one: arming writes the bootloader first and the state second, so a
@@ -23,6 +24,10 @@
 //! bootloader is pointed back, so an agent killed in between redoes the rollback on the
 //! next start instead of mistaking the reboot for a bootloader fallback; a commit
 //! killed between the bootloader and the state is redone (both steps are idempotent).
+//! History comes after the state: an end state (Committed, RolledBack) carries what its
+//! history entry needs, and every start records the entry if a power cut took it
+//! between the two (found by VM lab scenario 5: a cut 50 ms into a commit left 6.0
+//! committed and the history without it).
 
 use std::time::Instant;
 
@@ -75,10 +80,16 @@ impl Agent {
         let mut state = self.store.load()?;
         let booted = self.layout.booted;
         let now = timefmt::now();
-        if armed_before_the_cut(&state, &self.boot.status()?) {
+        let boot = self.boot.status()?;
+        if armed_before_the_cut(&state, &boot) {
             tracing::warn!(slot = %booted, phase = "armed", "the bootloader was armed but the state still said staged (power cut between the two); taking the release as armed");
             state.armed(self.cfg.boot.tries)?;
             self.store.save(&lock, &state)?;
+        }
+        if let Some(entry) = history_entry(&state, None) {
+            if self.history.record_once(entry)? {
+                tracing::warn!(state = state.name(), "the history did not have the last update's end (power cut between the state and the history); recorded it");
+            }
         }
         match state.clone() {
             State::Armed { staged, .. } if booted == staged.slot => {
@@ -120,14 +131,9 @@ impl Agent {
                 // new one (no kernel, panic, hang), whatever its counter shows now.
                 self.boot.rollback_to(booted)?;
                 self.boot.mark_unbootable(staged.slot)?;
-                state.rolled_back(booted, None, now)?;
+                state.rolled_back(booted, None, RollbackCause::DidNotBoot, now)?;
                 self.store.save(&lock, &state)?;
-                self.record_rollback(
-                    &state,
-                    staged.slot,
-                    staged.from_version,
-                    RollbackCause::DidNotBoot,
-                )?;
+                self.record_rollback(&state, staged.from_version)?;
                 Ok(rolled_back_outcome(&state))
             }
             State::RollingBack {
@@ -151,15 +157,26 @@ impl Agent {
                 if !manual {
                     self.boot.mark_unbootable(from)?;
                 }
-                state.rolled_back(to, None, now)?;
-                self.store.save(&lock, &state)?;
                 let cause = if manual {
                     RollbackCause::Manual
                 } else {
                     RollbackCause::HealthCheck
                 };
-                self.record_rollback(&state, from, None, cause)?;
+                state.rolled_back(to, None, cause, now)?;
+                self.store.save(&lock, &state)?;
+                self.record_rollback(&state, None)?;
                 Ok(rolled_back_outcome(&state))
+            }
+            State::Committed { version, slot, .. }
+                if slot == booted && boot.trial.is_some_and(|(s, _)| s == booted) =>
+            {
+                // Committed, yet the bootloader still counts this slot's tries: the
+                // commit's write was undone under the state (a torn systemd-boot rename
+                // repaired by fsck.vfat back to its source). Left so, the tries would
+                // run out and a committed release would quietly lose its default.
+                tracing::warn!(release = %version, slot = %slot, "the running release is committed but the bootloader still counts its tries (a commit undone by a repair of the ESP?); committing it again");
+                self.boot.commit(slot)?;
+                Ok(BootOutcome::Normal)
             }
             _ => Ok(BootOutcome::Normal),
         }
@@ -251,6 +268,7 @@ impl Agent {
         let previous = staged.from_version.clone().map(|v| (slot.other(), v));
         state.commit(previous, timefmt::now())?;
         self.store.save(lock, &state)?;
+        failpoint("after-commit-state");
         let t_state = t.elapsed();
         tracing::info!(
             release = %staged.version,
@@ -260,16 +278,9 @@ impl Agent {
             t_boot.as_millis(),
             (t_state - t_boot).as_millis()
         );
-        self.history.record(Entry {
-            version: staged.version.clone(),
-            from_version: staged.from_version.clone(),
-            slot,
-            outcome: Outcome::Committed,
-            reason: String::new(),
-            bytes_fetched: staged.bytes_fetched,
-            at: timefmt::now(),
-            cause: None,
-        })?;
+        if let Some(entry) = history_entry(&state, None) {
+            self.history.record_once(entry)?;
+        }
         crate::emit!(tracing::Level::INFO, crate::events::COMMITTED, update_agent_release = %staged.version, update_agent_slot = %slot, "committed {} on slot {slot}", staged.version);
         Ok(())
     }
@@ -277,31 +288,66 @@ impl Agent {
     fn record_rollback(
         &self,
         state: &State,
-        failed_slot: Slot,
         from_version: Option<String>,
-        cause: RollbackCause,
     ) -> Result<(), UpdateError> {
         if let State::RolledBack {
             version,
             reason,
-            at,
             slot,
+            cause,
+            ..
         } = state
         {
+            let cause = cause.map_or("unknown", RollbackCause::name);
             tracing::error!(release = %version, slot = %slot, phase = "rolled_back", reason = %reason, "rolled back");
-            crate::emit!(tracing::Level::ERROR, crate::events::ROLLED_BACK, update_agent_release = %version, update_agent_slot = %slot, update_agent_cause = cause.name(), update_agent_reason = %reason, "{version} rolled back ({}): {reason}", cause.name());
-            self.history.record(Entry {
-                version: version.clone(),
-                from_version,
-                slot: failed_slot,
-                outcome: Outcome::RolledBack,
-                reason: reason.clone(),
-                bytes_fetched: 0,
-                at: *at,
-                cause: Some(cause),
-            })?;
+            crate::emit!(tracing::Level::ERROR, crate::events::ROLLED_BACK, update_agent_release = %version, update_agent_slot = %slot, update_agent_cause = cause, update_agent_reason = %reason, "{version} rolled back ({cause}): {reason}");
+        }
+        if let Some(entry) = history_entry(state, from_version) {
+            self.history.record_once(entry)?;
         }
         Ok(())
+    }
+}
+
+/// The history entry an end state stands for (`None` for the others). Its time is the
+/// state's, so the entry is found again after a power cut and recorded once.
+/// `from_version` of a rollback is known only where it happened.
+fn history_entry(state: &State, from_version: Option<String>) -> Option<Entry> {
+    match state {
+        State::Committed {
+            version,
+            slot,
+            previous,
+            at,
+            bytes_fetched,
+        } => Some(Entry {
+            version: version.clone(),
+            from_version: previous.as_ref().map(|(_, v)| v.clone()),
+            slot: *slot,
+            outcome: Outcome::Committed,
+            reason: String::new(),
+            bytes_fetched: *bytes_fetched,
+            at: *at,
+            cause: None,
+        }),
+        State::RolledBack {
+            version,
+            slot,
+            reason,
+            at,
+            cause,
+        } => Some(Entry {
+            version: version.clone(),
+            from_version,
+            // The slot the release was on: the other one.
+            slot: slot.other(),
+            outcome: Outcome::RolledBack,
+            reason: reason.clone(),
+            bytes_fetched: 0,
+            at: *at,
+            cause: *cause,
+        }),
+        _ => None,
     }
 }
 

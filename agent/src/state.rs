@@ -14,6 +14,8 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
+use crate::history::RollbackCause;
+
 use crate::slots::Slot;
 
 /// Schema of `state.json`; bumped only with a migration.
@@ -118,6 +120,9 @@ pub enum State {
         slot: Slot,
         previous: Option<(Slot, String)>,
         at: u64,
+        /// What the attempt downloaded, for its history entry (see `postboot`).
+        #[serde(default)]
+        bytes_fetched: u64,
     },
     /// The old slot is the default again; the node still runs `from` and must reboot.
     RollingBack {
@@ -136,6 +141,9 @@ pub enum State {
         slot: Slot,
         reason: String,
         at: u64,
+        /// Why, for its history entry (states written before it existed have none).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        cause: Option<RollbackCause>,
     },
 }
 
@@ -268,6 +276,7 @@ impl State {
                     slot: staged.slot,
                     previous,
                     at,
+                    bytes_fetched: staged.bytes_fetched,
                 };
                 Ok(())
             }
@@ -303,6 +312,7 @@ impl State {
         &mut self,
         slot: Slot,
         reason: Option<String>,
+        cause: RollbackCause,
         at: u64,
     ) -> Result<(), StateError> {
         let (version, reason) = match self {
@@ -320,6 +330,7 @@ impl State {
             slot,
             reason,
             at,
+            cause: Some(cause),
         };
         Ok(())
     }

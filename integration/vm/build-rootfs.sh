@@ -15,7 +15,9 @@
 #   * / is the slot image, mounted read-only (GRUB passes "ro"); the root file system
 #     is never fsck'd or written, so the bytes the agent diffs against stay as built.
 #   * /var is a tmpfs; /var/lib/update-agent is the `state` partition and /boot/efi the
-#     ESP (both by PARTLABEL, nofail).
+#     ESP (both by PARTLABEL, nofail). Both are fsck'd at boot (pass 2), as Debian's
+#     installer sets up an ESP: dosfstools is included for fsck.vfat, which repairs what
+#     a power cut inside a rename leaves (two names sharing clusters).
 #   * udev is included: it makes /dev/disk/by-partlabel (fstab, the agent) and loads
 #     virtio_net by modalias. kmod is included for that and for `fs-vfat` autoloading.
 #   * systemd-networkd does DHCP on the virtio NIC (QEMU user net: 10.0.2.15).
@@ -45,7 +47,7 @@ source "$here/setup.sh"
 
 cache=${1:-/var/tmp/update-agent-vm}
 mirror=${UA_VM_MIRROR:-http://deb.debian.org/debian}
-include=systemd,systemd-sysv,udev,kmod${UA_VM_INCLUDE:+,$UA_VM_INCLUDE}
+include=systemd,systemd-sysv,udev,kmod,dosfstools${UA_VM_INCLUDE:+,$UA_VM_INCLUDE}
 modules=${UA_VM_MODULES:-virtio_pci virtio_net virtio_rng vfat nls_cp437 nls_ascii nls_utf8 efivarfs autofs4 dm_verity}
 mkdir -p "$cache"
 cache=$(cd "$cache" && pwd)
@@ -162,7 +164,7 @@ cat >"$r/etc/fstab" <<'FSTAB'
 # update-agent VM lab. / is the slot image, mounted read-only by the kernel ("ro").
 tmpfs                 /var                  tmpfs  mode=0755,nosuid,nodev,size=128m  0 0
 PARTLABEL=state       /var/lib/update-agent ext4   defaults,nofail,x-systemd.device-timeout=20s  0 2
-PARTLABEL=esp         /boot/efi             vfat   umask=0077,nofail,x-systemd.device-timeout=20s  0 0
+PARTLABEL=esp         /boot/efi             vfat   umask=0077,nofail,x-systemd.device-timeout=20s  0 2
 FSTAB
 # The slot is an image: never fsck it (a repair would change the bytes the agent's
 # deltas are computed against).

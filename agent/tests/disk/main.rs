@@ -1118,6 +1118,28 @@ fn trial_boots_commit_or_roll_back() {
         n.grub_vars().get("ua_default").map(String::as_str),
         Some("b")
     );
+    // 8b. Killed between the commit's state and its history entry (VM lab scenario 5
+    // once cut there): the next start records the commit, once, with its bytes.
+    n.reset();
+    stage(&n);
+    n.boot_into("b");
+    let o = check(&n, &[("UPDATE_AGENT_FAILPOINT", "after-commit-state")]);
+    assert!(!o.status.success());
+    let commits = || -> Vec<serde_json::Value> {
+        let all: Vec<serde_json::Value> = fs::read(n.path("state/history.json"))
+            .map(|b| serde_json::from_slice(&b).expect("history"))
+            .unwrap_or_default();
+        all.into_iter()
+            .filter(|e| e["outcome"] == "committed" && e["version"] == "2.0")
+            .collect()
+    };
+    assert!(commits().is_empty(), "{:?}", commits());
+    let o = check(&n, &[]);
+    assert!(text(&o).contains("recorded it"), "{}", text(&o));
+    let _ = check(&n, &[]);
+    let c = commits();
+    assert_eq!(c.len(), 1, "{c:?}");
+    assert!(c[0]["bytes_fetched"].as_u64() > Some(0), "{c:?}");
     n.reset();
     stage(&n);
     n.health_script("40-bad", "exit 1");
@@ -1413,6 +1435,34 @@ fn systemd_boot_stage_trial_and_commit() {
     let o = n.agent(&["status"], &[]);
     let s: serde_json::Value = serde_json::from_slice(&o.stdout).expect("status json");
     assert_eq!(s["boot"]["default"], "b", "{s}");
+
+    // A power cut tore the commit's rename (both names, shared clusters), fsck.vfat at
+    // the next boot emptied the blessed name, and systemd-boot then booted the counted
+    // one as a trial again. The gate finds the committed release counted and commits
+    // it again, taking the emptied name away first.
+    let blessed_name = blessed
+        .iter()
+        .find(|e| e.contains("-b-2.0.conf"))
+        .expect("blessed")
+        .clone();
+    let dir = esp.join("loader/entries");
+    let recounted = blessed_name.replace(".conf", "+1-2.conf");
+    fs::copy(dir.join(&blessed_name), dir.join(&recounted)).expect("the torn rename");
+    fs::write(dir.join(&blessed_name), "").expect("fsck empties one name");
+    let o = n.agent(&["boot-check"], &[]);
+    assert!(o.status.success(), "{}", text(&o));
+    assert!(
+        text(&o).contains("committing it again"),
+        "the gate says what it found: {}",
+        text(&o)
+    );
+    assert_eq!(entries(), blessed, "blessed again, the emptied name gone");
+    assert!(
+        fs::read_to_string(dir.join(&blessed_name))
+            .expect("entry")
+            .contains("linux"),
+        "the blessed entry has its text"
+    );
 }
 
 /// The booted slot is a mounted file system, and ext4 changes its superblock in the

@@ -113,7 +113,12 @@
 //! cross-linked names frees the clusters of the other. So the commit counts as done
 //! and the node keeps working; only `mark_unbootable` of that slot (before writing a
 //! new release into it) is refused until `fsck.vfat` has been run. Any other pair is
-//! Malformed.
+//! Malformed. `fsck.vfat -a` (systemd-fsck runs it at boot where the ESP has a pass
+//! number) truncates one of the two names to 0 bytes: that name is set aside (see
+//! [`fsck_residue`]) and removed at the next write, and whichever name kept the data is
+//! the slot's entry. When that is the rename's source, the rename is simply undone: a
+//! trial is a trial again (the gate commits it), and a commit undone under a committed
+//! state is done again by the gate (`postboot`).
 
 mod entry;
 mod fs;
@@ -170,6 +175,40 @@ struct Tree {
     names: Vec<String>,
     state: EspState,
     foreign: Vec<Foreign>,
+    /// Emptied names set aside (see [`fsck_residue`]), removed at the next write.
+    residue: Vec<String>,
+}
+
+/// What [`SystemdBoot::list`] finds.
+struct Listing {
+    names: Vec<String>,
+    foreign: Vec<Foreign>,
+    residue: Vec<String>,
+}
+
+/// Our entry names that `fsck.vfat` emptied after a torn rename: of two names sharing
+/// clusters it truncates the second it meets to 0 bytes (systemd-fsck runs it at boot
+/// wherever the ESP has a pass number, as Debian installs it). An empty file has no
+/// clusters, so removing it frees nothing, and systemd-boot skips it (no `linux`
+/// line). Only an empty name beside a non-empty name of the same slot is residue; a
+/// lone empty entry stays an error.
+fn fsck_residue(dir: &Path, names: &[String]) -> Result<Vec<String>, BootError> {
+    let mut ours = Vec::new();
+    for name in names {
+        // Names that do not parse are reported by `EspState::from_names`.
+        if let Ok(Name::Entry(e)) = Name::parse(name) {
+            let path = dir.join(name);
+            let len = std::fs::metadata(&path)
+                .map_err(|source| BootError::Read { path, source })?
+                .len();
+            ours.push((name, e.slot, len == 0));
+        }
+    }
+    Ok(ours
+        .iter()
+        .filter(|(_, slot, empty)| *empty && ours.iter().any(|(_, s, e)| s == slot && !e))
+        .map(|(name, ..)| (*name).clone())
+        .collect())
 }
 
 /// The systemd-boot backend over one ESP.
@@ -213,7 +252,8 @@ impl SystemdBoot {
             path: entries.clone(),
             what,
         })?;
-        let (names, foreign) = sb.list(true)?;
+        // Residue needs another entry of ours, which create refuses anyway.
+        let Listing { names, foreign, .. } = sb.list(true)?;
         let state =
             EspState::from_names(names.iter().map(String::as_str)).map_err(|e| e.at(&entries))?;
         if state.has_entries() {
@@ -330,10 +370,13 @@ impl SystemdBoot {
         Ok(staged)
     }
 
-    /// Names in the entries directory, and the foreign entries among them.
-    fn list(&self, missing_ok: bool) -> Result<(Vec<String>, Vec<Foreign>), BootError> {
+    /// Names in the entries directory but the fsck residue, the foreign entries among
+    /// them, and the residue.
+    fn list(&self, missing_ok: bool) -> Result<Listing, BootError> {
         let dir = self.entries_dir();
-        let names = list_files(&dir, missing_ok)?;
+        let mut names = list_files(&dir, missing_ok)?;
+        let residue = fsck_residue(&dir, &names)?;
+        names.retain(|n| !residue.contains(n));
         let mut foreign = Vec::new();
         for name in &names {
             if name.starts_with(PREFIX) || !is_entry_name(name) {
@@ -346,7 +389,11 @@ impl SystemdBoot {
                 sort_key: has_sort_key(&text),
             });
         }
-        Ok((names, foreign))
+        Ok(Listing {
+            names,
+            foreign,
+            residue,
+        })
     }
 
     /// Checks `names` as a complete tree: our names, a default, the order against
@@ -420,6 +467,11 @@ impl SystemdBoot {
                     }
                 }
             }
+            if text.trim().is_empty() {
+                return Err(bad(
+                    "an entry of the agent is empty (its data never reached the disk?)",
+                ));
+            }
             if linux != 1 {
                 return Err(bad(
                     "an entry of the agent does not have exactly one linux line",
@@ -431,13 +483,18 @@ impl SystemdBoot {
 
     /// The directory, checked; the contents of our entries as [`Self::check_contents`].
     fn read_checked(&self, skip: Option<Slot>, staged: Option<Slot>) -> Result<Tree, BootError> {
-        let (names, foreign) = self.list(false)?;
+        let Listing {
+            names,
+            foreign,
+            residue,
+        } = self.list(false)?;
         let state = self.check(&names, &foreign)?;
         self.check_contents(&state, skip, staged)?;
         Ok(Tree {
             names,
             state,
             foreign,
+            residue,
         })
     }
 
@@ -451,7 +508,9 @@ impl SystemdBoot {
         plan: impl FnOnce(&EspState) -> Result<Vec<Op>, BootError>,
     ) -> Result<(), BootError> {
         let tree = tree?;
-        let ops = plan(&tree.state).map_err(|e| under(&self.entries_dir(), e))?;
+        // Residue first: a rename never replaces a file, and one may have its name.
+        let mut ops: Vec<Op> = tree.residue.iter().cloned().map(Op::Remove).collect();
+        ops.extend(plan(&tree.state).map_err(|e| under(&self.entries_dir(), e))?);
         if ops.is_empty() {
             return Ok(());
         }

@@ -329,7 +329,11 @@ fn a_foreign_entry_that_would_boot_first_is_refused() {
 fn trees_systemd_boot_would_read_differently_are_refused() {
     let r1 = Release::new("1");
     type Spoil = fn(&Path);
-    let cases: [(&str, Spoil); 5] = [
+    let cases: [(&str, Spoil); 6] = [
+        // Alone, an empty entry is not fsck residue (see below): its slot has nothing.
+        ("an empty entry", |esp| {
+            fs::write(esp.join("loader/entries/update-agent-1-a-1.0.conf"), "").expect("write")
+        }),
         ("default in loader.conf", |esp| {
             fs::write(esp.join(LOADER_CONF), "timeout 0\ndefault update-agent-*\n").expect("write")
         }),
@@ -473,4 +477,49 @@ fn a_torn_commit_is_read_as_committed_and_never_removed() {
     }
     assert_eq!(snapshot(esp), before, "a refused call writes nothing");
     assert!(entries(esp).contains(&"update-agent-2-b-2.0+2-1.conf".to_owned()));
+}
+
+/// The same torn commit after `fsck.vfat -a`, which truncates the second of two
+/// cross-linked names it meets to 0 bytes (tried on a real FAT image with mtools:
+/// "share clusters. Truncating second to 0 bytes."). Whichever name it empties, the
+/// agent reads the slot from the other, removes the empty one at its next write (a
+/// file of 0 bytes has no clusters to free), and may remove the slot again afterwards.
+#[test]
+fn fsck_residue_of_a_torn_commit_is_set_aside_then_removed() {
+    const BLESSED: &str = "update-agent-2-b-2.0.conf";
+    const COUNTED: &str = "update-agent-2-b-2.0+2-1.conf";
+    for emptied in [BLESSED, COUNTED] {
+        let esp = tmp();
+        let esp = esp.path();
+        let (r1, r2) = (Release::new("1"), Release::new("2"));
+        let mut sb = created(esp, &r1);
+        sb.mark_unbootable(B).expect("mark");
+        sb.stage(B, "2.0", &r2.kernel(), None).expect("stage");
+        sb.arm_trial(B, 3).expect("arm");
+        assert_eq!(boot(esp), B);
+        let dir = esp.join(ENTRIES_DIR);
+        fs::copy(dir.join(COUNTED), dir.join(BLESSED)).expect("the torn commit");
+        fs::write(dir.join(emptied), "").expect("fsck truncates one name");
+        let survivor = if emptied == BLESSED { COUNTED } else { BLESSED };
+        // The commit is undone when the blessed name was emptied: a trial again.
+        let trial = (emptied == BLESSED).then_some((B, 2));
+        let default = if trial.is_some() { A } else { B };
+        assert_eq!(status(&sb), (default, trial, [true, true]), "{emptied}");
+        sb.commit(B).expect("commit");
+        assert_eq!(status(&sb), (B, None, [true, true]), "{emptied}");
+        let names = entries(esp);
+        assert!(
+            names.contains(&BLESSED.to_owned()) && !names.contains(&COUNTED.to_owned()),
+            "{emptied} emptied, {survivor} kept: {names:?}"
+        );
+        assert!(
+            fs::read_to_string(dir.join(BLESSED))
+                .expect("read")
+                .contains("linux"),
+            "{emptied}: the blessed entry has the survivor's text"
+        );
+        sb.rollback_to(A).expect("rollback");
+        sb.mark_unbootable(B).expect("the slot is whole again");
+        assert_eq!(status(&sb), (A, None, [true, false]), "{emptied}");
+    }
 }
