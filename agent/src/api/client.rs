@@ -2,6 +2,7 @@
 //! with mutual TLS (fleet controllers, the VM lab).
 
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use hyper_util::rt::TokioIo;
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
@@ -18,6 +19,10 @@ pub enum ConnectError {
         #[source]
         source: tonic::transport::Error,
     },
+    /// The handshake (TCP, TLS, HTTP/2) did not finish in time: a host that drops
+    /// packets, or a proxy or NAT that accepts for a host that is not there yet.
+    #[error("cannot reach update-agent at {address}: no answer within {after:?}")]
+    Timeout { address: String, after: Duration },
     #[error("cannot reach update-agent at {address}")]
     Tcp {
         address: String,
@@ -61,8 +66,13 @@ pub struct TlsFiles {
     pub server_name: Option<String>,
 }
 
-/// Connects to `address` (`https://host:port`) with a client certificate.
-pub async fn tls(address: &str, files: &TlsFiles) -> Result<Client, ConnectError> {
+/// Connects to `address` (`https://host:port`) with a client certificate, giving up
+/// after `within` (a fleet controller must not hang on one unreachable node).
+pub async fn tls(
+    address: &str,
+    files: &TlsFiles,
+    within: Duration,
+) -> Result<Client, ConnectError> {
     let read = |path: &PathBuf| {
         std::fs::read(path).map_err(|source| ConnectError::Read {
             path: path.clone(),
@@ -79,12 +89,18 @@ pub async fn tls(address: &str, files: &TlsFiles) -> Result<Client, ConnectError
         address: address.to_owned(),
         source,
     };
-    let channel = Endpoint::from_shared(address.to_owned())
+    let endpoint = Endpoint::from_shared(address.to_owned())
         .map_err(err)?
         .tls_config(tls)
-        .map_err(err)?
-        .connect()
+        .map_err(err)?;
+    // The whole handshake, not only TCP's: through QEMU's user network (or a NAT) the
+    // TCP connect succeeds at once and the TLS handshake is what waits.
+    let channel = tokio::time::timeout(within, endpoint.connect())
         .await
+        .map_err(|_| ConnectError::Timeout {
+            address: address.to_owned(),
+            after: within,
+        })?
         .map_err(err)?;
     Ok(UpdateAgentClient::new(channel))
 }

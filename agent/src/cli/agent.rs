@@ -48,6 +48,16 @@ pub struct Connect {
     /// Name expected in the agent's certificate (default: the address's host).
     #[arg(long, global = true, help_heading = "Connection")]
     pub tls_server_name: Option<String>,
+    /// Seconds to wait for a remote agent to answer the connection (TCP, TLS).
+    #[arg(long, global = true, help_heading = "Connection", env = "UPDATECTL_CONNECT_TIMEOUT", default_value_t = 10.0, value_parser = positive_secs)]
+    pub connect_timeout: f64,
+}
+
+fn positive_secs(s: &str) -> Result<f64, String> {
+    match s.parse::<f64>() {
+        Ok(v) if v > 0.0 && v <= 3600.0 => Ok(v),
+        _ => Err(format!("{s:?} is not a number of seconds in (0, 3600]")),
+    }
 }
 
 /// A call the agent answered with an error: code, stable reason, and its message.
@@ -182,7 +192,12 @@ async fn connect(c: &Connect) -> anyhow::Result<Client> {
                 key: c.tls_key.clone().unwrap_or_default(),
                 server_name: c.tls_server_name.clone(),
             };
-            client::tls(addr, &files).await?
+            client::tls(
+                addr,
+                &files,
+                std::time::Duration::from_secs_f64(c.connect_timeout),
+            )
+            .await?
         }
         None => client::unix(&c.socket).await?,
     })

@@ -904,9 +904,13 @@ fn api_tcp_mutual_tls() {
     let rt = rt();
     rt.block_on(async {
         // On the list: reads and changes (cancel gets past access, to "nothing to cancel").
-        let mut c = client::tls(&address, &files("controller", "fleet-ca"))
-            .await
-            .expect("connect");
+        let mut c = client::tls(
+            &address,
+            &files("controller", "fleet-ca"),
+            Duration::from_secs(10),
+        )
+        .await
+        .expect("connect");
         let s = c
             .get_status(pb::GetStatusRequest {})
             .await
@@ -920,9 +924,13 @@ fn api_tcp_mutual_tls() {
         assert_eq!(e.code(), Code::FailedPrecondition, "{e:?}");
 
         // A good certificate whose identity is not on the list: refused every call.
-        let mut c = client::tls(&address, &files("intruder", "fleet-ca"))
-            .await
-            .expect("connect");
+        let mut c = client::tls(
+            &address,
+            &files("intruder", "fleet-ca"),
+            Duration::from_secs(10),
+        )
+        .await
+        .expect("connect");
         let e = c
             .get_status(pb::GetStatusRequest {})
             .await
@@ -931,7 +939,13 @@ fn api_tcp_mutual_tls() {
         assert!(e.message().contains("intruder"), "{}", e.message());
 
         // Same identity, signed by an unknown CA; and no certificate at all.
-        let rogue = match client::tls(&address, &files("rogue", "fleet-ca")).await {
+        let rogue = match client::tls(
+            &address,
+            &files("rogue", "fleet-ca"),
+            Duration::from_secs(10),
+        )
+        .await
+        {
             Ok(mut c) => c
                 .get_status(pb::GetStatusRequest {})
                 .await
@@ -940,6 +954,25 @@ fn api_tcp_mutual_tls() {
             Err(e) => Err(e.to_string()),
         };
         assert!(rogue.is_err(), "a certificate from an unknown CA got in");
+
+        // A listener that completes TCP's handshake (the kernel's backlog) and never
+        // speaks TLS, as QEMU's user network does for a guest not up yet: the client
+        // gives up when asked to, and says so.
+        let silent = TcpListener::bind("127.0.0.1:0").expect("silent listener");
+        let silent_at = format!("https://{}", silent.local_addr().expect("addr"));
+        match client::tls(
+            &silent_at,
+            &files("controller", "fleet-ca"),
+            Duration::from_millis(300),
+        )
+        .await
+        {
+            Err(e @ client::ConnectError::Timeout { .. }) => {
+                assert!(e.to_string().contains(&silent_at), "{e}")
+            }
+            other => panic!("{:?}", other.map(drop)),
+        }
+        drop(silent);
         let plain = async {
             let tls = tonic::transport::ClientTlsConfig::new().ca_certificate(
                 tonic::transport::Certificate::from_pem(
