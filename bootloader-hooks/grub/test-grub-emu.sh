@@ -93,7 +93,27 @@ boot() {
     rm -f grubenv emulog
     grub-editenv emulog create
     mcopy -o -i disk.img@@1M emulog ::/grub/emulog
-    timeout 30 grub-emu -m device.map -r hd0,gpt1 -d /grub </dev/null >screen.txt 2>&1 || true
+    # GRUB waits 10 s ("Press any key to continue...") after an entry printed an
+    # error, and every entry does here (grub-emu has no kernel to boot): answer each
+    # wait as it appears on the screen. The FIFO is held open on fd 3, so grub-emu's
+    # input never ends and a write never blocks.
+    rm -f keys screen.txt
+    mkfifo keys
+    exec 3<>keys
+    : >screen.txt
+    timeout 30 grub-emu -m device.map -r hd0,gpt1 -d /grub <keys >screen.txt 2>&1 &
+    emu=$!
+    answered=0
+    while kill -0 "$emu" 2>/dev/null; do
+        waits=$(grep -a -o "Press any key" screen.txt | wc -l)
+        if [ "$waits" -gt "$answered" ]; then
+            printf '\n' >&3
+            answered=$((answered + 1))
+        fi
+        sleep 0.05
+    done
+    wait "$emu" || true
+    exec 3>&-
     rm -f emulog
     mcopy -i disk.img@@1M ::/grub/emulog emulog
     log=$(grub-editenv emulog list | sed -n 's/^log=//p')
