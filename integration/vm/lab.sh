@@ -456,6 +456,7 @@ for s in "${scenarios[@]}"; do
       plain=$(secs_since "$t")
       plain_phases=$(phases "$t" "$(date +%s.%N)")
       plain_mu=$(uptime_of "UA-LAB: multi-user reached")
+      plain_api=$(uptime_of "serving the update API")
       log "plain reboot: $plain s (multi-user at $plain_mu s of uptime)"
       say "scenario 1: 1.0 -> 2.0 staged over gRPC while the node runs"
       delta=$(cd "$w/www" && ls 2.0.from-*.uap)
@@ -477,9 +478,10 @@ for s in "${scenarios[@]}"; do
       ssh_status=$(grep -a 'UA-LAB' "$w/serial-$boots.log" | tail -3 || true)
       printf '%s\n' "$ssh_status"
       # Where the trial boot's time went, from the guest's journal on the console.
-      printf 'scenario 1: guest uptime: multi-user %s s (plain boot %s s); gate checks from %s s, passed %s s, committed %s s; API %s s\n' \
+      printf 'scenario 1: guest uptime: multi-user %s s (plain boot %s s); gate checks from %s s, passed %s s, committed %s s; API %s s (plain boot %s s)\n' \
         "$(uptime_of "UA-LAB: multi-user reached")" "$plain_mu" "$(uptime_of "trial boot: running the health checks")" \
-        "$(uptime_of "health checks done in")" "$(uptime_of "trial boot healthy; committed")" "$(uptime_of "serving the update API")"
+        "$(uptime_of "health checks done in")" "$(uptime_of "trial boot healthy; committed")" "$(uptime_of "serving the update API")" \
+        "$plain_api"
       tr -d '\000\r' <"$trial_log" | grep -a -E 'update-agent\[[0-9]+\]: (unit |health check|commit)' || true
       # A second plain reboot after the update: this machine's guests now and then run
       # ~1.5x slower for a whole boot (every step of it, host-side steal), so the

@@ -444,14 +444,9 @@ fn create_and_open() {
     }
 }
 
-/// The torn commit the VM lab's scenario 5 left on a real ESP: the blessed name and
-/// the counted one, both present. The agent reads the commit as done, commits again
-/// without writing, rolls back by renaming the entry it reads, and refuses only to
-/// remove the slot's entry (either name would free the other's clusters).
-#[test]
-fn a_torn_commit_is_read_as_committed_and_never_removed() {
-    let esp = tmp();
-    let esp = esp.path();
+/// 2.0 on trial on slot b, booted once, and its commit torn by a power cut: the
+/// blessed name `update-agent-2-b-2.0.conf` beside the counted `…+2-1.conf`.
+fn torn_commit(esp: &Path) -> SystemdBoot {
     let (r1, r2) = (Release::new("1"), Release::new("2"));
     let mut sb = created(esp, &r1);
     sb.mark_unbootable(B).expect("mark");
@@ -464,6 +459,18 @@ fn a_torn_commit_is_read_as_committed_and_never_removed() {
         dir.join("update-agent-2-b-2.0.conf"),
     )
     .expect("the torn commit");
+    sb
+}
+
+/// The torn commit the VM lab's scenario 5 left on a real ESP: the blessed name and
+/// the counted one, both present. The agent reads the commit as done, commits again
+/// without writing, rolls back by renaming the entry it reads, and refuses only to
+/// remove the slot's entry (either name would free the other's clusters).
+#[test]
+fn a_torn_commit_is_read_as_committed_and_never_removed() {
+    let esp = tmp();
+    let esp = esp.path();
+    let mut sb = torn_commit(esp);
     assert_eq!(status(&sb), (B, None, [true, true]));
     let before = snapshot(esp);
     sb.commit(B).expect("commit again");
@@ -491,14 +498,8 @@ fn fsck_residue_of_a_torn_commit_is_set_aside_then_removed() {
     for emptied in [BLESSED, COUNTED] {
         let esp = tmp();
         let esp = esp.path();
-        let (r1, r2) = (Release::new("1"), Release::new("2"));
-        let mut sb = created(esp, &r1);
-        sb.mark_unbootable(B).expect("mark");
-        sb.stage(B, "2.0", &r2.kernel(), None).expect("stage");
-        sb.arm_trial(B, 3).expect("arm");
-        assert_eq!(boot(esp), B);
+        let mut sb = torn_commit(esp);
         let dir = esp.join(ENTRIES_DIR);
-        fs::copy(dir.join(COUNTED), dir.join(BLESSED)).expect("the torn commit");
         fs::write(dir.join(emptied), "").expect("fsck truncates one name");
         let survivor = if emptied == BLESSED { COUNTED } else { BLESSED };
         // The commit is undone when the blessed name was emptied: a trial again.
