@@ -107,7 +107,14 @@ impl History {
         } else {
             0
         };
-        let seen = self.load().unwrap_or_default().iter().any(|e| {
+        // A corrupt history is set aside by `record`; one that cannot be read (I/O,
+        // permissions) is an error, not a reason to start a new one.
+        let all = match self.load() {
+            Ok(all) => all,
+            Err(StateError::Corrupt { .. }) => Vec::new(),
+            Err(e) => return Err(e),
+        };
+        let seen = all.iter().any(|e| {
             e.outcome == entry.outcome
                 && e.version == entry.version
                 && e.slot == entry.slot

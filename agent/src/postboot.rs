@@ -6,7 +6,7 @@
 //! |---|---|---|---|
 //! | Armed(b) | b | trial boot | health checks → commit, or RollingBack + reboot |
 //! | Armed(b) | a | the bootloader fell back | RolledBack "the new slot did not boot", b unbootable |
-//! | RollingBack(b→a) | a | the rollback reboot happened | RolledBack (b unbootable unless manual) |
+//! | RollingBack(b→a) | a | the rollback reboot happened | RolledBack (b unbootable unless manual); points the bootloader at a again if an ESP repair undid it |
 //! | RollingBack(b→a) | b | killed before the reboot | point the bootloader at a again, reboot |
 //! | Staged(b), b bootable | any | the flip reached the disk, the state did not | as Armed(b) |
 //! | Committed(b), b counted | b | the commit's write was undone (an ESP repair) | commit again |
@@ -87,7 +87,7 @@ impl Agent {
             self.store.save(&lock, &state)?;
         }
         if let Some(entry) = history_entry(&state, None) {
-            if self.history.record_once(entry)? {
+            if self.record_history(entry) {
                 tracing::warn!(state = state.name(), "the history did not have the last update's end (power cut between the state and the history); recorded it");
             }
         }
@@ -133,7 +133,7 @@ impl Agent {
                 self.boot.mark_unbootable(staged.slot)?;
                 state.rolled_back(booted, None, RollbackCause::DidNotBoot, now)?;
                 self.store.save(&lock, &state)?;
-                self.record_rollback(&state, staged.from_version)?;
+                self.record_rollback(&state, staged.from_version);
                 Ok(rolled_back_outcome(&state))
             }
             State::RollingBack {
@@ -154,6 +154,13 @@ impl Agent {
                         checks: Vec::new(),
                     });
                 }
+                if boot.default != to {
+                    // The rollback's write was undone under the state (a torn
+                    // systemd-boot rename repaired by fsck.vfat back to its source):
+                    // the next reboot would run `from` again.
+                    tracing::warn!(slot = %to, "rolled back, yet the bootloader's default is slot {from} (a rollback undone by a repair of the ESP?); pointing it at slot {to} again");
+                    self.boot.rollback_to(to)?;
+                }
                 if !manual {
                     self.boot.mark_unbootable(from)?;
                 }
@@ -164,7 +171,7 @@ impl Agent {
                 };
                 state.rolled_back(to, None, cause, now)?;
                 self.store.save(&lock, &state)?;
-                self.record_rollback(&state, None)?;
+                self.record_rollback(&state, None);
                 Ok(rolled_back_outcome(&state))
             }
             State::Committed { version, slot, .. }
@@ -279,17 +286,13 @@ impl Agent {
             (t_state - t_boot).as_millis()
         );
         if let Some(entry) = history_entry(&state, None) {
-            self.history.record_once(entry)?;
+            self.record_history(entry);
         }
         crate::emit!(tracing::Level::INFO, crate::events::COMMITTED, update_agent_release = %staged.version, update_agent_slot = %slot, "committed {} on slot {slot}", staged.version);
         Ok(())
     }
 
-    fn record_rollback(
-        &self,
-        state: &State,
-        from_version: Option<String>,
-    ) -> Result<(), UpdateError> {
+    fn record_rollback(&self, state: &State, from_version: Option<String>) {
         if let State::RolledBack {
             version,
             reason,
@@ -303,9 +306,21 @@ impl Agent {
             crate::emit!(tracing::Level::ERROR, crate::events::ROLLED_BACK, update_agent_release = %version, update_agent_slot = %slot, update_agent_cause = cause, update_agent_reason = %reason, "{version} rolled back ({cause}): {reason}");
         }
         if let Some(entry) = history_entry(state, from_version) {
-            self.history.record_once(entry)?;
+            self.record_history(entry);
         }
-        Ok(())
+    }
+
+    /// Records an end state's history entry once; whether it was recorded. History is
+    /// bookkeeping: a failure to write it is logged and never stops a commit, a
+    /// rollback or the gate (the next start tries again, from the state).
+    fn record_history(&self, entry: Entry) -> bool {
+        match self.history.record_once(entry) {
+            Ok(recorded) => recorded,
+            Err(e) => {
+                tracing::warn!(error = %crate::update::error_chain(&e), "could not record the update's end in the history; the next start tries again");
+                false
+            }
+        }
     }
 }
 

@@ -308,7 +308,7 @@ boot_until_api() {
       wait_down
       tries=$((tries + 1))
       ((tries <= ${1:-6})) || fail "no boot reached the agent after $tries boots"
-      log "boot $boots ended before the agent answered: $(tr -d '\r' <"$w/serial-$boots.log" | grep -a -m1 -o 'Kernel panic.*' || echo 'no panic line')"
+      log "boot $boots ended before the agent answered: $({ tr -d '\r' <"$w/serial-$boots.log" | grep -a -o 'Kernel panic.*' | sed -n 1p; } || echo 'no panic line')"
       boot
     fi
     sleep 1
@@ -372,14 +372,18 @@ PY
 # booted_slot: the slot this boot's kernel was given (its command line, on the console).
 booted_slot() {
   local deadline=$((SECONDS + 60)) s
-  until s=$(tr -d '\000' 2>/dev/null <"$w/serial-$boots.log" | grep -a -m1 -o 'Command line: .*updateagent\.slot=[ab]' | grep -o '[ab]$'); do
+  # No grep -m1/-q on a pipe here or below: the reader quitting early kills tr with
+  # SIGPIPE, and pipefail turns a match into a failure once the log passes 64 KiB.
+  until s=$(tr -d '\000' 2>/dev/null <"$w/serial-$boots.log" | grep -a -o 'Command line: .*updateagent\.slot=[ab]' | sed -n 1p | grep -o '[ab]$'); do
     ((SECONDS < deadline)) || fail "no kernel command line on the console (serial log: $w/serial-$boots.log)"
     sleep 0.2
   done
   echo "$s"
 }
 # on_console TEXT: whether this boot's console shows TEXT so far.
-on_console() { tr -d '\000' <"$w/serial-$boots.log" | grep -aqF "$1"; }
+# (grep -c reads to the end: with -q, tr could die of SIGPIPE and pipefail would turn
+# a match into a miss.)
+on_console() { tr -d '\000' <"$w/serial-$boots.log" | grep -acF "$1" >/dev/null; }
 # esp_whole WHEN: after a power cut, what the bootloader reads must be whole, checked
 # on the disk image from the host (mtools, grub-editenv): GRUB's grubenv parses and
 # names a default; every systemd-boot entry has its linux line and that kernel is on
@@ -421,20 +425,20 @@ esp_whole() {
 # uptime_of TEXT: the guest's uptime (s) at this boot's first console line with TEXT
 # (journal lines carry it in brackets, the lab's marker lines as uptime=).
 uptime_of() {
-  tr -d '\000\r' <"$w/serial-$boots.log" | grep -a -m1 -F "$1" \
-    | sed -n 's/^\[ *\([0-9.]*\)\].*/\1/p; s/.*uptime=\([0-9.]*\).*/\1/p' | head -n 1
+  { tr -d '\000\r' <"$w/serial-$boots.log" | grep -a -F "$1" \
+    | sed -n 's/^\[ *\([0-9.]*\)\].*/\1/p; s/.*uptime=\([0-9.]*\).*/\1/p' | sed -n 1p; } || true
 }
 # agent_error: fails at once, with the agent's words, when this boot's agent refused to
 # start (otherwise the lab would only time out waiting for it).
 agent_error() {
   local e
-  e=$(tr -d '\000\r' 2>/dev/null <"$w/serial-$boots.log" | grep -a -m1 'update-agent\[[0-9]*\]: error: starting' || true)
+  e=$(tr -d '\000\r' 2>/dev/null <"$w/serial-$boots.log" | grep -a 'update-agent\[[0-9]*\]: error: starting' | sed -n 1p || true)
   [[ -z $e ]] || fail "the agent does not start: ${e#*: } (serial log: $w/serial-$boots.log)"
 }
 # wait_console REGEX: until this boot's console shows a line matching REGEX (grep BRE).
 wait_console() {
   local deadline=$((SECONDS + 240))
-  until tr -d '\000' <"$w/serial-$boots.log" | grep -aq "$1"; do
+  until tr -d '\000' <"$w/serial-$boots.log" | grep -ac "$1" >/dev/null; do
     agent_error
     ((SECONDS < deadline)) || fail "nothing matching '$1' on the console (serial log: $w/serial-$boots.log)"
     kill -0 "$qemu_pid" 2>/dev/null || fail "the VM stopped before '$1' (serial log: $w/serial-$boots.log)"
@@ -655,7 +659,7 @@ for s in "${scenarios[@]}"; do
           fi
         fi
         if on_console "share clusters"; then
-          hit+="; fsck.vfat at boot repaired a torn rename: $(tr -d '\000\r' <"$w/serial-$boots.log" | grep -a -o 'Truncating [a-z]* to 0 bytes' | head -n 1)"
+          hit+="; fsck.vfat at boot repaired a torn rename: $({ tr -d '\000\r' <"$w/serial-$boots.log" | grep -a -o 'Truncating [a-z]* to [0-9]* bytes' | sed -n 1p; } || true)"
         fi
         log "$what: $hit"
         cuts+=("$what: $hit")

@@ -1463,6 +1463,36 @@ fn systemd_boot_stage_trial_and_commit() {
             .contains("linux"),
         "the blessed entry has its text"
     );
+
+    // A manual rollback to a whose rename a power cut tore, and fsck.vfat emptied the
+    // new name: a boots (the rollback's reboot), but b is the default again. The gate
+    // points the bootloader at a again instead of recording a rollback the next
+    // reboot would undo.
+    let o = n.agent(&["rollback"], &[]);
+    assert!(o.status.success(), "{}", text(&o));
+    let a_entries: Vec<String> = entries()
+        .into_iter()
+        .filter(|e| e.contains("-a-1.0"))
+        .collect();
+    let [a_new] = a_entries.as_slice() else {
+        panic!("one entry for a: {a_entries:?}")
+    };
+    let a_old = "update-agent-1-a-1.0.conf";
+    assert_ne!(a_new, a_old, "the rollback ranked a's entry up");
+    fs::copy(dir.join(a_new), dir.join(a_old)).expect("the torn rename");
+    fs::write(dir.join(a_new), "").expect("fsck empties the new name");
+    n.boot_into("a");
+    let o = n.agent(&["boot-check"], &[]);
+    assert!(o.status.success(), "{}", text(&o));
+    assert!(
+        text(&o).contains("pointing it at slot a again"),
+        "{}",
+        text(&o)
+    );
+    let o = n.agent(&["status"], &[]);
+    let s: serde_json::Value = serde_json::from_slice(&o.stdout).expect("status json");
+    assert_eq!(s["boot"]["default"], "a", "{s}");
+    assert_eq!(s["state"]["state"], "rolled_back", "{s}");
 }
 
 /// The booted slot is a mounted file system, and ext4 changes its superblock in the

@@ -81,7 +81,7 @@
 //!   entry is left as it is, below it. No `default` pattern is ever written.
 //!
 //! A refused transition writes nothing, and a transition that changes nothing writes
-//! nothing. Every transition re-reads the directory, and checks the tree it will leave
+//! nothing (but the removal of fsck residue, see [`fsck_residue`]). Every transition re-reads the directory, and checks the tree it will leave
 //! (names, order against foreign entries) before it changes anything.
 //!
 //! # Crash safety (FAT)
@@ -117,8 +117,9 @@
 //! number) truncates one of the two names to 0 bytes: that name is set aside (see
 //! [`fsck_residue`]) and removed at the next write, and whichever name kept the data is
 //! the slot's entry. When that is the rename's source, the rename is simply undone: a
-//! trial is a trial again (the gate commits it), and a commit undone under a committed
-//! state is done again by the gate (`postboot`).
+//! trial is a trial again (the gate commits it), and a commit or rollback undone under
+//! the state is done again by the gate (`postboot`). A torn arm (the staged file and
+//! its entry, same version) reads as the entry, the staged name kept as stale.
 
 mod entry;
 mod fs;
@@ -190,23 +191,27 @@ struct Listing {
 /// clusters it truncates the second it meets to 0 bytes (systemd-fsck runs it at boot
 /// wherever the ESP has a pass number, as Debian installs it). An empty file has no
 /// clusters, so removing it frees nothing, and systemd-boot skips it (no `linux`
-/// line). Only an empty name beside a non-empty name of the same slot is residue; a
-/// lone empty entry stays an error.
+/// line). Only an empty name beside a non-empty name that a rename of ours could have
+/// torn it from (the same slot and version: an entry, or the staged file an arm
+/// renames) is residue; a lone empty entry stays an error.
 fn fsck_residue(dir: &Path, names: &[String]) -> Result<Vec<String>, BootError> {
     let mut ours = Vec::new();
     for name in names {
         // Names that do not parse are reported by `EspState::from_names`.
-        if let Ok(Name::Entry(e)) = Name::parse(name) {
-            let path = dir.join(name);
-            let len = std::fs::metadata(&path)
-                .map_err(|source| BootError::Read { path, source })?
-                .len();
-            ours.push((name, e.slot, len == 0));
-        }
+        let key = match Name::parse(name) {
+            Ok(Name::Entry(e)) => (e.slot, e.version),
+            Ok(Name::Staged { slot, version }) => (slot, version),
+            _ => continue,
+        };
+        let path = dir.join(name);
+        let len = std::fs::metadata(&path)
+            .map_err(|source| BootError::Read { path, source })?
+            .len();
+        ours.push((name, key, len == 0));
     }
     Ok(ours
         .iter()
-        .filter(|(_, slot, empty)| *empty && ours.iter().any(|(_, s, e)| s == slot && !e))
+        .filter(|(_, key, empty)| *empty && ours.iter().any(|(_, k, e)| k == key && !e))
         .map(|(name, ..)| (*name).clone())
         .collect())
 }
@@ -509,6 +514,9 @@ impl SystemdBoot {
     ) -> Result<(), BootError> {
         let tree = tree?;
         // Residue first: a rename never replaces a file, and one may have its name.
+        for name in &tree.residue {
+            tracing::warn!(entry = %name, "removing an empty boot entry name beside a whole one (fsck.vfat's repair of a rename a power cut tore)");
+        }
         let mut ops: Vec<Op> = tree.residue.iter().cloned().map(Op::Remove).collect();
         ops.extend(plan(&tree.state).map_err(|e| under(&self.entries_dir(), e))?);
         if ops.is_empty() {

@@ -89,8 +89,13 @@ impl EspState {
         }
         for slot in [Slot::A, Slot::B] {
             let i = slot.index();
-            if st.entries[i].is_some() {
-                if let Some(v) = &st.staged[i] {
+            if let (Some(e), Some(v)) = (&st.entries[i], &st.staged[i]) {
+                // A torn arm (the staged file renamed to its entry, both names left):
+                // the entry is the rename's target, the staged name is stale.
+                if e.version == *v && st.stale[i].is_none() {
+                    st.stale[i] = Some(staged_name(slot, v));
+                    st.staged[i] = None;
+                } else {
                     return Err(StateError::file(
                         &staged_name(slot, v),
                         "a slot has both an entry and a staged entry",

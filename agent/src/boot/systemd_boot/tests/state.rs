@@ -344,6 +344,16 @@ fn a_torn_rename_reads_as_its_target() {
     assert!(s
         .names()
         .contains(&"update-agent-9-a-6.0+2-1.conf".to_owned()));
+    // A torn arm (the staged file renamed to its counted entry): the entry is read,
+    // the staged name is stale; the slot's trial is on.
+    let s = st(&[
+        "update-agent-1-a-1.0.conf",
+        "update-agent-2-b-2.0+3.conf",
+        "update-agent-b-2.0.staged",
+    ]);
+    assert_eq!(summary(&s), (A, Some((B, 3)), [true, true]));
+    assert_eq!(s.stale(B), Some("update-agent-b-2.0.staged"));
+    assert_eq!(s.staged(B), None);
     // A torn re-rank (rollback_to or commit of a lower entry): the higher rank wins,
     // and the slot can still be made the default or armed, never emptied.
     let names = owned(&[
