@@ -1,5 +1,6 @@
 //! Crash-safe file replacement, the one write discipline for every small document the
-//! agent and the publisher tools keep (state, history, channel documents).
+//! agent and the publisher tools keep (state, history, channel documents), and the
+//! extra step a rename on the ESP (vfat) needs.
 
 use std::fs::{self, File};
 use std::io::{self, Write};
@@ -30,6 +31,18 @@ pub fn replace(path: &Path, bytes: &[u8]) -> Result<(), (PathBuf, io::Error)> {
         .and_then(|d| d.sync_all())
         .map_err(at(dir))?;
     Ok(())
+}
+
+/// Makes a file just renamed durable under its new name. Linux's vfat writes a renamed
+/// file's directory entry with start cluster 0 and size 0 and fills both in only when
+/// the file's inode is written back (up to ~30 s later, or at its fsync): an fsync of
+/// the directory alone makes the *empty* entry durable, and a power cut before the
+/// writeback leaves the file empty, its clusters lost (an empty grubenv, or a
+/// systemd-boot default entry that boots nothing: VM lab scenario 4). So every rename
+/// on the ESP fsyncs the file at its new name, which writes its entry, before the
+/// caller fsyncs the directory.
+pub fn sync_renamed(path: &Path) -> io::Result<()> {
+    File::open(path)?.sync_all()
 }
 
 #[cfg(test)]

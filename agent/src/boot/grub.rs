@@ -560,10 +560,7 @@ impl Grub {
                 f.sync_all()
             })
             .and_then(|()| fs::rename(&tmp, &path))
-            // On vfat a renamed file's directory entry gets its size and first cluster
-            // only when the file's inode is written back: fsync it at its new name, or
-            // a power cut in the next ~30 s leaves an empty grubenv.
-            .and_then(|()| File::open(&path)?.sync_all());
+            .and_then(|()| crate::durable::sync_renamed(&path));
         if let Err(e) = written {
             let _ = fs::remove_file(&tmp);
             return Err(werr(e));

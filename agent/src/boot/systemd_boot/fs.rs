@@ -12,21 +12,11 @@ use super::names::{staged_name, temp_name};
 use super::state::{refused, EspState, Op};
 use super::{ENTRIES_DIR, INITRD_NAME, KERNEL_DIR, KERNEL_NAME, MAX_ENTRY_READ, TMP};
 use crate::boot::BootError;
+use crate::durable::sync_renamed;
 use crate::slots::Slot;
 
 fn sync_dir(dir: &Path) -> io::Result<()> {
     File::open(dir)?.sync_all()
-}
-
-/// Makes a file just renamed durable under its new name. Linux's vfat writes a renamed
-/// file's directory entry with start cluster 0 and size 0 and fills both in only when
-/// the file's inode is written back (up to ~30 s later, or at its fsync): an fsync of
-/// the directory alone makes the *empty* entry durable, and a power cut before the
-/// writeback leaves the file empty, its clusters lost. An empty default entry boots
-/// nothing (VM lab scenario 4 on systemd-boot). So the file is fsynced at its new
-/// name, which writes its entry, before the caller fsyncs the directory.
-fn sync_renamed(path: &Path) -> io::Result<()> {
-    File::open(path)?.sync_all()
 }
 
 /// Creates `root/rel/...` as needed, fsyncing each parent that gained a directory.

@@ -94,7 +94,7 @@
 //! bootable default. Every rename is also followed by an fsync of the renamed file,
 //! before the directory's: Linux's vfat writes the new directory entry with size 0 and
 //! no clusters and fills them in only at the file's inode writeback, so a power cut
-//! before that (up to ~30 s) would leave the entry empty (see `fs::sync_renamed`):
+//! before that (up to ~30 s) would leave the entry empty (see `durable::sync_renamed`):
 //!
 //! * `mark_unbootable` removes an entry that is not the default's;
 //! * `stage` writes only files no live entry refers to (the slot has no entry);
