@@ -59,13 +59,62 @@ pub struct Config {
 
 /// Prometheus metrics: an HTTP endpoint and/or a node-exporter textfile. Both off by
 /// default.
-#[derive(Debug, Clone, Default, Deserialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
 #[serde(deny_unknown_fields, default)]
 pub struct MetricsConfig {
     /// `address:port` to serve `/metrics` on, e.g. `127.0.0.1:9469`.
     pub listen: Option<String>,
     /// A file for node-exporter's textfile collector, rewritten on every change.
     pub textfile: Option<PathBuf>,
+    /// Scrapes served at once; more wait to be accepted.
+    pub max_connections: usize,
+    /// A request's headers must arrive, and an answer must be taken, within this.
+    pub timeout_secs: u64,
+}
+
+impl Default for MetricsConfig {
+    fn default() -> Self {
+        Self {
+            listen: None,
+            textfile: None,
+            max_connections: 8,
+            timeout_secs: 10,
+        }
+    }
+}
+
+/// What any one client of the API can hold (docs/security.md).
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields, default)]
+pub struct ApiLimits {
+    /// Connections held at once on each listener (TCP: more wait to be accepted;
+    /// Unix socket: more are closed at once, root's never).
+    pub max_connections: usize,
+    /// Unix socket connections held at once by one uid (root not counted).
+    pub max_connections_per_uid: usize,
+    /// A TCP client must finish its TLS handshake within this.
+    pub handshake_timeout_secs: u64,
+    /// WatchUpdate streams open at once, in all and per peer (uid or certificate).
+    pub max_watchers: usize,
+    pub max_watchers_per_peer: usize,
+    /// Payload and channel checks (CheckForUpdate, StartUpdate's precheck) at once,
+    /// and how long one may take before the caller gets DEADLINE_EXCEEDED.
+    pub max_checks: usize,
+    pub check_timeout_secs: u64,
+}
+
+impl Default for ApiLimits {
+    fn default() -> Self {
+        Self {
+            max_connections: 64,
+            max_connections_per_uid: 16,
+            handshake_timeout_secs: 10,
+            max_watchers: 64,
+            max_watchers_per_peer: 8,
+            max_checks: 4,
+            check_timeout_secs: 60,
+        }
+    }
 }
 
 /// The gRPC API: a Unix socket always, TCP with mutual TLS optionally.
@@ -84,8 +133,10 @@ pub struct ApiConfig {
     pub tls_key: Option<PathBuf>,
     /// CA that signs client certificates.
     pub tls_client_ca: Option<PathBuf>,
-    /// Client identities allowed in: a certificate's subject CN or a DNS/URI SAN.
+    /// Client identities allowed in: a certificate's URI or DNS SANs (its subject CN
+    /// only when it has no SAN).
     pub tls_allowed_clients: Vec<String>,
+    pub limits: ApiLimits,
 }
 
 impl Default for ApiConfig {
@@ -99,6 +150,7 @@ impl Default for ApiConfig {
             tls_key: None,
             tls_client_ca: None,
             tls_allowed_clients: Vec::new(),
+            limits: ApiLimits::default(),
         }
     }
 }
@@ -186,6 +238,10 @@ pub struct FetchConfig {
     pub bearer_token: Option<String>,
     /// `user:password` for HTTP basic authentication.
     pub basic_auth: Option<String>,
+    /// The origin that may receive the credentials above: `[releases] url`, filled in
+    /// at load (not a key of its own, so no drop-in can point credentials elsewhere).
+    #[serde(skip)]
+    pub auth_origin: Option<String>,
 }
 
 impl Default for Config {
@@ -244,6 +300,7 @@ impl Default for FetchConfig {
             parallel: 2,
             bearer_token: None,
             basic_auth: None,
+            auth_origin: None,
         }
     }
 }
@@ -307,8 +364,7 @@ impl Config {
                     },
                     source,
                 })?;
-        cfg.validate()?;
-        Ok(cfg)
+        cfg.finish()
     }
 
     pub fn from_toml(text: &str) -> Result<Self, ConfigError> {
@@ -316,8 +372,14 @@ impl Config {
             files: "inline".into(),
             source,
         })?;
-        cfg.validate()?;
-        Ok(cfg)
+        cfg.finish()
+    }
+
+    /// Checks the merged settings and derives what follows from them.
+    fn finish(mut self) -> Result<Self, ConfigError> {
+        self.validate()?;
+        self.fetch.auth_origin = self.releases.url.clone();
+        Ok(self)
     }
 
     fn validate(&self) -> Result<(), ConfigError> {
@@ -361,6 +423,34 @@ impl Config {
             }
         }
         crate::policy::Settings::new(&self.auto, self.releases.url.as_deref())?;
+        let l = &self.api.limits;
+        for (key, v) in [
+            ("api.limits.max_connections", l.max_connections),
+            (
+                "api.limits.max_connections_per_uid",
+                l.max_connections_per_uid,
+            ),
+            ("api.limits.max_watchers", l.max_watchers),
+            ("api.limits.max_watchers_per_peer", l.max_watchers_per_peer),
+            ("api.limits.max_checks", l.max_checks),
+            ("metrics.max_connections", self.metrics.max_connections),
+        ] {
+            if v == 0 || v > 4096 {
+                return bad(key, "must be between 1 and 4096");
+            }
+        }
+        for (key, v) in [
+            (
+                "api.limits.handshake_timeout_secs",
+                l.handshake_timeout_secs,
+            ),
+            ("api.limits.check_timeout_secs", l.check_timeout_secs),
+            ("metrics.timeout_secs", self.metrics.timeout_secs),
+        ] {
+            if v == 0 {
+                return bad(key, "must be at least 1");
+            }
+        }
         if let Some(l) = &self.metrics.listen {
             if l.parse::<std::net::SocketAddr>().is_err() {
                 return bad(
@@ -368,6 +458,14 @@ impl Config {
                     "must be address:port, e.g. 127.0.0.1:9469",
                 );
             }
+        }
+        if (self.fetch.bearer_token.is_some() || self.fetch.basic_auth.is_some())
+            && self.releases.url.is_none()
+        {
+            return bad(
+                "fetch.bearer_token",
+                "credentials are only sent to the release server: set [releases] url",
+            );
         }
         if let Some(b) = &self.fetch.basic_auth {
             if !b.contains(':') {

@@ -96,9 +96,18 @@ impl HttpSource {
             .timeout_global(Some(cfg.request_timeout()))
             .http_status_as_error(false)
             .proxy(ureq::Proxy::try_from_env())
+            // An https payload never continues over plain http, and credentials never
+            // follow a redirect (they are for the release server's origin only).
+            .https_only(url.starts_with("https://"))
+            .redirect_auth_headers(ureq::config::RedirectAuthHeaders::Never)
             .user_agent(concat!("update-agent/", env!("CARGO_PKG_VERSION")))
             .build();
+        let trusted = cfg
+            .auth_origin
+            .as_deref()
+            .is_some_and(|o| same_origin(url, o));
         let auth = match (&cfg.bearer_token, &cfg.basic_auth) {
+            _ if !trusted => None,
             (Some(t), _) => Some(format!("Bearer {t}")),
             (None, Some(b)) => Some(format!("Basic {}", BASE64.encode(b))),
             (None, None) => None,
@@ -161,9 +170,11 @@ impl HttpSource {
             attempts,
             source,
         };
-        let mut resp = req
-            .call()
-            .map_err(|e| Attempt::Retry(transport(e, self.retries + 1)))?;
+        let mut resp = req.call().map_err(|e| match e {
+            // A redirect from https to http: asking again gets the same answer.
+            ureq::Error::RequireHttpsOnly(_) => Attempt::Fatal(transport(e, 1)),
+            e => Attempt::Retry(transport(e, self.retries + 1)),
+        })?;
         let status = resp.status().as_u16();
         let fail = FetchError::Status {
             url: self.url.clone(),
@@ -227,6 +238,25 @@ enum Attempt {
     Fatal(FetchError),
 }
 
+/// Scheme, host and port of a URL (the port made explicit).
+fn origin(url: &str) -> Option<(String, String, u16)> {
+    let uri: ureq::http::Uri = url.parse().ok()?;
+    let scheme = uri.scheme_str()?.to_ascii_lowercase();
+    let port = match (uri.port_u16(), scheme.as_str()) {
+        (Some(p), _) => p,
+        (None, "https") => 443,
+        (None, "http") => 80,
+        _ => return None,
+    };
+    Some((scheme, uri.host()?.to_ascii_lowercase(), port))
+}
+
+/// Whether `url` is on the same origin (scheme, host, port) as `base`: only then does
+/// it get the release server's credentials.
+pub fn same_origin(url: &str, base: &str) -> bool {
+    matches!((origin(url), origin(base)), (Some(a), Some(b)) if a == b)
+}
+
 fn parse_content_range(v: &str) -> Option<(u64, u64, u64)> {
     let rest = v.strip_prefix("bytes ")?;
     let (range, total) = rest.split_once('/')?;
@@ -271,5 +301,30 @@ mod tests {
         assert_eq!(parse_content_range("bytes 0-99/1000"), Some((0, 99, 1000)));
         assert_eq!(parse_content_range("bytes */1000"), None);
         assert_eq!(parse_content_range("items 0-9/10"), None);
+    }
+
+    #[test]
+    fn credentials_stay_on_the_release_origin() {
+        let base = "https://updates.example.com/azl3/";
+        assert!(same_origin(
+            "https://updates.example.com/azl3/2.0.full.uap",
+            base
+        ));
+        assert!(same_origin("https://UPDATES.example.com:443/other", base));
+        assert!(!same_origin(
+            "http://updates.example.com/azl3/2.0.full.uap",
+            base
+        ));
+        assert!(!same_origin("https://updates.example.com:8443/x", base));
+        assert!(!same_origin(
+            "https://updates.example.com.evil.test/x",
+            base
+        ));
+        assert!(!same_origin(
+            "https://evil.test/?https://updates.example.com/",
+            base
+        ));
+        assert!(!same_origin("file:///root/secret", base));
+        assert!(!same_origin("/root/secret", base));
     }
 }

@@ -2,17 +2,15 @@
 //!
 //! Unix socket: the file's mode (0660, group `update-agent`) decides who may connect
 //! at all; every peer that connects may read. Changing things needs uid 0 or a group
-//! from `api.admin_groups`, judged from the peer's credentials (`SO_PEERCRED`, and the
-//! supplementary groups of that process).
+//! from `api.admin_groups`, judged from the credentials the kernel recorded at
+//! connect(2) (`SO_PEERCRED` and `SO_PEERGROUPS`, read once at accept: listen.rs).
 //!
 //! TCP: the TLS layer admits only clients with a certificate from `api.tls_client_ca`;
-//! a client whose certificate names no identity from `api.tls_allowed_clients` (subject
-//! CN, DNS or URI SAN) is refused every call.
+//! a client whose certificate names no identity from `api.tls_allowed_clients` (URI or
+//! DNS SANs; the subject CN only for a certificate without SANs) is refused every call
+//! of every service, health and reflection included ([`Policy::interceptor`]).
 
-use std::path::Path;
-
-use tonic::transport::server::UdsConnectInfo;
-
+use super::listen::LocalPeer;
 use super::ApiError;
 use crate::config::ApiConfig;
 
@@ -28,6 +26,17 @@ pub enum Need {
 pub enum Caller {
     Local { uid: u32, pid: Option<i32> },
     Remote { identity: String },
+}
+
+impl Caller {
+    /// Whose share of per-peer limits a call counts against: a uid or a certificate
+    /// identity (not a pid: one user's processes share one share).
+    pub fn peer_key(&self) -> String {
+        match self {
+            Self::Local { uid, .. } => format!("uid {uid}"),
+            Self::Remote { identity } => format!("client {identity}"),
+        }
+    }
 }
 
 impl std::fmt::Display for Caller {
@@ -58,7 +67,6 @@ pub enum AccessError {
 pub struct Policy {
     admin_gids: Vec<u32>,
     allowed_clients: Vec<String>,
-    proc_dir: std::path::PathBuf,
 }
 
 /// A group given by name or number.
@@ -85,30 +93,34 @@ impl Policy {
                 .map(|g| resolve_group(g))
                 .collect::<Result<_, _>>()?,
             allowed_clients: cfg.tls_allowed_clients.clone(),
-            proc_dir: "/proc".into(),
         })
+    }
+
+    /// The read check as a tonic interceptor, put in front of every service of a
+    /// listener (ours, health, reflection): no call of any service reaches a peer the
+    /// policy does not admit.
+    pub fn interceptor(
+        &self,
+    ) -> impl FnMut(tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> + Clone {
+        let policy = self.clone();
+        move |req: tonic::Request<()>| {
+            policy.check(&req, Need::Read)?;
+            Ok(req)
+        }
     }
 
     /// Decides a call; `Ok` names the caller.
     pub fn check<T>(&self, req: &tonic::Request<T>, need: Need) -> Result<Caller, ApiError> {
-        if let Some(info) = req.extensions().get::<UdsConnectInfo>() {
-            let Some(cred) = info.peer_cred else {
-                return Err(ApiError::PermissionDenied(
-                    "the socket peer's credentials are unknown".into(),
-                ));
-            };
+        if let Some(peer) = req.extensions().get::<LocalPeer>() {
             let caller = Caller::Local {
-                uid: cred.uid(),
-                pid: cred.pid(),
+                uid: peer.uid,
+                pid: peer.pid,
             };
-            if need == Need::Read || cred.uid() == 0 {
+            if need == Need::Read || peer.uid == 0 {
                 return Ok(caller);
             }
-            let mut groups = vec![cred.gid()];
-            if let Some(pid) = cred.pid() {
-                groups.extend(supplementary_groups(&self.proc_dir, pid));
-            }
-            if groups.iter().any(|g| self.admin_gids.contains(g)) {
+            let mut groups = std::iter::once(&peer.gid).chain(&peer.groups);
+            if groups.any(|g| self.admin_gids.contains(g)) {
                 return Ok(caller);
             }
             return Err(ApiError::PermissionDenied(format!(
@@ -136,43 +148,34 @@ impl Policy {
     }
 }
 
-/// Supplementary groups of a process, from `/proc/PID/status`. The connection is
-/// open while this runs, so the process (and its pid) is still the peer's.
-fn supplementary_groups(proc_dir: &Path, pid: i32) -> Vec<u32> {
-    let Ok(text) = std::fs::read_to_string(proc_dir.join(pid.to_string()).join("status")) else {
-        return Vec::new();
-    };
-    text.lines()
-        .find_map(|l| l.strip_prefix("Groups:"))
-        .map(|g| {
-            g.split_whitespace()
-                .filter_map(|n| n.parse().ok())
-                .collect()
-        })
-        .unwrap_or_default()
-}
-
-/// A certificate's subject CNs and DNS/URI subject alternative names.
+/// A certificate's identities: its URI SANs (SPIFFE IDs and the like) and DNS SANs.
+/// The subject CN counts only for a certificate with no subject alternative names at
+/// all, as RFC 6125 has it: a CA that writes SANs vouches for those, and a CN beside
+/// them is not checked by every CA. A certificate whose SAN extension cannot be parsed
+/// has no identity.
 pub fn identities(der: &[u8]) -> Vec<String> {
     use x509_parser::prelude::{FromDer, GeneralName, X509Certificate};
     let Ok((_, cert)) = X509Certificate::from_der(der) else {
         return Vec::new();
     };
-    let mut ids: Vec<String> = cert
-        .subject()
-        .iter_common_name()
-        .filter_map(|cn| cn.as_str().ok().map(str::to_owned))
-        .collect();
-    if let Ok(Some(san)) = cert.subject_alternative_name() {
-        for name in &san.value.general_names {
-            match name {
-                GeneralName::DNSName(d) => ids.push((*d).to_owned()),
-                GeneralName::URI(u) => ids.push((*u).to_owned()),
-                _ => {}
-            }
-        }
+    match cert.subject_alternative_name() {
+        Ok(Some(san)) => san
+            .value
+            .general_names
+            .iter()
+            .filter_map(|name| match name {
+                GeneralName::URI(u) => Some((*u).to_owned()),
+                GeneralName::DNSName(d) => Some((*d).to_owned()),
+                _ => None,
+            })
+            .collect(),
+        Ok(None) => cert
+            .subject()
+            .iter_common_name()
+            .filter_map(|cn| cn.as_str().ok().map(str::to_owned))
+            .collect(),
+        Err(_) => Vec::new(),
     }
-    ids
 }
 
 #[cfg(test)]
@@ -187,18 +190,5 @@ mod tests {
             resolve_group("no-such-group-here"),
             Err(AccessError::UnknownGroup(_))
         ));
-    }
-
-    #[test]
-    fn supplementary_groups_from_proc() {
-        let d = tempfile::tempdir().expect("tempdir");
-        std::fs::create_dir_all(d.path().join("77")).expect("mkdir");
-        std::fs::write(
-            d.path().join("77/status"),
-            "Name:\tx\nGid:\t5\t5\t5\t5\nGroups:\t10 27 1001 \n",
-        )
-        .expect("write");
-        assert_eq!(supplementary_groups(d.path(), 77), vec![10, 27, 1001]);
-        assert!(supplementary_groups(d.path(), 78).is_empty());
     }
 }

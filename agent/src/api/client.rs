@@ -73,6 +73,18 @@ pub async fn tls(
     files: &TlsFiles,
     within: Duration,
 ) -> Result<Client, ConnectError> {
+    tls_channel(address, files, within)
+        .await
+        .map(UpdateAgentClient::new)
+}
+
+/// The channel [`tls`] makes, for the standard services beside ours (health,
+/// reflection).
+pub async fn tls_channel(
+    address: &str,
+    files: &TlsFiles,
+    within: Duration,
+) -> Result<Channel, ConnectError> {
     let read = |path: &PathBuf| {
         std::fs::read(path).map_err(|source| ConnectError::Read {
             path: path.clone(),
@@ -102,5 +114,5 @@ pub async fn tls(
             after: within,
         })?
         .map_err(err)?;
-    Ok(UpdateAgentClient::new(channel))
+    Ok(channel)
 }

@@ -4,11 +4,13 @@
 
 use std::convert::Infallible;
 use std::sync::Arc;
+use std::time::Duration;
 
 use http_body_util::Full;
 use hyper::body::{Bytes, Incoming};
 use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::TokioIo;
+use tokio_stream::StreamExt as _;
 
 use super::service::Daemon;
 
@@ -41,22 +43,20 @@ fn answer(d: &Daemon, req: &Request<Incoming>) -> Response<Full<Bytes>> {
     }
 }
 
+/// Serves `/metrics`: at most `metrics.max_connections` clients at once (the rest
+/// wait in the kernel's backlog), one request per connection, and each connection
+/// closed after `metrics.timeout_secs` whatever it is doing (a client that sends
+/// slowly, pipelines requests or never reads the answer holds nothing for longer).
 pub async fn serve(listener: tokio::net::TcpListener, d: Arc<Daemon>) {
-    let mut pause = std::time::Duration::from_millis(100);
-    loop {
-        let stream = match listener.accept().await {
-            Ok((stream, _)) => {
-                pause = std::time::Duration::from_millis(100);
-                stream
-            }
-            Err(e) => {
-                // Out of file descriptors and the like: wait instead of spinning.
-                tracing::warn!(error = %e, "metrics endpoint: accept failed");
-                tokio::time::sleep(pause).await;
-                pause = (pause * 2).min(std::time::Duration::from_secs(5));
-                continue;
-            }
-        };
+    let timeout = Duration::from_secs(d.cfg.metrics.timeout_secs);
+    if let Ok(a) = listener.local_addr() {
+        if !a.ip().is_loopback() {
+            tracing::warn!(address = %a, "metrics.listen is not a loopback address: anyone who can reach it reads this node's update state (plain HTTP, no authentication)");
+        }
+    }
+    let mut incoming =
+        super::listen::tcp_incoming(listener, d.cfg.metrics.max_connections, "metrics endpoint");
+    while let Some(Ok(stream)) = incoming.next().await {
         let d = Arc::clone(&d);
         tokio::spawn(async move {
             let svc = hyper::service::service_fn(move |req: Request<Incoming>| {
@@ -74,12 +74,12 @@ pub async fn serve(listener: tokio::net::TcpListener, d: Arc<Daemon>) {
                     Ok::<_, Infallible>(r)
                 }
             });
-            // A client that never finishes its request is dropped, not kept forever.
-            let _ = hyper::server::conn::http1::Builder::new()
+            let conn = hyper::server::conn::http1::Builder::new()
                 .timer(hyper_util::rt::TokioTimer::new())
-                .header_read_timeout(std::time::Duration::from_secs(10))
-                .serve_connection(TokioIo::new(stream), svc)
-                .await;
+                .header_read_timeout(timeout)
+                .keep_alive(false)
+                .serve_connection(TokioIo::new(stream), svc);
+            let _ = tokio::time::timeout(timeout, conn).await;
         });
     }
 }

@@ -16,6 +16,8 @@ pub mod access;
 pub mod auto;
 pub mod client;
 pub mod intent;
+pub mod limits;
+pub mod listen;
 pub mod metrics_http;
 pub mod ops;
 pub mod server;
@@ -67,6 +69,14 @@ pub enum ApiError {
     Update(#[from] UpdateError),
     #[error("the agent's worker thread ended unexpectedly")]
     Worker,
+    #[error("too many {what} at once (limit {limit}, {key}); try again later")]
+    TooMany {
+        what: &'static str,
+        limit: usize,
+        key: &'static str,
+    },
+    #[error("the check did not finish within {secs} s (api.limits.check_timeout_secs)")]
+    CheckTimeout { secs: u64 },
 }
 
 impl ApiError {
@@ -82,6 +92,8 @@ impl ApiError {
             Self::UnknownOperation(_) => (Code::NotFound, "UNKNOWN_OPERATION"),
             Self::NothingToReboot { .. } => (Code::FailedPrecondition, "NOTHING_TO_REBOOT"),
             Self::Reboot { .. } | Self::Worker => (Code::Internal, "INTERNAL"),
+            Self::TooMany { .. } => (Code::ResourceExhausted, "RESOURCE_EXHAUSTED"),
+            Self::CheckTimeout { .. } => (Code::DeadlineExceeded, "DEADLINE_EXCEEDED"),
             Self::Update(e) => match e {
                 UpdateError::Busy { .. } | UpdateError::State(StateError::Locked { .. }) => {
                     (Code::FailedPrecondition, "BUSY")
@@ -89,6 +101,9 @@ impl ApiError {
                 UpdateError::State(StateError::Illegal { .. })
                 | UpdateError::NothingToCancel(_) => (Code::FailedPrecondition, "WRONG_STATE"),
                 UpdateError::PostBoot(_) => (Code::FailedPrecondition, "WRONG_STATE"),
+                UpdateError::Fetch(FetchError::File(crate::payload::PayloadError::NotAFile {
+                    ..
+                })) => (Code::InvalidArgument, "INVALID_ARGUMENT"),
                 UpdateError::Fetch(FetchError::Status { status: 404, .. })
                 | UpdateError::Fetch(FetchError::File(_)) => (Code::NotFound, "PAYLOAD_NOT_FOUND"),
                 UpdateError::ChannelFetch { source, .. }

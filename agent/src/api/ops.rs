@@ -23,6 +23,8 @@ struct Op {
     snapshot: pb::Operation,
     cancel: Arc<AtomicBool>,
     result: Option<pb::Result>,
+    /// The staging thread was started: a slot may have been touched.
+    staging: bool,
 }
 
 #[derive(Debug, Default)]
@@ -94,6 +96,7 @@ impl Ops {
             snapshot: snapshot.clone(),
             cancel: Arc::new(AtomicBool::new(false)),
             result: None,
+            staging: false,
         });
         drop(g);
         self.emit(&id, pb::update_event::Kind::Snapshot(snapshot));
@@ -106,6 +109,25 @@ impl Ops {
             .as_ref()
             .filter(|o| o.snapshot.id == id)
             .map(|o| Arc::clone(&o.cancel))
+    }
+
+    /// Records that the operation's staging thread starts (it may touch the slot).
+    pub fn staging_started(&self, id: &str) {
+        let mut g = self.lock();
+        if let Some(o) = g.current.as_mut().filter(|o| o.snapshot.id == id) {
+            o.staging = true;
+        }
+    }
+
+    /// Whether operation `id` got as far as staging (unknown ids: assume it did).
+    pub fn reached_staging(&self, id: &str) -> bool {
+        let g = self.lock();
+        let op = match (&g.current, &g.last) {
+            (Some(o), _) if o.snapshot.id == id => Some(o),
+            (_, Some(o)) if o.snapshot.id == id => Some(o),
+            _ => None,
+        };
+        op.is_none_or(|o| o.staging)
     }
 
     /// Asks the running operation to stop; returns its id.

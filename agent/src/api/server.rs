@@ -136,7 +136,9 @@ pub async fn serve(
                     "api.tls_client_ca",
                     cfg.tls_client_ca.as_ref(),
                 )?))
-                .client_auth_optional(false);
+                .client_auth_optional(false)
+                // A client that connects and says nothing is dropped, not kept.
+                .timeout(Duration::from_secs(cfg.limits.handshake_timeout_secs));
             Some((l, tls))
         }
         None => None,
@@ -180,21 +182,41 @@ pub async fn serve(
         let _ = rx.wait_for(|s| *s).await;
     };
 
+    // One policy in front of every service: health and reflection answer only the
+    // peers the agent's own service would.
+    let gate = daemon.policy().interceptor();
     let router = |b: &mut Server| {
-        b.add_service(UpdateAgentServer::new(service.clone()))
-            .add_service(health_service.clone())
-            .add_service(reflection_v1.clone())
-            .add_service(reflection_v1alpha.clone())
+        use tonic::service::interceptor::InterceptedService as Gated;
+        b.add_service(Gated::new(
+            UpdateAgentServer::new(service.clone()),
+            gate.clone(),
+        ))
+        .add_service(Gated::new(health_service.clone(), gate.clone()))
+        .add_service(Gated::new(reflection_v1.clone(), gate.clone()))
+        .add_service(Gated::new(reflection_v1alpha.clone(), gate.clone()))
     };
-    let unix_server = router(&mut Server::builder()).serve_with_incoming_shutdown(
-        tokio_stream::wrappers::UnixListenerStream::new(unix),
+    let limits = &cfg.limits;
+    // Peers that vanished without closing are found by HTTP/2 pings and dropped.
+    let builder = || {
+        Server::builder()
+            .http2_keepalive_interval(Some(Duration::from_secs(60)))
+            .http2_keepalive_timeout(Some(Duration::from_secs(20)))
+    };
+    let unix_server = router(&mut builder()).serve_with_incoming_shutdown(
+        super::listen::unix_incoming(
+            unix,
+            super::listen::UnixCaps {
+                total: limits.max_connections,
+                per_uid: limits.max_connections_per_uid,
+            },
+        ),
         stopped(stop_rx.clone()),
     );
     match tcp {
         Some((listener, tls)) => {
-            let mut b = Server::builder().tls_config(tls).map_err(ServeError::Tls)?;
+            let mut b = builder().tls_config(tls).map_err(ServeError::Tls)?;
             let tcp_server = router(&mut b).serve_with_incoming_shutdown(
-                tonic::transport::server::TcpIncoming::from(listener),
+                super::listen::tcp_incoming(listener, limits.max_connections, "API TCP listener"),
                 stopped(stop_rx),
             );
             let (a, b) = tokio::join!(unix_server, tcp_server);

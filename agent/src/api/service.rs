@@ -25,8 +25,14 @@ pub struct Daemon {
     pub reader: Reader,
     /// The handle that changes things; held by one operation at a time.
     agent: Arc<Mutex<Agent>>,
-    /// A second handle for payload checks, so a check never waits for a staging.
-    checker: Arc<Mutex<Agent>>,
+    /// A second handle for payload checks, shared without a lock: checks only read,
+    /// so a slow or hung one never holds up another call (a reader must not be able
+    /// to stall the daemon).
+    checker: Arc<Agent>,
+    /// Checks running at once (each holds a blocking thread until its fetch ends).
+    checks: Arc<tokio::sync::Semaphore>,
+    /// WatchUpdate streams open, in all and per peer.
+    pub(super) watchers: Arc<super::limits::Watchers>,
     pub ops: Arc<Ops>,
     policy: Policy,
     /// Unattended patching, when `[auto]` asks for any of it.
@@ -76,7 +82,12 @@ impl Daemon {
         Ok(Self {
             reader,
             agent: Arc::new(Mutex::new(agent)),
-            checker: Arc::new(Mutex::new(checker)),
+            checker: Arc::new(checker),
+            checks: Arc::new(tokio::sync::Semaphore::new(cfg.api.limits.max_checks)),
+            watchers: Arc::new(super::limits::Watchers::new(
+                cfg.api.limits.max_watchers,
+                cfg.api.limits.max_watchers_per_peer,
+            )),
             ops: Arc::new(Ops::new()),
             policy,
             auto: super::auto::Auto::new(&cfg)?.map(Arc::new),
@@ -87,8 +98,7 @@ impl Daemon {
 
     /// sha256 of the image the booted slot holds, when the agent wrote it.
     pub fn booted_image(&self) -> Option<String> {
-        let checker = self.checker.lock().unwrap_or_else(|p| p.into_inner());
-        checker.booted_image_sha256()
+        self.checker.booted_image_sha256()
     }
 
     /// Reads and checks a channel document (blocking).
@@ -97,8 +107,12 @@ impl Daemon {
         base: &str,
         name: &str,
     ) -> Result<crate::channel::Channel, UpdateError> {
-        let checker = self.checker.lock().unwrap_or_else(|p| p.into_inner());
-        checker.open_channel(base, name)
+        self.checker.open_channel(base, name)
+    }
+
+    /// Who may do what.
+    pub fn policy(&self) -> &Policy {
+        &self.policy
     }
 
     /// Tells the unattended loop the state changed under it (cancel, rollback, ...).
@@ -259,13 +273,39 @@ impl Daemon {
         }
     }
 
+    /// Runs a payload or channel check on a blocking thread, at most
+    /// `api.limits.max_checks` at once and for at most `check_timeout_secs`: past the
+    /// deadline the caller is answered and the thread ends with its fetch's timeouts.
+    async fn checked<T: Send + 'static>(
+        self: &Arc<Self>,
+        f: impl FnOnce(&Agent) -> Result<T, ApiError> + Send + 'static,
+    ) -> Result<T, ApiError> {
+        let limit = self.cfg.api.limits.max_checks;
+        let permit =
+            Arc::clone(&self.checks)
+                .try_acquire_owned()
+                .map_err(|_| ApiError::TooMany {
+                    what: "payload checks",
+                    limit,
+                    key: "api.limits.max_checks",
+                })?;
+        let checker = Arc::clone(&self.checker);
+        let secs = self.cfg.api.limits.check_timeout_secs;
+        let work = blocking(move || {
+            let _permit = permit;
+            f(&checker)
+        });
+        tokio::time::timeout(Duration::from_secs(secs), work)
+            .await
+            .map_err(|_| ApiError::CheckTimeout { secs })?
+    }
+
     /// Opens and checks the first payload of `target` that exists (blocking).
     fn precheck(
-        checker: &Mutex<Agent>,
+        agent: &Agent,
         target: &Target,
         allow_downgrade: bool,
     ) -> Result<crate::update::Checked, ApiError> {
-        let agent = checker.lock().unwrap_or_else(|p| p.into_inner());
         let mut target = target.clone();
         if let Some((name, base)) = &target.channel {
             let c = agent.open_channel(base, name)?;
@@ -352,6 +392,7 @@ impl Service {
         resume: bool,
     ) {
         let d = Arc::clone(&self.0);
+        self.0.ops.staging_started(&id);
         std::thread::Builder::new()
             .name(format!("update {id}"))
             .spawn(move || run_operation(&d, &id, &url, allow_downgrade, reboot, resume))
@@ -398,10 +439,59 @@ impl Service {
                 })
             }
         };
-        let checker = Arc::clone(&self.0.checker);
+        // The operation is registered: from here on it runs to its end on a task of
+        // its own, whether or not the caller waits for the answer (a caller that went
+        // away must not leave an operation that never ends and makes every later
+        // StartUpdate BUSY).
+        let svc = self.clone();
+        let caller = caller.to_owned();
+        tokio::spawn(async move {
+            svc.open_operation(id, target, allow_downgrade, strategy, &caller)
+                .await
+        })
+        .await
+        .map_err(|_| ApiError::Worker)?
+    }
+
+    /// The rest of [`begin`](Self::begin) for a registered operation: check the
+    /// payload, then start the staging thread, or end the operation as failed.
+    async fn open_operation(
+        &self,
+        id: String,
+        target: Target,
+        allow_downgrade: bool,
+        strategy: RebootStrategy,
+        caller: &str,
+    ) -> Result<pb::StartUpdateResponse, ApiError> {
+        let reboot = super::intent::policy(strategy);
         let t = target.clone();
         let allow = allow_downgrade;
-        let checked = match blocking(move || Daemon::precheck(&checker, &t, allow)).await {
+        let checked = self
+            .0
+            .checked(move |agent| Daemon::precheck(agent, &t, allow))
+            .await;
+        let cancelled = self
+            .0
+            .ops
+            .cancel_flag(&id)
+            .is_some_and(|c| c.load(std::sync::atomic::Ordering::SeqCst));
+        let checked = match checked {
+            Ok(_) if cancelled => {
+                self.0.ops.finish(
+                    &id,
+                    pb::Result {
+                        outcome: pb::Outcome::Cancelled as i32,
+                        version: target.version.clone().unwrap_or_default(),
+                        reason: "cancelled before the payload was opened".into(),
+                        at: Some(status::now()),
+                        ..Default::default()
+                    },
+                );
+                return Ok(pb::StartUpdateResponse {
+                    operation_id: id,
+                    already_running: false,
+                });
+            }
             Ok(c) => c,
             Err(e) => {
                 // Watchers (and a Cancel waiting for the end) learn how it ended too.
@@ -617,33 +707,46 @@ impl pb::update_agent_server::UpdateAgent for Service {
         req: Request<pb::GetStatusRequest>,
     ) -> Result<Response<pb::Status>, Status> {
         self.0.policy.check(&req, Need::Read)?;
-        Ok(Response::new(self.0.status()?))
+        // File and bootloader reads stay off the runtime's only thread.
+        let d = Arc::clone(&self.0);
+        Ok(Response::new(blocking(move || d.status()).await?))
     }
 
     async fn check_for_update(
         &self,
         req: Request<pb::CheckForUpdateRequest>,
     ) -> Result<Response<pb::CheckForUpdateResponse>, Status> {
-        self.0.policy.check(&req, Need::Read)?;
+        // Readers may ask about versions and channels of the release server; a URL
+        // or a path makes the root daemon fetch or open what the caller names, which
+        // is an admin's right.
+        let need = match &req.get_ref().source {
+            Some(pb::check_for_update_request::Source::Url(_)) => Need::Change,
+            _ => Need::Read,
+        };
+        self.0.policy.check(&req, need).map_err(|e| match e {
+            ApiError::PermissionDenied(why) if need == Need::Change => ApiError::PermissionDenied(
+                format!("{why}; readers may check a version or a channel, not a url"),
+            ),
+            e => e,
+        })?;
         let target = self
             .0
             .resolve("version", check_source(req.into_inner().source))?;
-        let checker = Arc::clone(&self.0.checker);
         let running = crate::update::running_version(&self.0.cfg.os_release).unwrap_or_default();
-        let t = target.clone();
-        let checked = blocking(move || Daemon::precheck(&checker, &t, true)).await?;
+        let (checked, policy) = self
+            .0
+            .checked(move |agent| {
+                let checked = Daemon::precheck(agent, &target, true)?;
+                // The same checks StartUpdate will make, without the downgrade allowance.
+                let policy = agent
+                    .check(&checked.url, false)
+                    .err()
+                    .map(|e| error_chain(&e));
+                Ok((checked, policy))
+            })
+            .await?;
         let newer =
             running.is_empty() || crate::version::compare(&checked.version, &running).is_gt();
-        // The same checks StartUpdate will make, without the downgrade allowance.
-        let policy = {
-            let checker = Arc::clone(&self.0.checker);
-            let url = checked.url.clone();
-            blocking(move || {
-                let a = checker.lock().unwrap_or_else(|p| p.into_inner());
-                Ok(a.check(&url, false).err().map(|e| error_chain(&e)))
-            })
-            .await?
-        };
         let reason = match (&policy, newer) {
             (Some(why), _) => why.clone(),
             (None, false) => format!(
@@ -714,61 +817,25 @@ impl pb::update_agent_server::UpdateAgent for Service {
         &self,
         req: Request<pb::WatchUpdateRequest>,
     ) -> Result<Response<Self::WatchUpdateStream>, Status> {
-        self.0.policy.check(&req, Need::Read)?;
+        let caller = self.0.policy.check(&req, Need::Read)?;
+        let slot = self.0.watchers.admit(&caller.peer_key())?;
         let want = req.into_inner().operation_id;
         let ops = Arc::clone(&self.0.ops);
         // Subscribe before looking, so nothing between the two is missed.
-        let mut rx = ops.subscribe();
+        let rx = ops.subscribe();
         let first = ops.find(&want);
         if !want.is_empty() && first.is_none() {
             return Err(ApiError::UnknownOperation(want).into());
         }
         let (tx, out) = tokio::sync::mpsc::channel::<Result<pb::UpdateEvent, Status>>(64);
         tokio::spawn(async move {
-            let event = |id: &str, kind| pb::UpdateEvent {
-                operation_id: id.to_owned(),
-                at: Some(status::now()),
-                kind: Some(kind),
-            };
-            let mut target = first.as_ref().map(|(s, _)| s.id.clone());
-            if let Some((snap, result)) = first {
-                let id = snap.id.clone();
-                if tx.send(Ok(event(&id, Kind::Snapshot(snap)))).await.is_err() {
-                    return;
-                }
-                if let Some(r) = result {
-                    let _ = tx.send(Ok(event(&id, Kind::Result(r)))).await;
-                    return;
-                }
-            }
-            loop {
-                match rx.recv().await {
-                    Ok(ev) => {
-                        let id = target.get_or_insert_with(|| ev.operation_id.clone());
-                        if ev.operation_id != *id {
-                            continue;
-                        }
-                        let terminal = matches!(ev.kind, Some(Kind::Result(_)));
-                        // A watcher that went away ends here; the update never notices.
-                        if tx.send(Ok(ev)).await.is_err() || terminal {
-                            return;
-                        }
-                    }
-                    Err(RecvError::Lagged(_)) => {
-                        let Some(id) = target.clone() else { continue };
-                        let Some((snap, result)) = ops.find(&id) else {
-                            return;
-                        };
-                        if tx.send(Ok(event(&id, Kind::Snapshot(snap)))).await.is_err() {
-                            return;
-                        }
-                        if let Some(r) = result {
-                            let _ = tx.send(Ok(event(&id, Kind::Result(r)))).await;
-                            return;
-                        }
-                    }
-                    Err(RecvError::Closed) => return,
-                }
+            // Held until the stream ends, however it ends.
+            let _slot = slot;
+            // A watcher that went away ends here at once, even while nothing happens;
+            // the update never notices.
+            tokio::select! {
+                () = forward(first, rx, &tx, &ops) => {}
+                () = tx.closed() => {}
             }
         });
         Ok(Response::new(Box::pin(
@@ -806,6 +873,12 @@ impl pb::update_agent_server::UpdateAgent for Service {
             };
             let _ = tokio::time::timeout(Duration::from_secs(120), wait).await;
             self.0.poke();
+            // Stopped before its staging began: no slot was touched.
+            let slot = if self.0.ops.reached_staging(&id) {
+                slot
+            } else {
+                String::new()
+            };
             return Ok(Response::new(pb::CancelResponse { slot }));
         }
         let agent = Arc::clone(&self.0.agent);
@@ -915,7 +988,8 @@ impl pb::update_agent_server::UpdateAgent for Service {
                     why: format!("{:?} is not a token from ListHistory", r.page_token),
                 })?
         };
-        let mut all = self.0.reader.history().map_err(ApiError::from)?;
+        let d = Arc::clone(&self.0);
+        let mut all = blocking(move || Ok(d.reader.history()?)).await?;
         all.reverse();
         let end = (start + size).min(all.len());
         let entries = all
@@ -933,5 +1007,61 @@ impl pb::update_agent_server::UpdateAgent for Service {
             entries,
             next_page_token,
         }))
+    }
+}
+
+type FoundOp = Option<(pb::Operation, Option<pb::Result>)>;
+
+/// Sends a watcher the operation's snapshot, then its events until its result.
+async fn forward(
+    first: FoundOp,
+    mut rx: tokio::sync::broadcast::Receiver<pb::UpdateEvent>,
+    tx: &tokio::sync::mpsc::Sender<Result<pb::UpdateEvent, Status>>,
+    ops: &Ops,
+) {
+    let event = |id: &str, kind| pb::UpdateEvent {
+        operation_id: id.to_owned(),
+        at: Some(status::now()),
+        kind: Some(kind),
+    };
+    let mut target = first.as_ref().map(|(s, _)| s.id.clone());
+    if let Some((snap, result)) = first {
+        let id = snap.id.clone();
+        if tx.send(Ok(event(&id, Kind::Snapshot(snap)))).await.is_err() {
+            return;
+        }
+        if let Some(r) = result {
+            let _ = tx.send(Ok(event(&id, Kind::Result(r)))).await;
+            return;
+        }
+    }
+    loop {
+        match rx.recv().await {
+            Ok(ev) => {
+                let id = target.get_or_insert_with(|| ev.operation_id.clone());
+                if ev.operation_id != *id {
+                    continue;
+                }
+                let terminal = matches!(ev.kind, Some(Kind::Result(_)));
+                // A watcher that went away ends here; the update never notices.
+                if tx.send(Ok(ev)).await.is_err() || terminal {
+                    return;
+                }
+            }
+            Err(RecvError::Lagged(_)) => {
+                let Some(id) = target.clone() else { continue };
+                let Some((snap, result)) = ops.find(&id) else {
+                    return;
+                };
+                if tx.send(Ok(event(&id, Kind::Snapshot(snap)))).await.is_err() {
+                    return;
+                }
+                if let Some(r) = result {
+                    let _ = tx.send(Ok(event(&id, Kind::Result(r)))).await;
+                    return;
+                }
+            }
+            Err(RecvError::Closed) => return,
+        }
     }
 }

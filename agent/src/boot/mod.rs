@@ -73,7 +73,7 @@ pub enum BootError {
 /// The contract every bootloader backend implements. Each call changes the state in
 /// memory and commits it with one durable write (fsynced), so a power cut leaves
 /// either the old state or the new one.
-pub trait BootControl: Send {
+pub trait BootControl: Send + Sync {
     fn name(&self) -> &'static str;
     fn status(&self) -> Result<BootStatus, BootError>;
     /// Makes `slot` unbootable (before anything is written into it). Refused for the

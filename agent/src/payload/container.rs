@@ -11,7 +11,7 @@
 
 use std::fs::File;
 use std::io::{self, Write};
-use std::os::unix::fs::FileExt;
+use std::os::unix::fs::{FileExt, OpenOptionsExt as _};
 use std::path::{Path, PathBuf};
 
 use super::codec::{self, Reader};
@@ -49,8 +49,20 @@ impl FileSource {
             path: path.to_owned(),
             source,
         };
-        let file = File::open(path).map_err(io)?;
-        let len = file.metadata().map_err(io)?.len();
+        // Non-blocking, so a FIFO or a device that never answers cannot hold the
+        // caller in open(2); then only a regular file is read.
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(nix::libc::O_NONBLOCK | nix::libc::O_NOCTTY)
+            .open(path)
+            .map_err(io)?;
+        let meta = file.metadata().map_err(io)?;
+        if !meta.is_file() {
+            return Err(PayloadError::NotAFile {
+                path: path.to_owned(),
+            });
+        }
+        let len = meta.len();
         Ok(Self {
             file,
             len,

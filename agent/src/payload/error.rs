@@ -156,6 +156,8 @@ pub enum PayloadError {
         #[source]
         source: std::io::Error,
     },
+    #[error("{path} is not a regular file; payloads are read only from regular files")]
+    NotAFile { path: PathBuf },
     #[error("{path} is not an update-agent payload (bad magic)")]
     BadMagic { path: PathBuf },
     #[error("payload {path}: header field `{field}` is invalid ({value})")]

@@ -20,17 +20,34 @@ pub(super) struct Daemon {
 }
 
 impl Daemon {
-    fn start(n: &Node) -> Self {
+    pub(super) fn start(n: &Node) -> Self {
         Self::start_with(n, &[])
     }
 
     pub(super) fn start_with(n: &Node, env: &[(&str, &str)]) -> Self {
+        Self::spawn(n, env, Command::new(env!("CARGO_BIN_EXE_update-agent")))
+    }
+
+    /// Started with at most `nofile` descriptors (as a unit's `LimitNOFILE=` gives).
+    pub(super) fn start_limited(n: &Node, nofile: u32) -> Self {
+        let mut c = Command::new("prlimit");
+        c.arg(format!("--nofile={nofile}"))
+            .arg("--")
+            .arg(env!("CARGO_BIN_EXE_update-agent"));
+        Self::spawn(n, &[], c)
+    }
+
+    pub(super) fn socket(&self) -> &Path {
+        &self.socket
+    }
+
+    fn spawn(n: &Node, env: &[(&str, &str)], mut cmd: Command) -> Self {
         let log = fs::OpenOptions::new()
             .create(true)
             .append(true)
             .open(n.path("daemon.log"))
             .expect("daemon log");
-        let child = Command::new(env!("CARGO_BIN_EXE_update-agent"))
+        let child = cmd
             .arg("--config")
             .arg(&n.config)
             .arg("serve")
@@ -143,7 +160,7 @@ pub(super) fn rt() -> tokio::runtime::Runtime {
         .expect("runtime")
 }
 
-fn reason(s: &tonic::Status) -> String {
+pub(super) fn reason(s: &tonic::Status) -> String {
     s.get_error_details()
         .error_info()
         .map(|i| i.reason.clone())
@@ -606,7 +623,7 @@ fn api_update_commit_rollback_over_the_socket() {
 }
 
 /// Runs `updatectl` as another user: uid, primary gid, supplementary groups.
-fn ctl_as(socket: &Path, uid: u32, groups: &[u32], args: &[&str]) -> Output {
+pub(super) fn ctl_as(socket: &Path, uid: u32, groups: &[u32], args: &[&str]) -> Output {
     let list = groups
         .iter()
         .map(u32::to_string)
@@ -761,7 +778,7 @@ fn api_python_grpcio_client() {
 }
 
 /// A CA, and certificates it signs, made with the openssl command line.
-struct Pki {
+pub(super) struct Pki {
     dir: PathBuf,
 }
 
@@ -800,8 +817,9 @@ impl Pki {
         ]);
     }
 
-    /// A certificate for `cn` with `san` (e.g. "DNS:node1,IP:127.0.0.1"), signed by `ca`.
-    fn cert(&self, ca: &str, name: &str, cn: &str, san: &str, usage: &str) {
+    /// A certificate for `cn` with `san` (e.g. "DNS:node1,IP:127.0.0.1"; "" for none),
+    /// signed by `ca`.
+    pub(super) fn cert(&self, ca: &str, name: &str, cn: &str, san: &str, usage: &str) {
         self.openssl(&[
             "req",
             "-newkey",
@@ -818,7 +836,11 @@ impl Pki {
         ]);
         fs::write(
             self.dir.join(format!("{name}.ext")),
-            format!("subjectAltName={san}\nextendedKeyUsage={usage}\n"),
+            if san.is_empty() {
+                format!("extendedKeyUsage={usage}\n")
+            } else {
+                format!("subjectAltName={san}\nextendedKeyUsage={usage}\n")
+            },
         )
         .expect("ext");
         self.openssl(&[
@@ -840,14 +862,16 @@ impl Pki {
         ]);
     }
 
-    fn path(&self, f: &str) -> PathBuf {
+    pub(super) fn path(&self, f: &str) -> PathBuf {
         self.dir.join(f)
     }
 }
 
-#[test]
-fn api_tcp_mutual_tls() {
-    let n = api_node();
+/// A node with the TCP listener on: a fleet CA and a rogue one, the server's
+/// certificate, clients `controller` (URI SAN spiffe://fleet/controller), `intruder`
+/// (DNS SAN intruder) and `rogue` (the controller's names, the rogue CA); `allowed`
+/// is `tls_allowed_clients`. Returns the PKI and the address to connect to.
+pub(super) fn tls_node(n: &Node, allowed: &[&str]) -> (Pki, String) {
     let pki = Pki::new(n.path("pki"));
     pki.ca("fleet-ca");
     pki.ca("rogue-ca");
@@ -885,16 +909,28 @@ fn api_tcp_mutual_tls() {
         .expect("addr")
         .port();
     let cfg = fs::read_to_string(&n.config).expect("config");
+    let list = allowed
+        .iter()
+        .map(|a| format!("{a:?}"))
+        .collect::<Vec<_>>()
+        .join(", ");
     let tls = format!(
         "tcp_listen = \"127.0.0.1:{port}\"\ntls_cert = \"{}\"\ntls_key = \"{}\"\ntls_client_ca = \"{}\"\n\
-         tls_allowed_clients = [\"spiffe://fleet/controller\"]\n[releases]\n",
+         tls_allowed_clients = [{list}]\n[releases]\n",
         pki.path("server.crt").display(),
         pki.path("server.key").display(),
         pki.path("fleet-ca.crt").display(),
     );
     fs::write(&n.config, cfg.replacen("[releases]\n", &tls, 1)).expect("config");
+    (pki, format!("https://127.0.0.1:{port}"))
+}
+
+#[test]
+fn api_tcp_mutual_tls() {
+    let n = api_node();
+    let (pki, address) = tls_node(&n, &["spiffe://fleet/controller"]);
     let _d = Daemon::start(&n);
-    let address = format!("https://127.0.0.1:{port}");
+
     let files = |name: &str, ca: &str| client::TlsFiles {
         ca: pki.path(&format!("{ca}.crt")),
         cert: pki.path(&format!("{name}.crt")),

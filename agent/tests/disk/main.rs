@@ -581,6 +581,7 @@ impl Node {
 mod api;
 mod auto;
 mod journal;
+mod security;
 
 fn text(o: &Output) -> String {
     format!(

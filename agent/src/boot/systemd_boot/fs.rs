@@ -114,6 +114,38 @@ pub(super) fn run_ops(dir: &Path, ops: &[Op]) -> Result<(), BootError> {
     Ok(())
 }
 
+/// The real path of `rel` inside the tree at `root`, every symlink on the way resolved
+/// as if `root` were `/` (`openat2` with `RESOLVE_IN_ROOT`): a release's
+/// `/boot/vmlinuz -> /etc/shadow` names the slot's own `/etc/shadow`, never the host's,
+/// and `..` cannot climb out. `Ok(None)` when there is no such file.
+pub fn resolve_in_root(root: &Path, rel: &Path) -> io::Result<Option<PathBuf>> {
+    use nix::fcntl::{OFlag, OpenHow, ResolveFlag};
+    use std::os::fd::{AsRawFd as _, FromRawFd as _, OwnedFd};
+    let dir = File::open(root)?;
+    let how = OpenHow::new()
+        .flags(OFlag::O_PATH | OFlag::O_CLOEXEC)
+        .resolve(ResolveFlag::RESOLVE_IN_ROOT | ResolveFlag::RESOLVE_NO_MAGICLINKS);
+    let fd = match nix::fcntl::openat2(dir.as_raw_fd(), rel, how) {
+        Ok(fd) => fd,
+        Err(nix::errno::Errno::ENOENT) => return Ok(None),
+        Err(e) => return Err(e.into()),
+    };
+    #[allow(unsafe_code)]
+    // SAFETY: `fd` was just returned by openat2 and nothing else owns it.
+    let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+    let real = fs::read_link(format!("/proc/self/fd/{}", fd.as_raw_fd()))?;
+    // The kernel guarantees it; checked again because a path outside would be copied
+    // onto the ESP and booted.
+    let root_real = fs::canonicalize(root)?;
+    if !real.starts_with(&root_real) {
+        return Err(io::Error::new(
+            io::ErrorKind::PermissionDenied,
+            format!("{} resolves outside {}", rel.display(), root.display()),
+        ));
+    }
+    Ok(Some(real))
+}
+
 /// A kernel or initrd to copy onto the ESP, and the sha256 it must have.
 #[derive(Debug, Clone, Copy)]
 pub struct BootFile<'a> {

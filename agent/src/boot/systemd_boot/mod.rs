@@ -550,21 +550,32 @@ impl BootControl for SystemdBoot {
                 source,
             })
         };
-        let kernel_path = root.join("boot").join(KERNEL_NAME);
-        let initrd_path = root.join("boot").join(INITRD_NAME);
+        // Resolved inside the slot: a symlink in the release cannot point the copy
+        // at a file of the running system.
+        let find = |name: &str| {
+            let rel = Path::new("boot").join(name);
+            fs::resolve_in_root(root, &rel).map_err(|source| BootError::Read {
+                path: root.join(&rel),
+                source,
+            })
+        };
+        let kernel_path = find(KERNEL_NAME)?.ok_or_else(|| BootError::Read {
+            path: root.join("boot").join(KERNEL_NAME),
+            source: std::io::ErrorKind::NotFound.into(),
+        })?;
+        let initrd_path = find(INITRD_NAME)?;
         let kernel = BootFile {
             path: &kernel_path,
             sha256: digest(&kernel_path)?,
         };
-        let initrd_sha = if initrd_path.exists() {
-            Some(digest(&initrd_path)?)
-        } else {
-            None
+        let initrd_sha = match &initrd_path {
+            Some(p) => Some(digest(p)?),
+            None => None,
         };
-        let initrd = initrd_sha.map(|sha256| BootFile {
-            path: &initrd_path,
-            sha256,
-        });
+        let initrd = initrd_path
+            .as_deref()
+            .zip(initrd_sha)
+            .map(|(path, sha256)| BootFile { path, sha256 });
         self.stage(slot, version, &kernel, initrd.as_ref())
     }
 
