@@ -290,6 +290,22 @@ impl RangeSource for HttpSource {
     fn name(&self) -> &Path {
         &self.name
     }
+
+    fn bytes(&self, offset: u64, len: usize) -> io::Result<std::borrow::Cow<'_, [u8]>> {
+        let end = offset + len as u64;
+        if end <= self.head.len() as u64 {
+            return Ok(std::borrow::Cow::Borrowed(
+                &self.head[offset as usize..end as usize],
+            ));
+        }
+        if len == 0 {
+            return Ok(std::borrow::Cow::Owned(Vec::new()));
+        }
+        // A head larger than the first response: fetched once, into the buffer the
+        // caller gets (not fetched and then copied).
+        let (bytes, _) = self.range(offset, len as u64, false)?;
+        Ok(std::borrow::Cow::Owned(bytes))
+    }
 }
 
 #[cfg(test)]

@@ -354,6 +354,49 @@ fn first(m: &Manifest, kind: OpKind) -> usize {
         .expect("baseline has this kind")
 }
 
+/// Hardening finding 13: the untrusted head is verified where the source holds it,
+/// not copied first. A source that holds the whole payload in memory and refuses to
+/// copy anything but the 64-byte header still opens.
+#[test]
+fn the_head_is_verified_in_place() {
+    struct InPlace(MemSource);
+    impl update_agent::payload::RangeSource for InPlace {
+        fn size(&self) -> u64 {
+            self.0.bytes.len() as u64
+        }
+        fn read_range(&self, offset: u64, buf: &mut [u8]) -> std::io::Result<()> {
+            if offset != 0 || buf.len() > 64 {
+                return Err(std::io::Error::other(format!(
+                    "copied {} bytes at {offset}",
+                    buf.len()
+                )));
+            }
+            self.0.read_range(offset, buf)
+        }
+        fn name(&self) -> &Path {
+            self.0.name()
+        }
+        fn bytes(&self, offset: u64, len: usize) -> std::io::Result<std::borrow::Cow<'_, [u8]>> {
+            self.0.bytes(offset, len)
+        }
+    }
+    let (m, blob) = baseline();
+    let bytes = assemble(&m, &[key().sign(&m)], &blob).expect("assemble");
+    let keys = trusted();
+    let src = InPlace(MemSource {
+        bytes,
+        name: "in-place".into(),
+    });
+    Payload::open(
+        &src,
+        Trust::Keys {
+            keys: &keys,
+            now: NOW,
+        },
+    )
+    .expect("opened without copying the head");
+}
+
 #[test]
 fn baseline_is_accepted() {
     let (m, blob) = baseline();

@@ -7,7 +7,9 @@
 # context switches (wake-ups) of all its threads. Then GetStatus over the Unix socket
 # at a steady 1,000 calls/s for 30 s (agent/examples/status_load.rs, open loop):
 # latency percentiles, and the daemon's CPU and RSS under that load; then 500
-# scrapes of /metrics. Needs root.
+# scrapes of /metrics. Then the same load under attack (docs/security.md): 200 TCP
+# connections held silent on the mutual-TLS listener and one check hung on a release
+# server that never answers. Needs root.
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 repo=$(dirname "$(dirname "$here")")
@@ -27,6 +29,8 @@ loop=""
 daemon=""
 cleanup() {
   [[ -n $daemon ]] && kill "$daemon" 2>/dev/null || true
+  [[ -n ${blackhole:-} ]] && kill "$blackhole" 2>/dev/null || true
+  [[ -n ${flood:-} ]] && kill "$flood" 2>/dev/null || true
   [[ -n $loop ]] && losetup -d "$loop" 2>/dev/null || true
   rm -rf "$w"
 }
@@ -60,6 +64,31 @@ windows = [{ days = ["sat"], start = "02:00", length = "3h" }]
 listen = "127.0.0.1:$metrics_port"
 TOML
 echo 0123456789abcdef0123456789abcdef >"$w/machine-id"
+# The attack phase: a TLS listener to flood, and a release server that accepts and
+# never answers (a check on it hangs until api.limits.check_timeout_secs).
+free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'; }
+tcp_port=$(free_port)
+mkdir -p "$w/pki"
+( cd "$w/pki"
+  openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -keyout ca.key -out ca.crt -subj /CN=bench-ca -days 2 2>/dev/null
+  openssl req -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -keyout server.key -out server.csr -subj /CN=node 2>/dev/null
+  printf 'subjectAltName=IP:127.0.0.1\nextendedKeyUsage=serverAuth\n' >server.ext
+  openssl x509 -req -in server.csr -CA ca.crt -CAkey ca.key -CAcreateserial -out server.crt -days 2 -extfile server.ext 2>/dev/null )
+python3 - "$w/blackhole.port" <<'PY' &
+import socket, sys, time
+s = socket.socket(); s.bind(("127.0.0.1", 0)); s.listen(64)
+open(sys.argv[1], "w").write(str(s.getsockname()[1]))
+held = []
+while True:
+    held.append(s.accept()[0])
+PY
+blackhole=$!
+for _ in $(seq 100); do [[ -s $w/blackhole.port ]] && break; sleep 0.05; done
+cat >>"$w/agent.toml" <<TOML
+[releases]
+url = "http://127.0.0.1:$(cat "$w/blackhole.port")/rel"
+TOML
+sed -i "s|^socket_group = \"\"|socket_group = \"\"\ntcp_listen = \"127.0.0.1:$tcp_port\"\ntls_cert = \"$w/pki/server.crt\"\ntls_key = \"$w/pki/server.key\"\ntls_client_ca = \"$w/pki/ca.crt\"\ntls_allowed_clients = [\"spiffe://bench/controller\"]|" "$w/agent.toml"
 
 RUST_LOG=warn "$bin/update-agent" --config "$w/agent.toml" serve &
 daemon=$!
@@ -104,6 +133,21 @@ PY
 load_rss=$(rss_kib)
 peak_rss=$(awk '/^VmHWM/ {print $2}' "/proc/$daemon/status")
 
+echo "bench: under attack: 200 silent TCP connections and a hung check..." >&2
+python3 - "$tcp_port" <<'PY' &
+import socket, sys, time
+held = [socket.create_connection(("127.0.0.1", int(sys.argv[1]))) for _ in range(200)]
+time.sleep(3600)
+PY
+flood=$!
+"$bin/updatectl" --socket "$w/agent.sock" check --version 9.9 >"$w/hung-check.out" 2>&1 &
+hung=$!
+sleep 2
+attack=$("$bin/examples/status_load" "$w/agent.sock" "$rate" "$load")
+attack_fds=$(ls /proc/"$daemon"/fd | wc -l)
+wait "$hung" || true
+attack_rss=$(rss_kib)
+
 cat <<EOF2
 ## GetStatus over the Unix socket ($(date -u +%Y-%m-%d), $(nproc) cores)
 
@@ -116,4 +160,7 @@ cat <<EOF2
 | GET /metrics, 500 sequential scrapes (200 history records) | $scrape |
 | load: daemon CPU | $(( (l1 - l0) * 1000 / hz / load )) ms per second ($(( (l1 - l0) * 100 / hz / load ))% of one core) |
 | RSS after load / peak | $(( load_rss / 1024 )).$(( load_rss % 1024 * 10 / 1024 )) MiB / $(( peak_rss / 1024 )).$(( peak_rss % 1024 * 10 / 1024 )) MiB |
+| under attack (200 silent TCP connections, one hung check): $rate calls/s for $load s | $attack |
+| under attack: daemon descriptors, RSS after | $attack_fds, $(( attack_rss / 1024 )).$(( attack_rss % 1024 * 10 / 1024 )) MiB |
+| the hung check ended with | $(tail -1 "$w/hung-check.out") |
 EOF2

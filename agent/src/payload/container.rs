@@ -9,6 +9,7 @@
 //! Everything before the blob fits in one range request, and any operation's frame
 //! is one more: `blob offset + data_offset`, `data_len` bytes.
 
+use std::borrow::Cow;
 use std::fs::File;
 use std::io::{self, Write};
 use std::os::unix::fs::{FileExt, OpenOptionsExt as _};
@@ -33,6 +34,14 @@ pub trait RangeSource: Sync {
     fn read_range(&self, offset: u64, buf: &mut [u8]) -> io::Result<()>;
     /// Name shown in errors (a path or URL).
     fn name(&self) -> &Path;
+    /// The bytes at `offset`, borrowed where the source already holds them in memory
+    /// (an HTTP source's first response), so checking a payload's head copies nothing
+    /// more; otherwise read once into a buffer of their own.
+    fn bytes(&self, offset: u64, len: usize) -> io::Result<Cow<'_, [u8]>> {
+        let mut v = vec![0u8; len];
+        self.read_range(offset, &mut v)?;
+        Ok(Cow::Owned(v))
+    }
 }
 
 /// A payload in a local file.
@@ -161,8 +170,11 @@ impl Payload {
         if blob_offset != head_end.div_ceil(BLOB_ALIGN) * BLOB_ALIGN || blob_offset > src.size() {
             return Err(bad("blob_offset", blob_offset));
         }
-        let mut head = vec![0u8; (blob_offset - HEADER_LEN) as usize];
-        src.read_range(HEADER_LEN, &mut head).map_err(io)?;
+        // Checked where it lies: the signature is verified on these bytes before any
+        // copy or decode.
+        let head = src
+            .bytes(HEADER_LEN, (blob_offset - HEADER_LEN) as usize)
+            .map_err(io)?;
         let (head, padding) = head.split_at((manifest_len + sig_len) as usize);
         if padding.iter().any(|&b| b != 0) {
             return Err(bad("padding", 0));
@@ -339,5 +351,13 @@ impl RangeSource for MemSource {
     }
     fn name(&self) -> &Path {
         &self.name
+    }
+    fn bytes(&self, offset: u64, len: usize) -> io::Result<Cow<'_, [u8]>> {
+        let start = usize::try_from(offset).map_err(|_| io::ErrorKind::UnexpectedEof)?;
+        let end = start.checked_add(len).ok_or(io::ErrorKind::UnexpectedEof)?;
+        self.bytes
+            .get(start..end)
+            .map(Cow::Borrowed)
+            .ok_or_else(|| io::ErrorKind::UnexpectedEof.into())
     }
 }

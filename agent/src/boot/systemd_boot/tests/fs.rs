@@ -150,3 +150,53 @@ fn leftovers_of_an_interrupted_stage_are_cleaned() {
         Err(BootError::Malformed { .. })
     ));
 }
+
+/// Hardening finding 12: the release's `/boot/vmlinuz` is resolved inside the mounted
+/// slot, so an absolute symlink (or `..`) in a release cannot make the root daemon
+/// copy a file of the running system onto the ESP and boot it.
+#[test]
+fn release_files_resolve_inside_the_slot() {
+    use crate::boot::systemd_boot::fs::resolve_in_root;
+    let host = tmp();
+    let secret = host.path().join("host-secret");
+    fs::write(&secret, b"the host's, not the release's").expect("secret");
+    let root = tmp();
+    let root = root.path();
+    fs::create_dir_all(root.join("boot")).expect("boot");
+    fs::create_dir_all(root.join("etc")).expect("etc");
+    fs::write(root.join("etc/shadow"), b"the release's own").expect("shadow");
+
+    // Absolute links name the slot's own files.
+    std::os::unix::fs::symlink("/etc/shadow", root.join("boot/vmlinuz")).expect("link");
+    let real = resolve_in_root(root, Path::new("boot/vmlinuz"))
+        .expect("resolve")
+        .expect("exists");
+    assert_eq!(real, fs::canonicalize(root.join("etc/shadow")).expect("c"));
+    // A link to a host path the slot does not have resolves to nothing.
+    fs::remove_file(root.join("boot/vmlinuz")).expect("rm");
+    std::os::unix::fs::symlink(&secret, root.join("boot/vmlinuz")).expect("link");
+    assert_eq!(
+        resolve_in_root(root, Path::new("boot/vmlinuz")).expect("resolve"),
+        None
+    );
+    // `..` stops at the slot's root.
+    fs::remove_file(root.join("boot/vmlinuz")).expect("rm");
+    let climb = format!("../../../../../../..{}", secret.display());
+    std::os::unix::fs::symlink(&climb, root.join("boot/vmlinuz")).expect("link");
+    assert_eq!(
+        resolve_in_root(root, Path::new("boot/vmlinuz")).expect("resolve"),
+        None
+    );
+
+    // And prepare() refuses such a release instead of copying the host's file.
+    let esp = tmp();
+    let mut sb = created(esp.path(), &Release::new("1"));
+    match sb.prepare(B, "2", root) {
+        Err(BootError::Read { path, source }) => {
+            assert!(path.ends_with("boot/vmlinuz"), "{}", path.display());
+            assert_eq!(source.kind(), io::ErrorKind::NotFound);
+        }
+        other => panic!("{other:?}"),
+    }
+    assert!(!esp.path().join("update-agent/b/vmlinuz").exists());
+}
