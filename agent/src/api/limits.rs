@@ -1,77 +1,107 @@
-//! Caps on what callers can hold open in the daemon: WatchUpdate streams, in all and
-//! per peer (each stream is a task and a buffered channel).
+//! Caps on what callers can hold open in the daemon: places counted per key (a uid, a
+//! certificate identity) and in all, each given back when its holder ends. Used for
+//! Unix socket connections (listen.rs) and WatchUpdate streams (each a task and a
+//! buffered channel).
 
 use std::collections::HashMap;
+use std::hash::Hash;
 use std::sync::{Arc, Mutex};
 
 use super::ApiError;
 
-#[derive(Debug, Default)]
-struct Counts {
-    by_peer: HashMap<String, usize>,
+#[derive(Debug)]
+struct Counts<K> {
+    by_key: HashMap<K, usize>,
     total: usize,
 }
 
-/// Open WatchUpdate streams.
+/// Places per key and in all.
 #[derive(Debug)]
-pub struct Watchers {
-    counts: Arc<Mutex<Counts>>,
+pub struct Places<K> {
+    counts: Arc<Mutex<Counts<K>>>,
     total: usize,
-    per_peer: usize,
+    per_key: usize,
 }
 
-/// One open stream's place; gives it back when the stream ends.
+/// One held place; given back when dropped.
 #[derive(Debug)]
-pub struct WatchSlot {
-    peer: String,
-    counts: Arc<Mutex<Counts>>,
+pub struct Place<K: Hash + Eq> {
+    key: K,
+    counts: Arc<Mutex<Counts<K>>>,
 }
 
-impl Drop for WatchSlot {
+impl<K: Hash + Eq> Drop for Place<K> {
     fn drop(&mut self) {
         let mut c = self.counts.lock().unwrap_or_else(|p| p.into_inner());
         c.total = c.total.saturating_sub(1);
-        if let Some(n) = c.by_peer.get_mut(&self.peer) {
+        if let Some(n) = c.by_key.get_mut(&self.key) {
             *n -= 1;
             if *n == 0 {
-                c.by_peer.remove(&self.peer);
+                c.by_key.remove(&self.key);
             }
         }
     }
 }
 
-impl Watchers {
-    pub fn new(total: usize, per_peer: usize) -> Self {
+/// Which cap a refused place hit.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Full {
+    PerKey,
+    Total,
+}
+
+impl<K: Hash + Eq + Clone> Places<K> {
+    pub fn new(total: usize, per_key: usize) -> Self {
         Self {
-            counts: Arc::default(),
+            counts: Arc::new(Mutex::new(Counts {
+                by_key: HashMap::new(),
+                total: 0,
+            })),
             total,
-            per_peer,
+            per_key,
         }
     }
 
-    /// A place for one more stream of `peer`, or RESOURCE_EXHAUSTED naming the limit.
-    pub fn admit(&self, peer: &str) -> Result<WatchSlot, ApiError> {
+    /// A place for one more holder under `key`, unless a cap is reached.
+    pub fn admit(&self, key: &K) -> Result<Place<K>, Full> {
         let mut c = self.counts.lock().unwrap_or_else(|p| p.into_inner());
-        let mine = c.by_peer.get(peer).copied().unwrap_or(0);
-        if mine >= self.per_peer {
-            return Err(ApiError::TooMany {
-                what: "WatchUpdate streams from one peer",
-                limit: self.per_peer,
-                key: "api.limits.max_watchers_per_peer",
-            });
+        if c.by_key.get(key).copied().unwrap_or(0) >= self.per_key {
+            return Err(Full::PerKey);
         }
         if c.total >= self.total {
-            return Err(ApiError::TooMany {
-                what: "WatchUpdate streams",
-                limit: self.total,
-                key: "api.limits.max_watchers",
-            });
+            return Err(Full::Total);
         }
         c.total += 1;
-        *c.by_peer.entry(peer.to_owned()).or_insert(0) += 1;
-        Ok(WatchSlot {
-            peer: peer.to_owned(),
+        *c.by_key.entry(key.clone()).or_insert(0) += 1;
+        Ok(Place {
+            key: key.clone(),
             counts: Arc::clone(&self.counts),
+        })
+    }
+}
+
+/// Open WatchUpdate streams, per peer (`Caller::peer_key`) and in all.
+#[derive(Debug)]
+pub struct Watchers(Places<String>);
+
+impl Watchers {
+    pub fn new(total: usize, per_peer: usize) -> Self {
+        Self(Places::new(total, per_peer))
+    }
+
+    /// A place for one more stream of `peer`, or RESOURCE_EXHAUSTED naming the limit.
+    pub fn admit(&self, peer: &str) -> Result<Place<String>, ApiError> {
+        self.0.admit(&peer.to_owned()).map_err(|full| match full {
+            Full::PerKey => ApiError::TooMany {
+                what: "WatchUpdate streams from one peer",
+                limit: self.0.per_key,
+                key: "api.limits.max_watchers_per_peer",
+            },
+            Full::Total => ApiError::TooMany {
+                what: "WatchUpdate streams",
+                limit: self.0.total,
+                key: "api.limits.max_watchers",
+            },
         })
     }
 }
@@ -81,7 +111,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn per_peer_then_in_all_and_given_back() {
+    fn per_key_then_in_all_and_given_back() {
         let w = Watchers::new(3, 2);
         let a1 = w.admit("uid 1000").expect("1");
         let _a2 = w.admit("uid 1000").expect("2");

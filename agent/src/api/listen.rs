@@ -11,11 +11,10 @@
 //! the kernel's backlog, costing the daemon no descriptor; the permit lives as long as
 //! the connection, TLS handshake (which has its own timeout) included.
 
-use std::collections::HashMap;
 use std::io;
 use std::os::fd::AsRawFd as _;
 use std::pin::Pin;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -24,6 +23,8 @@ use tokio::net::{TcpListener, TcpStream, UnixListener, UnixStream};
 use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::server::{Connected, TcpConnectInfo};
+
+use super::limits::{Place, Places};
 
 /// Who is at the other end of a Unix connection, as the kernel recorded it at
 /// connect(2).
@@ -47,7 +48,7 @@ pub struct Conn<S, I> {
 #[derive(Debug)]
 enum Hold {
     Permit { _permit: OwnedSemaphorePermit },
-    Uid { _slot: UidSlot },
+    Uid { _place: Place<u32> },
     None,
 }
 
@@ -94,32 +95,6 @@ impl<S, I: Clone + Send + Sync + 'static> Connected for Conn<S, I> {
     }
 }
 
-/// Connections open per uid (root not counted).
-#[derive(Debug, Default)]
-struct UidCounts {
-    by_uid: HashMap<u32, usize>,
-    total: usize,
-}
-
-#[derive(Debug)]
-struct UidSlot {
-    uid: u32,
-    counts: Arc<Mutex<UidCounts>>,
-}
-
-impl Drop for UidSlot {
-    fn drop(&mut self) {
-        let mut c = self.counts.lock().unwrap_or_else(|p| p.into_inner());
-        c.total = c.total.saturating_sub(1);
-        if let Some(n) = c.by_uid.get_mut(&self.uid) {
-            *n -= 1;
-            if *n == 0 {
-                c.by_uid.remove(&self.uid);
-            }
-        }
-    }
-}
-
 /// Caps of the Unix listener.
 #[derive(Debug, Clone, Copy)]
 pub struct UnixCaps {
@@ -127,23 +102,13 @@ pub struct UnixCaps {
     pub per_uid: usize,
 }
 
-fn admit(counts: &Arc<Mutex<UidCounts>>, uid: u32, caps: UnixCaps) -> Option<Hold> {
+/// A place for a connection of `uid`; root's are never refused (nor counted), so an
+/// admin can always get in.
+fn admit(places: &Places<u32>, uid: u32) -> Option<Hold> {
     if uid == 0 {
         return Some(Hold::None);
     }
-    let mut c = counts.lock().unwrap_or_else(|p| p.into_inner());
-    let mine = c.by_uid.get(&uid).copied().unwrap_or(0);
-    if c.total >= caps.total || mine >= caps.per_uid {
-        return None;
-    }
-    c.total += 1;
-    *c.by_uid.entry(uid).or_insert(0) += 1;
-    Some(Hold::Uid {
-        _slot: UidSlot {
-            uid,
-            counts: Arc::clone(counts),
-        },
-    })
+    places.admit(&uid).ok().map(|p| Hold::Uid { _place: p })
 }
 
 /// Accepts on the Unix socket, reads each peer's credentials, applies the caps.
@@ -153,7 +118,7 @@ pub fn unix_incoming(
 ) -> ReceiverStream<io::Result<Conn<UnixStream, LocalPeer>>> {
     let (tx, rx) = mpsc::channel(1);
     tokio::spawn(async move {
-        let counts = Arc::new(Mutex::new(UidCounts::default()));
+        let places = Places::new(caps.total, caps.per_uid);
         let mut pause = AcceptPause::default();
         loop {
             let stream = match listener.accept().await {
@@ -171,7 +136,7 @@ pub fn unix_incoming(
                     continue;
                 }
             };
-            let Some(hold) = admit(&counts, info.uid, caps) else {
+            let Some(hold) = admit(&places, info.uid) else {
                 tracing::warn!(uid = info.uid, pid = ?info.pid, "API socket: too many connections (api.limits.max_connections[_per_uid]); connection closed");
                 continue;
             };
@@ -301,24 +266,17 @@ mod tests {
 
     #[test]
     fn caps_per_uid_and_in_all_but_never_root() {
-        let counts = Arc::new(Mutex::new(UidCounts::default()));
-        let caps = UnixCaps {
-            total: 3,
-            per_uid: 2,
-        };
-        let a1 = admit(&counts, 1000, caps).expect("first");
-        let _a2 = admit(&counts, 1000, caps).expect("second");
-        assert!(admit(&counts, 1000, caps).is_none(), "per uid");
-        let _b1 = admit(&counts, 1001, caps).expect("other uid");
-        assert!(admit(&counts, 1002, caps).is_none(), "in all");
+        let places = Places::new(3, 2);
+        let a1 = admit(&places, 1000).expect("first");
+        let _a2 = admit(&places, 1000).expect("second");
+        assert!(admit(&places, 1000).is_none(), "per uid");
+        let _b1 = admit(&places, 1001).expect("other uid");
+        assert!(admit(&places, 1002).is_none(), "in all");
         for _ in 0..10 {
-            assert!(admit(&counts, 0, caps).is_some(), "root is never refused");
+            assert!(admit(&places, 0).is_some(), "root is never refused");
         }
         drop(a1);
-        assert!(
-            admit(&counts, 1000, caps).is_some(),
-            "a closed one frees its place"
-        );
+        assert!(admit(&places, 1000).is_some(), "a closed one frees its place");
     }
 
     #[tokio::test]
