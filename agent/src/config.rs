@@ -238,6 +238,9 @@ pub struct FetchConfig {
     pub bearer_token: Option<String>,
     /// `user:password` for HTTP basic authentication.
     pub basic_auth: Option<String>,
+    /// PEM file of the CAs to trust for https release servers and mirrors, instead
+    /// of the public web PKI (a private PKI).
+    pub ca_file: Option<PathBuf>,
     /// The origin that may receive the credentials above: `[releases] url`, filled in
     /// at load (not a key of its own, so no drop-in can point credentials elsewhere).
     #[serde(skip)]
@@ -300,6 +303,7 @@ impl Default for FetchConfig {
             parallel: 2,
             bearer_token: None,
             basic_auth: None,
+            ca_file: None,
             auth_origin: None,
         }
     }

@@ -49,6 +49,20 @@ pub enum FetchError {
     Short { url: String, got: u64, want: u64 },
     #[error("opening {0}")]
     File(#[source] PayloadError),
+    #[error("fetch.ca_file {path}")]
+    CaFile {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("fetch.ca_file {path}: no certificate in it")]
+    CaFileEmpty { path: PathBuf },
+    #[error("fetch.ca_file {path}: bad PEM")]
+    CaFilePem {
+        path: PathBuf,
+        #[source]
+        source: ureq::Error,
+    },
 }
 
 impl From<FetchError> for io::Error {
@@ -91,7 +105,7 @@ pub struct HttpSource {
 
 impl HttpSource {
     pub fn open(url: &str, cfg: &FetchConfig) -> Result<Self, FetchError> {
-        let config = ureq::Agent::config_builder()
+        let mut config = ureq::Agent::config_builder()
             .timeout_connect(Some(cfg.connect_timeout()))
             .timeout_global(Some(cfg.request_timeout()))
             .http_status_as_error(false)
@@ -100,8 +114,11 @@ impl HttpSource {
             // follow a redirect (they are for the release server's origin only).
             .https_only(url.starts_with("https://"))
             .redirect_auth_headers(ureq::config::RedirectAuthHeaders::Never)
-            .user_agent(concat!("update-agent/", env!("CARGO_PKG_VERSION")))
-            .build();
+            .user_agent(concat!("update-agent/", env!("CARGO_PKG_VERSION")));
+        if let Some(path) = &cfg.ca_file {
+            config = config.tls_config(private_roots(path)?);
+        }
+        let config = config.build();
         let trusted = cfg
             .auth_origin
             .as_deref()
@@ -236,6 +253,37 @@ impl HttpSource {
 enum Attempt {
     Retry(FetchError),
     Fatal(FetchError),
+}
+
+/// TLS that trusts only the CAs in `path` (a private release server's PKI), instead of
+/// the public web PKI.
+fn private_roots(path: &Path) -> Result<ureq::tls::TlsConfig, FetchError> {
+    use ureq::tls::{PemItem, RootCerts, TlsConfig};
+    let pem = std::fs::read(path).map_err(|source| FetchError::CaFile {
+        path: path.to_owned(),
+        source,
+    })?;
+    let mut certs = Vec::new();
+    for item in ureq::tls::parse_pem(&pem) {
+        match item {
+            Ok(PemItem::Certificate(c)) => certs.push(c),
+            Ok(_) => {}
+            Err(source) => {
+                return Err(FetchError::CaFilePem {
+                    path: path.to_owned(),
+                    source,
+                })
+            }
+        }
+    }
+    if certs.is_empty() {
+        return Err(FetchError::CaFileEmpty {
+            path: path.to_owned(),
+        });
+    }
+    Ok(TlsConfig::builder()
+        .root_certs(RootCerts::new_with_certs(&certs))
+        .build())
 }
 
 /// Scheme, host and port of a URL (the port made explicit).

@@ -90,7 +90,9 @@ url = "http://127.0.0.1:$(cat "$w/blackhole.port")/rel"
 TOML
 sed -i "s|^socket_group = \"\"|socket_group = \"\"\ntcp_listen = \"127.0.0.1:$tcp_port\"\ntls_cert = \"$w/pki/server.crt\"\ntls_key = \"$w/pki/server.key\"\ntls_client_ca = \"$w/pki/ca.crt\"\ntls_allowed_clients = [\"spiffe://bench/controller\"]|" "$w/agent.toml"
 
-RUST_LOG=warn "$bin/update-agent" --config "$w/agent.toml" serve &
+# As update-agent.service runs it (one malloc arena: the blocking pool's threads would
+# otherwise each keep an arena's pages after they exit).
+MALLOC_ARENA_MAX=1 RUST_LOG=warn "$bin/update-agent" --config "$w/agent.toml" serve &
 daemon=$!
 for _ in $(seq 200); do [[ -S $w/agent.sock ]] && break; sleep 0.05; done
 "$bin/updatectl" --socket "$w/agent.sock" status >/dev/null
@@ -102,7 +104,9 @@ rss_kib() { awk '/^VmRSS/ {print $2}' "/proc/$daemon/status"; }
 threads() { ls /proc/"$daemon"/task | wc -l; }
 hz=$(getconf CLK_TCK)
 
-sleep 2
+# The status call above ran on tokio's blocking pool, whose idle threads end after
+# 10 s: start counting once they have (their switches leave the sum when they do).
+sleep 12
 t0=$(ticks); s0=$(switches)
 echo "bench: idle for $idle s..." >&2
 sleep "$idle"

@@ -783,7 +783,7 @@ pub(super) struct Pki {
 }
 
 impl Pki {
-    fn new(dir: PathBuf) -> Self {
+    pub(super) fn new(dir: PathBuf) -> Self {
         fs::create_dir_all(&dir).expect("pki dir");
         Self { dir }
     }
@@ -797,7 +797,7 @@ impl Pki {
         assert!(o.status.success(), "openssl {args:?}: {}", text(&o));
     }
 
-    fn ca(&self, name: &str) {
+    pub(super) fn ca(&self, name: &str) {
         self.openssl(&[
             "req",
             "-x509",
