@@ -24,6 +24,11 @@ rate=${3:-1000}
 cd "$repo"
 cargo build --release --locked -q --bin update-agent --bin updatectl --example status_load
 bin=$CARGO_TARGET_DIR/release
+load_gen=$bin/examples/status_load
+# UA_BENCH_BIN=DIR: the update-agent and updatectl of another build (an older
+# release, for a before/after comparison in one sitting); the load generator stays
+# this checkout's.
+bin=${UA_BENCH_BIN:-$bin}
 w=$(mktemp -d /var/tmp/ua-api-bench.XXXXXX)
 loop=""
 daemon=""
@@ -116,7 +121,7 @@ idle_threads=$(threads)
 
 echo "bench: GetStatus at $rate/s for $load s..." >&2
 l0=$(ticks)
-result=$("$bin/examples/status_load" "$w/agent.sock" "$rate" "$load")
+result=$("$load_gen" "$w/agent.sock" "$rate" "$load")
 l1=$(ticks)
 echo "bench: GET /metrics 500 times..." >&2
 scrape=$(python3 - "$metrics_port" <<'PY'
@@ -147,9 +152,13 @@ flood=$!
 "$bin/updatectl" --socket "$w/agent.sock" check --version 9.9 >"$w/hung-check.out" 2>&1 &
 hung=$!
 sleep 2
-attack=$("$bin/examples/status_load" "$w/agent.sock" "$rate" "$load")
+attack=$("$load_gen" "$w/agent.sock" "$rate" "$load")
 attack_fds=$(ls /proc/"$daemon"/fd | wc -l)
-wait "$hung" || true
+# The check ends at api.limits.check_timeout_secs (60 s); an older build without
+# that deadline is stopped after as long.
+for _ in $(seq 70); do kill -0 "$hung" 2>/dev/null || break; sleep 1; done
+kill "$hung" 2>/dev/null || true
+wait "$hung" 2>/dev/null || true
 attack_rss=$(rss_kib)
 
 cat <<EOF2

@@ -276,7 +276,10 @@ mod tests {
             assert!(admit(&places, 0).is_some(), "root is never refused");
         }
         drop(a1);
-        assert!(admit(&places, 1000).is_some(), "a closed one frees its place");
+        assert!(
+            admit(&places, 1000).is_some(),
+            "a closed one frees its place"
+        );
     }
 
     #[tokio::test]

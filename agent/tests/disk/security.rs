@@ -247,7 +247,11 @@ fn finding1_https_is_never_redirected_to_http() {
     let o = ctl_as(d.socket(), 4242, &[4242], &["check", "--version", "2.0"]);
     assert!(!o.status.success(), "{}", text(&o));
     assert!(text(&o).contains("https only"), "{}", text(&o));
-    assert!(plain.seen().is_empty(), "followed https -> http: {:?}", plain.seen());
+    assert!(
+        plain.seen().is_empty(),
+        "followed https -> http: {:?}",
+        plain.seen()
+    );
 }
 
 /// Finding 2: a check that hangs (a server that never answers) holds no lock the rest
