@@ -22,6 +22,7 @@ use crate::boot::systemd_boot::{EntryConfig, SystemdBoot};
 use crate::boot::{grub::Grub, BootControl, BootError};
 use crate::config::Config;
 use crate::fetch::{self, FetchError};
+use crate::partial::Partials;
 use crate::payload::{
     codec, Manifest, Payload, PayloadError, RangeSource, Trust, TrustError, TrustedKeys,
 };
@@ -154,6 +155,9 @@ pub enum Progress {
         total: usize,
         bytes_done: u64,
         bytes_fetched: u64,
+        /// Bytes of the frames in flight that have arrived (kept ones included): moves
+        /// while a large frame downloads, before its operation is done.
+        in_flight: u64,
     },
     Verifying,
     Armed {
@@ -541,6 +545,7 @@ impl Agent {
         self.boot.mark_unbootable(slot)?;
         state.cancel(timefmt::now())?;
         self.store.save(&lock, &state)?;
+        self.drop_partials();
         crate::emit!(tracing::Level::WARN, crate::events::UPDATE_CANCELLED, update_agent_release = %version, update_agent_slot = %slot, "update to {version} cancelled");
         self.history.record(crate::history::Entry {
             version,
@@ -553,6 +558,14 @@ impl Agent {
             cause: None,
         })?;
         Ok(slot)
+    }
+
+    /// Removes the kept frames of an attempt that ended; a leftover only costs space
+    /// until the next staging opens the store, so a failure is logged, not returned.
+    fn drop_partials(&self) {
+        if let Err(e) = Partials::remove_all(&self.cfg.state_dir) {
+            tracing::warn!(error = %e, "cannot remove the kept partial downloads");
+        }
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -589,16 +602,27 @@ impl Agent {
         let mut fetched_since = 0u64;
         let mut ops_written = start_op;
         let mut checkpoint_err: Option<UpdateError> = None;
+        let every_secs = self.cfg.apply.checkpoint_ms as f64 / 1000.0;
+        let partials = match &state {
+            State::Staging(s) => {
+                let every = std::time::Duration::from_millis(self.cfg.apply.checkpoint_ms);
+                Partials::open(&self.cfg.state_dir, &s.manifest_sha256, every)
+                    .inspect_err(|e| tracing::warn!(error = %error_chain(e), "partial downloads are not kept across restarts"))
+                    .ok()
+            }
+            _ => None,
+        };
         let opts = apply::Options {
             start_op,
             workers: self.cfg.fetch.parallel,
             memory_budget: self.cfg.apply.memory_budget,
             cancel,
             check_zero_digests: false,
+            partial: partials.as_ref(),
         };
+        let in_flight = || partials.as_ref().map_or(0, Partials::in_flight);
         let every_bytes = self.cfg.apply.checkpoint_bytes;
         let every_fetched = self.cfg.apply.checkpoint_fetched_bytes;
-        let every_secs = self.cfg.apply.checkpoint_ms as f64 / 1000.0;
         let result = apply::apply(
             m,
             Blob {
@@ -625,6 +649,7 @@ impl Agent {
                         total: m.operations.len(),
                         bytes_done,
                         bytes_fetched: fetched,
+                        in_flight: in_flight(),
                     });
                     if checkpoint_err.is_none()
                         && (since >= every_bytes
@@ -636,8 +661,14 @@ impl Agent {
                             .map_err(UpdateError::Sync)
                             .and_then(|()| Ok(state.progress(op + 1, bytes_done, fetched)?))
                             .and_then(|()| Ok(self.store.save(lock, &state)?));
-                        if let Err(e) = r {
-                            checkpoint_err = Some(e);
+                        match r {
+                            Err(e) => checkpoint_err = Some(e),
+                            // Durable in the slot now: their kept frames are not needed.
+                            Ok(()) => {
+                                if let Some(p) = &partials {
+                                    p.keep_from(op + 1);
+                                }
+                            }
                         }
                         failpoint("after-checkpoint");
                         since = 0;
@@ -645,6 +676,13 @@ impl Agent {
                         last = Instant::now();
                     }
                 }
+                Event::Fetching { op, received } => on(Progress::Op {
+                    done: op,
+                    total: m.operations.len(),
+                    bytes_done,
+                    bytes_fetched: fetched,
+                    in_flight: received,
+                }),
                 Event::Verifying => on(Progress::Verifying),
             },
         );
@@ -659,6 +697,9 @@ impl Agent {
                 sync_handle.sync_all().map_err(UpdateError::Sync)?;
                 state.progress(ops_written, bytes_done, fetched)?;
                 self.store.save(lock, &state)?;
+                if let Some(p) = &partials {
+                    p.keep_from(ops_written);
+                }
                 return Err(UpdateError::Interrupted {
                     done: ops_written,
                     total: m.operations.len(),
@@ -677,6 +718,7 @@ impl Agent {
                 state.fail(reason.clone(), timefmt::now())?;
             }
             self.store.save(lock, &state)?;
+            self.drop_partials();
             tracing::warn!(release = %m.version, slot = %slot, phase = if cancelled { "cancelled" } else { "failed" }, reason = %reason, "staging ended without a staged release");
             if cancelled {
                 crate::emit!(tracing::Level::WARN, crate::events::UPDATE_CANCELLED, update_agent_release = %m.version, update_agent_slot = %slot, "staging {} cancelled", m.version);
@@ -703,6 +745,8 @@ impl Agent {
         state.progress(m.operations.len(), m.target_size, fetched)?;
         state.staged(hex::encode(m.target_sha256))?;
         self.store.save(lock, &state)?;
+        drop(partials);
+        self.drop_partials();
         self.store.set_image(
             lock,
             slot,
