@@ -677,8 +677,10 @@ fn stage_over_http_with_faults_then_hostile_inputs() {
     });
     let o = n.agent(&["stage", &n.server.url(&delta)], &[]);
     assert!(!o.status.success(), "{}", text(&o));
+    // Which check sees it depends on where the byte lands: zstd's own, or the hash.
     assert!(
-        text(&o).contains("does not match the manifest"),
+        text(&o).contains("does not match the manifest")
+            || text(&o).contains("zstd frame is corrupt"),
         "{}",
         text(&o)
     );
