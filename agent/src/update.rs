@@ -441,7 +441,17 @@ impl Agent {
             tracing::info!(release = %s.version, slot = %slot, phase = "staging", attempt = %s.attempt, url = %s.url, "staging started");
         }
         failpoint("after-begin");
-        self.run(lock, state, src.as_ref(), p, booted, writer, 0, cancel, on)
+        self.run(
+            lock,
+            state,
+            src.as_ref(),
+            p,
+            booted,
+            writer,
+            (0, false),
+            cancel,
+            on,
+        )
     }
 
     /// Carries on with whatever an earlier process left: an interrupted staging, or a
@@ -470,12 +480,24 @@ impl Agent {
                 let booted = self.layout.open_booted()?;
                 let mut writer = self.layout.open_inactive()?;
                 self.boot.mark_unbootable(s.slot)?;
-                // Trust nothing the slot holds: re-verify what the checkpoint claims.
-                let good = apply::verified_prefix(&p.manifest, &mut writer, s.ops_done)?;
+                // Trust nothing the slot holds: re-verify what the checkpoint claims. When
+                // every operation is written, the read-back of the whole slot is that
+                // check: hashing each operation and then the slot would read it twice,
+                // and a node killed every few seconds might never get through both.
+                let m = &p.manifest;
+                let whole = s.ops_done == m.operations.len()
+                    && apply::hash_target(&writer, m.target_size).map_err(UpdateError::Sync)?
+                        == m.target_sha256;
+                let good = if whole {
+                    s.ops_done
+                } else {
+                    apply::verified_prefix(m, &mut writer, s.ops_done)?
+                };
                 if good < s.ops_done {
                     state.rewind(good)?;
                     self.store.save(&lock, &state)?;
                 }
+                tracing::info!(release = %s.version, slot = %s.slot, phase = "staging", attempt = %s.attempt, "resuming the staging of {} at operation {good} of {}", s.version, s.ops_total);
                 self.run(
                     &lock,
                     state,
@@ -483,7 +505,7 @@ impl Agent {
                     &p,
                     &booted,
                     writer,
-                    good,
+                    (good, whole),
                     cancel,
                     on,
                 )
@@ -577,7 +599,9 @@ impl Agent {
         p: &Payload,
         booted: &dyn SourceSlot,
         mut writer: SlotWriter,
-        start_op: usize,
+        // Where to start, and whether the whole slot already hashed right (nothing
+        // left to write or read back).
+        (start_op, verified): (usize, bool),
         cancel: Option<&AtomicBool>,
         on: &mut dyn FnMut(Progress),
     ) -> Result<(), UpdateError> {
@@ -623,69 +647,74 @@ impl Agent {
         let in_flight = || partials.as_ref().map_or(0, Partials::in_flight);
         let every_bytes = self.cfg.apply.checkpoint_bytes;
         let every_fetched = self.cfg.apply.checkpoint_fetched_bytes;
-        let result = apply::apply(
-            m,
-            Blob {
-                source: src,
-                offset: p.blob_offset,
-            },
-            Some(booted),
-            &mut writer,
-            &opts,
-            &mut |e| match e {
-                Event::OpDone {
-                    op,
-                    bytes,
-                    fetched: f,
-                    ..
-                } => {
-                    ops_written = op + 1;
-                    bytes_done += bytes;
-                    fetched += f;
-                    since += bytes;
-                    fetched_since += f;
-                    on(Progress::Op {
-                        done: op + 1,
+        let result = if verified {
+            on(Progress::Verifying);
+            Ok(apply::Report::default())
+        } else {
+            apply::apply(
+                m,
+                Blob {
+                    source: src,
+                    offset: p.blob_offset,
+                },
+                Some(booted),
+                &mut writer,
+                &opts,
+                &mut |e| match e {
+                    Event::OpDone {
+                        op,
+                        bytes,
+                        fetched: f,
+                        ..
+                    } => {
+                        ops_written = op + 1;
+                        bytes_done += bytes;
+                        fetched += f;
+                        since += bytes;
+                        fetched_since += f;
+                        on(Progress::Op {
+                            done: op + 1,
+                            total: m.operations.len(),
+                            bytes_done,
+                            bytes_fetched: fetched,
+                            in_flight: in_flight(),
+                        });
+                        if checkpoint_err.is_none()
+                            && (since >= every_bytes
+                                || fetched_since >= every_fetched
+                                || last.elapsed().as_secs_f64() >= every_secs)
+                        {
+                            let r = sync_handle
+                                .sync_all()
+                                .map_err(UpdateError::Sync)
+                                .and_then(|()| Ok(state.progress(op + 1, bytes_done, fetched)?))
+                                .and_then(|()| Ok(self.store.save(lock, &state)?));
+                            match r {
+                                Err(e) => checkpoint_err = Some(e),
+                                // Durable in the slot now: their kept frames are not needed.
+                                Ok(()) => {
+                                    if let Some(p) = &partials {
+                                        p.keep_from(op + 1);
+                                    }
+                                }
+                            }
+                            failpoint("after-checkpoint");
+                            since = 0;
+                            fetched_since = 0;
+                            last = Instant::now();
+                        }
+                    }
+                    Event::Fetching { op, received } => on(Progress::Op {
+                        done: op,
                         total: m.operations.len(),
                         bytes_done,
                         bytes_fetched: fetched,
-                        in_flight: in_flight(),
-                    });
-                    if checkpoint_err.is_none()
-                        && (since >= every_bytes
-                            || fetched_since >= every_fetched
-                            || last.elapsed().as_secs_f64() >= every_secs)
-                    {
-                        let r = sync_handle
-                            .sync_all()
-                            .map_err(UpdateError::Sync)
-                            .and_then(|()| Ok(state.progress(op + 1, bytes_done, fetched)?))
-                            .and_then(|()| Ok(self.store.save(lock, &state)?));
-                        match r {
-                            Err(e) => checkpoint_err = Some(e),
-                            // Durable in the slot now: their kept frames are not needed.
-                            Ok(()) => {
-                                if let Some(p) = &partials {
-                                    p.keep_from(op + 1);
-                                }
-                            }
-                        }
-                        failpoint("after-checkpoint");
-                        since = 0;
-                        fetched_since = 0;
-                        last = Instant::now();
-                    }
-                }
-                Event::Fetching { op, received } => on(Progress::Op {
-                    done: op,
-                    total: m.operations.len(),
-                    bytes_done,
-                    bytes_fetched: fetched,
-                    in_flight: received,
-                }),
-                Event::Verifying => on(Progress::Verifying),
-            },
-        );
+                        in_flight: received,
+                    }),
+                    Event::Verifying => on(Progress::Verifying),
+                },
+            )
+        };
         if let Some(e) = checkpoint_err {
             return Err(e);
         }
