@@ -175,6 +175,10 @@ pub enum Event {
         fetched: u64,
         reused: bool,
     },
+    /// Still waiting for operation `op` (the oldest unwritten); `received` bytes of the
+    /// frames in flight have arrived. Sent about twice a second while frames download
+    /// (only with [`Options::partial`]), so a slow link visibly moves.
+    Fetching { op: usize, received: u64 },
     /// All operations are written; the whole target is being read back.
     Verifying,
 }
@@ -191,6 +195,8 @@ pub struct Options<'a> {
     /// Also hash the zeros of ZERO operations against their digests (a full audit of
     /// the manifest; the read-back already proves the bytes on the target).
     pub check_zero_digests: bool,
+    /// Keeps the bytes of frames in flight across interruptions (see [`crate::partial`]).
+    pub partial: Option<&'a crate::partial::Partials>,
 }
 
 impl Default for Options<'_> {
@@ -201,6 +207,7 @@ impl Default for Options<'_> {
             memory_budget: 40 << 20,
             cancel: None,
             check_zero_digests: false,
+            partial: None,
         }
     }
 }
@@ -229,6 +236,8 @@ enum Produced {
         data: Vec<u8>,
         fetched: u64,
         reused: bool,
+        /// Bytes counted in the partial store's in-flight figure until this is written.
+        in_flight: u64,
     },
 }
 
@@ -239,6 +248,8 @@ struct Sched {
 }
 
 const IO_CHUNK: usize = 1 << 20;
+/// How often the writer reports the bytes of frames in flight while it waits.
+const FETCH_TICK: std::time::Duration = std::time::Duration::from_millis(500);
 static ZEROES: [u8; 1 << 16] = [0; 1 << 16];
 
 /// Applies `manifest` to `target`. See the module comment for the guarantees.
@@ -368,7 +379,7 @@ fn worker(
                 };
             }
         };
-        let r = produce(manifest, blob, source, i, opts.check_zero_digests);
+        let r = produce(manifest, blob, source, i, opts);
         if tx.send((i, r)).is_err() {
             return;
         }
@@ -380,8 +391,9 @@ fn produce(
     blob: Blob<'_>,
     source: Option<&dyn SourceSlot>,
     i: usize,
-    check_zero_digests: bool,
+    opts: &Options<'_>,
 ) -> Result<Produced, ApplyError> {
+    let check_zero_digests = opts.check_zero_digests;
     let op = &manifest.operations[i];
     let kind = op.kind.name();
     let out_len = manifest.bytes(op.dst_blocks());
@@ -406,19 +418,27 @@ fn produce(
                         data,
                         fetched: 0,
                         reused: true,
+                        in_flight: 0,
                     });
                 }
             }
             let mut frame = vec![0u8; op.data_len as usize];
-            blob.source
-                .read_range(blob.offset + op.data_offset, &mut frame)
+            let partial = opts.partial.filter(|_| blob.source.is_remote());
+            let fetch = |frame: &mut [u8]| {
+                let at = blob.offset + op.data_offset;
+                match partial {
+                    Some(p) => p.fetch(blob.source, i, at, frame).map(|f| f.kept),
+                    None => blob.source.read_range(at, frame).map(|()| 0),
+                }
                 .map_err(|source| ApplyError::Fetch {
                     op: i,
                     kind,
                     offset: op.data_offset,
                     len: op.data_len,
                     source,
-                })?;
+                })
+            };
+            let kept = fetch(&mut frame)?;
             let reference = if op.kind == OpKind::Patch {
                 let src = source.ok_or(ApplyError::SourceRequired)?;
                 read_extents(src, manifest.block_size, &op.src).map_err(|source| {
@@ -431,24 +451,44 @@ fn produce(
             } else {
                 Vec::new()
             };
-            let data = decompress_frame(&frame, &reference, out_len).map_err(|e| match e {
-                FrameError::Zstd(message) => ApplyError::Decompress {
-                    op: i,
-                    kind,
-                    message,
-                },
-                FrameError::Length(actual) => ApplyError::WrongLength {
-                    op: i,
-                    kind,
-                    expected: out_len,
-                    actual,
-                },
+            let decode = |frame: &[u8]| {
+                let data = decompress_frame(frame, &reference, out_len).map_err(|e| match e {
+                    FrameError::Zstd(message) => ApplyError::Decompress {
+                        op: i,
+                        kind,
+                        message,
+                    },
+                    FrameError::Length(actual) => ApplyError::WrongLength {
+                        op: i,
+                        kind,
+                        expected: out_len,
+                        actual,
+                    },
+                })?;
+                check_hash(i, op, Sha256::digest(&data).into())?;
+                Ok(data)
+            };
+            let data = match (decode(&frame), partial) {
+                // Kept bytes may be what a power cut left (a file longer than what
+                // reached the disk): fetch the whole frame once more before blaming it.
+                (Err(e), Some(p)) if kept > 0 => {
+                    tracing::warn!(op = i, error = %e, "a resumed frame did not verify; fetching it again whole");
+                    p.discard(i, op.data_len);
+                    fetch(&mut frame)?;
+                    decode(&frame)
+                }
+                (r, _) => r,
+            };
+            let data = data.inspect_err(|_| {
+                if let Some(p) = partial {
+                    p.written(op.data_len);
+                }
             })?;
-            check_hash(i, op, Sha256::digest(&data).into())?;
             Ok(Produced::Bytes {
                 data,
                 fetched: op.data_len,
                 reused: false,
+                in_flight: if partial.is_some() { op.data_len } else { 0 },
             })
         }
     }
@@ -557,8 +597,21 @@ fn write_in_order(
             if let Some(r) = pending.remove(&i) {
                 break r;
             }
-            let (j, r) = rx.recv().map_err(|_| ApplyError::WorkerLost)?;
-            pending.insert(j, r);
+            let Some(p) = opts.partial else {
+                let (j, r) = rx.recv().map_err(|_| ApplyError::WorkerLost)?;
+                pending.insert(j, r);
+                continue;
+            };
+            match rx.recv_timeout(FETCH_TICK) {
+                Ok((j, r)) => {
+                    pending.insert(j, r);
+                }
+                Err(mpsc::RecvTimeoutError::Timeout) => on_event(Event::Fetching {
+                    op: i,
+                    received: p.in_flight(),
+                }),
+                Err(mpsc::RecvTimeoutError::Disconnected) => return Err(ApplyError::WorkerLost),
+            }
         }?;
         let kind = op.kind.name();
         let bs = u64::from(manifest.block_size);
@@ -585,7 +638,11 @@ fn write_in_order(
                 data,
                 fetched,
                 reused,
+                in_flight,
             } => {
+                if let Some(p) = opts.partial {
+                    p.written(in_flight);
+                }
                 let mut at = 0usize;
                 for e in &op.dst {
                     let n = (e.blocks * bs) as usize;

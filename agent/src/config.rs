@@ -226,8 +226,20 @@ pub struct BootConfig {
 #[serde(deny_unknown_fields, default)]
 pub struct FetchConfig {
     pub connect_timeout_secs: u64,
-    /// Longest time one range request may take to arrive in full (stall guard).
-    pub request_timeout_secs: u64,
+    /// Stall guard, inactivity: no byte for this long drops the connection; the range
+    /// resumes from the next byte not yet received. Default 30.
+    pub stall_timeout_secs: Option<u64>,
+    /// Stall guard, throughput: fewer than `min_throughput_bytes` in
+    /// `min_throughput_secs` is a stall too (0 bytes: off).
+    pub min_throughput_bytes: u64,
+    pub min_throughput_secs: u64,
+    /// One staging run (a `stage`, a `resume`, an API operation) requests nothing
+    /// after this many seconds; what arrived is kept for the next run (0: no deadline).
+    pub staging_deadline_secs: u64,
+    /// The old name of `stall_timeout_secs` (it bounded a whole request, so a large
+    /// frame could not arrive on a slow link); still read, as `stall_timeout_secs`.
+    pub request_timeout_secs: Option<u64>,
+    /// Attempts in a row that bring no new byte (or are too slow) before a range fails.
     pub retries: u32,
     /// First retry delay; doubles up to `max_backoff_secs`, with jitter.
     pub backoff_ms: u64,
@@ -296,7 +308,15 @@ impl Default for FetchConfig {
     fn default() -> Self {
         Self {
             connect_timeout_secs: 15,
-            request_timeout_secs: 120,
+            stall_timeout_secs: None,
+            // 256 KiB a minute (~35 kbit/s): a 1 Mbit/s link moves 29 times that, a
+            // 128 kbit/s one 3.7 times; a mirror that trickles is left within a minute.
+            min_throughput_bytes: 256 << 10,
+            min_throughput_secs: 60,
+            // A day: ~10 GB at 1 Mbit/s, far more than any payload; reaching it loses
+            // nothing (the next run continues), it only reports a staging that is stuck.
+            staging_deadline_secs: 86_400,
+            request_timeout_secs: None,
             retries: 6,
             backoff_ms: 500,
             max_backoff_secs: 30,
@@ -313,8 +333,18 @@ impl FetchConfig {
     pub fn connect_timeout(&self) -> Duration {
         Duration::from_secs(self.connect_timeout_secs)
     }
+    /// The inactivity timeout: `stall_timeout_secs`, or the deprecated
+    /// `request_timeout_secs` when only that is set, or 30 s.
+    pub fn stall_timeout(&self) -> Duration {
+        Duration::from_secs(
+            self.stall_timeout_secs
+                .or(self.request_timeout_secs)
+                .unwrap_or(30),
+        )
+    }
+    /// A bound for small requests fetched whole (FleetLock calls): the stall timeout.
     pub fn request_timeout(&self) -> Duration {
-        Duration::from_secs(self.request_timeout_secs)
+        self.stall_timeout()
     }
 }
 
@@ -407,6 +437,22 @@ impl Config {
         }
         if self.fetch.parallel == 0 || self.fetch.parallel > 16 {
             return bad("fetch.parallel", "must be between 1 and 16");
+        }
+        let f = &self.fetch;
+        if f.request_timeout_secs.is_some() && f.stall_timeout_secs.is_some() {
+            return bad(
+                "fetch.request_timeout_secs",
+                "is the old name of fetch.stall_timeout_secs; set only one",
+            );
+        }
+        if f.stall_timeout().is_zero() {
+            return bad("fetch.stall_timeout_secs", "must be at least 1");
+        }
+        if f.min_throughput_bytes > 0 && f.min_throughput_secs == 0 {
+            return bad(
+                "fetch.min_throughput_secs",
+                "must be at least 1 (or set fetch.min_throughput_bytes = 0 to turn the rule off)",
+            );
         }
         if self.apply.memory_budget < (4 << 20) {
             return bad("apply.memory_budget", "must be at least 4 MiB");
@@ -535,6 +581,30 @@ mod tests {
         assert!(e.to_string().contains("boot.tries"), "{e}");
         let e = Config::from_toml("").expect_err("compatible");
         assert!(e.to_string().contains("compatible"), "{e}");
+    }
+
+    #[test]
+    fn stall_guard_keys() {
+        let c = Config::from_toml("compatible = \"x\"\n").expect("defaults");
+        assert_eq!(c.fetch.stall_timeout(), Duration::from_secs(30));
+        assert_eq!(c.fetch.min_throughput_bytes, 256 << 10);
+        assert_eq!(c.fetch.min_throughput_secs, 60);
+        assert_eq!(c.fetch.staging_deadline_secs, 86_400);
+        // The old key still works, as the inactivity timeout it now is.
+        let c = Config::from_toml("compatible = \"x\"\n[fetch]\nrequest_timeout_secs = 7\n")
+            .expect("old key");
+        assert_eq!(c.fetch.stall_timeout(), Duration::from_secs(7));
+        let bad = |t: &str| {
+            Config::from_toml(&format!("compatible = \"x\"\n[fetch]\n{t}\n"))
+                .expect_err(t)
+                .to_string()
+        };
+        let e = bad("request_timeout_secs = 7\nstall_timeout_secs = 9");
+        assert!(e.contains("fetch.request_timeout_secs"), "{e}");
+        assert!(bad("stall_timeout_secs = 0").contains("fetch.stall_timeout_secs"));
+        assert!(bad("min_throughput_secs = 0").contains("fetch.min_throughput_secs"));
+        Config::from_toml("compatible = \"x\"\n[fetch]\nmin_throughput_bytes = 0\nmin_throughput_secs = 0\nstaging_deadline_secs = 0\n")
+            .expect("rules off");
     }
 
     #[test]

@@ -3,14 +3,21 @@
 //!
 //! The head of the payload (header, manifest, signatures) is fetched with the first
 //! request and served from memory after that; every DATA/PATCH operation is one range
-//! request. Retries use capped exponential backoff with jitter on connection errors,
-//! timeouts, 5xx, 408 and 429; any other 4xx fails at once (retrying a 404 or 403 only
-//! delays the real answer).
+//! request. Bytes are kept as they arrive: a dropped connection, a reset or a stall
+//! resumes with a range request from the next byte not yet received, so nothing is
+//! requested twice. A stall is no byte for `stall_timeout_secs` (the transport's
+//! per-read timeout) or fewer than `min_throughput_bytes` in `min_throughput_secs`
+//! ([`stall`]); nothing bounds a whole request, so a large frame arrives on any link
+//! that keeps moving. Retries use capped exponential backoff with jitter on connection
+//! errors, stalls, 5xx, 408 and 429, and an attempt that brought new bytes starts the
+//! count again; any other 4xx fails at once (retrying a 404 or 403 only delays the
+//! real answer). Past the staging deadline nothing more is requested.
 
 use std::io;
+use std::io::Read as _;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use base64::engine::general_purpose::STANDARD as BASE64;
 use base64::Engine as _;
@@ -18,6 +25,9 @@ use rand::Rng as _;
 
 use crate::config::FetchConfig;
 use crate::payload::{FileSource, PayloadError, RangeSource};
+
+mod stall;
+use stall::Throughput;
 
 /// Bytes fetched with the first request; covers the header and the manifest of every
 /// payload our generator has produced so far (a larger head costs one more request).
@@ -47,6 +57,29 @@ pub enum FetchError {
     },
     #[error("{url}: short body: {got} of {want} bytes")]
     Short { url: String, got: u64, want: u64 },
+    #[error("{url}: the connection failed after {received} bytes of the body")]
+    Body {
+        url: String,
+        received: u64,
+        #[source]
+        source: io::Error,
+    },
+    #[error(
+        "{url}: too slow: {bytes} bytes in {secs} s, under the minimum of {min_bytes} \
+         bytes in {window_secs} s (fetch.min_throughput_bytes, fetch.min_throughput_secs)"
+    )]
+    TooSlow {
+        url: String,
+        bytes: u64,
+        secs: u64,
+        min_bytes: u64,
+        window_secs: u64,
+    },
+    #[error(
+        "{url}: the staging deadline passed ({secs} s, fetch.staging_deadline_secs); \
+         what arrived is kept for the next attempt"
+    )]
+    Deadline { url: String, secs: u64 },
     #[error("opening {0}")]
     File(#[source] PayloadError),
     #[error("fetch.ca_file {path}")]
@@ -101,13 +134,19 @@ pub struct HttpSource {
     backoff: Duration,
     max_backoff: Duration,
     fetched: AtomicU64,
+    min_bytes: u64,
+    min_window: Duration,
+    /// No range is requested past this (set when the source is opened).
+    deadline: Option<(Instant, u64)>,
 }
 
 impl HttpSource {
     pub fn open(url: &str, cfg: &FetchConfig) -> Result<Self, FetchError> {
         let mut config = ureq::Agent::config_builder()
             .timeout_connect(Some(cfg.connect_timeout()))
-            .timeout_global(Some(cfg.request_timeout()))
+            // Inactivity, not a budget for the whole request: each read from the socket
+            // (headers or body) waits at most this long for a byte.
+            .timeout_per_read(Some(cfg.stall_timeout()))
             .http_status_as_error(false)
             .proxy(ureq::Proxy::try_from_env())
             // An https payload never continues over plain http, and credentials never
@@ -140,8 +179,18 @@ impl HttpSource {
             backoff: Duration::from_millis(cfg.backoff_ms),
             max_backoff: Duration::from_secs(cfg.max_backoff_secs),
             fetched: AtomicU64::new(0),
+            min_bytes: cfg.min_throughput_bytes,
+            min_window: Duration::from_secs(cfg.min_throughput_secs),
+            deadline: (cfg.staging_deadline_secs > 0).then(|| {
+                (
+                    Instant::now() + Duration::from_secs(cfg.staging_deadline_secs),
+                    cfg.staging_deadline_secs,
+                )
+            }),
         };
-        let (head, total) = s.range(0, FIRST_REQUEST, true)?;
+        let mut head = vec![0u8; FIRST_REQUEST as usize];
+        let (len, total) = s.range_into(0, &mut head, true, &mut |_| {})?;
+        head.truncate(len);
         s.size = total;
         s.head = head;
         Ok(s)
@@ -152,33 +201,91 @@ impl HttpSource {
         self.fetched.load(Ordering::Relaxed)
     }
 
-    /// GETs bytes `start .. start+len` (clamped to the end when `clamp`), with retries.
-    /// Returns the bytes and the total size from Content-Range.
-    fn range(&self, start: u64, len: u64, clamp: bool) -> Result<(Vec<u8>, u64), FetchError> {
-        let mut attempt = 0u32;
+    /// GETs `buf.len()` bytes at `start` into `buf` (fewer when `clamp` and the payload
+    /// ends first), handing each piece to `arrived` as it comes in. An interrupted
+    /// response is resumed from the next byte not yet received. Returns the bytes
+    /// filled and the payload's total size.
+    fn range_into(
+        &self,
+        start: u64,
+        buf: &mut [u8],
+        clamp: bool,
+        arrived: &mut dyn FnMut(&[u8]),
+    ) -> Result<(usize, u64), FetchError> {
+        let mut got = 0usize;
+        // The range's length once a response said where the payload ends.
+        let mut want = buf.len();
+        let mut total = 0u64;
+        let mut fails = 0u32;
         loop {
-            attempt += 1;
-            match self.range_once(start, len, clamp) {
-                Ok(r) => return Ok(r),
-                Err(Attempt::Fatal(e)) => return Err(e),
-                Err(Attempt::Retry(e)) if attempt > self.retries => return Err(e),
-                Err(Attempt::Retry(_)) => {
-                    let exp = self.backoff.saturating_mul(1 << (attempt - 1).min(16));
-                    let cap = exp.min(self.max_backoff);
-                    // Full jitter in [cap/2, cap]: nodes that failed together retry apart.
-                    let wait = cap.mul_f64(rand::thread_rng().gen_range(0.5..=1.0));
-                    std::thread::sleep(wait);
+            self.check_deadline()?;
+            let before = got;
+            let r = self.range_once(start, &mut buf[..want], clamp, &mut got, arrived);
+            let e = match r {
+                Ok(Some((len, t))) => {
+                    // The first answer of a clamped range says how much there is.
+                    want = len;
+                    total = t;
+                    if got == want {
+                        return Ok((got, total));
+                    }
+                    continue;
                 }
+                Ok(None) => return Ok((got, total)),
+                Err(Attempt::Fatal(e)) => return Err(e),
+                Err(Attempt::Retry(e)) => e,
+            };
+            // New bytes are progress: the count of failures starts again, and the next
+            // attempt goes out at once. A server too slow to count as progress does not.
+            let slow = matches!(e, FetchError::TooSlow { .. });
+            if got > before && !slow {
+                fails = 0;
+                tracing::debug!(url = %self.url, received = got, of = want, error = %e, "resuming a range");
+                continue;
             }
+            fails += 1;
+            if fails > self.retries {
+                return Err(e);
+            }
+            let exp = self.backoff.saturating_mul(1 << (fails - 1).min(16));
+            let cap = exp.min(self.max_backoff);
+            // Full jitter in [cap/2, cap]: nodes that failed together retry apart.
+            let wait = cap.mul_f64(rand::thread_rng().gen_range(0.5..=1.0));
+            std::thread::sleep(wait);
         }
     }
 
-    fn range_once(&self, start: u64, len: u64, clamp: bool) -> Result<(Vec<u8>, u64), Attempt> {
-        let end = start + len - 1;
+    fn check_deadline(&self) -> Result<(), FetchError> {
+        match self.deadline {
+            Some((at, secs)) if Instant::now() >= at => Err(FetchError::Deadline {
+                url: self.url.clone(),
+                secs,
+            }),
+            _ => Ok(()),
+        }
+    }
+
+    /// One GET for the part of `buf` after `*got` (at `start + *got`), streamed into
+    /// `buf` with `*got` advanced as bytes arrive. Returns, when the response said,
+    /// the range's length (clamped to the payload's end) and the payload's size;
+    /// `None` when a clamped range turned out to be already complete.
+    fn range_once(
+        &self,
+        start: u64,
+        buf: &mut [u8],
+        clamp: bool,
+        got: &mut usize,
+        arrived: &mut dyn FnMut(&[u8]),
+    ) -> Result<Option<(usize, u64)>, Attempt> {
+        if *got >= buf.len() {
+            return Ok(None);
+        }
+        let from = start + *got as u64;
+        let end = start + buf.len() as u64 - 1;
         let mut req = self
             .agent
             .get(&self.url)
-            .header("Range", &format!("bytes={start}-{end}"));
+            .header("Range", &format!("bytes={from}-{end}"));
         if let Some(a) = &self.auth {
             req = req.header("Authorization", a);
         }
@@ -217,7 +324,7 @@ impl HttpSource {
             Attempt::Fatal(FetchError::BadRange {
                 url: self.url.clone(),
                 value: value.clone(),
-                start,
+                start: from,
                 end,
             })
         };
@@ -228,25 +335,50 @@ impl HttpSource {
         } else {
             end
         };
-        if got_start != start || got_end != want_end {
+        if got_start != from || got_end != want_end || got_end < got_start {
             return Err(bad());
         }
+        let len = usize::try_from(got_end + 1 - start).map_err(|_| bad())?;
         let want = got_end - got_start + 1;
-        let body = resp
-            .body_mut()
-            .with_config()
-            .limit(want + 1)
-            .read_to_vec()
-            .map_err(|e| Attempt::Retry(transport(e, self.retries + 1)))?;
-        self.fetched.fetch_add(body.len() as u64, Ordering::Relaxed);
-        if body.len() as u64 != want {
-            return Err(Attempt::Retry(FetchError::Short {
-                url: self.url.clone(),
-                got: body.len() as u64,
-                want,
-            }));
+        let mut body = resp.body_mut().with_config().limit(want).reader();
+        let mut pace = Throughput::new(self.min_bytes, self.min_window, Instant::now());
+        let received_before = *got;
+        while *got < len {
+            let n = match body.read(&mut buf[*got..len]) {
+                Ok(0) => {
+                    return Err(Attempt::Retry(FetchError::Short {
+                        url: self.url.clone(),
+                        got: (*got - received_before) as u64,
+                        want,
+                    }))
+                }
+                Ok(n) => n,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(source) => {
+                    return Err(Attempt::Retry(FetchError::Body {
+                        url: self.url.clone(),
+                        received: (*got - received_before) as u64,
+                        source,
+                    }))
+                }
+            };
+            arrived(&buf[*got..*got + n]);
+            *got += n;
+            self.fetched.fetch_add(n as u64, Ordering::Relaxed);
+            self.check_deadline().map_err(Attempt::Fatal)?;
+            if let Err(short) = pace.record(n as u64, Instant::now()) {
+                return Err(Attempt::Retry(FetchError::TooSlow {
+                    url: self.url.clone(),
+                    bytes: short.bytes,
+                    secs: short.elapsed.as_secs(),
+                    min_bytes: self.min_bytes,
+                    window_secs: self.min_window.as_secs(),
+                }));
+            }
         }
-        Ok((body, total))
+        // Let the reader see the end of the body, so the connection can be reused.
+        let _ = body.read(&mut [0u8; 1]);
+        Ok(Some((len, total)))
     }
 }
 
@@ -322,17 +454,43 @@ impl RangeSource for HttpSource {
     }
 
     fn read_range(&self, offset: u64, buf: &mut [u8]) -> io::Result<()> {
-        let len = buf.len() as u64;
-        if len == 0 {
+        self.read_range_streaming(offset, buf, &mut |_| {})
+    }
+
+    fn read_range_streaming(
+        &self,
+        offset: u64,
+        buf: &mut [u8],
+        arrived: &mut dyn FnMut(&[u8]),
+    ) -> io::Result<()> {
+        if buf.is_empty() {
             return Ok(());
         }
-        if offset + len <= self.head.len() as u64 {
-            buf.copy_from_slice(&self.head[offset as usize..(offset + len) as usize]);
-            return Ok(());
+        // What the first request brought is not requested again, even as the start of
+        // a range that goes on past it (the first frame usually does).
+        let from_head = self
+            .head
+            .len()
+            .saturating_sub(usize::try_from(offset).unwrap_or(usize::MAX))
+            .min(buf.len());
+        if from_head > 0 {
+            let at = offset as usize;
+            buf[..from_head].copy_from_slice(&self.head[at..at + from_head]);
+            arrived(&buf[..from_head]);
         }
-        let (bytes, _) = self.range(offset, len, false)?;
-        buf.copy_from_slice(&bytes);
+        if from_head < buf.len() {
+            self.range_into(
+                offset + from_head as u64,
+                &mut buf[from_head..],
+                false,
+                arrived,
+            )?;
+        }
         Ok(())
+    }
+
+    fn is_remote(&self) -> bool {
+        true
     }
 
     fn name(&self) -> &Path {
@@ -351,10 +509,14 @@ impl RangeSource for HttpSource {
         }
         // A head larger than the first response: fetched once, into the buffer the
         // caller gets (not fetched and then copied).
-        let (bytes, _) = self.range(offset, len as u64, false)?;
+        let mut bytes = vec![0u8; len];
+        self.read_range_streaming(offset, &mut bytes, &mut |_| {})?;
         Ok(std::borrow::Cow::Owned(bytes))
     }
 }
+
+#[cfg(test)]
+mod resume_tests;
 
 #[cfg(test)]
 mod tests {

@@ -22,6 +22,7 @@ use crate::boot::systemd_boot::{EntryConfig, SystemdBoot};
 use crate::boot::{grub::Grub, BootControl, BootError};
 use crate::config::Config;
 use crate::fetch::{self, FetchError};
+use crate::partial::Partials;
 use crate::payload::{
     codec, Manifest, Payload, PayloadError, RangeSource, Trust, TrustError, TrustedKeys,
 };
@@ -154,6 +155,9 @@ pub enum Progress {
         total: usize,
         bytes_done: u64,
         bytes_fetched: u64,
+        /// Bytes of the frames in flight that have arrived (kept ones included): moves
+        /// while a large frame downloads, before its operation is done.
+        in_flight: u64,
     },
     Verifying,
     Armed {
@@ -437,7 +441,17 @@ impl Agent {
             tracing::info!(release = %s.version, slot = %slot, phase = "staging", attempt = %s.attempt, url = %s.url, "staging started");
         }
         failpoint("after-begin");
-        self.run(lock, state, src.as_ref(), p, booted, writer, 0, cancel, on)
+        self.run(
+            lock,
+            state,
+            src.as_ref(),
+            p,
+            booted,
+            writer,
+            (0, false),
+            cancel,
+            on,
+        )
     }
 
     /// Carries on with whatever an earlier process left: an interrupted staging, or a
@@ -466,12 +480,24 @@ impl Agent {
                 let booted = self.layout.open_booted()?;
                 let mut writer = self.layout.open_inactive()?;
                 self.boot.mark_unbootable(s.slot)?;
-                // Trust nothing the slot holds: re-verify what the checkpoint claims.
-                let good = apply::verified_prefix(&p.manifest, &mut writer, s.ops_done)?;
+                // Trust nothing the slot holds: re-verify what the checkpoint claims. When
+                // every operation is written, the read-back of the whole slot is that
+                // check: hashing each operation and then the slot would read it twice,
+                // and a node killed every few seconds might never get through both.
+                let m = &p.manifest;
+                let whole = s.ops_done == m.operations.len()
+                    && apply::hash_target(&writer, m.target_size).map_err(UpdateError::Sync)?
+                        == m.target_sha256;
+                let good = if whole {
+                    s.ops_done
+                } else {
+                    apply::verified_prefix(m, &mut writer, s.ops_done)?
+                };
                 if good < s.ops_done {
                     state.rewind(good)?;
                     self.store.save(&lock, &state)?;
                 }
+                tracing::info!(release = %s.version, slot = %s.slot, phase = "staging", attempt = %s.attempt, "resuming the staging of {} at operation {good} of {}", s.version, s.ops_total);
                 self.run(
                     &lock,
                     state,
@@ -479,7 +505,7 @@ impl Agent {
                     &p,
                     &booted,
                     writer,
-                    good,
+                    (good, whole),
                     cancel,
                     on,
                 )
@@ -541,6 +567,7 @@ impl Agent {
         self.boot.mark_unbootable(slot)?;
         state.cancel(timefmt::now())?;
         self.store.save(&lock, &state)?;
+        self.drop_partials();
         crate::emit!(tracing::Level::WARN, crate::events::UPDATE_CANCELLED, update_agent_release = %version, update_agent_slot = %slot, "update to {version} cancelled");
         self.history.record(crate::history::Entry {
             version,
@@ -555,6 +582,14 @@ impl Agent {
         Ok(slot)
     }
 
+    /// Removes the kept frames of an attempt that ended; a leftover only costs space
+    /// until the next staging opens the store, so a failure is logged, not returned.
+    fn drop_partials(&self) {
+        if let Err(e) = Partials::remove_all(&self.cfg.state_dir) {
+            tracing::warn!(error = %e, "cannot remove the kept partial downloads");
+        }
+    }
+
     #[allow(clippy::too_many_arguments)]
     fn run(
         &mut self,
@@ -564,7 +599,9 @@ impl Agent {
         p: &Payload,
         booted: &dyn SourceSlot,
         mut writer: SlotWriter,
-        start_op: usize,
+        // Where to start, and whether the whole slot already hashed right (nothing
+        // left to write or read back).
+        (start_op, verified): (usize, bool),
         cancel: Option<&AtomicBool>,
         on: &mut dyn FnMut(Progress),
     ) -> Result<(), UpdateError> {
@@ -589,65 +626,95 @@ impl Agent {
         let mut fetched_since = 0u64;
         let mut ops_written = start_op;
         let mut checkpoint_err: Option<UpdateError> = None;
+        let every_secs = self.cfg.apply.checkpoint_ms as f64 / 1000.0;
+        let partials = match &state {
+            State::Staging(s) => {
+                let every = std::time::Duration::from_millis(self.cfg.apply.checkpoint_ms);
+                Partials::open(&self.cfg.state_dir, &s.manifest_sha256, every)
+                    .inspect_err(|e| tracing::warn!(error = %error_chain(e), "partial downloads are not kept across restarts"))
+                    .ok()
+            }
+            _ => None,
+        };
         let opts = apply::Options {
             start_op,
             workers: self.cfg.fetch.parallel,
             memory_budget: self.cfg.apply.memory_budget,
             cancel,
             check_zero_digests: false,
+            partial: partials.as_ref(),
         };
+        let in_flight = || partials.as_ref().map_or(0, Partials::in_flight);
         let every_bytes = self.cfg.apply.checkpoint_bytes;
         let every_fetched = self.cfg.apply.checkpoint_fetched_bytes;
-        let every_secs = self.cfg.apply.checkpoint_ms as f64 / 1000.0;
-        let result = apply::apply(
-            m,
-            Blob {
-                source: src,
-                offset: p.blob_offset,
-            },
-            Some(booted),
-            &mut writer,
-            &opts,
-            &mut |e| match e {
-                Event::OpDone {
-                    op,
-                    bytes,
-                    fetched: f,
-                    ..
-                } => {
-                    ops_written = op + 1;
-                    bytes_done += bytes;
-                    fetched += f;
-                    since += bytes;
-                    fetched_since += f;
-                    on(Progress::Op {
-                        done: op + 1,
+        let result = if verified {
+            on(Progress::Verifying);
+            Ok(apply::Report::default())
+        } else {
+            apply::apply(
+                m,
+                Blob {
+                    source: src,
+                    offset: p.blob_offset,
+                },
+                Some(booted),
+                &mut writer,
+                &opts,
+                &mut |e| match e {
+                    Event::OpDone {
+                        op,
+                        bytes,
+                        fetched: f,
+                        ..
+                    } => {
+                        ops_written = op + 1;
+                        bytes_done += bytes;
+                        fetched += f;
+                        since += bytes;
+                        fetched_since += f;
+                        on(Progress::Op {
+                            done: op + 1,
+                            total: m.operations.len(),
+                            bytes_done,
+                            bytes_fetched: fetched,
+                            in_flight: in_flight(),
+                        });
+                        if checkpoint_err.is_none()
+                            && (since >= every_bytes
+                                || fetched_since >= every_fetched
+                                || last.elapsed().as_secs_f64() >= every_secs)
+                        {
+                            let r = sync_handle
+                                .sync_all()
+                                .map_err(UpdateError::Sync)
+                                .and_then(|()| Ok(state.progress(op + 1, bytes_done, fetched)?))
+                                .and_then(|()| Ok(self.store.save(lock, &state)?));
+                            match r {
+                                Err(e) => checkpoint_err = Some(e),
+                                // Durable in the slot now: their kept frames are not needed.
+                                Ok(()) => {
+                                    if let Some(p) = &partials {
+                                        p.keep_from(op + 1);
+                                    }
+                                }
+                            }
+                            failpoint("after-checkpoint");
+                            since = 0;
+                            fetched_since = 0;
+                            last = Instant::now();
+                        }
+                    }
+                    Event::Fetching { op, received } => on(Progress::Op {
+                        done: op,
                         total: m.operations.len(),
                         bytes_done,
                         bytes_fetched: fetched,
-                    });
-                    if checkpoint_err.is_none()
-                        && (since >= every_bytes
-                            || fetched_since >= every_fetched
-                            || last.elapsed().as_secs_f64() >= every_secs)
-                    {
-                        let r = sync_handle
-                            .sync_all()
-                            .map_err(UpdateError::Sync)
-                            .and_then(|()| Ok(state.progress(op + 1, bytes_done, fetched)?))
-                            .and_then(|()| Ok(self.store.save(lock, &state)?));
-                        if let Err(e) = r {
-                            checkpoint_err = Some(e);
-                        }
-                        failpoint("after-checkpoint");
-                        since = 0;
-                        fetched_since = 0;
-                        last = Instant::now();
-                    }
-                }
-                Event::Verifying => on(Progress::Verifying),
-            },
-        );
+                        in_flight: received,
+                    }),
+                    Event::Verifying => on(Progress::Verifying),
+                },
+            )
+        };
         if let Some(e) = checkpoint_err {
             return Err(e);
         }
@@ -659,6 +726,9 @@ impl Agent {
                 sync_handle.sync_all().map_err(UpdateError::Sync)?;
                 state.progress(ops_written, bytes_done, fetched)?;
                 self.store.save(lock, &state)?;
+                if let Some(p) = &partials {
+                    p.keep_from(ops_written);
+                }
                 return Err(UpdateError::Interrupted {
                     done: ops_written,
                     total: m.operations.len(),
@@ -677,6 +747,7 @@ impl Agent {
                 state.fail(reason.clone(), timefmt::now())?;
             }
             self.store.save(lock, &state)?;
+            self.drop_partials();
             tracing::warn!(release = %m.version, slot = %slot, phase = if cancelled { "cancelled" } else { "failed" }, reason = %reason, "staging ended without a staged release");
             if cancelled {
                 crate::emit!(tracing::Level::WARN, crate::events::UPDATE_CANCELLED, update_agent_release = %m.version, update_agent_slot = %slot, "staging {} cancelled", m.version);
@@ -703,6 +774,8 @@ impl Agent {
         state.progress(m.operations.len(), m.target_size, fetched)?;
         state.staged(hex::encode(m.target_sha256))?;
         self.store.save(lock, &state)?;
+        drop(partials);
+        self.drop_partials();
         self.store.set_image(
             lock,
             slot,

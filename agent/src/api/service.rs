@@ -599,18 +599,21 @@ fn run_operation(
             total,
             bytes_done,
             bytes_fetched,
+            in_flight,
         } => {
             // Every operation updates the snapshot; watchers get at most ten a second.
             let emit = done == total || last_progress.elapsed() >= Duration::from_millis(100);
             if emit {
                 last_progress = std::time::Instant::now();
             }
+            let bytes_fetched = bytes_fetched + in_flight;
             let progress = pb::Progress {
                 bytes_done,
                 bytes_total: 0,
                 bytes_fetched,
                 ops_done: u32::try_from(done).unwrap_or(u32::MAX),
                 ops_total: u32::try_from(total).unwrap_or(u32::MAX),
+                in_flight_bytes: in_flight,
             };
             let mut out = progress;
             ops.update(

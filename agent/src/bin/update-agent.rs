@@ -150,6 +150,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
     }
     let t0 = std::time::Instant::now();
     let ts = move || format!("[{:7.2}s]", t0.elapsed().as_secs_f64());
+    let mut last_line = (usize::MAX, std::time::Instant::now());
     let mut report = |p: Progress| match p {
         Progress::Opened {
             version,
@@ -172,9 +173,16 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             total,
             bytes_done,
             bytes_fetched,
+            in_flight,
         } => {
-            if done == total || done % 4 == 0 {
-                println!("{} {done}/{total} operations, {bytes_done} bytes written, {bytes_fetched} fetched", ts());
+            // A line every 4 operations, and every 5 s while a large frame downloads.
+            let (last_done, last_at) = last_line;
+            if done == total
+                || (done % 4 == 0 && done != last_done)
+                || last_at.elapsed().as_secs() >= 5
+            {
+                last_line = (done, std::time::Instant::now());
+                println!("{} {done}/{total} operations, {bytes_done} bytes written, {bytes_fetched} fetched (+{in_flight} of the operations in flight)", ts());
             }
         }
         Progress::Verifying => println!("{} verifying the whole slot", ts()),

@@ -42,6 +42,23 @@ pub trait RangeSource: Sync {
         self.read_range(offset, &mut v)?;
         Ok(Cow::Owned(v))
     }
+    /// [`Self::read_range`], handing each piece of `buf` to `arrived` as it comes in, in
+    /// order, so a caller can keep what arrived before an interruption. Sources that
+    /// download override it; the others hand over the whole range at the end.
+    fn read_range_streaming(
+        &self,
+        offset: u64,
+        buf: &mut [u8],
+        arrived: &mut dyn FnMut(&[u8]),
+    ) -> io::Result<()> {
+        self.read_range(offset, buf)?;
+        arrived(buf);
+        Ok(())
+    }
+    /// Whether the bytes come over a network (worth keeping across restarts).
+    fn is_remote(&self) -> bool {
+        false
+    }
 }
 
 /// A payload in a local file.

@@ -1,0 +1,176 @@
+//! Always making progress: a staging over connections that drop, a slow link, and a
+//! process killed again and again while a frame downloads. What arrived is never
+//! fetched again, within a process (range requests from the next byte) or across
+//! processes (the partial file in the state directory).
+
+use std::fs;
+use std::process::Command;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use super::{sha, text, Faults, Node, MIB};
+
+/// `base` with `len` bytes of incompressible data at `at`: a frame that cannot shrink.
+fn with_random(base: &[u8], at: usize, len: usize, seed: u64) -> Vec<u8> {
+    let mut v = base.to_vec();
+    let mut x = seed | 1;
+    for chunk in v[at..at + len].chunks_mut(8) {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        chunk.copy_from_slice(&x.to_le_bytes()[..chunk.len()]);
+    }
+    v
+}
+
+/// Publishes `image` as version `version` (a delta from v1, frames of up to `chunk`
+/// bytes of output); returns its URL and its size.
+fn publish(n: &Node, version: &str, image: &[u8], chunk: u64) -> (String, u64) {
+    let path = n.path(&format!("{version}.img"));
+    fs::write(&path, image).expect("image");
+    let name = n.publish(version, "test-board", &path, chunk);
+    let size = fs::metadata(n.payloads.join(&name)).expect("meta").len();
+    (n.server.url(&name), size)
+}
+
+/// Replaces the node's `[fetch]` stall guard line with `lines`.
+fn fetch_config(n: &Node, lines: &str) {
+    let cfg = fs::read_to_string(&n.config).expect("config");
+    assert!(cfg.contains("request_timeout_secs = 2\n"), "{cfg}");
+    fs::write(&n.config, cfg.replace("request_timeout_secs = 2\n", lines)).expect("config");
+}
+
+fn assert_armed(n: &Node, image: &[u8]) {
+    assert_eq!(n.state()["state"], "armed", "{}", n.state());
+    let b = super::read_dev(&n.disk.part(3), image.len() as u64);
+    assert_eq!(sha(&b), sha(image), "slot b does not hold the release");
+    n.assert_booted_untouched();
+    assert!(
+        !n.path("state/partial").exists(),
+        "the kept frames outlive the attempt"
+    );
+}
+
+#[test]
+fn resume_connections_cut_every_100_kib_fetch_each_byte_once() {
+    let n = Node::new();
+    // A 2 MiB frame of new content beside the test image's ordinary changes.
+    let image = with_random(&n.v2, 8 * MIB as usize, 2 * MIB as usize, 5);
+    let (url, size) = publish(&n, "2.0", &image, 4 * MIB);
+    n.server.set(Faults {
+        cut_after: 100 << 10,
+        ..Faults::default()
+    });
+    let o = n.agent(&["stage", &url], &[]);
+    assert!(o.status.success(), "{}", text(&o));
+    assert_armed(&n, &image);
+    let served = n.server.served.load(Ordering::Relaxed);
+    eprintln!(
+        "cut every 100 KiB: served {served} bytes for a {size}-byte payload ({:.3}x)",
+        served as f64 / size as f64
+    );
+    assert!(
+        served * 10 < size * 11,
+        "served {served} bytes for a {size}-byte payload"
+    );
+}
+
+#[test]
+fn resume_a_128_kbit_link_brings_a_frame_many_stall_timeouts_long() {
+    let n = Node::new();
+    // 256 KiB that cannot be compressed at 16,000 bytes a second: 16 s for one frame,
+    // eight times the 2 s the node allows without a byte (the scale of a 16 MiB frame
+    // against the old 120 s whole-request timeout at 1.1 Mbit/s).
+    let image = with_random(&n.v1, 4 * MIB as usize, 256 << 10, 7);
+    let (url, size) = publish(&n, "2.0", &image, MIB);
+    fetch_config(&n, "stall_timeout_secs = 2\n");
+    n.server.set(Faults {
+        rate: 16_000,
+        ..Faults::default()
+    });
+    let o = n.agent(&["stage", &url], &[]);
+    assert!(o.status.success(), "{}", text(&o));
+    assert_armed(&n, &image);
+    let served = n.server.served.load(Ordering::Relaxed);
+    assert!(served <= size, "served {served} of {size}");
+    // The slow frame shows as it arrives, not only when its operation is done.
+    let moving = text(&o)
+        .lines()
+        .filter_map(|l| l.split("(+").nth(1)?.split(' ').next()?.parse::<u64>().ok())
+        .filter(|&b| b > 0)
+        .count();
+    assert!(moving >= 2, "no progress inside the frame: {}", text(&o));
+}
+
+#[test]
+fn resume_sigkill_every_50_ms_to_2_5_s_while_a_large_frame_downloads() {
+    let n = Node::new();
+    // A 4 MiB frame at 512 KiB/s: eight seconds, never between two kills.
+    let image = with_random(&n.v1, 4 * MIB as usize, 4 * MIB as usize, 11);
+    let (url, size) = publish(&n, "2.0", &image, 4 * MIB);
+    n.server.set(Faults {
+        rate: MIB / 2,
+        ..Faults::default()
+    });
+    let mut seed = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(1, |d| d.as_nanos() as u64)
+        | 1;
+    eprintln!("kill schedule seed {seed:#x}");
+    let started = Instant::now();
+    let (mut runs, mut kills) = (0, 0);
+    loop {
+        runs += 1;
+        assert!(runs <= 100, "no completion after {runs} runs");
+        let mut child = Command::new(env!("CARGO_BIN_EXE_update-agent"))
+            .arg("--config")
+            .arg(&n.config)
+            .args(["stage", &url])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("spawn");
+        seed ^= seed << 13;
+        seed ^= seed >> 7;
+        seed ^= seed << 17;
+        let wait = Duration::from_millis(50 + seed % 2450);
+        let t = Instant::now();
+        let status = loop {
+            if let Some(s) = child.try_wait().expect("wait") {
+                break Some(s);
+            }
+            if t.elapsed() >= wait {
+                child.kill().expect("kill");
+                child.wait().expect("reap");
+                kills += 1;
+                break None;
+            }
+            std::thread::sleep(Duration::from_millis(2));
+        };
+        if let Some(s) = status {
+            let mut err = String::new();
+            if let Some(mut e) = child.stderr.take() {
+                let _ = std::io::Read::read_to_string(&mut e, &mut err);
+            }
+            assert!(s.success(), "run {runs} failed after {kills} kills: {err}");
+            if n.state()["state"] == "armed" {
+                break;
+            }
+        }
+    }
+    assert_armed(&n, &image);
+    let served = n.server.served.load(Ordering::Relaxed);
+    eprintln!(
+        "{kills} kills in {runs} runs, {:.1} s: served {served} bytes for a {size}-byte payload ({:.3}x)",
+        started.elapsed().as_secs_f64(),
+        served as f64 / size as f64
+    );
+    assert!(
+        kills >= 3,
+        "the frame arrived between few kills: nothing was tested"
+    );
+    assert!(
+        served * 2 < size * 3,
+        "served {served} bytes for a {size}-byte payload"
+    );
+}
