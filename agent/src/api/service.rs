@@ -712,7 +712,7 @@ impl pb::update_agent_server::UpdateAgent for Service {
         self.0.policy.check(&req, Need::Read)?;
         // Read on the runtime's thread: no lock, no network, no path a caller chose,
         // only the agent's own small files and the bootloader's block. A hop to the
-        // blocking pool cost 1.5-2.5x the CPU per call and the p99 target
+        // blocking pool cost 1.2-2.3x the CPU per call and the p99 target
         // (docs/benchmarks.md, "The API under attack").
         Ok(Response::new(self.0.status()?))
     }

@@ -128,6 +128,11 @@ pub fn resolve_in_root(root: &Path, rel: &Path) -> io::Result<Option<PathBuf>> {
     let fd = match nix::fcntl::openat2(dir.as_raw_fd(), rel, how) {
         Ok(fd) => fd,
         Err(nix::errno::Errno::ENOENT) => return Ok(None),
+        // systemd's seccomp filters (RestrictSUIDSGID= among them) answer openat2 with
+        // ENOSYS, since they cannot look inside its flags: resolve by hand then.
+        Err(nix::errno::Errno::ENOSYS | nix::errno::Errno::EPERM) => {
+            return resolve_by_hand(root, rel)
+        }
         Err(e) => return Err(e.into()),
     };
     #[allow(unsafe_code)]
@@ -144,6 +149,54 @@ pub fn resolve_in_root(root: &Path, rel: &Path) -> io::Result<Option<PathBuf>> {
         ));
     }
     Ok(Some(real))
+}
+
+/// What `RESOLVE_IN_ROOT` does, in user space: each component looked at with lstat,
+/// a symlink's target followed from `root` (absolute) or from where it sits
+/// (relative), `..` never above `root`, at most 40 links. The slot is mounted
+/// read-only after its every byte was verified, so nothing changes under the walk.
+pub fn resolve_by_hand(root: &Path, rel: &Path) -> io::Result<Option<PathBuf>> {
+    use std::path::Component;
+    let mut pending: Vec<PathBuf> = rel
+        .components()
+        .rev()
+        .map(|c| PathBuf::from(c.as_os_str()))
+        .collect();
+    let mut at = PathBuf::new();
+    let mut links = 0;
+    while let Some(next) = pending.pop() {
+        match next.components().next() {
+            Some(Component::RootDir) => at = PathBuf::new(),
+            Some(Component::ParentDir) => {
+                at.pop();
+            }
+            Some(Component::Normal(name)) => {
+                let here = root.join(&at).join(name);
+                let meta = match fs::symlink_metadata(&here) {
+                    Ok(m) => m,
+                    Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+                    Err(e) => return Err(e),
+                };
+                if meta.file_type().is_symlink() {
+                    links += 1;
+                    if links > 40 {
+                        return Err(io::Error::from_raw_os_error(nix::libc::ELOOP));
+                    }
+                    let target = fs::read_link(&here)?;
+                    pending.extend(
+                        target
+                            .components()
+                            .rev()
+                            .map(|c| PathBuf::from(c.as_os_str())),
+                    );
+                } else {
+                    at.push(name);
+                }
+            }
+            _ => {}
+        }
+    }
+    Ok(Some(root.join(at)))
 }
 
 /// A kernel or initrd to copy onto the ESP, and the sha256 it must have.

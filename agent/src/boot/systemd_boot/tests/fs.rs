@@ -156,7 +156,16 @@ fn leftovers_of_an_interrupted_stage_are_cleaned() {
 /// copy a file of the running system onto the ESP and boot it.
 #[test]
 fn release_files_resolve_inside_the_slot() {
-    use crate::boot::systemd_boot::fs::resolve_in_root;
+    use crate::boot::systemd_boot::fs::{resolve_by_hand, resolve_in_root};
+    // The kernel's resolution and ours (used where seccomp hides openat2) agree.
+    let both = |root: &Path, rel: &str| {
+        let kernel = resolve_in_root(root, Path::new(rel)).expect("openat2");
+        let by_hand = resolve_by_hand(root, Path::new(rel))
+            .expect("by hand")
+            .map(|p| fs::canonicalize(p).expect("canonical"));
+        assert_eq!(kernel, by_hand, "{rel}");
+        kernel
+    };
     let host = tmp();
     let secret = host.path().join("host-secret");
     fs::write(&secret, b"the host's, not the release's").expect("secret");
@@ -168,25 +177,25 @@ fn release_files_resolve_inside_the_slot() {
 
     // Absolute links name the slot's own files.
     std::os::unix::fs::symlink("/etc/shadow", root.join("boot/vmlinuz")).expect("link");
-    let real = resolve_in_root(root, Path::new("boot/vmlinuz"))
-        .expect("resolve")
-        .expect("exists");
+    let real = both(root, "boot/vmlinuz").expect("exists");
     assert_eq!(real, fs::canonicalize(root.join("etc/shadow")).expect("c"));
     // A link to a host path the slot does not have resolves to nothing.
     fs::remove_file(root.join("boot/vmlinuz")).expect("rm");
     std::os::unix::fs::symlink(&secret, root.join("boot/vmlinuz")).expect("link");
-    assert_eq!(
-        resolve_in_root(root, Path::new("boot/vmlinuz")).expect("resolve"),
-        None
-    );
+    assert_eq!(both(root, "boot/vmlinuz"), None);
     // `..` stops at the slot's root.
     fs::remove_file(root.join("boot/vmlinuz")).expect("rm");
     let climb = format!("../../../../../../..{}", secret.display());
     std::os::unix::fs::symlink(&climb, root.join("boot/vmlinuz")).expect("link");
-    assert_eq!(
-        resolve_in_root(root, Path::new("boot/vmlinuz")).expect("resolve"),
-        None
-    );
+    assert_eq!(both(root, "boot/vmlinuz"), None);
+
+    // The usual case: a relative link beside the kernel, through a linked directory.
+    fs::write(root.join("boot/vmlinuz-6.1.0-1"), b"kernel").expect("kernel");
+    std::os::unix::fs::symlink("boot", root.join("b")).expect("dir link");
+    std::os::unix::fs::symlink("vmlinuz-6.1.0-1", root.join("boot/v2")).expect("rel link");
+    let want = Some(fs::canonicalize(root.join("boot/vmlinuz-6.1.0-1")).expect("c"));
+    assert_eq!(both(root, "b/v2"), want);
+    assert_eq!(both(root, "boot/v2"), want);
 
     // And prepare() refuses such a release instead of copying the host's file.
     let esp = tmp();
