@@ -494,8 +494,16 @@ fn finding5_6_metrics_endpoint_and_textfile() {
         ),
     );
     let _d = Daemon::start(&n);
+    // The socket answers before the first textfile write: wait for it, so the check
+    // on the victim comes after the write it guards against.
+    let textfile = textdir.join("update_agent.prom");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !textfile.exists() {
+        assert!(Instant::now() < deadline, "no textfile written");
+        std::thread::sleep(Duration::from_millis(20));
+    }
     assert_eq!(fs::read_to_string(&victim).expect("victim"), "precious");
-    let prom = fs::read_to_string(textdir.join("update_agent.prom")).expect("textfile");
+    let prom = fs::read_to_string(&textfile).expect("textfile");
     assert!(prom.contains("update_agent_"), "{prom}");
 
     // Pipelining clients that never read, and clients that never finish a request.
