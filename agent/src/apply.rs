@@ -18,6 +18,7 @@ use std::time::Instant;
 
 use sha2::{Digest, Sha256};
 
+use crate::midstate::{Hasher, Mark};
 use crate::payload::manifest::{Extent, Manifest, OpKind, Operation};
 use crate::payload::RangeSource;
 
@@ -181,6 +182,9 @@ pub enum Event {
     Fetching { op: usize, received: u64 },
     /// All operations are written; the whole target is being read back.
     Verifying,
+    /// The read-back has hashed the target up to `mark.len`: a caller that writes the
+    /// mark down can continue the read-back from there (see [`Options::read_back_from`]).
+    ReadBack(Mark),
 }
 
 #[derive(Debug, Clone)]
@@ -197,6 +201,10 @@ pub struct Options<'a> {
     pub check_zero_digests: bool,
     /// Keeps the bytes of frames in flight across interruptions (see [`crate::partial`]).
     pub partial: Option<&'a crate::partial::Partials>,
+    /// Continue an earlier read-back from this mark instead of from byte zero. Only
+    /// honoured when every operation was already written (`start_op` is past the
+    /// last): a mark says nothing about bytes written after it was taken.
+    pub read_back_from: Option<Mark>,
 }
 
 impl Default for Options<'_> {
@@ -208,6 +216,7 @@ impl Default for Options<'_> {
             cancel: None,
             check_zero_digests: false,
             partial: None,
+            read_back_from: None,
         }
     }
 }
@@ -251,6 +260,8 @@ const IO_CHUNK: usize = 1 << 20;
 /// How often the writer reports the bytes of frames in flight while it waits.
 const FETCH_TICK: std::time::Duration = std::time::Duration::from_millis(500);
 static ZEROES: [u8; 1 << 16] = [0; 1 << 16];
+/// How often the read-back reports a mark inside a run of zeros (a hole).
+const MARK_ZEROES: u64 = 4 << 20;
 
 /// Applies `manifest` to `target`. See the module comment for the guarantees.
 pub fn apply(
@@ -318,7 +329,13 @@ pub fn apply(
     target.sync().map_err(ApplyError::Flush)?;
     report.sync_seconds = started.elapsed().as_secs_f64() - report.write_seconds;
     on_event(Event::Verifying);
-    let actual = hash_target(target, manifest.target_size).map_err(ApplyError::ReadBack)?;
+    let from = opts
+        .read_back_from
+        .filter(|_| opts.start_op >= manifest.operations.len());
+    let actual = hash_target_from(target, manifest.target_size, from, &mut |m| {
+        on_event(Event::ReadBack(m));
+    })
+    .map_err(ApplyError::ReadBack)?;
     report.verify_seconds =
         started.elapsed().as_secs_f64() - report.write_seconds - report.sync_seconds;
     if actual != manifest.target_sha256 {
@@ -756,8 +773,25 @@ pub fn verified_prefix(
 /// keeps the next buffer coming while this one is hashed; known holes are hashed as
 /// zeros without being read.
 pub fn hash_target(target: &dyn TargetSlot, len: u64) -> io::Result<[u8; 32]> {
+    hash_target_from(target, len, None, &mut |_| {})
+}
+
+/// [`hash_target`] continued from `from` (where an earlier read-back stood), handing
+/// `on_mark` where it stands after every buffer, so a caller can write it down.
+pub fn hash_target_from(
+    target: &dyn TargetSlot,
+    len: u64,
+    from: Option<Mark>,
+    on_mark: &mut dyn FnMut(Mark),
+) -> io::Result<[u8; 32]> {
     let ranges = target.data_ranges(len)?.unwrap_or_else(|| vec![(0, len)]);
-    hash_ranges(&|buf, off| target.read_back_at(buf, off), &ranges, len)
+    hash_ranges(
+        &|buf, off| target.read_back_at(buf, off),
+        &ranges,
+        len,
+        from,
+        on_mark,
+    )
 }
 
 /// sha256 of the first `len` bytes of a source slot: what a delta's `source.sha256`
@@ -769,13 +803,39 @@ pub fn hash_source(source: &dyn SourceSlot, len: u64) -> io::Result<[u8; 32]> {
             format!("source is {} bytes, shorter than {len}", source.size()),
         ));
     }
-    hash_ranges(&|buf, off| source.read_exact_at(buf, off), &[(0, len)], len)
+    hash_ranges(
+        &|buf, off| source.read_exact_at(buf, off),
+        &[(0, len)],
+        len,
+        None,
+        &mut |_| {},
+    )
 }
 
 type ReadAt<'a> = dyn Fn(&mut [u8], u64) -> io::Result<()> + Sync + 'a;
 
-fn hash_ranges(read: &ReadAt<'_>, ranges: &[(u64, u64)], len: u64) -> io::Result<[u8; 32]> {
-    let mut h = Sha256::new();
+fn hash_ranges(
+    read: &ReadAt<'_>,
+    ranges: &[(u64, u64)],
+    len: u64,
+    from: Option<Mark>,
+    on_mark: &mut dyn FnMut(Mark),
+) -> io::Result<[u8; 32]> {
+    let mut h = from.map_or_else(Hasher::new, Hasher::resume);
+    let skip = h.position();
+    if skip > len {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!("a read-back mark at byte {skip} is past the image's end at {len}"),
+        ));
+    }
+    // What is left to read: the ranges past the mark, clipped to it.
+    let ranges: Vec<(u64, u64)> = ranges
+        .iter()
+        .filter(|r| r.1 > skip)
+        .map(|&(start, end)| (start.max(skip), end))
+        .collect();
+    let ranges = ranges.as_slice();
     let (full_tx, full_rx) = mpsc::sync_channel::<io::Result<(AlignedBuf, usize)>>(2);
     let (empty_tx, empty_rx) = mpsc::sync_channel::<AlignedBuf>(3);
     for _ in 0..3 {
@@ -797,9 +857,9 @@ fn hash_ranges(read: &ReadAt<'_>, ranges: &[(u64, u64)], len: u64) -> io::Result
                 }
             }
         });
-        let mut pos = 0u64;
+        let mut pos = skip;
         for &(start, end) in ranges {
-            hash_zeroes(&mut h, start - pos);
+            hash_zeroes_marked(&mut h, start - pos, on_mark);
             let mut off = start;
             while off < end {
                 let (mut buf, n) = full_rx
@@ -808,11 +868,14 @@ fn hash_ranges(read: &ReadAt<'_>, ranges: &[(u64, u64)], len: u64) -> io::Result
                 h.update(&buf.bytes_mut()[..n]);
                 off += n as u64;
                 let _ = empty_tx.send(buf);
+                if let Some(m) = h.mark() {
+                    on_mark(m);
+                }
             }
             pos = end;
         }
-        hash_zeroes(&mut h, len - pos);
-        Ok(h.finalize().into())
+        hash_zeroes_marked(&mut h, len - pos, on_mark);
+        Ok(h.finalize())
     })
 }
 
@@ -855,10 +918,31 @@ pub fn direct_ok(buf: &[u8], offset: u64) -> bool {
         && offset.is_multiple_of(a as u64)
 }
 
-fn hash_zeroes(h: &mut Sha256, mut n: u64) {
+fn hash_zeroes(h: &mut Sha256, n: u64) {
+    feed_zeroes(n, &mut |z| h.update(z));
+}
+
+/// Hashes `n` zeros, with a mark every few MiB: a hole can be most of a slot.
+fn hash_zeroes_marked(h: &mut Hasher, n: u64, on_mark: &mut dyn FnMut(Mark)) {
+    let mut fed = 0u64;
+    feed_zeroes(n, &mut |z| {
+        h.update(z);
+        fed += z.len() as u64;
+        if fed.is_multiple_of(MARK_ZEROES) {
+            if let Some(m) = h.mark() {
+                on_mark(m);
+            }
+        }
+    });
+    if let Some(m) = h.mark().filter(|_| n > 0) {
+        on_mark(m);
+    }
+}
+
+fn feed_zeroes(mut n: u64, feed: &mut dyn FnMut(&[u8])) {
     while n > 0 {
         let k = n.min(ZEROES.len() as u64) as usize;
-        h.update(&ZEROES[..k]);
+        feed(&ZEROES[..k]);
         n -= k as u64;
     }
 }

@@ -80,6 +80,11 @@ pub enum FetchError {
          what arrived is kept for the next attempt"
     )]
     Deadline { url: String, secs: u64 },
+    #[error(
+        "{url}: the payload changed on the server: {now} bytes now, {was} when this \
+         staging began"
+    )]
+    Changed { url: String, was: u64, now: u64 },
     #[error("opening {0}")]
     File(#[source] PayloadError),
     #[error("fetch.ca_file {path}")]
@@ -106,8 +111,25 @@ impl From<FetchError> for io::Error {
 
 /// Opens a payload by URL or path.
 pub fn open(url: &str, cfg: &FetchConfig) -> Result<Box<dyn RangeSource>, FetchError> {
+    open_kept(url, cfg, None)
+}
+
+/// [`open`], but a remote payload whose first bytes an earlier process kept
+/// (`kept`: the payload's size and its first bytes) is not asked for them again: a
+/// node restarted every few seconds would otherwise fetch its head at every start.
+/// They are checked like fetched ones (the caller verifies the signature), and a
+/// server whose payload no longer has that size fails the first range
+/// ([`FetchError::Changed`]).
+pub fn open_kept(
+    url: &str,
+    cfg: &FetchConfig,
+    kept: Option<(u64, Vec<u8>)>,
+) -> Result<Box<dyn RangeSource>, FetchError> {
     if url.starts_with("http://") || url.starts_with("https://") {
-        return Ok(Box::new(HttpSource::open(url, cfg)?));
+        return Ok(Box::new(match kept {
+            Some((size, head)) => HttpSource::with_head(url, cfg, size, head)?,
+            None => HttpSource::open(url, cfg)?,
+        }));
     }
     let path = match url.strip_prefix("file://") {
         Some(p) => PathBuf::from(p),
@@ -142,6 +164,29 @@ pub struct HttpSource {
 
 impl HttpSource {
     pub fn open(url: &str, cfg: &FetchConfig) -> Result<Self, FetchError> {
+        let mut s = Self::new(url, cfg)?;
+        let mut head = vec![0u8; FIRST_REQUEST as usize];
+        let (len, total) = s.range_into(0, &mut head, true, &mut |_| {})?;
+        head.truncate(len);
+        s.size = total;
+        s.head = head;
+        Ok(s)
+    }
+
+    /// A source whose size and first bytes are already known: no request is made.
+    pub fn with_head(
+        url: &str,
+        cfg: &FetchConfig,
+        size: u64,
+        head: Vec<u8>,
+    ) -> Result<Self, FetchError> {
+        let mut s = Self::new(url, cfg)?;
+        s.size = size;
+        s.head = head;
+        Ok(s)
+    }
+
+    fn new(url: &str, cfg: &FetchConfig) -> Result<Self, FetchError> {
         let mut config = ureq::Agent::config_builder()
             .timeout_connect(Some(cfg.connect_timeout()))
             // Inactivity, not a budget for the whole request: each read from the socket
@@ -168,7 +213,7 @@ impl HttpSource {
             (None, Some(b)) => Some(format!("Basic {}", BASE64.encode(b))),
             (None, None) => None,
         };
-        let mut s = Self {
+        Ok(Self {
             agent: config.into(),
             url: url.to_owned(),
             name: PathBuf::from(url),
@@ -187,13 +232,7 @@ impl HttpSource {
                     cfg.staging_deadline_secs,
                 )
             }),
-        };
-        let mut head = vec![0u8; FIRST_REQUEST as usize];
-        let (len, total) = s.range_into(0, &mut head, true, &mut |_| {})?;
-        head.truncate(len);
-        s.size = total;
-        s.head = head;
-        Ok(s)
+        })
     }
 
     /// Bytes received from the server so far.
@@ -337,6 +376,15 @@ impl HttpSource {
         };
         if got_start != from || got_end != want_end || got_end < got_start {
             return Err(bad());
+        }
+        // Known from the first request or kept from an earlier process: a range of a
+        // payload of another size is of another payload.
+        if self.size != 0 && total != self.size {
+            return Err(Attempt::Fatal(FetchError::Changed {
+                url: self.url.clone(),
+                was: self.size,
+                now: total,
+            }));
         }
         let len = usize::try_from(got_end + 1 - start).map_err(|_| bad())?;
         let want = got_end - got_start + 1;

@@ -21,6 +21,7 @@ pub mod health;
 pub mod history;
 pub mod logging;
 pub mod metrics;
+pub mod midstate;
 pub mod partial;
 pub mod payload;
 pub mod policy;

@@ -14,6 +14,10 @@
 //! that holds a reservation) plus what was written since the last checkpoint
 //! (`apply.checkpoint_fetched_bytes`).
 //!
+//! Beside them, `<manifest sha256>.head`: the payload's size and its signed head
+//! (header, manifest, signatures), so a restarted staging does not fetch the head
+//! again at every start; it is verified again (signatures, expiry) whenever it is used.
+//!
 //! Nothing here is trusted: a resumed frame is verified like any other (zstd, then the
 //! operation's sha256 over its whole output), and a frame that fails after using kept
 //! bytes is fetched once more from the network before the operation counts as failed
@@ -32,6 +36,10 @@ use crate::payload::RangeSource;
 
 /// Fsync a file after this many new bytes (or after the store's interval).
 const SYNC_BYTES: u64 = 1 << 20;
+/// The most head bytes kept (the payload format's limit on manifest and signatures).
+const MAX_HEAD: u64 = crate::payload::limits::MAX_MANIFEST_BYTES
+    + crate::payload::limits::MAX_SIGNATURE_BYTES
+    + crate::payload::container::HEADER_LEN;
 
 #[derive(Debug, thiserror::Error)]
 pub enum PartialError {
@@ -124,10 +132,43 @@ impl Partials {
         self.dir.join(format!("{}-{op}.part", self.manifest))
     }
 
+    fn head_path(dir: &Path, manifest: &str) -> PathBuf {
+        dir.join(format!("{manifest}.head"))
+    }
+
+    /// Keeps the payload's size and its first `head.len()` bytes (once; best effort,
+    /// like every kept byte).
+    pub fn keep_head(&self, size: u64, head: &[u8]) {
+        let path = Self::head_path(&self.dir, &self.manifest);
+        if path.exists() {
+            return;
+        }
+        let mut bytes = Vec::with_capacity(8 + head.len());
+        bytes.extend_from_slice(&size.to_le_bytes());
+        bytes.extend_from_slice(head);
+        if let Err((p, e)) = crate::durable::replace(&path, &bytes) {
+            tracing::warn!(path = %p.display(), error = %e, "cannot keep the payload's head; a restart fetches it again");
+        }
+    }
+
+    /// The size and head [`Partials::keep_head`] kept for the payload whose manifest
+    /// has sha256 `manifest_sha256`, if any. Unchecked: the caller verifies them.
+    pub fn kept_head(state_dir: &Path, manifest_sha256: &str) -> Option<(u64, Vec<u8>)> {
+        let path = Self::head_path(&Self::dir(state_dir), manifest_sha256);
+        let file = File::open(path).ok()?;
+        // Bounded: a head is a manifest and its signatures, never the payload.
+        let mut bytes = Vec::new();
+        io::Read::read_to_end(&mut io::Read::take(file, MAX_HEAD + 8), &mut bytes).ok()?;
+        let (size, head) = bytes.split_first_chunk::<8>()?;
+        Some((u64::from_le_bytes(*size), head.to_vec()))
+    }
+
     /// Removes the files of operations before `first`: a checkpoint made them durable
     /// in the slot.
     pub fn keep_from(&self, first: usize) {
-        let r = self.remove_where(|m, op| m == Some(self.manifest.as_str()) && op < Some(first));
+        let r = self.remove_where(|m, op| {
+            m == Some(self.manifest.as_str()) && op.is_some_and(|op| op < first)
+        });
         if let Err(e) = r {
             tracing::warn!(dir = %self.dir.display(), error = %e, "cannot remove kept partial downloads");
         }
@@ -300,6 +341,9 @@ impl Appender<'_> {
 
 /// `<manifest>-<op>.part` → its parts.
 fn parse_name(name: &str) -> (Option<String>, Option<usize>) {
+    if let Some(m) = name.strip_suffix(".head") {
+        return (Some(m.to_owned()), None);
+    }
     let Some((m, op)) = name.strip_suffix(".part").and_then(|n| n.rsplit_once('-')) else {
         return (None, None);
     };
@@ -431,6 +475,29 @@ mod tests {
         assert_eq!(p.fetch(&src, 5, 0, &mut buf).expect("f").kept, 0);
         Partials::remove_all(d.path()).expect("remove");
         assert!(!Partials::dir(d.path()).exists());
+    }
+
+    #[test]
+    fn the_head_is_kept_until_the_attempt_ends_and_only_for_its_payload() {
+        let d = tempfile::tempdir().expect("tempdir");
+        assert_eq!(Partials::kept_head(d.path(), M1), None);
+        let p = Partials::open(d.path(), M1, Duration::from_secs(1)).expect("open");
+        p.keep_head(123_456, b"signed head");
+        p.keep_head(1, b"a second call keeps the first");
+        let kept = Some((123_456, b"signed head".to_vec()));
+        assert_eq!(Partials::kept_head(d.path(), M1), kept);
+        assert_eq!(Partials::kept_head(d.path(), M2), None);
+        p.keep_from(usize::MAX);
+        assert_eq!(Partials::kept_head(d.path(), M1), kept, "not a frame");
+        drop(p);
+        let _ = Partials::open(d.path(), M1, Duration::from_secs(1)).expect("reopen");
+        assert_eq!(Partials::kept_head(d.path(), M1), kept, "same payload");
+        let _ = Partials::open(d.path(), M2, Duration::from_secs(1)).expect("open");
+        assert_eq!(Partials::kept_head(d.path(), M1), None, "another payload");
+        // Shorter than its size field: nothing.
+        let p = Partials::open(d.path(), M1, Duration::from_secs(1)).expect("open");
+        fs::write(Partials::head_path(&p.dir, M1), b"1234").expect("torn");
+        assert_eq!(Partials::kept_head(d.path(), M1), None);
     }
 
     #[test]

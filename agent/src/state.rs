@@ -75,6 +75,18 @@ pub struct Staging {
     /// The release running when the attempt started, when known.
     #[serde(default)]
     pub from_version: Option<String>,
+    /// How far the read-back of the written slot got (only once every operation is
+    /// written), so a restart continues it instead of hashing the slot from byte zero.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub read_back: Option<ReadBack>,
+}
+
+/// Where the read-back of a written slot stands: the sha256 of its first `offset`
+/// bytes, as the state words of an unfinished hash (see [`crate::midstate::Mark`]).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ReadBack {
+    pub offset: u64,
+    pub sha256_state: String,
 }
 
 /// A release fully written and verified in `slot`.
@@ -201,6 +213,9 @@ impl State {
     ) -> Result<(), StateError> {
         match self {
             Self::Staging(s) if ops_done <= s.ops_total => {
+                if ops_done < s.ops_total {
+                    s.read_back = None;
+                }
                 s.ops_done = ops_done;
                 s.bytes_done = bytes_done;
                 s.bytes_fetched = bytes_fetched;
@@ -210,11 +225,26 @@ impl State {
         }
     }
 
-    /// Rewinds a resumed attempt to the first operation whose bytes no longer verify.
-    pub fn rewind(&mut self, ops_done: usize) -> Result<(), StateError> {
+    /// Records how far the read-back of a fully written slot got.
+    pub fn read_back(&mut self, mark: ReadBack) -> Result<(), StateError> {
+        match self {
+            Self::Staging(s) if s.ops_done == s.ops_total && mark.offset <= s.bytes_total => {
+                s.read_back = Some(mark);
+                Ok(())
+            }
+            _ => Err(self.illegal("record read-back progress")),
+        }
+    }
+
+    /// Rewinds a resumed attempt to the first operation whose bytes no longer verify
+    /// (`bytes_done`: the output bytes of the operations before it). Any read-back
+    /// progress goes with it.
+    pub fn rewind(&mut self, ops_done: usize, bytes_done: u64) -> Result<(), StateError> {
         match self {
             Self::Staging(s) if ops_done <= s.ops_done => {
                 s.ops_done = ops_done;
+                s.bytes_done = bytes_done.min(s.bytes_done);
+                s.read_back = None;
                 Ok(())
             }
             _ => Err(self.illegal("rewind progress")),
@@ -516,6 +546,7 @@ mod tests {
             bytes_fetched: 0,
             started: 1,
             from_version: Some("1.0".into()),
+            read_back: None,
         }
     }
 
@@ -551,6 +582,38 @@ mod tests {
         s.begin(staging()).expect("a new attempt after cancel");
         s.fail("boom".into(), 3).expect("fail");
         assert!(s.cancel(4).is_err());
+    }
+
+    #[test]
+    fn read_back_progress_needs_every_operation_and_goes_with_a_rewind() {
+        let mark = |offset| ReadBack {
+            offset,
+            sha256_state: "ab".repeat(32),
+        };
+        let mut s = State::Idle;
+        assert!(s.read_back(mark(0)).is_err());
+        s.begin(staging()).expect("begin");
+        s.progress(2, 8, 1).expect("progress");
+        assert!(
+            s.read_back(mark(64)).is_err(),
+            "operations are left to write"
+        );
+        s.progress(3, 10, 1).expect("progress");
+        assert!(s.read_back(mark(11)).is_err(), "past the image");
+        s.read_back(mark(0)).expect("read-back");
+        let kept = |s: &State| matches!(s, State::Staging(st) if st.read_back.is_some());
+        assert!(kept(&s));
+        s.progress(3, 10, 2)
+            .expect("progress of the last operation again");
+        assert!(kept(&s), "still every operation written");
+        s.rewind(1, 4).expect("rewind");
+        assert!(!kept(&s), "a rewind drops the read-back");
+        assert!(matches!(&s, State::Staging(st) if st.ops_done == 1 && st.bytes_done == 4));
+        assert!(s.rewind(2, 8).is_err(), "a rewind never moves forward");
+        s.progress(3, 10, 2).expect("progress");
+        s.read_back(mark(10)).expect("read-back");
+        s.progress(2, 8, 2).expect("progress backwards");
+        assert!(!kept(&s), "fewer operations written: the mark says nothing");
     }
 
     #[test]

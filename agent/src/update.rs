@@ -171,6 +171,14 @@ pub enum Progress {
 /// manifest bytes (whose sha256 identifies the attempt across restarts).
 type Opened = (Box<dyn RangeSource>, Payload, Vec<u8>);
 
+/// Where [`Agent::run`] starts: the first operation to write, and where an earlier
+/// read-back stood when every operation was already written.
+#[derive(Debug, Default, Clone, Copy)]
+struct Start {
+    op: usize,
+    read_back: Option<crate::midstate::Mark>,
+}
+
 /// The agent's handle on this node.
 pub struct Agent {
     pub cfg: Config,
@@ -282,7 +290,34 @@ impl Agent {
 
     /// Opens a payload and applies every policy check that does not need the slot.
     fn open_checked(&self, url: &str, allow_downgrade: bool) -> Result<Opened, UpdateError> {
-        let src = fetch::open(url, &self.cfg.fetch)?;
+        self.check_opened(fetch::open(url, &self.cfg.fetch)?, allow_downgrade)
+    }
+
+    /// Reopens the payload of an interrupted staging, from its kept head when there is
+    /// one (verified again like a fetched one) and from the network otherwise.
+    fn reopen(&self, s: &Staging) -> Result<Opened, UpdateError> {
+        if let Some(kept) = Partials::kept_head(&self.cfg.state_dir, &s.manifest_sha256) {
+            let opened = fetch::open_kept(&s.url, &self.cfg.fetch, Some(kept))
+                .map_err(UpdateError::from)
+                .and_then(|src| self.check_opened(src, true));
+            match opened {
+                Ok(o) if hex::encode(Sha256::digest(&o.2)) == s.manifest_sha256 => return Ok(o),
+                Ok(_) => tracing::warn!(
+                    "the kept payload head is of another manifest; fetching it again"
+                ),
+                Err(e) => {
+                    tracing::warn!(error = %error_chain(&e), "the kept payload head did not open; fetching it again")
+                }
+            }
+        }
+        self.open_checked(&s.url, true)
+    }
+
+    fn check_opened(
+        &self,
+        src: Box<dyn RangeSource>,
+        allow_downgrade: bool,
+    ) -> Result<Opened, UpdateError> {
         let p = Payload::open(
             src.as_ref(),
             Trust::Keys {
@@ -435,6 +470,7 @@ impl Agent {
             bytes_fetched: p.head_len(),
             started: timefmt::now(),
             from_version: self.running_version(),
+            read_back: None,
         })?;
         self.store.save(lock, &state)?;
         if let State::Staging(s) = &state {
@@ -448,7 +484,7 @@ impl Agent {
             p,
             booted,
             writer,
-            (0, false),
+            Start::default(),
             cancel,
             on,
         )
@@ -465,7 +501,7 @@ impl Agent {
         let mut state = self.store.load()?;
         match state.clone() {
             State::Staging(s) => {
-                let (src, p, mbytes) = self.open_checked(&s.url, true)?;
+                let (src, p, mbytes) = self.reopen(&s)?;
                 let now = hex::encode(Sha256::digest(&mbytes));
                 if now != s.manifest_sha256 {
                     let e = UpdateError::PayloadChanged {
@@ -478,26 +514,27 @@ impl Agent {
                     return Err(e);
                 }
                 let booted = self.layout.open_booted()?;
-                let mut writer = self.layout.open_inactive()?;
+                let writer = self.layout.open_inactive()?;
                 self.boot.mark_unbootable(s.slot)?;
-                // Trust nothing the slot holds: re-verify what the checkpoint claims. When
-                // every operation is written, the read-back of the whole slot is that
-                // check: hashing each operation and then the slot would read it twice,
-                // and a node killed every few seconds might never get through both.
-                let m = &p.manifest;
-                let whole = s.ops_done == m.operations.len()
-                    && apply::hash_target(&writer, m.target_size).map_err(UpdateError::Sync)?
-                        == m.target_sha256;
-                let good = if whole {
-                    s.ops_done
-                } else {
-                    apply::verified_prefix(m, &mut writer, s.ops_done)?
-                };
-                if good < s.ops_done {
-                    state.rewind(good)?;
-                    self.store.save(&lock, &state)?;
+                // The checkpoint is taken at its word here, and the read-back of the
+                // whole slot at the end checks it: a slot changed under the checkpoint
+                // fails that, and only then are the operations hashed one by one to
+                // find where to rewrite from (`run`). Hashing them first at every start
+                // would read the slot twice, and a node killed every few seconds might
+                // never get through both.
+                let read_back = s.read_back.as_ref().and_then(|r| {
+                    crate::midstate::Mark::from_hex(r.offset, &r.sha256_state)
+                        .inspect_err(|e| tracing::warn!(error = %e, "the read-back starts again from byte 0"))
+                        .ok()
+                });
+                match &read_back {
+                    Some(m) => {
+                        tracing::info!(release = %s.version, slot = %s.slot, phase = "staging", attempt = %s.attempt, "resuming the staging of {}: every operation is written; reading the slot back from byte {}", s.version, m.len)
+                    }
+                    None => {
+                        tracing::info!(release = %s.version, slot = %s.slot, phase = "staging", attempt = %s.attempt, "resuming the staging of {} at operation {} of {}", s.version, s.ops_done, s.ops_total)
+                    }
                 }
-                tracing::info!(release = %s.version, slot = %s.slot, phase = "staging", attempt = %s.attempt, "resuming the staging of {} at operation {good} of {}", s.version, s.ops_total);
                 self.run(
                     &lock,
                     state,
@@ -505,7 +542,10 @@ impl Agent {
                     &p,
                     &booted,
                     writer,
-                    (good, whole),
+                    Start {
+                        op: s.ops_done,
+                        read_back,
+                    },
                     cancel,
                     on,
                 )
@@ -599,9 +639,7 @@ impl Agent {
         p: &Payload,
         booted: &dyn SourceSlot,
         mut writer: SlotWriter,
-        // Where to start, and whether the whole slot already hashed right (nothing
-        // left to write or read back).
-        (start_op, verified): (usize, bool),
+        start: Start,
         cancel: Option<&AtomicBool>,
         on: &mut dyn FnMut(Progress),
     ) -> Result<(), UpdateError> {
@@ -619,39 +657,44 @@ impl Agent {
             delta: m.is_delta(),
             ops: m.operations.len(),
             bytes: m.target_size,
-            resumed_at: start_op,
+            resumed_at: start.op,
         });
-        let mut last = Instant::now();
-        let mut since = 0u64;
-        let mut fetched_since = 0u64;
-        let mut ops_written = start_op;
+        let mut ops_written = start.op;
         let mut checkpoint_err: Option<UpdateError> = None;
-        let every_secs = self.cfg.apply.checkpoint_ms as f64 / 1000.0;
+        let every = std::time::Duration::from_millis(self.cfg.apply.checkpoint_ms);
         let partials = match &state {
-            State::Staging(s) => {
-                let every = std::time::Duration::from_millis(self.cfg.apply.checkpoint_ms);
-                Partials::open(&self.cfg.state_dir, &s.manifest_sha256, every)
-                    .inspect_err(|e| tracing::warn!(error = %error_chain(e), "partial downloads are not kept across restarts"))
-                    .ok()
-            }
+            State::Staging(s) => Partials::open(&self.cfg.state_dir, &s.manifest_sha256, every)
+                .inspect_err(|e| tracing::warn!(error = %error_chain(e), "partial downloads are not kept across restarts"))
+                .ok(),
             _ => None,
         };
-        let opts = apply::Options {
-            start_op,
-            workers: self.cfg.fetch.parallel,
-            memory_budget: self.cfg.apply.memory_budget,
-            cancel,
-            check_zero_digests: false,
-            partial: partials.as_ref(),
-        };
+        if let Some(parts) = partials.as_ref().filter(|_| src.is_remote()) {
+            let mut head = vec![0u8; p.head_len() as usize];
+            // Served from what the opening request brought: no second request.
+            if src.read_range(0, &mut head).is_ok() {
+                parts.keep_head(src.size(), &head);
+            }
+        }
         let in_flight = || partials.as_ref().map_or(0, Partials::in_flight);
         let every_bytes = self.cfg.apply.checkpoint_bytes;
         let every_fetched = self.cfg.apply.checkpoint_fetched_bytes;
-        let result = if verified {
-            on(Progress::Verifying);
-            Ok(apply::Report::default())
-        } else {
-            apply::apply(
+        let mut start = start;
+        // Resumed past the first operation: the slot's prefix was taken on the word of
+        // a checkpoint, and a failed read-back rechecks it once before it counts.
+        let mut recheck = start.op > 0;
+        let result = loop {
+            let opts = apply::Options {
+                start_op: start.op,
+                workers: self.cfg.fetch.parallel,
+                memory_budget: self.cfg.apply.memory_budget,
+                cancel,
+                check_zero_digests: false,
+                partial: partials.as_ref(),
+                read_back_from: start.read_back,
+            };
+            let mut last = Instant::now();
+            let (mut since, mut fetched_since) = (0u64, 0u64);
+            let r = apply::apply(
                 m,
                 Blob {
                     source: src,
@@ -682,7 +725,7 @@ impl Agent {
                         if checkpoint_err.is_none()
                             && (since >= every_bytes
                                 || fetched_since >= every_fetched
-                                || last.elapsed().as_secs_f64() >= every_secs)
+                                || last.elapsed() >= every)
                         {
                             let r = sync_handle
                                 .sync_all()
@@ -711,9 +754,63 @@ impl Agent {
                         bytes_fetched: fetched,
                         in_flight: received,
                     }),
-                    Event::Verifying => on(Progress::Verifying),
+                    Event::Verifying => {
+                        on(Progress::Verifying);
+                        // The engine has flushed the slot: every operation is durable,
+                        // and the read-back's marks can be recorded from here on.
+                        if checkpoint_err.is_none() && ops_written > start.op {
+                            let r = state
+                                .progress(ops_written, bytes_done, fetched)
+                                .map_err(UpdateError::from)
+                                .and_then(|()| Ok(self.store.save(lock, &state)?));
+                            match r {
+                                Err(e) => checkpoint_err = Some(e),
+                                Ok(()) => {
+                                    if let Some(p) = &partials {
+                                        p.keep_from(ops_written);
+                                    }
+                                }
+                            }
+                        }
+                        last = Instant::now();
+                    }
+                    Event::ReadBack(mark) => {
+                        if checkpoint_err.is_none() && last.elapsed() >= every {
+                            let r = state
+                                .read_back(crate::state::ReadBack {
+                                    offset: mark.len,
+                                    sha256_state: mark.state_hex(),
+                                })
+                                .map_err(UpdateError::from)
+                                .and_then(|()| Ok(self.store.save(lock, &state)?));
+                            if let Err(e) = r {
+                                checkpoint_err = Some(e);
+                            }
+                            failpoint("after-read-back-mark");
+                            last = Instant::now();
+                        }
+                    }
                 },
-            )
+            );
+            match r {
+                Err(ApplyError::TargetHashMismatch { .. }) if recheck => {
+                    recheck = false;
+                    let good = apply::verified_prefix(m, &mut writer, m.operations.len())?;
+                    tracing::warn!(release = %m.version, slot = %slot, phase = "staging", "the slot did not read back as the checkpoint said (changed while the agent was down?); rewriting from operation {good} of {}", m.operations.len());
+                    if good == m.operations.len() {
+                        break r;
+                    }
+                    bytes_done = op_bytes(m, good);
+                    state.rewind(good, bytes_done)?;
+                    self.store.save(lock, &state)?;
+                    ops_written = good;
+                    start = Start {
+                        op: good,
+                        read_back: None,
+                    };
+                }
+                r => break r,
+            }
         };
         if let Some(e) = checkpoint_err {
             return Err(e);
@@ -804,6 +901,16 @@ impl Agent {
 }
 
 /// `…/2.0.from-abcd.uap` → `…/2.0.full.uap`: the publisher's naming (`bundle create`).
+/// Output bytes of the first `ops` operations of `m`.
+fn op_bytes(m: &Manifest, ops: usize) -> u64 {
+    let bs = u64::from(m.block_size);
+    m.operations[..ops]
+        .iter()
+        .flat_map(|op| &op.dst)
+        .map(|e| e.blocks * bs)
+        .sum()
+}
+
 fn sibling_full(url: &str, version: &str) -> String {
     match url.rfind('/') {
         Some(i) => format!("{}/{version}.full.uap", &url[..i]),

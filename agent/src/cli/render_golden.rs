@@ -138,6 +138,7 @@ fn scenarios() -> Vec<(&'static str, pb::Status)> {
                     bytes_fetched: 3_100_000,
                     started: T0,
                     from_version: Some("1.0".into()),
+                    read_back: None,
                 }),
                 boot(Slot::A, None, [true, false]),
                 None,

@@ -242,3 +242,38 @@ fn nothing_is_requested_after_the_staging_deadline() {
     assert!(inner.to_string().contains("fetch.staging_deadline_secs"));
     assert_eq!(log.lock().expect("log").ranges.len(), 2);
 }
+
+#[test]
+fn a_kept_head_is_not_fetched_again_and_a_payload_of_another_size_is_refused() {
+    let data = content(300_000);
+    let (url, log) = server(data.clone(), Mode::CutAfter(usize::MAX));
+    let head = data[..1_000].to_vec();
+    let src = HttpSource::with_head(&url, &cfg(), 300_000, head.clone()).expect("open");
+    assert_eq!(src.size(), 300_000);
+    let mut buf = vec![0u8; 2_000];
+    src.read_range(0, &mut buf).expect("range");
+    assert!(buf == data[..2_000]);
+    {
+        let log = log.lock().expect("log");
+        assert_eq!(log.ranges, [(1_000, 1_999)], "only what the head lacks");
+    }
+    // What was kept says 400,000 bytes; the server's payload is another one now.
+    let src = HttpSource::with_head(&url, &cfg(), 400_000, head).expect("open");
+    let e = src.read_range(5_000, &mut buf).expect_err("changed");
+    let e = e
+        .into_inner()
+        .and_then(|e| e.downcast::<FetchError>().ok())
+        .expect("a FetchError");
+    assert!(
+        matches!(
+            *e,
+            FetchError::Changed {
+                was: 400_000,
+                now: 300_000,
+                ..
+            }
+        ),
+        "{e}"
+    );
+    assert!(e.to_string().contains("changed on the server"), "{e}");
+}
