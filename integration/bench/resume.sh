@@ -8,8 +8,9 @@
 #   clean  no interruption;
 #   drops  every connection closed after CUT bytes of its body (default 1 MiB, less
 #          than the delta's largest frame);
-#   kills  the process SIGKILLed after a random 0.05-2.5 s (bash RANDOM, seeded with
-#          SEED), restarted at once, until the release is armed.
+#   kills  the process SIGKILLed after a random 0.05 s to KILL_MAX_MS (default 2500)
+#          (bash RANDOM, seeded with SEED), restarted at once, until the release is
+#          armed.
 # for the binaries built from this checkout ("after") and, when BEFORE names a
 # directory holding another build's `update-agent` (e.g. main's release build), for
 # that one too ("before"). Reports, per profile, the bytes the server sent over the
@@ -27,6 +28,7 @@ rate=${RATE:-1500000}
 cut=${CUT:-1048576}
 limit=${LIMIT:-600}
 seed=${SEED:-20}
+kill_max=${KILL_MAX_MS:-2500}
 profiles=(${PROFILES:-clean drops kills})
 
 cd "$repo"
@@ -71,7 +73,7 @@ run_profile() {
     runs=$((runs + 1))
     "$bin/update-agent" --config "$w/agent.toml" stage "$url" >>"$out" 2>&1 &
     pid=$!
-    ms=$((50 + RANDOM % 2451))
+    ms=$((50 + RANDOM % (kill_max - 49)))
     # Other profiles: until it ends, or LIMIT is reached.
     [[ $profile == kills ]] || ms=$(awk -v a="$t0" -v b="$(date +%s.%N)" -v l="$limit" 'BEGIN { printf "%d", 1000 * (l - (b - a)) }')
     # By the clock (microseconds), not by counting sleeps, which drift under load.
@@ -125,7 +127,7 @@ cat <<MD
 \`sudo ${BEFORE:+BEFORE=$BEFORE }integration/bench/resume.sh\`: the Debian pair's delta ($payload bytes, largest frame
 $largest bytes) staged by \`update-agent stage\` into slot b of a loop-device disk, served by
 integration/range-server.py at $rate bytes/s; drops: every connection closed after $cut body bytes;
-kills: SIGKILL after 0.05-2.5 s at random (seed $seed), restarted at once; a failed run is restarted too.
+kills: SIGKILL after 50-$kill_max ms at random (seed $seed), restarted at once; a failed run is restarted too.
 
 | build | profile | time to armed | bytes served | served / payload | runs | kills | failed runs |
 |---|---|---|---|---|---|---|---|
