@@ -612,9 +612,8 @@ mod tests {
         let base = "compatible = \"x\"\n[releases]\nurl = \"http://h/p\"\n";
         // The whole chain, as updatectl and the daemon print it.
         let bad = |extra: &str| {
-            crate::update::error_chain(
-                &Config::from_toml(&format!("{base}{extra}")).expect_err(extra),
-            )
+            let e = Config::from_toml(&format!("{base}{extra}")).expect_err(extra);
+            format!("{:#}", anyhow::Error::from(e))
         };
         let e = bad("[auto]\nenabled = true\nreboot = \"window\"\n");
         assert!(

@@ -9,6 +9,7 @@
 pub mod api;
 pub mod apply;
 pub mod boot;
+pub mod cause;
 pub mod channel;
 pub mod cli;
 pub mod config;
