@@ -10,6 +10,7 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
+pub use crate::cause::RollbackCause;
 use crate::slots::Slot;
 use crate::state::StateError;
 
@@ -22,29 +23,6 @@ pub enum Outcome {
     RolledBack,
     Failed,
     Cancelled,
-}
-
-/// Why a release was rolled back, for metrics and alerts (the reason says it in
-/// words).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum RollbackCause {
-    /// The trial boot failed its health checks.
-    HealthCheck,
-    /// The bootloader fell back: the new slot never reached the health checks.
-    DidNotBoot,
-    /// An operator asked.
-    Manual,
-}
-
-impl RollbackCause {
-    pub fn name(self) -> &'static str {
-        match self {
-            Self::HealthCheck => "health_check",
-            Self::DidNotBoot => "did_not_boot",
-            Self::Manual => "manual",
-        }
-    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

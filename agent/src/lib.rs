@@ -2,16 +2,18 @@
 //!
 //! Rooms (see ARCHITECTURE.md): [`payload`] owns the signed delta format and its
 //! generator; [`apply`] turns a payload into a slot image; [`file_target`] is the
-//! file-backed slot used by the offline tools; [`api`] is the gRPC service the daemon
-//! serves; [`cli`] is `updatectl`; [`policy`] decides unattended patching and
+//! file-backed slot used by the offline tools; [`daemon`] is the daemon itself
+//! (operations, status, the unattended loop) and [`api`] serves it over gRPC; [`cli`] is `updatectl`; [`policy`] decides unattended patching and
 //! [`fleetlock`] coordinates its reboots; [`metrics`] renders Prometheus text.
 
 pub mod api;
 pub mod apply;
 pub mod boot;
+pub mod cause;
 pub mod channel;
 pub mod cli;
 pub mod config;
+pub mod daemon;
 pub mod durable;
 pub mod events;
 pub mod fetch;

@@ -14,7 +14,7 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
-use crate::history::RollbackCause;
+use crate::cause::RollbackCause;
 use crate::slots::Slot;
 
 /// Schema of `state.json`; bumped only with a migration.

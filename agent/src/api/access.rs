@@ -10,8 +10,8 @@
 //! DNS SANs; the subject CN only for a certificate without SANs) is refused every call
 //! of every service, health and reflection included ([`Policy::interceptor`]).
 
+use super::error::ApiError;
 use super::listen::LocalPeer;
-use super::ApiError;
 use crate::config::ApiConfig;
 
 /// What a call needs.

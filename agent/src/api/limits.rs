@@ -7,7 +7,7 @@ use std::collections::HashMap;
 use std::hash::Hash;
 use std::sync::{Arc, Mutex};
 
-use super::ApiError;
+use super::error::ApiError;
 
 #[derive(Debug)]
 struct Counts<K> {

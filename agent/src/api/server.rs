@@ -10,16 +10,13 @@ use std::time::Duration;
 
 use tonic::transport::{Certificate, Identity, Server, ServerTlsConfig};
 
+use super::access::Policy;
 use super::pb::update_agent_server::UpdateAgentServer;
-use super::service::{Daemon, Service};
-use crate::update::UpdateError;
+use super::service::Service;
+use crate::daemon::Daemon;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ServeError {
-    #[error("starting the agent")]
-    Agent(#[source] UpdateError),
-    #[error(transparent)]
-    Access(#[from] super::access::AccessError),
     #[error("api.socket_group")]
     SocketGroup(#[source] super::access::AccessError),
     #[error("preparing the API socket {path}")]
@@ -49,10 +46,6 @@ pub enum ServeError {
     Reflection(#[source] tonic_reflection::server::Error),
     #[error("serving gRPC")]
     Serve(#[source] tonic::transport::Error),
-    #[error(transparent)]
-    Settings(#[from] crate::policy::SettingsError),
-    #[error(transparent)]
-    MachineId(#[from] super::auto::MachineIdError),
     #[error("listening on {addr} (metrics.listen)")]
     Metrics {
         addr: String,
@@ -101,11 +94,15 @@ fn read(key: &'static str, path: Option<&PathBuf>) -> Result<Vec<u8>, ServeError
 /// Serves until `shutdown` resolves. Calls `ready` once every listener is bound.
 pub async fn serve(
     daemon: Arc<Daemon>,
+    policy: Policy,
     shutdown: impl Future<Output = ()> + Send + 'static,
     ready: impl FnOnce(&str),
 ) -> Result<(), ServeError> {
     let cfg = daemon.cfg.api.clone();
-    let service = Service(Arc::clone(&daemon));
+    // One policy in front of every service: health and reflection answer only the
+    // peers the agent's own service would.
+    let gate = policy.interceptor();
+    let service = Service::new(Arc::clone(&daemon), policy);
     let (health, health_service) = tonic_health::server::health_reporter();
     health.set_serving::<UpdateAgentServer<Service>>().await;
     let reflection = || {
@@ -162,13 +159,9 @@ pub async fn serve(
         ),
         None => None,
     };
-    service.resume_interrupted();
-    daemon.write_textfile();
+    daemon.start();
     if let Some(l) = metrics {
         tokio::spawn(super::metrics_http::serve(l, Arc::clone(&daemon)));
-    }
-    if let Some(auto) = &daemon.auto {
-        tokio::spawn(super::auto::run(service.clone(), Arc::clone(auto)));
     }
     ready(&where_);
 
@@ -182,9 +175,6 @@ pub async fn serve(
         let _ = rx.wait_for(|s| *s).await;
     };
 
-    // One policy in front of every service: health and reflection answer only the
-    // peers the agent's own service would.
-    let gate = daemon.policy().interceptor();
     let router = |b: &mut Server| {
         use tonic::service::interceptor::InterceptedService as Gated;
         b.add_service(Gated::new(

@@ -1,33 +1,17 @@
-//! Status and history as the API shows them, built from what the agent persists
-//! (`state.json`, `history.json`), the bootloader's state and the running operation.
-//! Reading never takes the update lock, so status answers while an update runs.
+//! Status and history as the API shows them, built from what the daemon read
+//! (`crate::daemon::status`): the state, the bootloader, history and the running
+//! operation.
 
-use std::sync::Mutex;
-
-use super::pb;
-use crate::boot::{BootControl, BootStatus};
-use crate::config::Config;
-use crate::history::{Entry, History, Outcome};
+use super::{convert, pb};
+use crate::boot::BootStatus;
+use crate::history::{Entry, Outcome};
 use crate::slots::{Slot, SlotLayout};
-use crate::state::{State, StateStore};
-use crate::update::UpdateError;
+use crate::state::State;
 
-/// Seconds since the epoch as a protobuf timestamp.
-pub fn ts(secs: u64) -> prost_types::Timestamp {
-    prost_types::Timestamp {
-        seconds: i64::try_from(secs).unwrap_or(i64::MAX),
-        nanos: 0,
-    }
-}
+pub use super::convert::ts;
 
 pub fn now() -> prost_types::Timestamp {
-    let d = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap_or_default();
-    prost_types::Timestamp {
-        seconds: i64::try_from(d.as_secs()).unwrap_or(i64::MAX),
-        nanos: i32::try_from(d.subsec_nanos()).unwrap_or(0),
-    }
+    convert::at(std::time::SystemTime::now())
 }
 
 pub fn outcome(o: &Outcome) -> pb::Outcome {
@@ -67,6 +51,26 @@ pub struct Inputs<'a> {
     pub images: [Option<crate::state::SlotImage>; 2],
     /// Unattended patching, when configured.
     pub auto: Option<pb::Auto>,
+}
+
+/// The status message for what the daemon read.
+pub fn from_daemon(
+    compatible: &str,
+    layout: &SlotLayout,
+    s: crate::daemon::status::Status,
+) -> pb::Status {
+    build(&Inputs {
+        compatible,
+        layout,
+        backend: s.backend,
+        state: s.state,
+        boot: s.boot,
+        last: s.last,
+        running_version: s.running_version,
+        operation: s.operation.as_ref().map(convert::operation),
+        images: s.images,
+        auto: s.auto.map(convert::auto),
+    })
 }
 
 /// Builds the status. Pure: the golden tests call it with fixed inputs.
@@ -217,107 +221,5 @@ fn persisted_operation(state: &State) -> Option<pb::Operation> {
             ..Default::default()
         }),
         _ => None,
-    }
-}
-
-/// Reads status without the update lock.
-pub struct Reader {
-    cfg: Config,
-    layout: SlotLayout,
-    store: StateStore,
-    history: History,
-    boot: Mutex<Box<dyn BootControl>>,
-    /// The newest history record, kept while `history.json` is the same file: the
-    /// whole history (up to 200 records) need not be parsed for every status call.
-    last: Mutex<Option<(FileKey, Option<Entry>)>>,
-}
-
-/// Identifies one version of a file: it is replaced by rename, so a new inode, size
-/// or mtime means new content.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-struct FileKey {
-    ino: u64,
-    size: u64,
-    mtime_ns: i128,
-}
-
-fn file_key(path: &std::path::Path) -> Option<FileKey> {
-    use std::os::unix::fs::MetadataExt as _;
-    let m = std::fs::metadata(path).ok()?;
-    Some(FileKey {
-        ino: m.ino(),
-        size: m.size(),
-        mtime_ns: i128::from(m.mtime()) * 1_000_000_000 + i128::from(m.mtime_nsec()),
-    })
-}
-
-impl std::fmt::Debug for Reader {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Reader")
-            .field("layout", &self.layout)
-            .finish_non_exhaustive()
-    }
-}
-
-impl Reader {
-    pub fn new(cfg: Config, layout: SlotLayout) -> Result<Self, UpdateError> {
-        Ok(Self {
-            boot: Mutex::new(crate::update::open_boot(&cfg)?),
-            store: StateStore::new(&cfg.state_dir),
-            history: History::new(&cfg.state_dir),
-            last: Mutex::new(None),
-            cfg,
-            layout,
-        })
-    }
-
-    pub fn layout(&self) -> &SlotLayout {
-        &self.layout
-    }
-
-    pub fn state(&self) -> Result<State, UpdateError> {
-        Ok(self.store.load()?)
-    }
-
-    pub fn history(&self) -> Result<Vec<Entry>, UpdateError> {
-        Ok(self.history.load()?)
-    }
-
-    fn last_entry(&self) -> Result<Option<Entry>, UpdateError> {
-        let key = file_key(self.history.path());
-        let mut cache = self.last.lock().unwrap_or_else(|p| p.into_inner());
-        if let (Some(k), Some((cached, entry))) = (key, cache.as_ref()) {
-            if k == *cached {
-                return Ok(entry.clone());
-            }
-        }
-        let entry = self.history.load()?.pop();
-        *cache = key.map(|k| (k, entry.clone()));
-        Ok(entry)
-    }
-
-    pub fn status(
-        &self,
-        operation: Option<pb::Operation>,
-        auto: Option<pb::Auto>,
-    ) -> Result<pb::Status, UpdateError> {
-        let state = self.store.load()?;
-        let (boot, backend) = {
-            let b = self.boot.lock().unwrap_or_else(|p| p.into_inner());
-            (b.status()?, b.name())
-        };
-        let last = self.last_entry()?;
-        Ok(build(&Inputs {
-            compatible: &self.cfg.compatible,
-            layout: &self.layout,
-            backend,
-            state,
-            boot,
-            last,
-            running_version: crate::update::running_version(&self.cfg.os_release),
-            operation,
-            images: self.store.images(),
-            auto,
-        }))
     }
 }

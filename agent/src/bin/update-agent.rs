@@ -107,8 +107,10 @@ fn serve(cfg: Config) -> anyhow::Result<()> {
         .context("starting the async runtime")?;
     rt.block_on(async {
         let daemon = std::sync::Arc::new(
-            update_agent::api::service::Daemon::new(cfg).context("starting the daemon")?,
+            update_agent::daemon::Daemon::new(cfg).context("starting the daemon")?,
         );
+        let policy = update_agent::api::access::Policy::new(&daemon.cfg.api)
+            .context("starting the daemon")?;
         let shutdown = async {
             use tokio::signal::unix::{signal, SignalKind};
             match (
@@ -123,7 +125,7 @@ fn serve(cfg: Config) -> anyhow::Result<()> {
             tracing::info!("stopping; an update in progress resumes at the next start");
             let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Stopping]);
         };
-        update_agent::api::server::serve(daemon, shutdown, |at| {
+        update_agent::api::server::serve(daemon, policy, shutdown, |at| {
             tracing::info!(socket = at, "serving the update API");
             update_agent::api::server::notify_ready(at);
         })

@@ -1,7 +1,7 @@
 //! Unattended patching: which release to stage and when (channel, interval with
 //! jitter, rollout waves), and when a staged release may reboot the node (strategy,
 //! maintenance windows, FleetLock). Decisions are pure functions in [`decide`]; the
-//! daemon's loop that acts on them is `api::auto`.
+//! daemon's loop that acts on them is `daemon::auto`.
 
 pub mod decide;
 pub mod wave;

@@ -16,16 +16,6 @@ struct Intent {
     reboot: RebootStrategy,
 }
 
-/// How the API shows a strategy (windows and FleetLock are both "in window").
-pub fn policy(s: RebootStrategy) -> super::pb::RebootPolicy {
-    use super::pb::RebootPolicy as P;
-    match s {
-        RebootStrategy::Immediate => P::Immediate,
-        RebootStrategy::Window | RebootStrategy::FleetLock => P::InWindow,
-        RebootStrategy::Never => P::Never,
-    }
-}
-
 fn path(state_dir: &Path) -> PathBuf {
     state_dir.join("intent.json")
 }

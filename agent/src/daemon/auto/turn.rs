@@ -1,231 +1,22 @@
-//! The unattended loop: checks the followed channel on its interval, stages what the
-//! node's wave allows, and reboots staged releases as the strategy says (at once, in a
-//! maintenance window, with a FleetLock slot, or never). Every decision comes from
-//! `policy::decide`; this file gathers facts, acts, and publishes what it knows for
-//! status and metrics.
-//!
-//! It sleeps until the next thing it has to do (a check, a window, a retry), and wakes
-//! early when an operation ends, so an idle node stays idle.
+//! The loop itself: one turn gathers facts, asks `policy::decide` and acts; then it
+//! sleeps until its next deadline or until an operation ends.
 
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use jiff::{SignedDuration, Timestamp};
 use rand::Rng as _;
 use tokio::sync::broadcast::error::RecvError;
 
-use super::pb;
-use super::service::{Service, Target};
-use crate::fleetlock::{self, FleetLockError};
-use crate::metrics::AutoFacts;
-use crate::policy::decide::{self, Held, Offer, RebootDecision, UpdateDecision};
-use crate::policy::{RebootStrategy, Settings};
+use super::{now, secs, Auto, Lock};
+use crate::daemon::ops::OpEventKind;
+use crate::daemon::target::Target;
+use crate::daemon::Daemon;
+use crate::fleetlock::FleetLockError;
+use crate::policy::decide::{self, Offer, RebootDecision, UpdateDecision};
+use crate::policy::RebootStrategy;
 use crate::state::State;
 use crate::update::error_chain;
-
-/// FleetLock from this agent's point of view.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Lock {
-    /// Not released since the agent started: it may be held from before a reboot.
-    Unknown,
-    Held,
-    Released,
-}
-
-/// What the loop knows, shared with status and metrics.
-#[derive(Debug, Clone)]
-pub struct View {
-    pub facts: AutoFacts,
-    pub next_check: Option<Timestamp>,
-    pub last_error: String,
-    pub next_step: String,
-    pub offered: Option<String>,
-    pub wave_start: Option<Timestamp>,
-    pub held: Option<Held>,
-    pub lock: Option<Lock>,
-}
-
-pub struct Auto {
-    pub settings: Settings,
-    position: f64,
-    lock: Option<fleetlock::Client>,
-    view: Mutex<View>,
-    /// Wakes the loop (a new operation, a state change made over the API).
-    pub wake: tokio::sync::Notify,
-}
-
-impl std::fmt::Debug for Auto {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Auto")
-            .field("settings", &self.settings)
-            .finish_non_exhaustive()
-    }
-}
-
-#[derive(Debug, thiserror::Error)]
-pub enum MachineIdError {
-    #[error("reading the machine id {path} (auto.machine_id)")]
-    Read {
-        path: std::path::PathBuf,
-        #[source]
-        source: std::io::Error,
-    },
-    /// Nodes sharing an id would share a FleetLock slot (the lock is recursive per
-    /// id) and a wave; an id that changes at every boot would strand a slot.
-    #[error("the machine id in {path} (auto.machine_id) is {found:?}, not a committed id of 32 hex digits; run systemd-machine-id-setup --commit (or give each node its own id) before enabling unattended updates")]
-    Invalid {
-        path: std::path::PathBuf,
-        found: String,
-    },
-}
-
-/// Reads and checks the machine id.
-fn machine_id(path: &std::path::Path) -> Result<String, MachineIdError> {
-    let text = std::fs::read_to_string(path).map_err(|source| MachineIdError::Read {
-        path: path.to_owned(),
-        source,
-    })?;
-    let id = text.trim();
-    if id.len() != 32 || !id.bytes().all(|b| b.is_ascii_hexdigit()) || id.bytes().all(|b| b == b'0')
-    {
-        return Err(MachineIdError::Invalid {
-            path: path.to_owned(),
-            found: id.chars().take(40).collect(),
-        });
-    }
-    Ok(id.to_ascii_lowercase())
-}
-
-/// The loop's clock. Test builds (the `failpoints` feature) can shift it with
-/// `UPDATE_AGENT_TEST_CLOCK_OFFSET_SECS`, so an end-to-end test can stand inside or
-/// outside a window or a wave without waiting for one; releases cannot.
-pub fn now() -> Timestamp {
-    let t = Timestamp::now();
-    #[cfg(feature = "failpoints")]
-    if let Some(off) = std::env::var("UPDATE_AGENT_TEST_CLOCK_OFFSET_SECS")
-        .ok()
-        .and_then(|s| s.parse::<i64>().ok())
-    {
-        return t + SignedDuration::from_secs(off);
-    }
-    t
-}
-
-fn ts(t: Timestamp) -> prost_types::Timestamp {
-    super::status::ts(secs(t))
-}
-
-fn secs(t: Timestamp) -> u64 {
-    u64::try_from(t.as_second()).unwrap_or(0)
-}
-
-impl Auto {
-    /// `None` when `[auto]` asks for nothing: not enabled, no windows, no FleetLock.
-    pub fn new(cfg: &crate::config::Config) -> Result<Option<Self>, super::server::ServeError> {
-        use super::server::ServeError;
-        let a = &cfg.auto;
-        let settings =
-            Settings::new(a, cfg.releases.url.as_deref()).map_err(ServeError::Settings)?;
-        if !settings.enabled && settings.windows.is_empty() && a.fleetlock.url.is_none() {
-            return Ok(None);
-        }
-        // The identity matters for the wave and the FleetLock id; windows alone (for
-        // IN_WINDOW updates) do not need it.
-        let machine_id = if settings.enabled || a.fleetlock.url.is_some() {
-            machine_id(&a.machine_id)?
-        } else {
-            String::new()
-        };
-        let lock = a.fleetlock.url.as_deref().map(|url| {
-            fleetlock::Client::new(
-                url,
-                &a.fleetlock.group,
-                fleetlock::node_id(&machine_id),
-                cfg.fetch.request_timeout().min(Duration::from_secs(30)),
-            )
-        });
-        Ok(Some(Self {
-            position: crate::policy::wave::position(&machine_id),
-            view: Mutex::new(View {
-                facts: AutoFacts {
-                    lock_held: lock.as_ref().map(|_| true),
-                    ..AutoFacts::default()
-                },
-                next_check: None,
-                last_error: String::new(),
-                next_step: "starting".into(),
-                offered: None,
-                wave_start: None,
-                held: None,
-                lock: lock.as_ref().map(|_| Lock::Unknown),
-            }),
-            lock,
-            settings,
-            wake: tokio::sync::Notify::new(),
-        }))
-    }
-
-    pub fn has_lock(&self) -> bool {
-        self.lock.is_some()
-    }
-
-    pub fn view(&self) -> View {
-        self.view.lock().unwrap_or_else(|p| p.into_inner()).clone()
-    }
-
-    fn set(&self, f: impl FnOnce(&mut View)) {
-        f(&mut self.view.lock().unwrap_or_else(|p| p.into_inner()));
-    }
-
-    /// The status message.
-    pub fn status(&self, now: Timestamp) -> pb::Auto {
-        let v = self.view();
-        let w = &self.settings.windows;
-        let open = w.current(now);
-        let window = open.or_else(|| w.next(now));
-        pb::Auto {
-            enabled: self.settings.enabled,
-            channel: self.settings.channel.clone(),
-            reboot: self.settings.reboot.name().to_owned(),
-            last_check: v.facts.last_check.map(|(at, _)| super::status::ts(at)),
-            last_check_error: v.last_error,
-            next_check: v.next_check.map(ts),
-            next_step: v.next_step,
-            offered_version: v.offered.unwrap_or_default(),
-            wave_start: v.wave_start.map(ts),
-            held_version: v
-                .held
-                .as_ref()
-                .map(|h| h.version.clone())
-                .unwrap_or_default(),
-            held_reason: v.held.map(|h| h.reason).unwrap_or_default(),
-            window_start: window.map(|s| ts(s.start)),
-            window_end: window.map(|s| ts(s.end)),
-            in_window: open.is_some(),
-            time_zone: if w.is_empty() {
-                String::new()
-            } else {
-                w.time_zone()
-            },
-            fleetlock: match v.lock {
-                None => "",
-                Some(Lock::Unknown) => "unknown",
-                Some(Lock::Held) => "held",
-                Some(Lock::Released) => "released",
-            }
-            .to_owned(),
-        }
-    }
-
-    /// Facts for metrics.
-    pub fn facts(&self, now: Timestamp) -> AutoFacts {
-        let v = self.view();
-        AutoFacts {
-            next_window: self.settings.windows.next(now).map(|s| secs(s.start)),
-            ..v.facts
-        }
-    }
-}
 
 /// Runs blocking work (HTTP, disk) off the runtime.
 async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> Option<T> {
@@ -251,7 +42,7 @@ struct Turn {
     reported_held: Option<String>,
 }
 
-pub async fn run(svc: Service, auto: Arc<Auto>) {
+pub async fn run(d: Arc<Daemon>, auto: Arc<Auto>) {
     let now = now();
     let first = decide::next_check(
         now,
@@ -269,11 +60,11 @@ pub async fn run(svc: Service, auto: Arc<Auto>) {
         rebooted_for: None,
         reported_held: None,
     };
-    let mut events = svc.0.ops.subscribe();
+    let mut events = d.ops.subscribe();
     loop {
-        let wake_at = turn(&svc, &auto, &mut t).await;
-        let d = Arc::clone(&svc.0);
-        let _ = blocking(move || d.write_textfile()).await;
+        let wake_at = turn(&d, &auto, &mut t).await;
+        let d2 = Arc::clone(&d);
+        let _ = blocking(move || d2.write_textfile()).await;
         let now = self::now();
         // Sleep on the monotonic clock but look again at least every 10 minutes, so a
         // wall-clock jump (NTP after boot) cannot make a window or a check late.
@@ -289,7 +80,7 @@ pub async fn run(svc: Service, auto: Arc<Auto>) {
                 () = auto.wake.notified() => break,
                 ev = events.recv() => match ev {
                     // Only an operation's end changes what to do; progress does not.
-                    Ok(e) if !matches!(e.kind, Some(pb::update_event::Kind::Result(_))) => {}
+                    Ok(e) if !matches!(e.kind, OpEventKind::Result(_)) => {}
                     Ok(_) | Err(RecvError::Lagged(_)) => break,
                     Err(RecvError::Closed) => {
                         tokio::time::sleep_until(deadline).await;
@@ -302,12 +93,12 @@ pub async fn run(svc: Service, auto: Arc<Auto>) {
 }
 
 /// One look at the node; returns when to look again.
-async fn turn(svc: &Service, auto: &Arc<Auto>, t: &mut Turn) -> Timestamp {
+async fn turn(d: &Arc<Daemon>, auto: &Arc<Auto>, t: &mut Turn) -> Timestamp {
     let now = now();
     // Only deadlines of things that can happen count: a check that cannot run now
     // (unattended updates off, an update in progress) must not make the loop spin.
     let mut wake = now + SignedDuration::from_mins(10);
-    let state = match svc.0.reader.state() {
+    let state = match d.reader.state() {
         Ok(s) => s,
         Err(e) => {
             auto.set(|v| {
@@ -316,8 +107,8 @@ async fn turn(svc: &Service, auto: &Arc<Auto>, t: &mut Turn) -> Timestamp {
             return now + SignedDuration::from_secs(60);
         }
     };
-    let running_op = svc.0.ops.current().is_some();
-    let booted = svc.0.reader.layout().booted;
+    let running_op = d.ops.current().is_some();
+    let booted = d.reader.layout().booted;
 
     // Release the FleetLock slot whenever nothing waits for a reboot: after a commit,
     // after a rollback, and at every start (it may be held from before the reboot).
@@ -344,7 +135,7 @@ async fn turn(svc: &Service, auto: &Arc<Auto>, t: &mut Turn) -> Timestamp {
             auto.set(|v| {
                 v.facts.waiting_since.get_or_insert(secs(now));
             });
-            if let Some(w) = reboot_turn(svc, auto, t, staged, now).await {
+            if let Some(w) = reboot_turn(d, auto, t, staged, now).await {
                 wake = wake.min(w);
             }
         }
@@ -359,7 +150,7 @@ async fn turn(svc: &Service, auto: &Arc<Auto>, t: &mut Turn) -> Timestamp {
     let checking = auto.settings.enabled && idle;
     if checking {
         if now >= t.next_check {
-            if let Some(w) = check_turn(svc, auto, t, now).await {
+            if let Some(w) = check_turn(d, auto, t, now).await {
                 wake = wake.min(w);
             }
         }
@@ -427,7 +218,7 @@ fn lock_failed(auto: &Auto, t: &mut Turn, now: Timestamp, e: Option<FleetLockErr
 
 /// A staged release is armed: reboot it when its strategy allows.
 async fn reboot_turn(
-    svc: &Service,
+    d: &Arc<Daemon>,
     auto: &Arc<Auto>,
     t: &mut Turn,
     staged: &crate::state::Staged,
@@ -437,14 +228,14 @@ async fn reboot_turn(
         return None;
     }
     // An IMMEDIATE operation of this process rebooted by itself.
-    let ran_here = svc.0.ops.find(&staged.attempt).map(|(s, _)| s.reboot);
-    if ran_here == Some(pb::RebootPolicy::Immediate as i32) {
+    let ran_here = d.ops.find(&staged.attempt).map(|(s, _)| s.reboot);
+    if ran_here == Some(RebootStrategy::Immediate) {
         return None;
     }
     // What the update's starter asked for, kept on disk across restarts (an operator's
     // NEVER stays never; an IN_WINDOW update follows the windows even with unattended
     // updates off). Unknown (an older agent staged it): the configured strategy.
-    let strategy = super::intent::load(&svc.0.cfg.state_dir, &staged.attempt).unwrap_or(
+    let strategy = crate::daemon::intent::load(&d.cfg.state_dir, &staged.attempt).unwrap_or(
         if auto.settings.enabled {
             auto.settings.reboot
         } else {
@@ -481,7 +272,7 @@ async fn reboot_turn(
             opens.map(|w| w.start)
         }
         _ if now < t.reboot_retry => Some(t.reboot_retry),
-        RebootDecision::Now => reboot(svc, auto, t, staged, now).await,
+        RebootDecision::Now => reboot(d, auto, t, staged, now).await,
         RebootDecision::Lock => {
             let client = auto.lock.clone()?;
             if now < t.lock_retry {
@@ -502,12 +293,12 @@ async fn reboot_turn(
                     crate::emit!(tracing::Level::INFO, crate::events::LOCK_TAKEN, update_agent_release = %v, "took a FleetLock reboot slot for {v}");
                     // The call may have taken seconds: an operator may have cancelled
                     // or rolled back meanwhile. Reboot only what is still armed.
-                    let still = matches!(svc.0.reader.state(), Ok(State::Armed { staged: s, .. }) if s.attempt == staged.attempt);
-                    if !still || svc.0.ops.current().is_some() {
+                    let still = matches!(d.reader.state(), Ok(State::Armed { staged: s, .. }) if s.attempt == staged.attempt);
+                    if !still || d.ops.current().is_some() {
                         tracing::info!(attempt = %staged.attempt, "the release changed while FleetLock answered; not rebooting");
                         return release_lock(auto, t, now).await;
                     }
-                    reboot(svc, auto, t, staged, now).await
+                    reboot(d, auto, t, staged, now).await
                 }
                 other => {
                     lock_failed(auto, t, now, other.and_then(Result::err), "pre-reboot");
@@ -521,7 +312,7 @@ async fn reboot_turn(
 /// Reboots into the staged release. A reboot command that fails gives the FleetLock
 /// slot back (the node is not going down) and is retried with backoff.
 async fn reboot(
-    svc: &Service,
+    d: &Arc<Daemon>,
     auto: &Auto,
     t: &mut Turn,
     staged: &crate::state::Staged,
@@ -531,7 +322,7 @@ async fn reboot(
     let v = &staged.version;
     crate::emit!(tracing::Level::WARN, crate::events::REBOOTING, update_agent_release = %v, update_agent_slot = %staged.slot, update_agent_attempt = %staged.attempt, "rebooting into {v} on slot {}", staged.slot);
     auto.set(|s| s.next_step = format!("rebooting into {v}"));
-    let cmd = svc.0.cfg.health.reboot_command.clone();
+    let cmd = d.cfg.health.reboot_command.clone();
     let result = blocking(move || crate::health::reboot(&cmd)).await;
     let why = match result {
         Some(Ok(())) => {
@@ -560,17 +351,17 @@ async fn reboot(
 
 /// Time for a check: read the channel and decide.
 async fn check_turn(
-    svc: &Service,
+    d: &Arc<Daemon>,
     auto: &Arc<Auto>,
     t: &mut Turn,
     now: Timestamp,
 ) -> Option<Timestamp> {
     let s = &auto.settings;
     let name = s.channel.clone();
-    let base = svc.0.cfg.releases.url.clone().unwrap_or_default();
-    let d = Arc::clone(&svc.0);
+    let base = d.cfg.releases.url.clone().unwrap_or_default();
+    let dc = Arc::clone(d);
     let (n, b) = (name.clone(), base.clone());
-    let opened = blocking(move || d.open_channel(&b, &n)).await;
+    let opened = blocking(move || dc.open_channel(&b, &n)).await;
     let channel = match opened {
         Some(Ok(c)) => c,
         Some(Err(e)) => {
@@ -583,7 +374,7 @@ async fn check_turn(
         }
     };
     // Without history the agent cannot know what was rolled back here: no guessing.
-    let history = match svc.0.reader.history() {
+    let history = match d.reader.history() {
         Ok(h) => h,
         Err(e) => {
             check_failed(auto, t, now, &error_chain(&e));
@@ -593,7 +384,7 @@ async fn check_turn(
     t.check_failures = 0;
     t.next_check = decide::next_check(now, s.interval, s.jitter, random());
     let held = decide::held(&history, &channel.version);
-    let running = crate::update::running_version(&svc.0.cfg.os_release);
+    let running = crate::update::running_version(&d.cfg.os_release);
     let offer = Offer {
         version: &channel.version,
         published: channel.published,
@@ -643,9 +434,9 @@ async fn check_turn(
             Some(at)
         }
         UpdateDecision::Start => {
-            let urls = channel.urls(&base, svc.0.booted_image().as_deref());
+            let urls = channel.urls(&base, d.booted_image().as_deref());
             let target = Target::for_release(&name, urls, &v);
-            match svc.begin(target, false, s.reboot, "auto").await {
+            match d.begin(target, false, s.reboot, "auto").await {
                 Ok(r) => {
                     auto.set(|view| {
                         view.next_step = format!("staging {v} (operation {})", r.operation_id)
@@ -680,35 +471,4 @@ fn check_failed(auto: &Auto, t: &mut Turn, now: Timestamp, why: &str) {
         v.last_error = why.to_owned();
         v.next_step = format!("the last check failed; retrying at {}", t.next_check);
     });
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn machine_ids_must_be_committed_and_unique_looking() {
-        let d = tempfile::tempdir().expect("tempdir");
-        let p = d.path().join("machine-id");
-        let check = |text: &str| {
-            std::fs::write(&p, text).expect("write");
-            machine_id(&p)
-        };
-        assert_eq!(
-            check("5F1C0FFEE0DD4E5B9C3B2A1D0E9F8A7B\n").expect("valid"),
-            "5f1c0ffee0dd4e5b9c3b2a1d0e9f8a7b"
-        );
-        for bad in [
-            "",
-            "uninitialized\n",
-            &"0".repeat(32),
-            "5f1c0ffee0dd4e5b",
-            &"g".repeat(32),
-        ] {
-            let e = check(bad).expect_err(bad);
-            assert!(e.to_string().contains("auto.machine_id"), "{e}");
-        }
-        let e = machine_id(&d.path().join("missing")).expect_err("missing");
-        assert!(matches!(e, MachineIdError::Read { .. }), "{e}");
-    }
 }

@@ -8,11 +8,107 @@
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::SystemTime;
 
 use tokio::sync::broadcast;
 
-use super::pb;
-use super::status::now;
+use crate::policy::RebootStrategy;
+
+/// Where an operation is.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum Phase {
+    #[default]
+    Opening,
+    Writing,
+    Verifying,
+    Armed,
+    Rebooting,
+    Done,
+}
+
+/// A snapshot of an operation.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Operation {
+    pub id: String,
+    pub phase: Phase,
+    pub version: String,
+    /// The payload's location.
+    pub source: String,
+    pub delta: bool,
+    /// The reboot its starter asked for.
+    pub reboot: RebootStrategy,
+    pub bytes_done: u64,
+    pub bytes_total: u64,
+    pub bytes_fetched: u64,
+    pub ops_done: u32,
+    pub ops_total: u32,
+    pub started: Option<SystemTime>,
+}
+
+impl Default for Operation {
+    fn default() -> Self {
+        Self {
+            id: String::new(),
+            phase: Phase::default(),
+            version: String::new(),
+            source: String::new(),
+            delta: false,
+            reboot: RebootStrategy::Never,
+            bytes_done: 0,
+            bytes_total: 0,
+            bytes_fetched: 0,
+            ops_done: 0,
+            ops_total: 0,
+            started: None,
+        }
+    }
+}
+
+/// How an operation ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OpOutcome {
+    /// Staged and armed for the next boot.
+    Armed,
+    Failed,
+    Cancelled,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OpResult {
+    pub outcome: OpOutcome,
+    pub version: String,
+    pub from_version: String,
+    pub reason: String,
+    pub at: SystemTime,
+    pub bytes_fetched: u64,
+}
+
+/// Progress inside the writing phase.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct OpProgress {
+    pub bytes_done: u64,
+    pub bytes_total: u64,
+    pub bytes_fetched: u64,
+    pub ops_done: u32,
+    pub ops_total: u32,
+    pub in_flight_bytes: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum OpEventKind {
+    Snapshot(Operation),
+    Phase(Phase),
+    Progress(OpProgress),
+    Result(OpResult),
+}
+
+/// One event of one operation, as watchers receive it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OpEvent {
+    pub operation_id: String,
+    pub at: SystemTime,
+    pub kind: OpEventKind,
+}
 
 /// Events buffered per watcher; one that falls further behind gets a fresh snapshot.
 const EVENT_BUFFER: usize = 1024;
@@ -20,9 +116,9 @@ const EVENT_BUFFER: usize = 1024;
 #[derive(Debug)]
 struct Op {
     key: String,
-    snapshot: pb::Operation,
+    snapshot: Operation,
     cancel: Arc<AtomicBool>,
-    result: Option<pb::Result>,
+    result: Option<OpResult>,
     /// The staging thread was started: a slot may have been touched.
     staging: bool,
 }
@@ -37,7 +133,7 @@ struct Inner {
 #[derive(Debug)]
 pub struct Ops {
     inner: Mutex<Inner>,
-    events: broadcast::Sender<pb::UpdateEvent>,
+    events: broadcast::Sender<OpEvent>,
 }
 
 /// What [`Ops::begin`] decided.
@@ -70,12 +166,12 @@ impl Ops {
         self.inner.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    pub fn subscribe(&self) -> broadcast::Receiver<pb::UpdateEvent> {
+    pub fn subscribe(&self) -> broadcast::Receiver<OpEvent> {
         self.events.subscribe()
     }
 
     /// Registers an operation for `key` (the resolved target) unless one runs.
-    pub fn begin(&self, key: &str, id: String, snapshot: pb::Operation) -> Begin {
+    pub fn begin(&self, key: &str, id: String, snapshot: Operation) -> Begin {
         let mut g = self.lock();
         if let Some(op) = &g.current {
             return if op.key == key {
@@ -99,7 +195,7 @@ impl Ops {
             staging: false,
         });
         drop(g);
-        self.emit(&id, pb::update_event::Kind::Snapshot(snapshot));
+        self.emit(&id, OpEventKind::Snapshot(snapshot));
         Begin::Started { id }
     }
 
@@ -139,13 +235,13 @@ impl Ops {
         })
     }
 
-    pub fn current(&self) -> Option<pb::Operation> {
+    pub fn current(&self) -> Option<Operation> {
         self.lock().current.as_ref().map(|o| o.snapshot.clone())
     }
 
     /// The running operation, else the last one if it ended armed (its snapshot keeps
     /// what the caller asked for, such as the reboot policy).
-    pub fn current_or_armed(&self) -> Option<pb::Operation> {
+    pub fn current_or_armed(&self) -> Option<Operation> {
         let g = self.lock();
         g.current.as_ref().map(|o| o.snapshot.clone()).or_else(|| {
             g.last
@@ -153,10 +249,10 @@ impl Ops {
                 .filter(|o| {
                     o.result
                         .as_ref()
-                        .is_some_and(|r| r.outcome == pb::Outcome::Armed as i32)
+                        .is_some_and(|r| r.outcome == OpOutcome::Armed)
                 })
-                .map(|o| pb::Operation {
-                    phase: pb::Phase::Armed as i32,
+                .map(|o| Operation {
+                    phase: Phase::Armed,
                     ..o.snapshot.clone()
                 })
         })
@@ -164,7 +260,7 @@ impl Ops {
 
     /// The snapshot (and result, once finished) of the current or last operation;
     /// `id` empty means the current one.
-    pub fn find(&self, id: &str) -> Option<(pb::Operation, Option<pb::Result>)> {
+    pub fn find(&self, id: &str) -> Option<(Operation, Option<OpResult>)> {
         let g = self.lock();
         let op = match (&g.current, &g.last) {
             (Some(c), _) if id.is_empty() || c.snapshot.id == id => Some(c),
@@ -175,12 +271,7 @@ impl Ops {
     }
 
     /// Updates the running operation's snapshot with `f` and broadcasts `kind`.
-    pub fn update(
-        &self,
-        id: &str,
-        f: impl FnOnce(&mut pb::Operation),
-        kind: Option<pb::update_event::Kind>,
-    ) {
+    pub fn update(&self, id: &str, f: impl FnOnce(&mut Operation), kind: Option<OpEventKind>) {
         {
             let mut g = self.lock();
             if let Some(op) = g.current.as_mut().filter(|o| o.snapshot.id == id) {
@@ -193,27 +284,27 @@ impl Ops {
     }
 
     /// Ends the running operation with its result.
-    pub fn finish(&self, id: &str, result: pb::Result) {
+    pub fn finish(&self, id: &str, result: OpResult) {
         {
             let mut g = self.lock();
             if g.current.as_ref().is_some_and(|o| o.snapshot.id == id) {
                 if let Some(mut op) = g.current.take() {
-                    op.snapshot.phase = pb::Phase::Done as i32;
+                    op.snapshot.phase = Phase::Done;
                     op.result = Some(result.clone());
                     g.last = Some(op);
                 }
             }
         }
-        self.emit(id, pb::update_event::Kind::Phase(pb::Phase::Done as i32));
-        self.emit(id, pb::update_event::Kind::Result(result));
+        self.emit(id, OpEventKind::Phase(Phase::Done));
+        self.emit(id, OpEventKind::Result(result));
     }
 
-    fn emit(&self, id: &str, kind: pb::update_event::Kind) {
+    fn emit(&self, id: &str, kind: OpEventKind) {
         // No receivers is fine: nobody is watching.
-        let _ = self.events.send(pb::UpdateEvent {
+        let _ = self.events.send(OpEvent {
             operation_id: id.to_owned(),
-            at: Some(now()),
-            kind: Some(kind),
+            at: SystemTime::now(),
+            kind,
         });
     }
 }
@@ -225,7 +316,7 @@ mod tests {
     #[test]
     fn one_operation_at_a_time_and_idempotent() {
         let ops = Ops::new();
-        let snap = pb::Operation {
+        let snap = Operation {
             version: "2.0".into(),
             ..Default::default()
         };
@@ -253,27 +344,28 @@ mod tests {
             .is_some_and(|f| f.load(Ordering::SeqCst)));
         ops.finish(
             "op1",
-            pb::Result {
-                outcome: pb::Outcome::Cancelled as i32,
-                ..Default::default()
+            OpResult {
+                outcome: OpOutcome::Cancelled,
+                version: String::new(),
+                from_version: String::new(),
+                reason: String::new(),
+                at: SystemTime::now(),
+                bytes_fetched: 0,
             },
         );
         assert!(ops.current().is_none());
         let (snap, result) = ops.find("op1").expect("last op is kept");
-        assert_eq!(snap.phase, pb::Phase::Done as i32);
+        assert_eq!(snap.phase, Phase::Done);
         assert!(result.is_some());
         assert!(ops.find("").is_none(), "nothing runs");
         // Snapshot first, then the phase change and the result.
         let kinds: Vec<_> = std::iter::from_fn(|| rx.try_recv().ok())
-            .filter_map(|e| e.kind)
+            .map(|e| e.kind)
             .collect();
-        assert!(matches!(kinds[0], pb::update_event::Kind::Snapshot(_)));
-        assert!(matches!(
-            kinds.last(),
-            Some(pb::update_event::Kind::Result(_))
-        ));
+        assert!(matches!(kinds[0], OpEventKind::Snapshot(_)));
+        assert!(matches!(kinds.last(), Some(OpEventKind::Result(_))));
         assert_eq!(
-            ops.begin("u2", "op4".into(), pb::Operation::default()),
+            ops.begin("u2", "op4".into(), Operation::default()),
             Begin::Started { id: "op4".into() }
         );
     }

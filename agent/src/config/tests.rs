@@ -1,0 +1,111 @@
+//! Loading and validating `agent.toml` and its drop-ins: merges, unknown keys,
+//! the rules each section checks.
+
+use super::*;
+
+#[test]
+fn defaults_and_dropins_merge() {
+    let d = tempfile::tempdir().expect("tempdir");
+    let main = d.path().join("agent.toml");
+    fs::write(&main, "compatible = \"azl3\"\n[fetch]\nretries = 2\n").expect("write");
+    fs::create_dir(d.path().join("agent.toml.d")).expect("mkdir");
+    fs::write(
+        d.path().join("agent.toml.d/50-x.toml"),
+        "[fetch]\nparallel = 4\n",
+    )
+    .expect("write");
+    fs::write(d.path().join("agent.toml.d/ignored.conf"), "garbage").expect("write");
+    let c = Config::load(&main).expect("load");
+    assert_eq!(c.compatible, "azl3");
+    assert_eq!(c.fetch.retries, 2);
+    assert_eq!(c.fetch.parallel, 4);
+    assert_eq!(c.boot.tries, 3);
+    assert_eq!(c.slots.label_a, "root-a");
+}
+
+#[test]
+fn unknown_keys_are_named() {
+    let e =
+        Config::from_toml("compatible = \"x\"\n[fetch]\nretrys = 3\n").expect_err("unknown key");
+    let chain = format!(
+        "{e}: {}",
+        std::error::Error::source(&e)
+            .map(ToString::to_string)
+            .unwrap_or_default()
+    );
+    assert!(chain.contains("retrys"), "{chain}");
+}
+
+#[test]
+fn bad_values_are_named() {
+    let e = Config::from_toml("compatible = \"x\"\n[boot]\ntries = 0\n").expect_err("tries");
+    assert!(e.to_string().contains("boot.tries"), "{e}");
+    let e = Config::from_toml("").expect_err("compatible");
+    assert!(e.to_string().contains("compatible"), "{e}");
+}
+
+#[test]
+fn stall_guard_keys() {
+    let c = Config::from_toml("compatible = \"x\"\n").expect("defaults");
+    assert_eq!(c.fetch.stall_timeout(), Duration::from_secs(30));
+    assert_eq!(c.fetch.min_throughput_bytes, 256 << 10);
+    assert_eq!(c.fetch.min_throughput_secs, 60);
+    assert_eq!(c.fetch.staging_deadline_secs, 86_400);
+    // The old key still works, as the inactivity timeout it now is.
+    let c = Config::from_toml("compatible = \"x\"\n[fetch]\nrequest_timeout_secs = 7\n")
+        .expect("old key");
+    assert_eq!(c.fetch.stall_timeout(), Duration::from_secs(7));
+    let bad = |t: &str| {
+        Config::from_toml(&format!("compatible = \"x\"\n[fetch]\n{t}\n"))
+            .expect_err(t)
+            .to_string()
+    };
+    let e = bad("request_timeout_secs = 7\nstall_timeout_secs = 9");
+    assert!(e.contains("fetch.request_timeout_secs"), "{e}");
+    assert!(bad("stall_timeout_secs = 0").contains("fetch.stall_timeout_secs"));
+    assert!(bad("min_throughput_secs = 0").contains("fetch.min_throughput_secs"));
+    Config::from_toml("compatible = \"x\"\n[fetch]\nmin_throughput_bytes = 0\nmin_throughput_secs = 0\nstaging_deadline_secs = 0\n")
+        .expect("rules off");
+}
+
+#[test]
+fn auto_settings_are_checked_at_load() {
+    let base = "compatible = \"x\"\n[releases]\nurl = \"http://h/p\"\n";
+    // The whole chain, as updatectl and the daemon print it.
+    let bad = |extra: &str| {
+        let e = Config::from_toml(&format!("{base}{extra}")).expect_err(extra);
+        format!("{:#}", anyhow::Error::from(e))
+    };
+    let e = bad("[auto]\nenabled = true\nreboot = \"window\"\n");
+    assert!(
+        e.contains("auto.reboot") && e.contains("[[auto.windows]]"),
+        "{e}"
+    );
+    let e = bad("[auto]\nenabled = true\nreboot = \"fleetlock\"\n");
+    assert!(e.contains("auto.fleetlock.url"), "{e}");
+    let e = bad("[auto]\ncheck_interval = \"10s\"\n");
+    assert!(
+        e.contains("auto.check_interval") && e.contains("10s"),
+        "{e}"
+    );
+    let e = bad("[auto]\ntime_zone = \"Mars/Base\"\n");
+    assert!(e.contains("auto.time_zone"), "{e}");
+    let e = bad("[[auto.windows]]\ndays = [\"sat\"]\nstart = \"2am\"\nlength = \"1h\"\n");
+    assert!(e.contains("auto.windows") && e.contains("2am"), "{e}");
+    let e = bad("[auto.fleetlock]\ngroup = \"a b\"\n");
+    assert!(e.contains("auto.fleetlock.group"), "{e}");
+    let e = bad("[metrics]\nlisten = \"localhost\"\n");
+    assert!(e.contains("metrics.listen"), "{e}");
+    let e = Config::from_toml("compatible = \"x\"\n[auto]\nenabled = true\n")
+        .expect_err("no releases url")
+        .to_string();
+    assert!(
+        e.contains("auto.enabled") && e.contains("[releases] url"),
+        "{e}"
+    );
+    let ok = Config::from_toml(&format!(
+        "{base}[auto]\nenabled = true\nreboot = \"never\"\ncheck_interval = \"1h30m\"\n"
+    ))
+    .expect("valid");
+    assert_eq!(ok.auto.reboot, crate::policy::RebootStrategy::Never);
+}
