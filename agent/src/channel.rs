@@ -14,12 +14,12 @@
 
 use std::collections::BTreeMap;
 
-use base64::Engine as _;
 use serde::{Deserialize, Serialize};
 
-use crate::payload::sign::{Domain, PublisherKey, SignatureEntry};
+use crate::payload::sign::{Domain, PublisherKey};
 use crate::payload::{TrustError, TrustedKeys};
 use crate::policy::wave::{self, Wave, WaveError};
+use crate::trust::envelope::{self, EnvelopeError};
 
 pub const FORMAT: &str = "update-agent.channel.v1";
 /// A channel document is small; anything larger is not one.
@@ -47,24 +47,14 @@ pub struct Channel {
     pub waves: Vec<Wave>,
 }
 
-#[derive(Debug, Serialize, Deserialize)]
-struct Envelope {
-    signed: String,
-    signatures: Vec<EnvelopeSignature>,
-}
-
-#[derive(Debug, Serialize, Deserialize)]
-struct EnvelopeSignature {
-    key: String,
-    signature: String,
-}
-
 #[derive(Debug, thiserror::Error)]
 pub enum ChannelError {
     #[error("channel document is not valid JSON of the expected shape")]
     Malformed(#[source] serde_json::Error),
     #[error("channel document: field `{0}` is not valid base64/hex of the right length")]
     Encoding(&'static str),
+    #[error("channel document carries more than {max} signatures")]
+    TooManySignatures { max: usize },
     #[error("channel document is {len} bytes, more than the limit of {MAX_LEN}")]
     TooLarge { len: u64 },
     #[error("channel signature not accepted")]
@@ -96,19 +86,14 @@ pub enum ChannelError {
 impl Channel {
     /// Signs the body and wraps it into the file's bytes.
     pub fn sign(&self, key: &PublisherKey) -> Vec<u8> {
+        self.sign_by(&[key])
+    }
+
+    /// Signs the body with every key of `keys` (a channels role with a threshold).
+    pub fn sign_by(&self, keys: &[&PublisherKey]) -> Vec<u8> {
+        // Serialising strings and maps of strings cannot fail.
         let body = serde_json::to_vec_pretty(self).unwrap_or_default();
-        let sig = key.sign_as(Domain::Channel, &body);
-        let b64 = base64::engine::general_purpose::STANDARD;
-        let env = Envelope {
-            signed: b64.encode(&body),
-            signatures: vec![EnvelopeSignature {
-                key: hex::encode(sig.key),
-                signature: b64.encode(sig.signature),
-            }],
-        };
-        let mut out = serde_json::to_vec_pretty(&env).unwrap_or_default();
-        out.push(b'\n');
-        out
+        envelope::seal(&body, &envelope::sign_all(Domain::Channel, &body, keys))
     }
 
     /// Checks the signature first, then reads the body and checks it is the channel
@@ -120,32 +105,12 @@ impl Channel {
         compatible: &str,
         now: u64,
     ) -> Result<Self, ChannelError> {
-        if bytes.len() as u64 > MAX_LEN {
-            return Err(ChannelError::TooLarge {
-                len: bytes.len() as u64,
-            });
-        }
-        let env: Envelope = serde_json::from_slice(bytes).map_err(ChannelError::Malformed)?;
-        let b64 = base64::engine::general_purpose::STANDARD;
-        let body = b64
-            .decode(&env.signed)
-            .map_err(|_| ChannelError::Encoding("signed"))?;
-        let sigs = env
-            .signatures
-            .iter()
-            .map(|s| {
-                let key: [u8; 32] = hex::decode(&s.key)
-                    .ok()
-                    .and_then(|k| k.try_into().ok())
-                    .ok_or(ChannelError::Encoding("signatures.key"))?;
-                let signature: [u8; 64] = b64
-                    .decode(&s.signature)
-                    .ok()
-                    .and_then(|k| k.try_into().ok())
-                    .ok_or(ChannelError::Encoding("signatures.signature"))?;
-                Ok(SignatureEntry { key, signature })
-            })
-            .collect::<Result<Vec<_>, ChannelError>>()?;
+        let (body, sigs) = envelope::open(bytes, MAX_LEN).map_err(|e| match e {
+            EnvelopeError::TooLarge { len, .. } => ChannelError::TooLarge { len },
+            EnvelopeError::Malformed(e) => ChannelError::Malformed(e),
+            EnvelopeError::Encoding(field) => ChannelError::Encoding(field),
+            EnvelopeError::TooManySignatures { max } => ChannelError::TooManySignatures { max },
+        })?;
         keys.verify_as(Domain::Channel, &body, &sigs)
             .map_err(ChannelError::Trust)?;
         let c: Channel = serde_json::from_slice(&body).map_err(ChannelError::Malformed)?;
@@ -218,6 +183,7 @@ pub fn valid_name(name: &str) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use base64::Engine as _;
 
     fn sample() -> Channel {
         Channel {
@@ -300,14 +266,7 @@ mod tests {
         // A manifest signature cannot pass for a channel one (domains differ).
         let body = serde_json::to_vec_pretty(&sample()).expect("json");
         let wrong = k.sign(&body);
-        let env = Envelope {
-            signed: b64.encode(&body),
-            signatures: vec![EnvelopeSignature {
-                key: hex::encode(wrong.key),
-                signature: b64.encode(wrong.signature),
-            }],
-        };
-        let bytes = serde_json::to_vec(&env).expect("json");
+        let bytes = envelope::seal(&body, &[wrong]);
         assert!(matches!(
             Channel::open(&bytes, &t, "stable", "azl3", 500),
             Err(ChannelError::Trust(TrustError::BadSignature { .. }))

@@ -31,5 +31,6 @@ pub mod postboot;
 pub mod slots;
 pub mod state;
 pub mod timefmt;
+pub mod trust;
 pub mod update;
 pub mod version;

@@ -141,6 +141,15 @@ pub enum TrustError {
     UntrustedKey { fingerprints: String },
     #[error("signature by key {fingerprint} does not match the manifest")]
     BadSignature { fingerprint: String },
+    #[error(
+        "signed by {have} trusted key(s) ({fingerprints}), fewer than the {need} the \
+         root of trust requires"
+    )]
+    BelowThreshold {
+        have: usize,
+        need: usize,
+        fingerprints: String,
+    },
     #[error("manifest expired at {expires} (now {now})")]
     Expired { expires: u64, now: u64 },
     #[error("manifest was created at {created}, in the future (now {now}); check the clock")]

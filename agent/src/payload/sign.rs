@@ -24,6 +24,7 @@ use super::error::TrustError;
 pub enum Domain {
     Manifest,
     Channel,
+    Root,
 }
 
 impl Domain {
@@ -31,6 +32,7 @@ impl Domain {
         match self {
             Self::Manifest => b"update-agent manifest v1\n",
             Self::Channel => b"update-agent channel v1\n",
+            Self::Root => b"update-agent root v1\n",
         }
     }
 
@@ -158,10 +160,14 @@ fn write_new(path: &Path, bytes: &[u8], mode: u32) -> std::io::Result<()> {
     f.sync_all()
 }
 
-/// The set of public keys a node (or `bundle verify`) trusts.
+/// The set of public keys a node (or `bundle verify`) trusts for one kind of
+/// document, and how many of them must sign it.
 #[derive(Debug, Clone, Default)]
 pub struct TrustedKeys {
     keys: Vec<(Fingerprint, VerifyingKey)>,
+    /// Distinct keys of the set whose signatures must verify; 0 and 1 both mean one
+    /// (a `keys.d` directory is the one-key case).
+    threshold: usize,
 }
 
 impl TrustedKeys {
@@ -202,6 +208,28 @@ impl TrustedKeys {
         })
     }
 
+    /// The same keys, of which `threshold` must sign.
+    pub fn with_threshold(mut self, threshold: usize) -> Self {
+        self.threshold = threshold;
+        self
+    }
+
+    pub fn threshold(&self) -> usize {
+        self.threshold.max(1)
+    }
+
+    pub fn len(&self) -> usize {
+        self.keys.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.keys.is_empty()
+    }
+
+    pub fn fingerprints(&self) -> impl Iterator<Item = &Fingerprint> {
+        self.keys.iter().map(|(fp, _)| fp)
+    }
+
     pub fn add(&mut self, key: VerifyingKey) {
         let fp = fingerprint(&key);
         if !self.keys.iter().any(|(f, _)| *f == fp) {
@@ -209,9 +237,10 @@ impl TrustedKeys {
         }
     }
 
-    /// Accepts the manifest if any signature is by a trusted key and verifies.
-    /// A signature that names a trusted key but does not verify is a hard failure,
-    /// never skipped in favour of another one.
+    /// Accepts the manifest if signatures by at least the threshold of distinct trusted
+    /// keys verify (a key counts once however often it signs). A signature that names
+    /// a trusted key but does not verify is a hard failure, never skipped in favour of
+    /// another one. Returns the first trusted signer.
     pub fn verify(
         &self,
         manifest: &[u8],
@@ -230,22 +259,33 @@ impl TrustedKeys {
             return Err(TrustError::Unsigned);
         }
         let msg = domain.message(bytes);
+        let mut good: Vec<Fingerprint> = Vec::new();
         for entry in signatures {
+            if good.contains(&entry.key) {
+                continue;
+            }
             if let Some((fp, key)) = self.keys.iter().find(|(fp, _)| *fp == entry.key) {
                 let sig = Signature::from_bytes(&entry.signature);
-                return key.verify_strict(&msg, &sig).map(|()| *fp).map_err(|_| {
-                    TrustError::BadSignature {
+                key.verify_strict(&msg, &sig)
+                    .map_err(|_| TrustError::BadSignature {
                         fingerprint: short(fp),
-                    }
-                });
+                    })?;
+                good.push(*fp);
             }
         }
-        Err(TrustError::UntrustedKey {
-            fingerprints: signatures
-                .iter()
-                .map(|s| short(&s.key))
-                .collect::<Vec<_>>()
-                .join(", "),
-        })
+        let names = |fps: &mut dyn Iterator<Item = &Fingerprint>| {
+            fps.map(short).collect::<Vec<_>>().join(", ")
+        };
+        match good.first() {
+            None => Err(TrustError::UntrustedKey {
+                fingerprints: names(&mut signatures.iter().map(|s| &s.key)),
+            }),
+            Some(_) if good.len() < self.threshold() => Err(TrustError::BelowThreshold {
+                have: good.len(),
+                need: self.threshold(),
+                fingerprints: names(&mut good.iter()),
+            }),
+            Some(first) => Ok(*first),
+        }
     }
 }
