@@ -37,7 +37,7 @@ use crate::history::{Entry, Outcome, RollbackCause};
 use crate::slots::Slot;
 use crate::state::State;
 use crate::timefmt;
-use crate::update::{failpoint, Agent, UpdateError};
+use crate::update::{failpoint, Agent, PostBootError, UpdateError};
 
 /// What `after_boot` found and did.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -59,14 +59,6 @@ pub enum BootOutcome {
         slot: Slot,
         reason: String,
     },
-}
-
-#[derive(Debug, thiserror::Error)]
-pub enum PostBootError {
-    #[error("no trial boot to mark good: the agent is {state} and slot {booted} booted")]
-    NotOnTrial { state: &'static str, booted: Slot },
-    #[error("nothing to roll back to: {why}")]
-    NoRollbackTarget { why: String },
 }
 
 impl Agent {

@@ -1,15 +1,5 @@
-//! Staging a release: the agent's write path from a payload URL to an armed slot.
-//!
-//! ```text
-//! lock ─> open payload (head) ─> signature, expiry, compatible, version policy
-//!      ─> delta for this booted slot? else the full payload beside it
-//!      ─> size check ─> open inactive slot (O_EXCL) ─> bootloader: slot unbootable
-//!      ─> state Staging ─> apply (checkpoint: fsync slot, then persist ops_done)
-//!      ─> read-back hash ─> state Staged ─> bootloader: arm trial ─> state Armed
-//! ```
-//! Killed at any point, the next `resume` finds the state and carries on: operations
-//! recorded as done are re-verified against the slot and rewritten from the first one
-//! that no longer matches.
+//! Staging: start (size check, exclusive open, slot unbootable, state Staging), the
+//! write with its checkpoints (`run`), resume after a crash, and cancel.
 
 use std::fs::File;
 use std::sync::atomic::AtomicBool;
@@ -18,158 +8,15 @@ use std::time::Instant;
 use sha2::{Digest, Sha256};
 
 use crate::apply::{self, ApplyError, Blob, Event, SourceSlot};
-use crate::boot::systemd_boot::{EntryConfig, SystemdBoot};
-use crate::boot::{grub::Grub, BootControl, BootError};
-use crate::config::Config;
-use crate::fetch::{self, FetchError};
 use crate::partial::Partials;
-use crate::payload::{
-    codec, Manifest, Payload, PayloadError, RangeSource, Trust, TrustError, TrustedKeys,
-};
-use crate::slots::{SlotError, SlotLayout, SlotWriter};
-use crate::state::{Staging, State, StateError, StateStore, UpdateLock};
+use crate::payload::{Manifest, Payload, RangeSource};
+use crate::slots::SlotWriter;
+use crate::state::{Staging, State, UpdateLock};
 use crate::timefmt;
 
-#[derive(Debug, thiserror::Error)]
-pub enum UpdateError {
-    #[error(transparent)]
-    Slots(#[from] SlotError),
-    #[error("bootloader")]
-    Boot(#[from] BootError),
-    #[error(transparent)]
-    State(#[from] StateError),
-    #[error("trusted keys")]
-    Keys(#[source] TrustError),
-    #[error("fetching the payload")]
-    Fetch(#[from] FetchError),
-    #[error(transparent)]
-    Payload(#[from] PayloadError),
-    #[error("applying the payload")]
-    Apply(#[from] ApplyError),
-    #[error("payload is for {payload:?}, this node is {node:?}")]
-    Incompatible { payload: String, node: String },
-    #[error("payload {to} is older than the running release {from}; refused (allow downgrades to force)")]
-    Downgrade { from: String, to: String },
-    #[error("payload {to} needs at least release {minimum} running, this node runs {running}")]
-    SourceTooOld {
-        to: String,
-        minimum: String,
-        running: String,
-    },
-    #[error("cannot tell the running release: no VERSION_ID in {path}; allow downgrades to update anyway")]
-    UnknownRunning { path: std::path::PathBuf },
-    #[error("release {version} is {size} bytes but slot {slot} holds only {slot_size}")]
-    TargetTooLarge {
-        version: String,
-        size: u64,
-        slot: crate::slots::Slot,
-        slot_size: u64,
-    },
-    #[error(
-        "delta {url} was built from a different image than the booted slot \
-         (it needs sha256 {expected}, the slot has {actual}), and no full payload was found beside it"
-    )]
-    NoMatchingPayload {
-        url: String,
-        expected: String,
-        actual: String,
-        #[source]
-        full: Box<UpdateError>,
-    },
-    #[error("{url} is not a full payload")]
-    NotFull { url: String },
-    #[error("reading the booted slot")]
-    BootedRead(#[source] std::io::Error),
-    #[error("an update to {version} from {url} is in progress; cancel it first")]
-    Busy { version: String, url: String },
-    #[error(
-        "the payload at {url} changed since this update started (manifest sha256 {now}, was {was})"
-    )]
-    PayloadChanged {
-        url: String,
-        was: String,
-        now: String,
-    },
-    #[error("syncing slot")]
-    Sync(#[source] std::io::Error),
-    #[error(
-        "staging stopped after operation {done} of {total}; the written part is kept \
-         (`update-agent resume` or the same `stage` continues, `update-agent cancel` drops it)"
-    )]
-    Interrupted {
-        done: usize,
-        total: usize,
-        #[source]
-        source: ApplyError,
-    },
-    #[error("nothing to cancel: the agent is {0}")]
-    NothingToCancel(&'static str),
-    #[error(transparent)]
-    PostBoot(#[from] crate::postboot::PostBootError),
-    #[error("fetching channel {channel} from {url}")]
-    ChannelFetch {
-        channel: String,
-        url: String,
-        #[source]
-        source: Box<FetchError>,
-    },
-    #[error("reading channel {channel} from {url}")]
-    ChannelRead {
-        channel: String,
-        url: String,
-        #[source]
-        source: std::io::Error,
-    },
-    #[error("channel {channel} from {url}")]
-    Channel {
-        channel: String,
-        url: String,
-        #[source]
-        source: Box<crate::channel::ChannelError>,
-    },
-}
-
-/// Fail points stop the process at a named step, like a power cut, for the kill tests.
-/// Compiled in only with the `failpoints` feature.
-pub(crate) fn failpoint(name: &str) {
-    #[cfg(feature = "failpoints")]
-    if std::env::var("UPDATE_AGENT_FAILPOINT").is_ok_and(|v| v == name) {
-        eprintln!("failpoint {name}: aborting");
-        std::process::abort();
-    }
-    let _ = name;
-}
-
-/// What the caller sees while staging.
-#[derive(Debug, Clone, PartialEq)]
-pub enum Progress {
-    Opened {
-        version: String,
-        delta: bool,
-        ops: usize,
-        bytes: u64,
-        resumed_at: usize,
-    },
-    Op {
-        done: usize,
-        total: usize,
-        bytes_done: u64,
-        bytes_fetched: u64,
-        /// Bytes of the frames in flight that have arrived (kept ones included): moves
-        /// while a large frame downloads, before its operation is done.
-        in_flight: u64,
-    },
-    Verifying,
-    Armed {
-        slot: crate::slots::Slot,
-        version: String,
-        tries: u8,
-    },
-}
-
-/// An opened, trusted payload: its byte source, the parsed payload, and the canonical
-/// manifest bytes (whose sha256 identifies the attempt across restarts).
-type Opened = (Box<dyn RangeSource>, Payload, Vec<u8>);
+use super::admit::Opened;
+use super::helpers::sibling_full;
+use super::{attempt_id, error_chain, failpoint, Agent, Progress, UpdateError};
 
 /// Where [`Agent::run`] starts: the first operation to write, and where an earlier
 /// read-back stood when every operation was already written.
@@ -179,188 +26,7 @@ struct Start {
     read_back: Option<crate::midstate::Mark>,
 }
 
-/// The agent's handle on this node.
-pub struct Agent {
-    pub cfg: Config,
-    pub layout: SlotLayout,
-    pub(crate) boot: Box<dyn BootControl>,
-    pub(crate) store: StateStore,
-    pub(crate) history: crate::history::History,
-    keys: TrustedKeys,
-}
-
-impl std::fmt::Debug for Agent {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Agent")
-            .field("layout", &self.layout)
-            .finish_non_exhaustive()
-    }
-}
-
 impl Agent {
-    pub fn new(cfg: Config) -> Result<Self, UpdateError> {
-        let layout = SlotLayout::discover(&cfg.slots)?;
-        let boot = open_boot(&cfg)?;
-        let keys = TrustedKeys::load_dir(&cfg.keys_dir).map_err(UpdateError::Keys)?;
-        let store = StateStore::new(&cfg.state_dir);
-        let history = crate::history::History::new(&cfg.state_dir);
-        Ok(Self {
-            cfg,
-            layout,
-            boot,
-            store,
-            history,
-            keys,
-        })
-    }
-
-    pub fn state(&self) -> Result<State, UpdateError> {
-        Ok(self.store.load()?)
-    }
-
-    pub fn boot(&self) -> &dyn BootControl {
-        self.boot.as_ref()
-    }
-
-    pub fn running_version(&self) -> Option<String> {
-        running_version(&self.cfg.os_release)
-    }
-
-    pub fn history(&self) -> &crate::history::History {
-        &self.history
-    }
-
-    /// Fetches and checks the channel document `name` under the release directory
-    /// `base` (signature, expiry, channel name, product line).
-    pub fn open_channel(
-        &self,
-        base: &str,
-        name: &str,
-    ) -> Result<crate::channel::Channel, UpdateError> {
-        use crate::channel::{self, ChannelError};
-        let url = channel::document_url(base, name);
-        let ctx = |source| UpdateError::Channel {
-            channel: name.to_owned(),
-            url: url.clone(),
-            source: Box::new(source),
-        };
-        let src =
-            fetch::open(&url, &self.cfg.fetch).map_err(|source| UpdateError::ChannelFetch {
-                channel: name.to_owned(),
-                url: url.clone(),
-                source: Box::new(source),
-            })?;
-        let len = src.size();
-        if len > channel::MAX_LEN {
-            return Err(ctx(ChannelError::TooLarge { len }));
-        }
-        let mut buf = vec![0u8; len as usize];
-        src.read_range(0, &mut buf)
-            .map_err(|source| UpdateError::ChannelRead {
-                channel: name.to_owned(),
-                url: url.clone(),
-                source,
-            })?;
-        crate::channel::Channel::open(&buf, &self.keys, name, &self.cfg.compatible, timefmt::now())
-            .map_err(ctx)
-    }
-
-    /// sha256 (hex) of the image the booted slot holds, when the agent knows it (it
-    /// records the image of every release it commits).
-    pub fn booted_image_sha256(&self) -> Option<String> {
-        let running = self.running_version();
-        self.store.images()[self.layout.booted.index()]
-            .clone()
-            .filter(|i| running.is_none() || running.as_deref() == Some(i.version.as_str()))
-            .map(|i| i.sha256)
-    }
-
-    /// Opens the payload at `url` and applies every policy check that does not need
-    /// the slot (signature, expiry, compatible, version rules); writes nothing.
-    pub fn check(&self, url: &str, allow_downgrade: bool) -> Result<Checked, UpdateError> {
-        let (src, p, _) = self.open_checked(url, allow_downgrade)?;
-        let m = &p.manifest;
-        Ok(Checked {
-            url: url.to_owned(),
-            version: m.version.clone(),
-            delta: m.is_delta(),
-            download_bytes: src.size(),
-        })
-    }
-
-    /// Opens a payload and applies every policy check that does not need the slot.
-    fn open_checked(&self, url: &str, allow_downgrade: bool) -> Result<Opened, UpdateError> {
-        self.check_opened(fetch::open(url, &self.cfg.fetch)?, allow_downgrade)
-    }
-
-    /// Reopens the payload of an interrupted staging, from its kept head when there is
-    /// one (verified again like a fetched one) and from the network otherwise.
-    fn reopen(&self, s: &Staging) -> Result<Opened, UpdateError> {
-        if let Some(kept) = Partials::kept_head(&self.cfg.state_dir, &s.manifest_sha256) {
-            let opened = fetch::open_kept(&s.url, &self.cfg.fetch, Some(kept))
-                .map_err(UpdateError::from)
-                .and_then(|src| self.check_opened(src, true));
-            match opened {
-                Ok(o) if hex::encode(Sha256::digest(&o.2)) == s.manifest_sha256 => return Ok(o),
-                Ok(_) => tracing::warn!(
-                    "the kept payload head is of another manifest; fetching it again"
-                ),
-                Err(e) => {
-                    tracing::warn!(error = %error_chain(&e), "the kept payload head did not open; fetching it again")
-                }
-            }
-        }
-        self.open_checked(&s.url, true)
-    }
-
-    fn check_opened(
-        &self,
-        src: Box<dyn RangeSource>,
-        allow_downgrade: bool,
-    ) -> Result<Opened, UpdateError> {
-        let p = Payload::open(
-            src.as_ref(),
-            Trust::Keys {
-                keys: &self.keys,
-                now: timefmt::now(),
-            },
-        )?;
-        let m = &p.manifest;
-        if m.compatible != self.cfg.compatible {
-            return Err(UpdateError::Incompatible {
-                payload: m.compatible.clone(),
-                node: self.cfg.compatible.clone(),
-            });
-        }
-        match self.running_version() {
-            Some(running) => {
-                if !allow_downgrade && crate::version::compare(&m.version, &running).is_lt() {
-                    return Err(UpdateError::Downgrade {
-                        from: running,
-                        to: m.version.clone(),
-                    });
-                }
-                if let Some(min) = &m.min_source_version {
-                    if crate::version::compare(&running, min).is_lt() {
-                        return Err(UpdateError::SourceTooOld {
-                            to: m.version.clone(),
-                            minimum: min.clone(),
-                            running,
-                        });
-                    }
-                }
-            }
-            None if allow_downgrade => {}
-            None => {
-                return Err(UpdateError::UnknownRunning {
-                    path: self.cfg.os_release.clone(),
-                })
-            }
-        }
-        let manifest_bytes = codec::encode(m);
-        Ok((src, p, manifest_bytes))
-    }
-
     /// Stages the release at `url` into the inactive slot and arms the bootloader.
     pub fn stage(
         &mut self,
@@ -567,23 +233,6 @@ impl Agent {
         }
     }
 
-    /// Hands the bootloader what it needs from the verified release in `slot` (for
-    /// systemd-boot, its kernel): mounts the slot read-only for the call, always
-    /// unmounts. Skipped when an earlier run already armed the slot (see
-    /// [`crate::boot::needs_prepare`]).
-    fn prepare_boot(&mut self, slot: crate::slots::Slot, version: &str) -> Result<(), UpdateError> {
-        tracing::info!(release = %version, slot = %slot, phase = "arming", "arming the bootloader: {version} on slot {slot}");
-        if !crate::boot::needs_prepare(self.boot.as_ref(), slot)? {
-            return Ok(());
-        }
-        let device = self.layout.partition(slot).device.clone();
-        let mnt = self.cfg.state_dir.join("release-mnt");
-        let mount = crate::slots::ReadOnlyMount::new(&device, &mnt)?;
-        let r = self.boot.prepare(slot, version, mount.path());
-        mount.close()?;
-        Ok(r?)
-    }
-
     /// Drops a staging, staged or armed release: its slot is marked unbootable (an
     /// armed trial is disarmed) and the state says cancelled.
     pub fn cancel(&mut self) -> Result<crate::slots::Slot, UpdateError> {
@@ -620,14 +269,6 @@ impl Agent {
             cause: None,
         })?;
         Ok(slot)
-    }
-
-    /// Removes the kept frames of an attempt that ended; a leftover only costs space
-    /// until the next staging opens the store, so a failure is logged, not returned.
-    fn drop_partials(&self) {
-        if let Err(e) = Partials::remove_all(&self.cfg.state_dir) {
-            tracing::warn!(error = %e, "cannot remove the kept partial downloads");
-        }
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -900,7 +541,6 @@ impl Agent {
     }
 }
 
-/// `…/2.0.from-abcd.uap` → `…/2.0.full.uap`: the publisher's naming (`bundle create`).
 /// Output bytes of the first `ops` operations of `m`.
 fn op_bytes(m: &Manifest, ops: usize) -> u64 {
     let bs = u64::from(m.block_size);
@@ -909,77 +549,4 @@ fn op_bytes(m: &Manifest, ops: usize) -> u64 {
         .flat_map(|op| &op.dst)
         .map(|e| e.blocks * bs)
         .sum()
-}
-
-fn sibling_full(url: &str, version: &str) -> String {
-    match url.rfind('/') {
-        Some(i) => format!("{}/{version}.full.uap", &url[..i]),
-        None => format!("{version}.full.uap"),
-    }
-}
-
-/// What [`Agent::check`] found.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Checked {
-    pub url: String,
-    pub version: String,
-    pub delta: bool,
-    /// Bytes fetched at most: the head and every blob (reused blocks cost less).
-    pub download_bytes: u64,
-}
-
-/// Opens the bootloader backend the configuration names.
-pub fn open_boot(cfg: &Config) -> Result<Box<dyn BootControl>, BootError> {
-    Ok(match cfg.boot.backend.as_str() {
-        "systemd-boot" => Box::new(SystemdBoot::open(
-            &cfg.boot.esp,
-            EntryConfig {
-                root_labels: [cfg.slots.label_a.clone(), cfg.slots.label_b.clone()],
-                options: cfg.boot.options.clone(),
-                ..EntryConfig::default()
-            },
-        )?),
-        _ => Box::new(Grub::open(&cfg.boot.grubenv)?),
-    })
-}
-
-/// VERSION_ID of an os-release file: the running release.
-pub fn running_version(os_release: &std::path::Path) -> Option<String> {
-    let text = std::fs::read_to_string(os_release).ok()?;
-    text.lines()
-        .find_map(|l| l.strip_prefix("VERSION_ID="))
-        .map(|v| v.trim().trim_matches('"').to_owned())
-        .filter(|v| !v.is_empty())
-}
-
-/// A fresh attempt (operation) id: time and randomness, short enough to type.
-pub fn attempt_id() -> String {
-    format!("{:x}-{:04x}", timefmt::now(), rand::random::<u16>())
-}
-
-/// The whole error chain in one line, for the persistent record.
-pub fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut cur = e.source();
-    while let Some(c) = cur {
-        s.push_str(": ");
-        s.push_str(&c.to_string());
-        cur = c.source();
-    }
-    s
-}
-
-#[cfg(test)]
-mod tests {
-    #[test]
-    fn sibling_full_url() {
-        assert_eq!(
-            super::sibling_full("http://h/p/2.0.from-ab.uap", "2.0"),
-            "http://h/p/2.0.full.uap"
-        );
-        assert_eq!(
-            super::sibling_full("2.0.from-ab.uap", "2.0"),
-            "2.0.full.uap"
-        );
-    }
 }

@@ -1,0 +1,118 @@
+//! Admission: a payload opened and checked (signature, expiry, compatible, version
+//! rules) before anything is written.
+
+use sha2::{Digest, Sha256};
+
+use crate::fetch;
+use crate::partial::Partials;
+use crate::payload::{codec, Payload, RangeSource, Trust};
+use crate::state::Staging;
+use crate::timefmt;
+
+use super::{error_chain, Agent, UpdateError};
+
+/// An opened, trusted payload: its byte source, the parsed payload, and the canonical
+/// manifest bytes (whose sha256 identifies the attempt across restarts).
+pub(super) type Opened = (Box<dyn RangeSource>, Payload, Vec<u8>);
+
+impl Agent {
+    /// Opens the payload at `url` and applies every policy check that does not need
+    /// the slot (signature, expiry, compatible, version rules); writes nothing.
+    pub fn check(&self, url: &str, allow_downgrade: bool) -> Result<Checked, UpdateError> {
+        let (src, p, _) = self.open_checked(url, allow_downgrade)?;
+        let m = &p.manifest;
+        Ok(Checked {
+            url: url.to_owned(),
+            version: m.version.clone(),
+            delta: m.is_delta(),
+            download_bytes: src.size(),
+        })
+    }
+
+    /// Opens a payload and applies every policy check that does not need the slot.
+    pub(super) fn open_checked(
+        &self,
+        url: &str,
+        allow_downgrade: bool,
+    ) -> Result<Opened, UpdateError> {
+        self.check_opened(fetch::open(url, &self.cfg.fetch)?, allow_downgrade)
+    }
+
+    /// Reopens the payload of an interrupted staging, from its kept head when there is
+    /// one (verified again like a fetched one) and from the network otherwise.
+    pub(super) fn reopen(&self, s: &Staging) -> Result<Opened, UpdateError> {
+        if let Some(kept) = Partials::kept_head(&self.cfg.state_dir, &s.manifest_sha256) {
+            let opened = fetch::open_kept(&s.url, &self.cfg.fetch, Some(kept))
+                .map_err(UpdateError::from)
+                .and_then(|src| self.check_opened(src, true));
+            match opened {
+                Ok(o) if hex::encode(Sha256::digest(&o.2)) == s.manifest_sha256 => return Ok(o),
+                Ok(_) => tracing::warn!(
+                    "the kept payload head is of another manifest; fetching it again"
+                ),
+                Err(e) => {
+                    tracing::warn!(error = %error_chain(&e), "the kept payload head did not open; fetching it again")
+                }
+            }
+        }
+        self.open_checked(&s.url, true)
+    }
+
+    fn check_opened(
+        &self,
+        src: Box<dyn RangeSource>,
+        allow_downgrade: bool,
+    ) -> Result<Opened, UpdateError> {
+        let p = Payload::open(
+            src.as_ref(),
+            Trust::Keys {
+                keys: &self.keys,
+                now: timefmt::now(),
+            },
+        )?;
+        let m = &p.manifest;
+        if m.compatible != self.cfg.compatible {
+            return Err(UpdateError::Incompatible {
+                payload: m.compatible.clone(),
+                node: self.cfg.compatible.clone(),
+            });
+        }
+        match self.running_version() {
+            Some(running) => {
+                if !allow_downgrade && crate::version::compare(&m.version, &running).is_lt() {
+                    return Err(UpdateError::Downgrade {
+                        from: running,
+                        to: m.version.clone(),
+                    });
+                }
+                if let Some(min) = &m.min_source_version {
+                    if crate::version::compare(&running, min).is_lt() {
+                        return Err(UpdateError::SourceTooOld {
+                            to: m.version.clone(),
+                            minimum: min.clone(),
+                            running,
+                        });
+                    }
+                }
+            }
+            None if allow_downgrade => {}
+            None => {
+                return Err(UpdateError::UnknownRunning {
+                    path: self.cfg.os_release.clone(),
+                })
+            }
+        }
+        let manifest_bytes = codec::encode(m);
+        Ok((src, p, manifest_bytes))
+    }
+}
+
+/// What [`Agent::check`] found.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Checked {
+    pub url: String,
+    pub version: String,
+    pub delta: bool,
+    /// Bytes fetched at most: the head and every blob (reused blocks cost less).
+    pub download_bytes: u64,
+}
