@@ -143,11 +143,11 @@ print(len(files), 'files,', sum(len(v) for v in edges.values()), 'edges,', len(s
 if '--check-layers' in sys.argv:
     layers = [
         ['timefmt', 'version', 'durable', 'events', 'logging', 'cause', 'health', 'fleetlock', 'midstate', 'payload/limits', 'payload/error'],
-        ['payload', 'channel', 'policy/mod', 'policy/wave', 'policy/window', 'policy'],
+        ['payload', 'channel', 'policy/mod', 'policy/wave', 'policy/window', 'policy', 'trust', 'trust/envelope', 'trust/root', 'trust/root_tests'],
         ['apply', 'file_target', 'partial'],
         ['config'],
         ['fetch', 'slots'],
-        ['boot', 'state', 'history'],
+        ['boot', 'state', 'history', 'trust/node'],
         ['policy/decide', 'update', 'postboot', 'metrics'],
         ['daemon'],
         ['api'],

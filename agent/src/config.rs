@@ -43,6 +43,9 @@ pub struct Config {
     /// Product/board line this node accepts payloads for.
     pub compatible: String,
     pub state_dir: PathBuf,
+    /// The root of trust shipped in the image; when neither it nor a followed root
+    /// in `state_dir` exists, `keys_dir` is trusted instead (docs/security.md).
+    pub root_of_trust: PathBuf,
     pub keys_dir: PathBuf,
     /// os-release file of the running system; its VERSION_ID is the running release.
     pub os_release: PathBuf,
@@ -264,6 +267,7 @@ impl Default for Config {
         Self {
             compatible: String::new(),
             state_dir: "/var/lib/update-agent".into(),
+            root_of_trust: crate::trust::root::DEFAULT_ROOT.into(),
             keys_dir: crate::payload::sign::DEFAULT_KEYS_DIR.into(),
             os_release: "/etc/os-release".into(),
             slots: SlotsConfig::default(),

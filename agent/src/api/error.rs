@@ -8,6 +8,7 @@ use tonic_types::{ErrorDetails, StatusExt};
 
 use crate::daemon::DaemonError;
 use crate::fetch::FetchError;
+use crate::trust::node::NodeTrustError;
 use crate::update::{error_chain, UpdateError};
 
 /// `ErrorInfo.domain` of every error the API returns.
@@ -115,6 +116,26 @@ fn update_code(e: &UpdateError) -> (Code, &'static str) {
         | UpdateError::NoMatchingPayload { .. }
         | UpdateError::NotFull { .. }
         | UpdateError::PayloadChanged { .. } => (Code::FailedPrecondition, "REJECTED"),
+        // The release server's roots could not be read: try again later.
+        UpdateError::Trust(e)
+            if matches!(
+                **e,
+                NodeTrustError::Fetch { .. } | NodeTrustError::Body { .. }
+            ) =>
+        {
+            (Code::Unavailable, "FETCH_FAILED")
+        }
+        // A root that does not verify or has expired: nothing new is trusted.
+        UpdateError::Trust(e)
+            if matches!(
+                **e,
+                NodeTrustError::Next { .. }
+                    | NodeTrustError::TooLarge { .. }
+                    | NodeTrustError::Expired(_)
+            ) =>
+        {
+            (Code::FailedPrecondition, "REJECTED")
+        }
         _ => (Code::Internal, "INTERNAL"),
     }
 }

@@ -73,6 +73,9 @@ pub enum BundleCommand {
         #[arg(long)]
         source: Option<PathBuf>,
     },
+    /// The root of trust: which keys sign releases, channels and the next root.
+    #[command(subcommand)]
+    Root(super::root::RootCommand),
     /// Verify a payload and write the image it produces to a file.
     Apply {
         payload: PathBuf,
@@ -190,6 +193,7 @@ pub fn run(cmd: BundleCommand) -> anyhow::Result<()> {
             waves,
         } => publish(&channel, &dir, &version, &key, expires_in_days, waves),
         BundleCommand::Inspect { payload, json, ops } => inspect(&payload, json, ops),
+        BundleCommand::Root(cmd) => super::root::run(cmd),
         BundleCommand::Verify {
             payload,
             keys,

@@ -7,6 +7,7 @@ use clap::{Parser, Subcommand};
 pub mod agent;
 pub mod bundle;
 pub mod render;
+pub mod root;
 
 /// Exit codes, documented in `updatectl --help` and the README.
 pub const EXIT_OK: u8 = 0;

@@ -27,6 +27,8 @@ use crate::payload::sign::{fingerprint, short, Domain, PublisherKey, TrustedKeys
 use crate::payload::TrustError;
 
 pub const FORMAT: &str = "update-agent.root.v1";
+/// Where the image ships its root of trust.
+pub const DEFAULT_ROOT: &str = "/usr/share/update-agent/root.json";
 /// A root is a few keys; anything larger is not one (it is read from the network
 /// before its signatures are checked).
 pub const MAX_LEN: u64 = 64 << 10;

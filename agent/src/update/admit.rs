@@ -35,6 +35,7 @@ impl Agent {
         url: &str,
         allow_downgrade: bool,
     ) -> Result<Opened, UpdateError> {
+        self.follow_root()?;
         self.check_opened(fetch::open(url, &self.cfg.fetch)?, allow_downgrade)
     }
 
@@ -63,10 +64,12 @@ impl Agent {
         src: Box<dyn RangeSource>,
         allow_downgrade: bool,
     ) -> Result<Opened, UpdateError> {
+        let trust = self.trust();
+        trust.current(timefmt::now())?;
         let p = Payload::open(
             src.as_ref(),
             Trust::Keys {
-                keys: &self.keys,
+                keys: trust.releases(),
                 now: timefmt::now(),
             },
         )?;

@@ -6,10 +6,10 @@ use crate::boot::{grub::Grub, BootControl, BootError};
 use crate::config::Config;
 use crate::fetch;
 use crate::partial::Partials;
-use crate::payload::TrustedKeys;
 use crate::slots::SlotLayout;
 use crate::state::{State, StateStore};
 use crate::timefmt;
+use crate::trust::node::NodeTrust;
 
 use super::UpdateError;
 
@@ -47,7 +47,9 @@ pub struct Agent {
     pub(crate) boot: Box<dyn BootControl>,
     pub(crate) store: StateStore,
     pub(crate) history: crate::history::History,
-    pub(super) keys: TrustedKeys,
+    /// What the node trusts; replaced when a newer root is followed (a lock, not a
+    /// `&mut`: checks share the agent).
+    pub(super) trust: std::sync::RwLock<NodeTrust>,
 }
 
 impl std::fmt::Debug for Agent {
@@ -62,7 +64,7 @@ impl Agent {
     pub fn new(cfg: Config) -> Result<Self, UpdateError> {
         let layout = SlotLayout::discover(&cfg.slots)?;
         let boot = open_boot(&cfg)?;
-        let keys = TrustedKeys::load_dir(&cfg.keys_dir).map_err(UpdateError::Keys)?;
+        let trust = NodeTrust::load(&cfg.root_of_trust, &cfg.state_dir, &cfg.keys_dir)?;
         let store = StateStore::new(&cfg.state_dir);
         let history = crate::history::History::new(&cfg.state_dir);
         Ok(Self {
@@ -71,7 +73,7 @@ impl Agent {
             boot,
             store,
             history,
-            keys,
+            trust: std::sync::RwLock::new(trust),
         })
     }
 
@@ -91,6 +93,36 @@ impl Agent {
         &self.history
     }
 
+    /// What the node trusts now (a snapshot).
+    pub fn trust(&self) -> NodeTrust {
+        // A writer that panicked left a whole value behind: follow() assigns at once.
+        self.trust
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
+    }
+
+    /// Follows the root of trust on the release server (`[releases] url`) to its
+    /// newest version, before anything new from that server is trusted. Without a
+    /// release server or a root there is nothing to follow.
+    pub fn follow_root(&self) -> Result<(), UpdateError> {
+        let Some(base) = self.cfg.releases.url.as_deref() else {
+            return Ok(());
+        };
+        let mut t = self.trust();
+        if t.root().is_none() {
+            return Ok(());
+        }
+        let followed = t.follow(base, &self.cfg.fetch, timefmt::now());
+        // Keep what was verified and saved even when a later link failed.
+        *self
+            .trust
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = t;
+        followed?;
+        Ok(())
+    }
+
     /// Fetches and checks the channel document `name` under the release directory
     /// `base` (signature, expiry, channel name, product line).
     pub fn open_channel(
@@ -99,6 +131,7 @@ impl Agent {
         name: &str,
     ) -> Result<crate::channel::Channel, UpdateError> {
         use crate::channel::{self, ChannelError};
+        self.follow_root()?;
         let url = channel::document_url(base, name);
         let ctx = |source| UpdateError::Channel {
             channel: name.to_owned(),
@@ -122,8 +155,16 @@ impl Agent {
                 url: url.clone(),
                 source,
             })?;
-        crate::channel::Channel::open(&buf, &self.keys, name, &self.cfg.compatible, timefmt::now())
-            .map_err(ctx)
+        let trust = self.trust();
+        trust.current(timefmt::now())?;
+        crate::channel::Channel::open(
+            &buf,
+            trust.channels(),
+            name,
+            &self.cfg.compatible,
+            timefmt::now(),
+        )
+        .map_err(ctx)
     }
 
     /// sha256 (hex) of the image the booted slot holds, when the agent knows it (it

@@ -4,7 +4,7 @@
 use crate::apply::ApplyError;
 use crate::boot::BootError;
 use crate::fetch::FetchError;
-use crate::payload::{PayloadError, TrustError};
+use crate::payload::PayloadError;
 use crate::slots::{Slot, SlotError};
 use crate::state::StateError;
 
@@ -16,8 +16,9 @@ pub enum UpdateError {
     Boot(#[from] BootError),
     #[error(transparent)]
     State(#[from] StateError),
-    #[error("trusted keys")]
-    Keys(#[source] TrustError),
+    /// Boxed: the root's errors are large and rare.
+    #[error("trust")]
+    Trust(#[source] Box<crate::trust::node::NodeTrustError>),
     #[error("fetching the payload")]
     Fetch(#[from] FetchError),
     #[error(transparent)]
@@ -113,4 +114,10 @@ pub enum PostBootError {
     NotOnTrial { state: &'static str, booted: Slot },
     #[error("nothing to roll back to: {why}")]
     NoRollbackTarget { why: String },
+}
+
+impl From<crate::trust::node::NodeTrustError> for UpdateError {
+    fn from(e: crate::trust::node::NodeTrustError) -> Self {
+        Self::Trust(Box::new(e))
+    }
 }

@@ -329,6 +329,18 @@ impl Node {
 
     /// Publishes v2 (or `target`) as full + delta from v1; returns the delta's name.
     fn publish(&self, version: &str, compatible: &str, target: &Path, chunk: u64) -> String {
+        self.publish_signed(&self.key, version, compatible, target, chunk)
+    }
+
+    /// [`Node::publish`] signed by `key` instead of the node's publisher key.
+    fn publish_signed(
+        &self,
+        key: &PublisherKey,
+        version: &str,
+        compatible: &str,
+        target: &Path,
+        chunk: u64,
+    ) -> String {
         let mut o = Options::new(
             compatible,
             version,
@@ -345,12 +357,12 @@ impl Node {
             &t,
             Some(&s),
             &o,
-            &self.key,
+            key,
             &self.payloads.join(format!("{version}.full.uap")),
         )
         .expect("full");
         let name = format!("{version}.from-{}.uap", &hex::encode(s.sha256())[..16]);
-        generate::create_delta(&t, &s, &o, &self.key, &self.payloads.join(&name)).expect("delta");
+        generate::create_delta(&t, &s, &o, key, &self.payloads.join(&name)).expect("delta");
         name
     }
 
@@ -420,6 +432,7 @@ mod security;
 mod server;
 mod staging;
 mod systemd_boot;
+mod trust;
 
 use server::{Faults, Server};
 

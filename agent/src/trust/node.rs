@@ -1,0 +1,237 @@
+//! What this node trusts, and keeping it current: the newest root of trust it has
+//! verified (shipped in the image, or followed since and kept in the state
+//! directory), or, on a node without a root, the keys of `keys.d` (each alone enough,
+//! for releases and channels alike: the simple one-key case).
+//!
+//! Following: before it trusts anything new from the release server, the node asks
+//! for `RELEASES_URL/root/N+1.json` and, while the server has one, verifies it against
+//! the root it holds ([`Root::open_next`]), keeps it (crash-safe) and asks for the
+//! next. A 404 ends the chain. The newest root must be unexpired, or the node takes
+//! no update (it keeps running what it runs) until the publisher signs a new one.
+
+use std::io;
+use std::path::{Path, PathBuf};
+
+use super::root::{RoleName, Root, RootError, MAX_LEN};
+use crate::config::FetchConfig;
+use crate::fetch::{self, FetchError};
+use crate::payload::{TrustError, TrustedKeys};
+
+/// Most links followed in one go: a server that never stops answering is not
+/// followed forever (the next check carries on from where this one stopped).
+pub const MAX_STEPS: u64 = 64;
+
+#[derive(Debug, thiserror::Error)]
+pub enum NodeTrustError {
+    #[error("trusted keys")]
+    Keys(#[source] TrustError),
+    #[error("reading the root of trust {path}")]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("the root of trust {path} is not trusted")]
+    Root {
+        path: PathBuf,
+        #[source]
+        source: RootError,
+    },
+    #[error("fetching root version {version} from {url}")]
+    Fetch {
+        version: u64,
+        url: String,
+        #[source]
+        source: Box<FetchError>,
+    },
+    #[error("reading root version {version} from {url}")]
+    Body {
+        version: u64,
+        url: String,
+        #[source]
+        source: io::Error,
+    },
+    #[error("root version {version} at {url} is {len} bytes, more than the limit of {MAX_LEN}")]
+    TooLarge { version: u64, url: String, len: u64 },
+    #[error("root version {version} at {url} does not follow root {current}")]
+    Next {
+        version: u64,
+        current: u64,
+        url: String,
+        #[source]
+        source: RootError,
+    },
+    #[error("keeping root version {version} in {path}")]
+    Save {
+        version: u64,
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("no update is trusted until the publisher signs a new root")]
+    Expired(#[source] RootError),
+}
+
+/// The keys this node trusts right now.
+#[derive(Debug, Clone)]
+pub struct NodeTrust {
+    root: Option<Root>,
+    releases: TrustedKeys,
+    channels: TrustedKeys,
+    /// Where followed roots are kept.
+    kept: PathBuf,
+}
+
+impl NodeTrust {
+    /// The newest of the shipped root (`shipped`, when the file exists) and the one
+    /// kept in `state_dir`; `keys_dir` when neither exists.
+    pub fn load(shipped: &Path, state_dir: &Path, keys_dir: &Path) -> Result<Self, NodeTrustError> {
+        let kept = state_dir.join("root.json");
+        let mut best: Option<Root> = None;
+        for path in [shipped, kept.as_path()] {
+            let bytes = match std::fs::read(path) {
+                Ok(b) => b,
+                Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
+                Err(source) => {
+                    return Err(NodeTrustError::Read {
+                        path: path.to_owned(),
+                        source,
+                    })
+                }
+            };
+            let root = Root::open_trusted(&bytes).map_err(|source| NodeTrustError::Root {
+                path: path.to_owned(),
+                source,
+            })?;
+            if best.as_ref().is_none_or(|b| root.version() > b.version()) {
+                best = Some(root);
+            }
+        }
+        match best {
+            Some(root) => Ok(Self::from_root(root, kept)),
+            None => {
+                let keys = TrustedKeys::load_dir(keys_dir).map_err(NodeTrustError::Keys)?;
+                Ok(Self {
+                    root: None,
+                    releases: keys.clone(),
+                    channels: keys,
+                    kept,
+                })
+            }
+        }
+    }
+
+    fn from_root(root: Root, kept: PathBuf) -> Self {
+        Self {
+            releases: root.role(RoleName::Releases),
+            channels: root.role(RoleName::Channels),
+            root: Some(root),
+            kept,
+        }
+    }
+
+    /// Keys for payload manifests.
+    pub fn releases(&self) -> &TrustedKeys {
+        &self.releases
+    }
+
+    /// Keys for channel documents.
+    pub fn channels(&self) -> &TrustedKeys {
+        &self.channels
+    }
+
+    pub fn root(&self) -> Option<&Root> {
+        self.root.as_ref()
+    }
+
+    /// Follows the chain of roots under `base` (the release server) as far as it goes;
+    /// then the newest must be current at `now`. Returns the versions followed. A
+    /// node without a root has nothing to follow.
+    pub fn follow(
+        &mut self,
+        base: &str,
+        cfg: &FetchConfig,
+        now: u64,
+    ) -> Result<Vec<u64>, NodeTrustError> {
+        let Some(mut root) = self.root.clone() else {
+            return Ok(Vec::new());
+        };
+        let mut followed = Vec::new();
+        for _ in 0..MAX_STEPS {
+            let version = root.version() + 1;
+            let url = format!("{}/root/{version}.json", base.trim_end_matches('/'));
+            let Some(bytes) = fetch_root(&url, version, cfg)? else {
+                break;
+            };
+            let next = root
+                .open_next(&bytes)
+                .map_err(|source| NodeTrustError::Next {
+                    version,
+                    current: root.version(),
+                    url: url.clone(),
+                    source,
+                })?;
+            crate::durable::replace(&self.kept, next.bytes()).map_err(|(path, source)| {
+                NodeTrustError::Save {
+                    version,
+                    path,
+                    source,
+                }
+            })?;
+            tracing::info!(version, url = %url, "followed the root of trust to version {version}");
+            followed.push(version);
+            root = next;
+            *self = Self::from_root(root.clone(), self.kept.clone());
+        }
+        self.current(now)?;
+        Ok(followed)
+    }
+
+    /// Errors when the root has expired at `now` (a node on `keys.d` has no expiry of
+    /// its own: each document carries one).
+    pub fn current(&self, now: u64) -> Result<(), NodeTrustError> {
+        match &self.root {
+            Some(r) => r.current(now).map_err(NodeTrustError::Expired),
+            None => Ok(()),
+        }
+    }
+}
+
+/// The root at `url`, or None when the server has none (404, or no such file).
+fn fetch_root(
+    url: &str,
+    version: u64,
+    cfg: &FetchConfig,
+) -> Result<Option<Vec<u8>>, NodeTrustError> {
+    let err = |source| NodeTrustError::Fetch {
+        version,
+        url: url.to_owned(),
+        source: Box::new(source),
+    };
+    let src = match fetch::open(url, cfg) {
+        Ok(s) => s,
+        Err(FetchError::Status { status: 404, .. }) => return Ok(None),
+        Err(FetchError::File(crate::payload::PayloadError::Io { source, .. }))
+            if source.kind() == io::ErrorKind::NotFound =>
+        {
+            return Ok(None)
+        }
+        Err(e) => return Err(err(e)),
+    };
+    let len = src.size();
+    if len > MAX_LEN {
+        return Err(NodeTrustError::TooLarge {
+            version,
+            url: url.to_owned(),
+            len,
+        });
+    }
+    let mut buf = vec![0u8; len as usize];
+    src.read_range(0, &mut buf)
+        .map_err(|source| NodeTrustError::Body {
+            version,
+            url: url.to_owned(),
+            source,
+        })?;
+    Ok(Some(buf))
+}

@@ -1,0 +1,213 @@
+//! The root of trust on a node: rotation followed from the release server with the
+//! publisher's own verbs (`updatectl bundle root`), a removed key refused afterwards,
+//! and every bad link refused by name with the node still on the last good root.
+
+use std::fs;
+use std::path::Path;
+use std::process::Command;
+
+use update_agent::payload::sign::PublisherKey;
+
+use super::{text, Node};
+
+fn updatectl(args: &[&str]) -> String {
+    let o = Command::new(env!("CARGO_BIN_EXE_updatectl"))
+        .args(args)
+        .output()
+        .expect("updatectl");
+    assert!(o.status.success(), "updatectl {args:?}: {}", text(&o));
+    text(&o)
+}
+
+fn keygen(dir: &Path, name: &str) -> (String, String) {
+    let d = dir.to_str().expect("utf8");
+    updatectl(&["bundle", "keygen", "--out", d, "--name", name]);
+    (format!("{d}/{name}.key"), format!("{d}/{name}.pub"))
+}
+
+/// Points the node at `root` (its shipped root) and at the test server's releases.
+fn use_root(n: &Node, root: &Path) {
+    let cfg = fs::read_to_string(&n.config).expect("config");
+    let cfg = format!(
+        "root_of_trust = \"{}\"\n{cfg}\n[releases]\nurl = \"{}\"\n",
+        root.display(),
+        n.server.url("").trim_end_matches('/')
+    );
+    fs::write(&n.config, cfg).expect("config");
+}
+
+fn kept_version(n: &Node) -> Option<u64> {
+    let bytes = fs::read(n.path("state/root.json")).ok()?;
+    let root = update_agent::trust::root::Root::open_trusted(&bytes).expect("kept root verifies");
+    Some(root.version())
+}
+
+#[test]
+fn trust_a_rotated_root_is_followed_and_a_removed_key_is_refused() {
+    let n = Node::new();
+    let keys = n.path("keys");
+    let (r1, r1p) = keygen(&keys, "root1");
+    let (r2, r2p) = keygen(&keys, "root2");
+    let (b, bp) = keygen(&keys, "release-b");
+    let a_pub = n.path("keys.d/publisher.pub");
+    let a_pub = a_pub.to_str().expect("utf8");
+    let www = n.payloads.to_str().expect("utf8").to_owned();
+    let root1 = format!("{www}/root/1.json");
+    // Root 1: root keys 1 and 2, both needed; the node's publisher key A releases.
+    updatectl(&[
+        "bundle",
+        "root",
+        "init",
+        "--out",
+        &root1,
+        "--root-key",
+        &r1p,
+        "--root-key",
+        &r2p,
+        "--releases-key",
+        a_pub,
+        "--channels-key",
+        a_pub,
+    ]);
+    updatectl(&["bundle", "root", "threshold", &root1, "--role", "root", "2"]);
+    updatectl(&["bundle", "root", "sign", &root1, "--key", &r1]);
+    let e = Command::new(env!("CARGO_BIN_EXE_updatectl"))
+        .args(["bundle", "root", "verify", &root1])
+        .output()
+        .expect("verify");
+    assert!(
+        !e.status.success() && text(&e).contains("fewer than the 2"),
+        "{}",
+        text(&e)
+    );
+    updatectl(&["bundle", "root", "sign", &root1, "--key", &r2]);
+    assert!(updatectl(&["bundle", "root", "verify", &root1]).contains("root version 1"));
+    let shipped = n.path("shipped-root.json");
+    fs::copy(&root1, &shipped).expect("ship root 1");
+    use_root(&n, &shipped);
+
+    // On root 1, A's release is taken.
+    let delta = n.publish("2.0", "test-board", &n.path("v2.img"), 64 << 10);
+    let o = n.agent(&["stage", &n.server.url(&delta)], &[]);
+    assert!(o.status.success(), "{}", text(&o));
+    n.assert_armed_v2();
+    assert_eq!(kept_version(&n), None, "nothing to follow yet");
+
+    // A leaks. Root 2 drops it for B, signed by both root keys.
+    let root2 = format!("{www}/root/2.json");
+    updatectl(&["bundle", "root", "next", &root1, "--out", &root2]);
+    let a_fp = &hex::encode(update_agent::payload::sign::fingerprint(
+        &update_agent::payload::TrustedKeys::load_public(Path::new(a_pub)).expect("a"),
+    ))[..16];
+    for role in ["releases", "channels"] {
+        updatectl(&[
+            "bundle", "root", "add-key", &root2, "--role", role, "--key", &bp,
+        ]);
+        updatectl(&[
+            "bundle",
+            "root",
+            "remove-key",
+            &root2,
+            "--role",
+            role,
+            "--fingerprint",
+            a_fp,
+        ]);
+    }
+    // Signed by one root key only: the node refuses the link and stays on root 1.
+    updatectl(&["bundle", "root", "sign", &root2, "--key", &r1]);
+    n.reset();
+    let o = n.agent(&["stage", &n.server.url(&delta)], &[]);
+    assert!(
+        !o.status.success()
+            && text(&o).contains("root version 2")
+            && text(&o).contains("fewer than the 2"),
+        "{}",
+        text(&o)
+    );
+    assert_eq!(kept_version(&n), None);
+    updatectl(&["bundle", "root", "sign", &root2, "--key", &r2]);
+    updatectl(&["bundle", "root", "verify", &root2, "--previous", &root1]);
+
+    // Now followed; A's payload is refused, B's taken.
+    let o = n.agent(&["stage", &n.server.url(&delta)], &[]);
+    assert!(
+        !o.status.success() && text(&o).contains("signed only by keys this node does not trust"),
+        "{}",
+        text(&o)
+    );
+    assert_eq!(
+        kept_version(&n),
+        Some(2),
+        "root 2 kept in the state directory"
+    );
+    let b_key = PublisherKey::load(Path::new(&b)).expect("b");
+    let delta_b = n.publish_signed(&b_key, "2.1", "test-board", &n.path("v2.img"), 64 << 10);
+    let o = n.agent(&["stage", &n.server.url(&delta_b)], &[]);
+    assert!(o.status.success(), "{}", text(&o));
+    assert_eq!(n.state()["state"], "armed");
+
+    // A link that skips a version (3.json says 4) is refused; the node keeps root 2.
+    let root3 = format!("{www}/root/3.json");
+    let root4 = n.path("root4.json");
+    let root4 = root4.to_str().expect("utf8");
+    updatectl(&["bundle", "root", "next", &root2, "--out", &root3]);
+    updatectl(&["bundle", "root", "next", &root3, "--out", root4]);
+    updatectl(&["bundle", "root", "sign", root4, "--key", &r1, "--key", &r2]);
+    fs::copy(root4, &root3).expect("skip");
+    n.reset();
+    let o = n.agent(&["stage", &n.server.url(&delta_b)], &[]);
+    assert!(
+        !o.status.success() && text(&o).contains("root version 4 cannot follow version 2"),
+        "{}",
+        text(&o)
+    );
+    assert_eq!(kept_version(&n), Some(2));
+}
+
+#[test]
+fn trust_an_expired_root_is_followed_to_a_current_one() {
+    let n = Node::new();
+    let keys = n.path("keys");
+    let (r1, r1p) = keygen(&keys, "root1");
+    let a_pub = n.path("keys.d/publisher.pub");
+    let a_pub = a_pub.to_str().expect("utf8");
+    let www = n.payloads.to_str().expect("utf8").to_owned();
+    let root1 = format!("{www}/root/1.json");
+    updatectl(&[
+        "bundle",
+        "root",
+        "init",
+        "--out",
+        &root1,
+        "--root-key",
+        &r1p,
+        "--releases-key",
+        a_pub,
+        "--channels-key",
+        a_pub,
+        "--expires-in-days",
+        "0",
+    ]);
+    updatectl(&["bundle", "root", "sign", &root1, "--key", &r1]);
+    let shipped = n.path("shipped-root.json");
+    fs::copy(&root1, &shipped).expect("ship root 1");
+    use_root(&n, &shipped);
+    fs::remove_file(&root1).expect("not on the server");
+    let delta = n.publish("2.0", "test-board", &n.path("v2.img"), 64 << 10);
+    let o = n.agent(&["stage", &n.server.url(&delta)], &[]);
+    assert!(
+        !o.status.success() && text(&o).contains("root version 1 expired"),
+        "{}",
+        text(&o)
+    );
+    // The publisher signs root 2 with a year to live: the node follows and stages.
+    fs::copy(&shipped, &root1).expect("root 1 back");
+    let root2 = format!("{www}/root/2.json");
+    updatectl(&["bundle", "root", "next", &root1, "--out", &root2]);
+    updatectl(&["bundle", "root", "sign", &root2, "--key", &r1]);
+    let o = n.agent(&["stage", &n.server.url(&delta)], &[]);
+    assert!(o.status.success(), "{}", text(&o));
+    n.assert_armed_v2();
+    assert_eq!(kept_version(&n), Some(2));
+}
