@@ -45,6 +45,24 @@ pub struct Channel {
     /// The rollout schedule (empty: every node at once); see `policy::wave`.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub waves: Vec<Wave>,
+    /// What each payload named above is (by its path as written in `full` and
+    /// `deltas`): a node refuses a payload at that place that is anything else, so a
+    /// mirror cannot pair this document with another release's signed payload.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub payloads: BTreeMap<String, PayloadPin>,
+    /// When the rollout began (the waves count from here); absent: `published`. A
+    /// refreshed document (`bundle publish --refresh`) is published again later
+    /// without restarting its rollout.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rollout_start: Option<u64>,
+}
+
+/// The identity of a payload file: the sha256 of its manifest (which its signature
+/// covers and which pins every byte it writes) and its length.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PayloadPin {
+    pub manifest_sha256: String,
+    pub size: u64,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -149,23 +167,45 @@ impl Channel {
     /// Payload URLs for a node running the image with `image_sha256` (when known):
     /// its delta first, then the full payload. `base` is the payload directory's URL.
     pub fn urls(&self, base: &str, image_sha256: Option<&str>) -> Vec<String> {
-        let join = |p: &str| {
-            if p.contains("://") || p.starts_with('/') {
-                p.to_owned()
-            } else {
-                format!("{}/{p}", base.trim_end_matches('/'))
-            }
-        };
         let mut v = Vec::new();
         if let Some(d) = image_sha256.and_then(|h| self.deltas.get(h)) {
-            v.push(join(d));
+            v.push(join(base, d));
         }
-        v.push(join(&self.full));
+        v.push(join(base, &self.full));
         v
+    }
+
+    /// Every payload's URL under `base` with its pin.
+    pub fn pins(&self, base: &str) -> BTreeMap<String, PayloadPin> {
+        self.payloads
+            .iter()
+            .map(|(path, pin)| (join(base, path), pin.clone()))
+            .collect()
+    }
+
+    /// Every payload URL the document names (the full payload and every delta).
+    pub fn all_urls(&self, base: &str) -> Vec<String> {
+        std::iter::once(&self.full)
+            .chain(self.deltas.values())
+            .map(|p| join(base, p))
+            .collect()
+    }
+
+    /// When the waves count from.
+    pub fn rollout_start(&self) -> u64 {
+        self.rollout_start.unwrap_or(self.published)
     }
 }
 
 /// Where a channel's document lives under a payload directory's URL.
+fn join(base: &str, p: &str) -> String {
+    if p.contains("://") || p.starts_with('/') {
+        p.to_owned()
+    } else {
+        format!("{}/{p}", base.trim_end_matches('/'))
+    }
+}
+
 pub fn document_url(base: &str, channel: &str) -> String {
     format!("{}/channels/{channel}.json", base.trim_end_matches('/'))
 }
@@ -205,6 +245,15 @@ mod tests {
                     percent: 100.0,
                 },
             ],
+            payloads: [(
+                "2.0.full.uap".into(),
+                PayloadPin {
+                    manifest_sha256: "cd".repeat(32),
+                    size: 1234,
+                },
+            )]
+            .into(),
+            rollout_start: None,
         }
     }
 

@@ -43,9 +43,6 @@ pub struct Config {
     /// Product/board line this node accepts payloads for.
     pub compatible: String,
     pub state_dir: PathBuf,
-    /// The root of trust shipped in the image; when neither it nor a followed root
-    /// in `state_dir` exists, `keys_dir` is trusted instead (docs/security.md).
-    pub root_of_trust: PathBuf,
     pub keys_dir: PathBuf,
     /// os-release file of the running system; its VERSION_ID is the running release.
     pub os_release: PathBuf,
@@ -56,6 +53,7 @@ pub struct Config {
     pub health: crate::health::HealthConfig,
     pub api: ApiConfig,
     pub releases: ReleasesConfig,
+    pub trust: TrustConfig,
     pub auto: crate::policy::AutoConfig,
     pub metrics: MetricsConfig,
 }
@@ -159,6 +157,32 @@ impl Default for ApiConfig {
 }
 
 pub const DEFAULT_SOCKET: &str = "/run/update-agent/agent.sock";
+
+/// The root of trust and how long a signed document may claim to live.
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields, default)]
+pub struct TrustConfig {
+    /// The root of trust shipped in the image; when neither it nor a followed root
+    /// in `state_dir` exists, `keys_dir` is trusted instead (docs/security.md).
+    pub root: PathBuf,
+    /// A channel document, payload or root that claims to stay valid longer than
+    /// this many days from now is refused (0: no cap): a leaked key cannot mint a
+    /// document that outlives its revocation by decades.
+    pub max_channel_days: u64,
+    pub max_payload_days: u64,
+    pub max_root_days: u64,
+}
+
+impl Default for TrustConfig {
+    fn default() -> Self {
+        Self {
+            root: crate::trust::root::DEFAULT_ROOT.into(),
+            max_channel_days: 90,
+            max_payload_days: 400,
+            max_root_days: 1830,
+        }
+    }
+}
 
 /// Where releases are published (the directory `updatectl bundle create` wrote,
 /// served over HTTP): `URL/VERSION.full.uap` and `URL/VERSION.from-<sha16>.uap`.
@@ -267,7 +291,6 @@ impl Default for Config {
         Self {
             compatible: String::new(),
             state_dir: "/var/lib/update-agent".into(),
-            root_of_trust: crate::trust::root::DEFAULT_ROOT.into(),
             keys_dir: crate::payload::sign::DEFAULT_KEYS_DIR.into(),
             os_release: "/etc/os-release".into(),
             slots: SlotsConfig::default(),
@@ -277,6 +300,7 @@ impl Default for Config {
             health: crate::health::HealthConfig::default(),
             api: ApiConfig::default(),
             releases: ReleasesConfig::default(),
+            trust: TrustConfig::default(),
             auto: crate::policy::AutoConfig::default(),
             metrics: MetricsConfig::default(),
         }

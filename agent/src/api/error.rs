@@ -132,6 +132,10 @@ fn update_code(e: &UpdateError) -> (Code, &'static str) {
                 NodeTrustError::Next { .. }
                     | NodeTrustError::TooLarge { .. }
                     | NodeTrustError::Expired(_)
+                    | NodeTrustError::Lifetime { .. }
+                    | NodeTrustError::Replayed { .. }
+                    | NodeTrustError::NotPinned { .. }
+                    | NodeTrustError::WrongVersion { .. }
             ) =>
         {
             (Code::FailedPrecondition, "REJECTED")

@@ -38,11 +38,17 @@ pub enum BundleCommand {
         #[arg(long)]
         dir: PathBuf,
         /// The release the channel points at (VERSION.full.uap must be in DIR).
-        #[arg(long)]
-        version: String,
+        #[arg(long, required_unless_present = "refresh")]
+        version: Option<String>,
         /// Publisher's secret key (PKCS#8 PEM); nodes must trust its public half.
-        #[arg(long)]
-        key: PathBuf,
+        /// Repeat to sign with several (a channels role with a threshold).
+        #[arg(long = "key", required = true)]
+        keys: Vec<PathBuf>,
+        /// Sign the current document again with a new expiry: same release, same
+        /// payloads, the rollout not restarted (nodes refuse older documents, so a
+        /// refresh is how a channel stays current without a release).
+        #[arg(long, conflicts_with_all = ["version", "waves"])]
+        refresh: bool,
         /// Days until nodes refuse the channel document (re-publish before then).
         #[arg(long, default_value_t = 30)]
         expires_in_days: u64,
@@ -188,10 +194,18 @@ pub fn run(cmd: BundleCommand) -> anyhow::Result<()> {
             channel,
             dir,
             version,
-            key,
+            keys,
+            refresh,
             expires_in_days,
             waves,
-        } => publish(&channel, &dir, &version, &key, expires_in_days, waves),
+        } => super::publish::run(&super::publish::Publish {
+            channel: &channel,
+            dir: &dir,
+            version: if refresh { None } else { version.as_deref() },
+            keys: &keys,
+            expires_in_days,
+            waves,
+        }),
         BundleCommand::Inspect { payload, json, ops } => inspect(&payload, json, ops),
         BundleCommand::Root(cmd) => super::root::run(cmd),
         BundleCommand::Verify {
@@ -209,7 +223,7 @@ pub fn run(cmd: BundleCommand) -> anyhow::Result<()> {
 }
 
 /// Versions and product names end up in file names and on status screens.
-fn check_name(what: &str, v: &str) -> anyhow::Result<()> {
+pub(super) fn check_name(what: &str, v: &str) -> anyhow::Result<()> {
     let ok = !v.is_empty()
         && v.len() <= 128
         && v.chars()
@@ -306,89 +320,6 @@ fn parse_wave(s: &str) -> Result<crate::policy::wave::Wave, String> {
         after_secs,
         percent,
     })
-}
-
-fn publish(
-    channel: &str,
-    dir: &Path,
-    version: &str,
-    key: &Path,
-    expires_in_days: u64,
-    waves: Vec<crate::policy::wave::Wave>,
-) -> anyhow::Result<()> {
-    crate::policy::wave::validate(&waves).context("--wave")?;
-    anyhow::ensure!(
-        crate::channel::valid_name(channel),
-        "--channel {channel:?} must be 1-64 characters of A-Z a-z 0-9 . _ - and not start with a dot"
-    );
-    check_name("--version", version)?;
-    let key = PublisherKey::load(key)?;
-    let full_name = format!("{version}.full.uap");
-    let full = Payload::open(
-        &FileSource::open(&dir.join(&full_name))?,
-        Trust::InspectOnly,
-    )?;
-    let compatible = full.manifest.compatible.clone();
-    anyhow::ensure!(
-        full.manifest.version == version && !full.manifest.is_delta(),
-        "{} is not the full payload of {version}",
-        dir.join(&full_name).display()
-    );
-    let mut deltas = std::collections::BTreeMap::new();
-    let prefix = format!("{version}.from-");
-    let entries = std::fs::read_dir(dir).with_context(|| format!("reading {}", dir.display()))?;
-    for e in entries {
-        let name = e
-            .with_context(|| format!("reading {}", dir.display()))?
-            .file_name();
-        let name = name.to_string_lossy();
-        if !(name.starts_with(&prefix) && name.ends_with(".uap")) {
-            continue;
-        }
-        let path = dir.join(name.as_ref());
-        let p = Payload::open(&FileSource::open(&path)?, Trust::InspectOnly)?;
-        let Some(src) = &p.manifest.source else {
-            anyhow::bail!(
-                "{} is named like a delta but is a full payload",
-                path.display()
-            );
-        };
-        anyhow::ensure!(
-            p.manifest.version == version && p.manifest.compatible == compatible,
-            "{} is {} for {}, not {version} for {compatible}",
-            path.display(),
-            p.manifest.version,
-            p.manifest.compatible
-        );
-        deltas.insert(hex::encode(src.sha256), name.into_owned());
-    }
-    let now = timefmt::now();
-    let doc = crate::channel::Channel {
-        format: crate::channel::FORMAT.into(),
-        channel: channel.to_owned(),
-        compatible,
-        version: version.to_owned(),
-        published: now,
-        expires: now + expires_in_days.max(1) * 86_400,
-        full: full_name,
-        deltas,
-        waves,
-    };
-    let out_dir = dir.join("channels");
-    std::fs::create_dir_all(&out_dir).with_context(|| format!("creating {}", out_dir.display()))?;
-    let out = out_dir.join(format!("{channel}.json"));
-    crate::durable::replace(&out, &doc.sign(&key)).map_err(|(path, e)| {
-        anyhow::Error::new(e).context(format!("writing {}", path.display()))
-    })?;
-    println!(
-        "channel {channel} -> {version} ({}, {} delta{}), expires {}: {}",
-        doc.compatible,
-        doc.deltas.len(),
-        if doc.deltas.len() == 1 { "" } else { "s" },
-        timefmt::rfc3339(doc.expires),
-        out.display()
-    );
-    Ok(())
 }
 
 fn print_summary(s: &generate::Summary, from: Option<&Path>, secs: f64) {

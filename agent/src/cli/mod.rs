@@ -6,6 +6,7 @@ use clap::{Parser, Subcommand};
 
 pub mod agent;
 pub mod bundle;
+pub mod publish;
 pub mod render;
 pub mod root;
 

@@ -2,6 +2,7 @@
 //! share. `root.rs` is the document and its rules; `envelope.rs` the JSON wrapper.
 
 pub mod envelope;
+pub mod marks;
 pub mod node;
 pub mod root;
 

@@ -70,6 +70,78 @@ pub enum NodeTrustError {
     },
     #[error("no update is trusted until the publisher signs a new root")]
     Expired(#[source] RootError),
+    #[error(
+        "{what} claims to stay valid until {expires}, {days} days from now; this node \
+         accepts at most {max} ({key})"
+    )]
+    Lifetime {
+        what: String,
+        expires: u64,
+        days: u64,
+        max: u64,
+        key: &'static str,
+    },
+    #[error(
+        "channel {channel}: this document was published at {published}, before the one \
+         this node already accepted (published {seen}, release {seen_version}); an old \
+         document replayed"
+    )]
+    Replayed {
+        channel: String,
+        published: u64,
+        seen: u64,
+        seen_version: String,
+    },
+    #[error(
+        "{url} is not the payload the channel names: manifest sha256 {found}, {found_size} \
+         bytes; the channel says {expected}, {expected_size} bytes"
+    )]
+    NotPinned {
+        url: String,
+        found: String,
+        found_size: u64,
+        expected: String,
+        expected_size: u64,
+    },
+    #[error("{url} holds release {payload}, but the channel that names it says {channel}")]
+    WrongVersion {
+        url: String,
+        payload: String,
+        channel: String,
+    },
+    #[error("channel marks {path}")]
+    Marks {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("channel marks {path} are corrupt")]
+    MarksCorrupt {
+        path: PathBuf,
+        #[source]
+        source: serde_json::Error,
+    },
+}
+
+/// Refuses a document that claims to live more than `max_days` from `now` (0: no cap).
+pub fn lifetime(
+    what: impl FnOnce() -> String,
+    expires: u64,
+    now: u64,
+    max_days: u64,
+    key: &'static str,
+) -> Result<(), NodeTrustError> {
+    let max = max_days.saturating_mul(86_400);
+    if max_days == 0 || expires <= now.saturating_add(max) {
+        return Ok(());
+    }
+    Err(NodeTrustError::Lifetime {
+        what: what(),
+        expires,
+        days: (expires - now) / 86_400,
+        max: max_days,
+        key,
+    })
 }
 
 /// The keys this node trusts right now.
@@ -80,12 +152,19 @@ pub struct NodeTrust {
     channels: TrustedKeys,
     /// Where followed roots are kept.
     kept: PathBuf,
+    /// `trust.max_root_days`.
+    max_root_days: u64,
 }
 
 impl NodeTrust {
     /// The newest of the shipped root (`shipped`, when the file exists) and the one
     /// kept in `state_dir`; `keys_dir` when neither exists.
-    pub fn load(shipped: &Path, state_dir: &Path, keys_dir: &Path) -> Result<Self, NodeTrustError> {
+    pub fn load(
+        cfg: &crate::config::TrustConfig,
+        state_dir: &Path,
+        keys_dir: &Path,
+    ) -> Result<Self, NodeTrustError> {
+        let shipped = cfg.root.as_path();
         let kept = state_dir.join("root.json");
         let mut best: Option<Root> = None;
         for path in [shipped, kept.as_path()] {
@@ -108,7 +187,7 @@ impl NodeTrust {
             }
         }
         match best {
-            Some(root) => Ok(Self::from_root(root, kept)),
+            Some(root) => Ok(Self::from_root(root, kept, cfg.max_root_days)),
             None => {
                 let keys = TrustedKeys::load_dir(keys_dir).map_err(NodeTrustError::Keys)?;
                 Ok(Self {
@@ -116,17 +195,19 @@ impl NodeTrust {
                     releases: keys.clone(),
                     channels: keys,
                     kept,
+                    max_root_days: cfg.max_root_days,
                 })
             }
         }
     }
 
-    fn from_root(root: Root, kept: PathBuf) -> Self {
+    fn from_root(root: Root, kept: PathBuf, max_root_days: u64) -> Self {
         Self {
             releases: root.role(RoleName::Releases),
             channels: root.role(RoleName::Channels),
             root: Some(root),
             kept,
+            max_root_days,
         }
     }
 
@@ -171,6 +252,13 @@ impl NodeTrust {
                     url: url.clone(),
                     source,
                 })?;
+            if let Some(dir) = self.kept.parent() {
+                std::fs::create_dir_all(dir).map_err(|source| NodeTrustError::Save {
+                    version,
+                    path: dir.to_owned(),
+                    source,
+                })?;
+            }
             crate::durable::replace(&self.kept, next.bytes()).map_err(|(path, source)| {
                 NodeTrustError::Save {
                     version,
@@ -181,7 +269,7 @@ impl NodeTrust {
             tracing::info!(version, url = %url, "followed the root of trust to version {version}");
             followed.push(version);
             root = next;
-            *self = Self::from_root(root.clone(), self.kept.clone());
+            *self = Self::from_root(root.clone(), self.kept.clone(), self.max_root_days);
         }
         self.current(now)?;
         Ok(followed)
@@ -190,10 +278,17 @@ impl NodeTrust {
     /// Errors when the root has expired at `now` (a node on `keys.d` has no expiry of
     /// its own: each document carries one).
     pub fn current(&self, now: u64) -> Result<(), NodeTrustError> {
-        match &self.root {
-            Some(r) => r.current(now).map_err(NodeTrustError::Expired),
-            None => Ok(()),
-        }
+        let Some(r) = &self.root else {
+            return Ok(());
+        };
+        r.current(now).map_err(NodeTrustError::Expired)?;
+        lifetime(
+            || format!("root version {}", r.version()),
+            r.expires(),
+            now,
+            self.max_root_days,
+            "trust.max_root_days",
+        )
     }
 }
 

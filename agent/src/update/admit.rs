@@ -36,7 +36,16 @@ impl Agent {
         allow_downgrade: bool,
     ) -> Result<Opened, UpdateError> {
         self.follow_root()?;
-        self.check_opened(fetch::open(url, &self.cfg.fetch)?, allow_downgrade)
+        let opened = self.check_opened(fetch::open(url, &self.cfg.fetch)?, allow_downgrade)?;
+        // A payload at a place a channel named must be the one it named.
+        let (src, p, mbytes) = &opened;
+        crate::trust::marks::Marks::load(&self.cfg.state_dir)?.check(
+            url,
+            &hex::encode(Sha256::digest(mbytes)),
+            src.size(),
+            &p.manifest.version,
+        )?;
+        Ok(opened)
     }
 
     /// Reopens the payload of an interrupted staging, from its kept head when there is
@@ -65,15 +74,23 @@ impl Agent {
         allow_downgrade: bool,
     ) -> Result<Opened, UpdateError> {
         let trust = self.trust();
-        trust.current(timefmt::now())?;
+        let now = timefmt::now();
+        trust.current(now)?;
         let p = Payload::open(
             src.as_ref(),
             Trust::Keys {
                 keys: trust.releases(),
-                now: timefmt::now(),
+                now,
             },
         )?;
         let m = &p.manifest;
+        crate::trust::node::lifetime(
+            || format!("payload {}", m.version),
+            m.expires,
+            now,
+            self.cfg.trust.max_payload_days,
+            "trust.max_payload_days",
+        )?;
         if m.compatible != self.cfg.compatible {
             return Err(UpdateError::Incompatible {
                 payload: m.compatible.clone(),

@@ -64,7 +64,7 @@ impl Agent {
     pub fn new(cfg: Config) -> Result<Self, UpdateError> {
         let layout = SlotLayout::discover(&cfg.slots)?;
         let boot = open_boot(&cfg)?;
-        let trust = NodeTrust::load(&cfg.root_of_trust, &cfg.state_dir, &cfg.keys_dir)?;
+        let trust = NodeTrust::load(&cfg.trust, &cfg.state_dir, &cfg.keys_dir)?;
         let store = StateStore::new(&cfg.state_dir);
         let history = crate::history::History::new(&cfg.state_dir);
         Ok(Self {
@@ -156,15 +156,21 @@ impl Agent {
                 source,
             })?;
         let trust = self.trust();
-        trust.current(timefmt::now())?;
-        crate::channel::Channel::open(
-            &buf,
-            trust.channels(),
-            name,
-            &self.cfg.compatible,
-            timefmt::now(),
-        )
-        .map_err(ctx)
+        let now = timefmt::now();
+        trust.current(now)?;
+        let c =
+            crate::channel::Channel::open(&buf, trust.channels(), name, &self.cfg.compatible, now)
+                .map_err(ctx)?;
+        crate::trust::node::lifetime(
+            || format!("channel {name}"),
+            c.expires,
+            now,
+            self.cfg.trust.max_channel_days,
+            "trust.max_channel_days",
+        )?;
+        // Only a document newer than any accepted before, and what it names is pinned.
+        crate::trust::marks::Marks::load(&self.cfg.state_dir)?.accept(&c, base)?;
+        Ok(c)
     }
 
     /// sha256 (hex) of the image the booted slot holds, when the agent knows it (it

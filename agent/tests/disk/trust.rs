@@ -29,7 +29,7 @@ fn keygen(dir: &Path, name: &str) -> (String, String) {
 fn use_root(n: &Node, root: &Path) {
     let cfg = fs::read_to_string(&n.config).expect("config");
     let cfg = format!(
-        "root_of_trust = \"{}\"\n{cfg}\n[releases]\nurl = \"{}\"\n",
+        "{cfg}\n[trust]\nroot = \"{}\"\n[releases]\nurl = \"{}\"\n",
         root.display(),
         n.server.url("").trim_end_matches('/')
     );
@@ -210,4 +210,104 @@ fn trust_an_expired_root_is_followed_to_a_current_one() {
     assert!(o.status.success(), "{}", text(&o));
     n.assert_armed_v2();
     assert_eq!(kept_version(&n), Some(2));
+}
+
+/// Replay, mix-and-match and endless lifetimes, on a node following a channel: an
+/// older channel document, a payload of another release at a place the channel names,
+/// and a document claiming to live longer than the node allows are each refused by
+/// name; a refreshed document (same release, later publication) is taken.
+#[test]
+fn trust_replayed_channels_mixed_payloads_and_long_lives_are_refused() {
+    use update_agent::trust::node::NodeTrustError;
+    use update_agent::update::{Agent, UpdateError};
+    let n = Node::new();
+    let (k, kp) = keygen(&n.path("pk"), "channels");
+    fs::copy(&kp, n.path("keys.d/channels.pub")).expect("trust it");
+    let base = n.server.url("").trim_end_matches('/').to_owned();
+    let cfg = fs::read_to_string(&n.config).expect("config");
+    fs::write(&n.config, format!("{cfg}\n[releases]\nurl = \"{base}\"\n")).expect("config");
+    n.publish("2.0", "test-board", &n.path("v2.img"), 64 << 10);
+    let www = n.payloads.to_str().expect("utf8").to_owned();
+    let publish = |extra: &[&str]| {
+        let mut a = vec![
+            "bundle",
+            "publish",
+            "--channel",
+            "stable",
+            "--dir",
+            &www,
+            "--key",
+            &k,
+        ];
+        a.extend_from_slice(extra);
+        updatectl(&a)
+    };
+    let agent = || {
+        Agent::new(update_agent::config::Config::load(&n.config).expect("config")).expect("agent")
+    };
+    let doc = n.payloads.join("channels/stable.json");
+    publish(&["--version", "2.0"]);
+    let first = fs::read(&doc).expect("doc");
+    let c = agent()
+        .open_channel(&base, "stable")
+        .expect("first document");
+    assert_eq!(c.version, "2.0");
+    assert_eq!(
+        c.payloads.len(),
+        2,
+        "full and delta pinned: {:?}",
+        c.payloads
+    );
+
+    // A refresh: same release, published later, rollout start kept.
+    publish(&["--refresh"]);
+    let c2 = agent().open_channel(&base, "stable").expect("refreshed");
+    assert!(c2.published > c.published);
+    assert_eq!(
+        c2.rollout_start(),
+        c.published,
+        "the rollout is not restarted"
+    );
+
+    // The first document again (still signed, still unexpired): a replay.
+    let refreshed = fs::read(&doc).expect("doc");
+    fs::write(&doc, &first).expect("replay");
+    let e = agent().open_channel(&base, "stable").expect_err("replay");
+    assert!(
+        matches!(&e, UpdateError::Trust(t) if matches!(**t, NodeTrustError::Replayed { .. })),
+        "{e:?}"
+    );
+    let msg = update_agent::update::error_chain(&e);
+    assert!(
+        msg.contains(&format!("published {}", c2.published)) && msg.contains("replayed"),
+        "{msg}"
+    );
+    fs::write(&doc, &refreshed).expect("restore");
+
+    // A channel document that claims to live 200 days (the node allows 90).
+    publish(&["--version", "2.0", "--expires-in-days", "200"]);
+    let e = agent()
+        .open_channel(&base, "stable")
+        .expect_err("long life");
+    let msg = update_agent::update::error_chain(&e);
+    assert!(msg.contains("trust.max_channel_days"), "{msg}");
+
+    // Another release's signed payload where the channel names 2.0's: refused before
+    // a byte of it is written.
+    n.publish("2.1", "test-board", &n.path("v2.img"), 64 << 10);
+    fs::copy(
+        n.payloads.join("2.1.full.uap"),
+        n.payloads.join("2.0.full.uap"),
+    )
+    .expect("swap");
+    let url = format!("{base}/2.0.full.uap");
+    let e = agent().check(&url, true).expect_err("mixed");
+    let msg = update_agent::update::error_chain(&e);
+    assert!(
+        msg.contains("is not the payload the channel names"),
+        "{msg}"
+    );
+    // Without a channel naming it, the same signed payload is a payload like any.
+    fs::remove_file(n.path("state/channels.json")).expect("forget the channel");
+    agent().check(&url, true).expect("unpinned");
 }

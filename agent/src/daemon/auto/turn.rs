@@ -387,7 +387,7 @@ async fn check_turn(
     let running = crate::update::running_version(&d.cfg.os_release);
     let offer = Offer {
         version: &channel.version,
-        published: channel.published,
+        published: channel.rollout_start(),
         waves: &channel.waves,
     };
     let decision = decide::update(now, &offer, running.as_deref(), held, auto.position);
