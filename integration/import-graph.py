@@ -142,7 +142,7 @@ for c in sccs:
 print(len(files), 'files,', sum(len(v) for v in edges.values()), 'edges,', len(sccs), 'cycles')
 if '--check-layers' in sys.argv:
     layers = [
-        ['timefmt', 'version', 'durable', 'events', 'logging', 'cause', 'health', 'fleetlock', 'midstate', 'payload/limits', 'payload/error'],
+        ['timefmt', 'version', 'durable', 'events', 'logging', 'cause', 'health', 'fleetlock', 'midstate', 'blockio', 'payload/limits', 'payload/error'],
         ['payload', 'channel', 'policy/mod', 'policy/wave', 'policy/window', 'policy'],
         ['apply', 'file_target', 'partial'],
         ['config'],
