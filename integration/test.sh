@@ -1,6 +1,7 @@
 #!/bin/bash
 # integration/test.sh: sets up what is missing, then runs every test tier:
-#   1. formatting and lints (cargo fmt --check, clippy -D warnings)
+#   1. formatting and lints (cargo fmt --check, clippy -D warnings), and the import graph
+#      of agent/src: no circles, no edge up the layers (ARCHITECTURE.md, "Layers")
 #   2. cargo test --workspace: unit and property tests, payload end to end on files,
 #      and (as root) the agent on loop-device GPT disks with a fault-injecting HTTP
 #      server, fail points and random SIGKILLs (agent/tests/disk/; the gRPC API through the real socket in disk/api.rs)
@@ -27,6 +28,9 @@ cargo fmt --all --check
 
 step "cargo clippy --all-targets -- -D warnings"
 cargo clippy --workspace --all-targets --locked -- -D warnings
+
+step "import graph: no circles, no edge up the layers"
+python3 integration/import-graph.py agent/src --check-layers
 
 step "cargo test (unit, property, payload end to end, loop-device disks)"
 [[ $(id -u) -eq 0 ]] || { echo "test.sh: the disk tests need root (loop devices)" >&2; exit 1; }

@@ -8,6 +8,7 @@
 
 pub mod api;
 pub mod apply;
+pub mod blockio;
 pub mod boot;
 pub mod cause;
 pub mod channel;

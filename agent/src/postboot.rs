@@ -379,3 +379,6 @@ fn rolled_back_outcome(state: &State) -> BootOutcome {
         _ => BootOutcome::Normal,
     }
 }
+
+#[cfg(test)]
+mod tests;

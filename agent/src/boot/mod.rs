@@ -5,7 +5,7 @@ pub mod grub;
 pub mod systemd_boot;
 
 #[cfg(test)]
-mod parity_tests;
+pub(crate) mod parity_tests;
 
 use crate::slots::Slot;
 

@@ -1,19 +1,16 @@
 //! `updatectl bundle`: the publisher's verbs.
 
-use std::fs::File;
 use std::path::{Path, PathBuf};
 
 use anyhow::Context as _;
 use clap::{Args, Subcommand};
-use sha2::{Digest, Sha256};
 
-use crate::apply::{self, ApplyError, Blob, Event};
-use crate::file_target::FileTarget;
 use crate::payload::generate::{self, Image};
-use crate::payload::{
-    sign, FileSource, Manifest, OpKind, Payload, PublisherKey, Trust, TrustedKeys,
-};
+use crate::payload::{sign, FileSource, Manifest, OpKind, Payload, PublisherKey, Trust};
 use crate::timefmt;
+
+use super::rebuild::rebuild;
+pub use super::rebuild::{human, Rejected};
 
 #[derive(Debug, Subcommand)]
 pub enum BundleCommand {
@@ -151,30 +148,10 @@ pub struct CreateArgs {
     no_deltas: bool,
 }
 
-/// A payload or image that fails a check `bundle` makes itself.
-#[derive(Debug, thiserror::Error)]
-pub enum Rejected {
-    #[error("source {path} (sha256 {actual}) is not the image this delta was built from (sha256 {expected})")]
-    SourceMismatch {
-        path: PathBuf,
-        expected: String,
-        actual: String,
-        /// The failure that led to checking the source.
-        #[source]
-        cause: ApplyError,
-    },
-    #[error("payload {path}: blob sha256 {actual} does not match the manifest's {expected}")]
-    BlobHash {
-        path: PathBuf,
-        expected: String,
-        actual: String,
-    },
-}
-
 pub fn run(cmd: BundleCommand) -> anyhow::Result<()> {
     match cmd {
         BundleCommand::Keygen { out, name } => {
-            check_name("--name", &name)?;
+            super::publish::check_name("--name", &name)?;
             let k = sign::keygen(&out, &name)
                 .with_context(|| format!("writing key pair to {}", out.display()))?;
             println!(
@@ -222,25 +199,11 @@ pub fn run(cmd: BundleCommand) -> anyhow::Result<()> {
     }
 }
 
-/// Versions and product names end up in file names and on status screens.
-pub(super) fn check_name(what: &str, v: &str) -> anyhow::Result<()> {
-    let ok = !v.is_empty()
-        && v.len() <= 128
-        && v.chars()
-            .all(|c| c.is_ascii_alphanumeric() || "._+~-".contains(c))
-        && !v.starts_with('.');
-    anyhow::ensure!(
-        ok,
-        "{what} {v:?} must be 1-128 characters of A-Z a-z 0-9 . _ + ~ - and not start with a dot"
-    );
-    Ok(())
-}
-
 fn create(a: &CreateArgs) -> anyhow::Result<()> {
-    check_name("--version", &a.version)?;
-    check_name("--compatible", &a.compatible)?;
+    super::publish::check_name("--version", &a.version)?;
+    super::publish::check_name("--compatible", &a.compatible)?;
     if let Some(v) = &a.min_source_version {
-        check_name("--min-source-version", v)?;
+        super::publish::check_name("--min-source-version", v)?;
     }
     if let Some(jobs) = a.jobs {
         rayon::ThreadPoolBuilder::new()
@@ -335,11 +298,6 @@ fn print_summary(s: &generate::Summary, from: Option<&Path>, secs: f64) {
         s.operations,
         secs
     );
-}
-
-/// Bytes for people, SI units with two decimals (publishers compare sizes closely).
-pub fn human(n: u64) -> String {
-    super::render::si_bytes(n, 2)
 }
 
 /// Per-kind totals for `inspect`.
@@ -498,152 +456,6 @@ fn inspect(path: &Path, json: bool, list_ops: bool) -> anyhow::Result<()> {
                 op.data_len
             );
         }
-    }
-    Ok(())
-}
-
-/// `verify` (output `None`: rebuild into an unnamed scratch file) and `apply`.
-fn rebuild(
-    path: &Path,
-    keys_dir: &Path,
-    source: Option<&Path>,
-    output: Option<&Path>,
-) -> anyhow::Result<()> {
-    let keys = TrustedKeys::load_dir(keys_dir)?;
-    let src = FileSource::open(path)?;
-    let p = Payload::open(
-        &src,
-        Trust::Keys {
-            keys: &keys,
-            now: timefmt::now(),
-        },
-    )?;
-    let m = &p.manifest;
-    let signer = p.signer.map(|f| sign::short(&f)).unwrap_or_default();
-    println!(
-        "signature    ok (key {signer}); {} {} for {}, expires {}",
-        if m.is_delta() {
-            "delta"
-        } else {
-            "full payload"
-        },
-        m.version,
-        m.compatible,
-        timefmt::rfc3339(m.expires)
-    );
-    // The blob as a whole; a node checks per operation instead, as it fetches.
-    let blob_sha = {
-        let mut h = Sha256::new();
-        let mut buf = vec![0u8; 4 << 20];
-        let mut off = 0u64;
-        while off < m.blob_size {
-            let n = (m.blob_size - off).min(buf.len() as u64) as usize;
-            crate::payload::RangeSource::read_range(&src, p.blob_offset + off, &mut buf[..n])
-                .with_context(|| format!("reading blob of {}", path.display()))?;
-            h.update(&buf[..n]);
-            off += n as u64;
-        }
-        <[u8; 32]>::from(h.finalize())
-    };
-    if blob_sha != m.blob_sha256 {
-        return Err(Rejected::BlobHash {
-            path: path.to_owned(),
-            expected: hex::encode(m.blob_sha256),
-            actual: hex::encode(blob_sha),
-        }
-        .into());
-    }
-    println!("blob         ok ({}, sha256 matches)", human(m.blob_size));
-    let source_file = match source {
-        Some(s) => {
-            // The source's sha256 is not checked up front: every operation's output is
-            // verified anyway, and hashing a whole slot first would cost as much as the
-            // apply. It is checked only to explain a failure (below).
-            Some(File::open(s).with_context(|| format!("opening source image {}", s.display()))?)
-        }
-        None if m.is_delta() => {
-            anyhow::ensure!(
-                output.is_none(),
-                "{} is a delta: pass --source with the image it was built from",
-                path.display()
-            );
-            println!("rebuild      skipped: this is a delta; pass --source to rebuild the target");
-            return Ok(());
-        }
-        None => None,
-    };
-    let mut target = match output {
-        Some(o) => FileTarget::create(o, m.target_size)
-            .with_context(|| format!("creating {}", o.display()))?,
-        None => {
-            let dir = std::env::temp_dir();
-            FileTarget::scratch(&dir, m.target_size)
-                .with_context(|| format!("creating a scratch file in {}", dir.display()))?
-        }
-    };
-    let result = apply::apply(
-        m,
-        Blob {
-            source: &src,
-            offset: p.blob_offset,
-        },
-        source_file.as_ref().map(|f| f as &dyn apply::SourceSlot),
-        &mut target,
-        &apply::Options {
-            // `verify` audits everything the manifest claims; `apply` trusts the read-back.
-            check_zero_digests: output.is_none(),
-            ..apply::Options::default()
-        },
-        &mut |e: Event| {
-            if e == Event::Verifying {
-                println!(
-                    "written      all {} operations; reading back",
-                    m.operations.len()
-                );
-            }
-        },
-    );
-    let report = match (result, &m.source, source_file.as_ref().zip(source)) {
-        (Ok(r), _, _) => r,
-        // A wrong source shows up as a bad operation; say so plainly if that is the cause.
-        (Err(e), Some(expected), Some((file, spath))) => {
-            let actual = apply::hash_source(file, expected.size).ok();
-            return Err(match actual {
-                Some(a) if a != expected.sha256 => Rejected::SourceMismatch {
-                    path: spath.to_owned(),
-                    expected: hex::encode(expected.sha256),
-                    actual: hex::encode(a),
-                    cause: e,
-                }
-                .into(),
-                _ => e.into(),
-            });
-        }
-        (Err(e), _, _) => return Err(e.into()),
-    };
-    println!(
-        "rebuild      ok: target sha256:{} ({} bytes) in {:.2} s \
-         (write {:.2} s, flush {:.2} s, read back {:.2} s)",
-        hex::encode(m.target_sha256),
-        m.target_size,
-        report.seconds,
-        report.write_seconds,
-        report.sync_seconds,
-        report.verify_seconds
-    );
-    println!(
-        "download     {} of frames + {} head = {} ({} of {} DATA operations found locally)",
-        human(report.bytes_fetched),
-        human(p.head_len()),
-        human(report.bytes_fetched + p.head_len()),
-        report.ops_reused,
-        m.operations
-            .iter()
-            .filter(|o| o.kind == OpKind::Data)
-            .count()
-    );
-    if let Some(o) = output {
-        println!("output       {}", o.display());
     }
     Ok(())
 }

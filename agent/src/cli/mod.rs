@@ -7,6 +7,7 @@ use clap::{Parser, Subcommand};
 pub mod agent;
 pub mod bundle;
 pub mod publish;
+pub mod rebuild;
 pub mod render;
 pub mod root;
 
@@ -138,7 +139,7 @@ pub fn exit_code(err: &anyhow::Error) -> ExitCode {
                     | ApplyError::Decompress { .. }
                     | ApplyError::WrongLength { .. }
             )
-        ) || e.downcast_ref::<bundle::Rejected>().is_some()
+        ) || e.downcast_ref::<rebuild::Rejected>().is_some()
     });
     ExitCode::from(if rejected {
         EXIT_REJECTED

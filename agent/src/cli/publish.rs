@@ -83,7 +83,7 @@ fn current(path: &Path) -> anyhow::Result<Channel> {
 /// pin of each.
 fn fresh(p: &Publish<'_>, version: &str, now: u64, expires: u64) -> anyhow::Result<Channel> {
     crate::policy::wave::validate(&p.waves).context("--wave")?;
-    super::bundle::check_name("--version", version)?;
+    check_name("--version", version)?;
     let full_name = format!("{version}.full.uap");
     let (full, full_pin) = open(&p.dir.join(&full_name))?;
     let compatible = full.manifest.compatible.clone();
@@ -148,4 +148,18 @@ fn open(path: &Path) -> anyhow::Result<(Payload, PayloadPin)> {
             .len(),
     };
     Ok((p, pin))
+}
+
+/// Versions and product names end up in file names and on status screens.
+pub(super) fn check_name(what: &str, v: &str) -> anyhow::Result<()> {
+    let ok = !v.is_empty()
+        && v.len() <= 128
+        && v.chars()
+            .all(|c| c.is_ascii_alphanumeric() || "._+~-".contains(c))
+        && !v.starts_with('.');
+    anyhow::ensure!(
+        ok,
+        "{what} {v:?} must be 1-128 characters of A-Z a-z 0-9 . _ + ~ - and not start with a dot"
+    );
+    Ok(())
 }

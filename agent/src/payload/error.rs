@@ -29,7 +29,7 @@ pub enum ManifestError {
     Truncated { loc: Loc, field: &'static str },
     #[error("{loc}: field `{field}` is not canonically encoded")]
     NonCanonical { loc: Loc, field: &'static str },
-    #[error("unsupported manifest format version {0} (this build reads version {supported})", supported = super::manifest::FORMAT_VERSION)]
+    #[error("unsupported manifest format version {0} (this build reads version {supported})", supported = super::limits::FORMAT_VERSION)]
     UnsupportedVersion(u64),
     #[error("operation {op}: unknown operation type {kind}")]
     UnknownOpKind { op: usize, kind: u8 },

@@ -1,6 +1,9 @@
-//! Hard bounds on what a manifest may ask for. They keep decoding and applying
-//! bounded in memory and time whatever a hostile or broken payload says.
+//! Hard bounds on what a manifest may ask for, and the format version this build reads.
+//! They keep decoding and applying bounded in memory and time whatever a hostile or
+//! broken payload says.
 
+/// Version of the manifest encoding this build reads and writes.
+pub const FORMAT_VERSION: u64 = 1;
 /// Largest manifest accepted, in bytes.
 pub const MAX_MANIFEST_BYTES: u64 = 32 << 20;
 /// Largest signature block accepted, in bytes.

@@ -9,8 +9,8 @@ use std::fmt;
 use super::error::{Loc, ManifestError};
 use super::limits;
 
-/// Version of the manifest encoding this build reads and writes.
-pub const FORMAT_VERSION: u64 = 1;
+// Kept in `limits.rs`, below `error.rs`, which names it in a message.
+pub use super::limits::FORMAT_VERSION;
 
 /// A run of whole blocks: `start .. start + blocks`, in units of the manifest's block size.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]

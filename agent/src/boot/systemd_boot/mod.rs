@@ -63,7 +63,7 @@
 //!   leaves nothing a future loader or tool could pick up.
 //! * [`SystemdBoot::stage`]`(s, version, kernel, initrd)`: refused while `s` has an
 //!   entry; installs the kernel (see [`install_kernel`]) and writes the staged entry.
-//!   Not part of [`BootControl`]: `arm_trial(s, n)` has no version, so the release's
+//!   Not part of [`BootControl`](super::BootControl): `arm_trial(s, n)` has no version, so the release's
 //!   entry must be on the ESP before it is armed.
 //! * [`SystemdBoot::create`]: a first entry (rank 1, blessed) on an ESP with none.
 //! * `arm_trial(s, n)`: rename the staged entry to
@@ -121,6 +121,7 @@
 //! the state is done again by the gate (`postboot`). A torn arm (the staged file and
 //! its entry, same version) reads as the entry, the staged name kept as stale.
 
+mod control;
 mod entry;
 mod fs;
 mod names;
@@ -135,7 +136,7 @@ use std::fs::OpenOptions;
 use std::io::{self, Write};
 use std::path::{Path, PathBuf};
 
-use super::{BootControl, BootError, BootStatus};
+use super::BootError;
 use crate::slots::Slot;
 
 pub use entry::{entry_text, EntryConfig};
@@ -525,87 +526,5 @@ impl SystemdBoot {
         // Never leave a tree that status() would refuse.
         self.check(&apply_ops(&tree.names, &ops), &tree.foreign)?;
         run_ops(&self.entries_dir(), &ops)
-    }
-}
-
-impl BootControl for SystemdBoot {
-    fn name(&self) -> &'static str {
-        "systemd-boot"
-    }
-
-    fn needs_release_files(&self) -> bool {
-        true
-    }
-
-    /// Copies `/boot/vmlinuz` (and `/boot/initrd.img` when present) of the release,
-    /// whose slot was verified byte for byte, onto the ESP and stages its entry.
-    fn prepare(&mut self, slot: Slot, version: &str, root: &Path) -> Result<(), BootError> {
-        let digest = |p: &Path| -> Result<[u8; 32], BootError> {
-            let f = std::fs::File::open(p).map_err(|source| BootError::Read {
-                path: p.to_owned(),
-                source,
-            })?;
-            fs::sha256_of(f).map_err(|source| BootError::Read {
-                path: p.to_owned(),
-                source,
-            })
-        };
-        // Resolved inside the slot: a symlink in the release cannot point the copy
-        // at a file of the running system.
-        let find = |name: &str| {
-            let rel = Path::new("boot").join(name);
-            fs::resolve_in_root(root, &rel).map_err(|source| BootError::Read {
-                path: root.join(&rel),
-                source,
-            })
-        };
-        let kernel_path = find(KERNEL_NAME)?.ok_or_else(|| BootError::Read {
-            path: root.join("boot").join(KERNEL_NAME),
-            source: std::io::ErrorKind::NotFound.into(),
-        })?;
-        let initrd_path = find(INITRD_NAME)?;
-        let kernel = BootFile {
-            path: &kernel_path,
-            sha256: digest(&kernel_path)?,
-        };
-        let initrd_sha = match &initrd_path {
-            Some(p) => Some(digest(p)?),
-            None => None,
-        };
-        let initrd = initrd_path
-            .as_deref()
-            .zip(initrd_sha)
-            .map(|(path, sha256)| BootFile { path, sha256 });
-        self.stage(slot, version, &kernel, initrd.as_ref())
-    }
-
-    fn status(&self) -> Result<BootStatus, BootError> {
-        let tree = self.read()?;
-        let mut raw = tree.state.names();
-        raw.extend(tree.foreign.iter().map(|f| f.name.clone()));
-        tree.state
-            .status(raw.join(" "))
-            .map_err(|e| e.at(&self.entries_dir()))
-    }
-
-    fn mark_unbootable(&mut self, slot: Slot) -> Result<(), BootError> {
-        // The slot's own files may be broken: removing them is the cure.
-        let tree = self.read_checked(Some(slot), None);
-        self.update(tree, |s| s.mark_unbootable(slot))
-    }
-
-    fn arm_trial(&mut self, slot: Slot, tries: u8) -> Result<(), BootError> {
-        let tree = self.read_checked(None, Some(slot));
-        self.update(tree, |s| s.arm_trial(slot, tries))
-    }
-
-    fn commit(&mut self, slot: Slot) -> Result<(), BootError> {
-        let tree = self.read();
-        self.update(tree, |s| s.commit(slot))
-    }
-
-    fn rollback_to(&mut self, slot: Slot) -> Result<(), BootError> {
-        let tree = self.read();
-        self.update(tree, |s| s.rollback_to(slot))
     }
 }

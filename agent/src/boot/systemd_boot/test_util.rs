@@ -12,7 +12,8 @@ use super::fs::list_files;
 use super::names::{Counter, Entry, Name, StateError};
 use super::order::{is_entry_name, name_tries_left, strverscmp_improved};
 use super::state::EspState;
-use super::{BootControl, BootError, BootFile, EntryConfig, SystemdBoot, CONF, ENTRIES_DIR};
+use super::{BootError, BootFile, EntryConfig, SystemdBoot, CONF, ENTRIES_DIR};
+use crate::boot::BootControl;
 use crate::slots::Slot;
 
 pub(super) const A: Slot = Slot::A;

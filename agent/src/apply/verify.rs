@@ -1,0 +1,171 @@
+//! Whole-slot hashes: the read-back of the target (resumable from a mark), the
+//! verified prefix of a resumed apply, the booted slot's image.
+
+use std::io;
+use std::sync::mpsc;
+
+use sha2::{Digest, Sha256};
+
+use crate::blockio::AlignedBuf;
+use crate::midstate::{Hasher, Mark};
+use crate::payload::manifest::Manifest;
+
+use super::{feed_zeroes, ApplyError, SourceSlot, TargetSlot, IO_CHUNK, MARK_ZEROES};
+
+/// How many of the first `claimed` operations still hold their verified output in the
+/// target: the index of the first one whose bytes no longer hash right, or `claimed`.
+/// A resumed apply starts there, so a slot that changed under a checkpoint is
+/// rewritten, never trusted.
+pub fn verified_prefix(
+    manifest: &Manifest,
+    target: &mut dyn TargetSlot,
+    claimed: usize,
+) -> Result<usize, ApplyError> {
+    let bs = u64::from(manifest.block_size);
+    let mut buf = vec![0u8; IO_CHUNK];
+    for (i, op) in manifest.operations.iter().enumerate().take(claimed) {
+        let mut h = Sha256::new();
+        for e in &op.dst {
+            let (mut off, end) = (e.start * bs, (e.start + e.blocks) * bs);
+            while off < end {
+                let n = (end - off).min(buf.len() as u64) as usize;
+                target
+                    .read_exact_at(&mut buf[..n], off)
+                    .map_err(ApplyError::ReadBack)?;
+                h.update(&buf[..n]);
+                off += n as u64;
+            }
+        }
+        if <[u8; 32]>::from(h.finalize()) != op.sha256 {
+            return Ok(i);
+        }
+    }
+    Ok(claimed.min(manifest.operations.len()))
+}
+
+/// sha256 of the first `len` bytes of the target, read back from it. A reader thread
+/// keeps the next buffer coming while this one is hashed; known holes are hashed as
+/// zeros without being read.
+pub fn hash_target(target: &dyn TargetSlot, len: u64) -> io::Result<[u8; 32]> {
+    hash_target_from(target, len, None, &mut |_| {})
+}
+
+/// [`hash_target`] continued from `from` (where an earlier read-back stood), handing
+/// `on_mark` where it stands after every buffer, so a caller can write it down.
+pub fn hash_target_from(
+    target: &dyn TargetSlot,
+    len: u64,
+    from: Option<Mark>,
+    on_mark: &mut dyn FnMut(Mark),
+) -> io::Result<[u8; 32]> {
+    let ranges = target.data_ranges(len)?.unwrap_or_else(|| vec![(0, len)]);
+    hash_ranges(
+        &|buf, off| target.read_back_at(buf, off),
+        &ranges,
+        len,
+        from,
+        on_mark,
+    )
+}
+
+/// sha256 of the first `len` bytes of a source slot: what a delta's `source.sha256`
+/// describes (a slot device is usually larger than the image in it).
+pub fn hash_source(source: &dyn SourceSlot, len: u64) -> io::Result<[u8; 32]> {
+    if source.size() < len {
+        return Err(io::Error::new(
+            io::ErrorKind::UnexpectedEof,
+            format!("source is {} bytes, shorter than {len}", source.size()),
+        ));
+    }
+    hash_ranges(
+        &|buf, off| source.read_exact_at(buf, off),
+        &[(0, len)],
+        len,
+        None,
+        &mut |_| {},
+    )
+}
+
+type ReadAt<'a> = dyn Fn(&mut [u8], u64) -> io::Result<()> + Sync + 'a;
+
+fn hash_ranges(
+    read: &ReadAt<'_>,
+    ranges: &[(u64, u64)],
+    len: u64,
+    from: Option<Mark>,
+    on_mark: &mut dyn FnMut(Mark),
+) -> io::Result<[u8; 32]> {
+    let mut h = from.map_or_else(Hasher::new, Hasher::resume);
+    let skip = h.position();
+    if skip > len {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!("a read-back mark at byte {skip} is past the image's end at {len}"),
+        ));
+    }
+    // What is left to read: the ranges past the mark, clipped to it.
+    let ranges: Vec<(u64, u64)> = ranges
+        .iter()
+        .filter(|r| r.1 > skip)
+        .map(|&(start, end)| (start.max(skip), end))
+        .collect();
+    let ranges = ranges.as_slice();
+    let (full_tx, full_rx) = mpsc::sync_channel::<io::Result<(AlignedBuf, usize)>>(2);
+    let (empty_tx, empty_rx) = mpsc::sync_channel::<AlignedBuf>(3);
+    for _ in 0..3 {
+        let _ = empty_tx.send(AlignedBuf::new(IO_CHUNK * 4));
+    }
+    std::thread::scope(|scope| {
+        scope.spawn(move || {
+            for &(start, end) in ranges {
+                let mut off = start;
+                while off < end {
+                    let Ok(mut buf) = empty_rx.recv() else { return };
+                    let n = (end - off).min(buf.len() as u64) as usize;
+                    let r = read(&mut buf.bytes_mut()[..n], off).map(|()| (buf, n));
+                    let failed = r.is_err();
+                    if full_tx.send(r).is_err() || failed {
+                        return;
+                    }
+                    off += n as u64;
+                }
+            }
+        });
+        let mut pos = skip;
+        for &(start, end) in ranges {
+            hash_zeroes_marked(&mut h, start - pos, on_mark);
+            let mut off = start;
+            while off < end {
+                let (mut buf, n) = full_rx
+                    .recv()
+                    .map_err(|_| io::Error::other("read-back thread stopped"))??;
+                h.update(&buf.bytes_mut()[..n]);
+                off += n as u64;
+                let _ = empty_tx.send(buf);
+                if let Some(m) = h.mark() {
+                    on_mark(m);
+                }
+            }
+            pos = end;
+        }
+        hash_zeroes_marked(&mut h, len - pos, on_mark);
+        Ok(h.finalize())
+    })
+}
+
+/// Hashes `n` zeros, with a mark every few MiB: a hole can be most of a slot.
+fn hash_zeroes_marked(h: &mut Hasher, n: u64, on_mark: &mut dyn FnMut(Mark)) {
+    let mut fed = 0u64;
+    feed_zeroes(n, &mut |z| {
+        h.update(z);
+        fed += z.len() as u64;
+        if fed.is_multiple_of(MARK_ZEROES) {
+            if let Some(m) = h.mark() {
+                on_mark(m);
+            }
+        }
+    });
+    if let Some(m) = h.mark().filter(|_| n > 0) {
+        on_mark(m);
+    }
+}

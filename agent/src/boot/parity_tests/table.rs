@@ -1,0 +1,254 @@
+//! The table: every scenario, step by step, with what both backends must observe
+//! (or, where they legitimately differ, what each does and why).
+
+use crate::slots::Slot;
+
+use super::{Expect, Obs, Outcome, St, Step, A, B};
+
+pub(super) struct Scenario {
+    pub(super) name: &'static str,
+    pub(super) steps: Vec<(Step, Expect)>,
+}
+
+pub(super) const T: bool = true;
+pub(super) const F: bool = false;
+/// Default a, no trial, b not bootable: where every scenario starts.
+pub(super) const A_ONLY: St = (A, None, [T, F]);
+pub(super) const A_BOTH: St = (A, None, [T, T]);
+pub(super) const B_BOTH: St = (B, None, [T, T]);
+pub(super) const B_ONLY: St = (B, None, [F, T]);
+
+/// Default a, b on trial with `left` tries.
+pub(super) const fn trial_b(left: u8) -> St {
+    (A, Some((B, left)), [T, T])
+}
+
+/// Default b, a on trial with `left` tries.
+pub(super) const fn trial_a(left: u8) -> St {
+    (B, Some((A, left)), [T, T])
+}
+
+pub(super) const ARM: &str = "arm a trial of";
+pub(super) const MARK: &str = "mark unbootable";
+pub(super) const COMMIT: &str = "commit";
+pub(super) const ROLLBACK: &str = "roll back to";
+pub(super) const IS_DEFAULT: &str = "it is the default slot";
+pub(super) const TRIES: &str = "tries must be 1 to 9";
+pub(super) const UNBOOTABLE: &str = "it is marked unbootable";
+pub(super) const NOTHING_STAGED: &str = "nothing is staged for it";
+
+/// After a fallback: GRUB cleared the trial, systemd-boot's `+0-N` entry still reads
+/// as the trial with 0 tries left.
+pub(super) const FELL_BACK: &str =
+    "after the loader fell back, GRUB's script has cleared ua_trial; \
+    systemd-boot only renames counters, so the +0 entry still ranks above the default \
+    and reads as trial (b, 0) until the agent's next call";
+/// Arming a slot emptied by mark_unbootable without installing a release first.
+pub(super) const NO_STAGE: &str = "mark_unbootable removed b's systemd-boot entry and nothing is \
+    staged, so systemd-boot has nothing to arm; GRUB's ua_b_ok has no such precondition";
+
+pub(super) fn ok(status: St) -> Expect {
+    Expect::Both(Obs {
+        outcome: Outcome::Done,
+        status,
+    })
+}
+
+pub(super) fn booted(slot: Slot, status: St) -> Expect {
+    Expect::Both(Obs {
+        outcome: Outcome::Booted(slot),
+        status,
+    })
+}
+
+pub(super) fn refused(action: &'static str, why: &'static str, status: St) -> Expect {
+    Expect::Both(Obs {
+        outcome: Outcome::Refused { action, why },
+        status,
+    })
+}
+
+/// A step where the backends legitimately differ: each one's expectation, and why.
+pub(super) fn differ(why: &'static str, grub: Expect, systemd_boot: Expect) -> Expect {
+    let (Expect::Both(grub), Expect::Both(systemd_boot)) = (grub, systemd_boot) else {
+        panic!("differ takes two plain expectations");
+    };
+    Expect::Differ {
+        why,
+        grub,
+        systemd_boot,
+    }
+}
+
+pub(super) fn scenarios() -> Vec<Scenario> {
+    use Step::{Arm, Boot, Commit, Install, MarkUnbootable as Mark, RollbackTo};
+    vec![
+        Scenario {
+            name: "healthy trial is committed and boots for good",
+            steps: vec![
+                (Mark(B), ok(A_ONLY)),
+                (Install(B), ok(A_ONLY)),
+                (Arm(B, 3), ok(trial_b(3))),
+                (Boot, booted(B, trial_b(2))),
+                (Commit(B), ok(B_BOTH)),
+                (Boot, booted(B, B_BOTH)),
+                (Boot, booted(B, B_BOTH)),
+                (Boot, booted(B, B_BOTH)),
+                // Committing again changes nothing.
+                (Commit(B), ok(B_BOTH)),
+                (Boot, booted(B, B_BOTH)),
+            ],
+        },
+        Scenario {
+            name: "a trial that never comes up uses its tries and falls back to a",
+            steps: vec![
+                (Mark(B), ok(A_ONLY)),
+                (Install(B), ok(A_ONLY)),
+                (Arm(B, 3), ok(trial_b(3))),
+                (Boot, booted(B, trial_b(2))),
+                (Boot, booted(B, trial_b(1))),
+                // The last try: the boot running now.
+                (Boot, booted(B, trial_b(0))),
+                // The fallback. In both, b still reads bootable: neither bootloader
+                // marks a failed slot; the agent does (below).
+                (
+                    Boot,
+                    differ(FELL_BACK, booted(A, A_BOTH), booted(A, trial_b(0))),
+                ),
+                (
+                    Boot,
+                    differ(FELL_BACK, booted(A, A_BOTH), booted(A, trial_b(0))),
+                ),
+                // The agent on a records the rollback and makes it final.
+                (RollbackTo(A), ok(A_BOTH)),
+                (Boot, booted(A, A_BOTH)),
+                (Mark(B), ok(A_ONLY)),
+                (Boot, booted(A, A_ONLY)),
+            ],
+        },
+        Scenario {
+            name: "health check fails during the trial: rollback_to a, then b re-armed",
+            steps: vec![
+                (Mark(B), ok(A_ONLY)),
+                (Install(B), ok(A_ONLY)),
+                (Arm(B, 3), ok(trial_b(3))),
+                (Boot, booted(B, trial_b(2))),
+                (RollbackTo(A), ok(A_BOTH)),
+                (Boot, booted(A, A_BOTH)),
+                (Boot, booted(A, A_BOTH)),
+                // b still holds its release and is bootable: it can be tried again.
+                (Arm(B, 2), ok(trial_b(2))),
+                (Boot, booted(B, trial_b(1))),
+                (Commit(B), ok(B_BOTH)),
+                (Boot, booted(B, B_BOTH)),
+            ],
+        },
+        Scenario {
+            name: "trial cancelled with mark_unbootable, then a new release armed",
+            steps: vec![
+                (Mark(B), ok(A_ONLY)),
+                (Install(B), ok(A_ONLY)),
+                (Arm(B, 3), ok(trial_b(3))),
+                (Boot, booted(B, trial_b(2))),
+                (Mark(B), ok(A_ONLY)),
+                (Boot, booted(A, A_ONLY)),
+                // Arming without writing a release first.
+                (
+                    Arm(B, 2),
+                    differ(
+                        NO_STAGE,
+                        ok(trial_b(2)),
+                        refused(ARM, NOTHING_STAGED, A_ONLY),
+                    ),
+                ),
+                // Both back in the same state.
+                (Mark(B), ok(A_ONLY)),
+                (Boot, booted(A, A_ONLY)),
+                (Install(B), ok(A_ONLY)),
+                (Arm(B, 2), ok(trial_b(2))),
+                (Boot, booted(B, trial_b(1))),
+                (Boot, booted(B, trial_b(0))),
+                // Healthy on the last try.
+                (Commit(B), ok(B_BOTH)),
+                (Boot, booted(B, B_BOTH)),
+            ],
+        },
+        Scenario {
+            name: "one try fails, the same release is re-armed and passes",
+            steps: vec![
+                (Mark(B), ok(A_ONLY)),
+                (Install(B), ok(A_ONLY)),
+                (Arm(B, 1), ok(trial_b(1))),
+                (Boot, booted(B, trial_b(0))),
+                (
+                    Boot,
+                    differ(FELL_BACK, booted(A, A_BOTH), booted(A, trial_b(0))),
+                ),
+                (Arm(B, 2), ok(trial_b(2))),
+                (Boot, booted(B, trial_b(1))),
+                (Commit(B), ok(B_BOTH)),
+                (Boot, booted(B, B_BOTH)),
+            ],
+        },
+        Scenario {
+            name: "roles swapped: the next update goes into a",
+            steps: vec![
+                (Mark(B), ok(A_ONLY)),
+                (Install(B), ok(A_ONLY)),
+                (Arm(B, 2), ok(trial_b(2))),
+                (Boot, booted(B, trial_b(1))),
+                (Commit(B), ok(B_BOTH)),
+                (Mark(A), ok(B_ONLY)),
+                (Boot, booted(B, B_ONLY)),
+                (Install(A), ok(B_ONLY)),
+                (Arm(A, 2), ok(trial_a(2))),
+                (Boot, booted(A, trial_a(1))),
+                (RollbackTo(B), ok(B_BOTH)),
+                (Boot, booted(B, B_BOTH)),
+                // A manual rollback to the older release, still bootable.
+                (RollbackTo(A), ok(A_BOTH)),
+                (Boot, booted(A, A_BOTH)),
+            ],
+        },
+        Scenario {
+            name: "illegal moves are refused by both and change nothing",
+            steps: vec![
+                // Calls that have nothing to do succeed.
+                (Commit(A), ok(A_ONLY)),
+                (RollbackTo(A), ok(A_ONLY)),
+                (Mark(B), ok(A_ONLY)),
+                (Arm(A, 3), refused(ARM, IS_DEFAULT, A_ONLY)),
+                (Mark(A), refused(MARK, IS_DEFAULT, A_ONLY)),
+                (Commit(B), refused(COMMIT, UNBOOTABLE, A_ONLY)),
+                (RollbackTo(B), refused(ROLLBACK, UNBOOTABLE, A_ONLY)),
+                (Install(B), ok(A_ONLY)),
+                (Arm(B, 0), refused(ARM, TRIES, A_ONLY)),
+                (Arm(B, 10), refused(ARM, TRIES, A_ONLY)),
+                (Arm(B, u8::MAX), refused(ARM, TRIES, A_ONLY)),
+                // Written but not armed is not bootable.
+                (Commit(B), refused(COMMIT, UNBOOTABLE, A_ONLY)),
+                (RollbackTo(B), refused(ROLLBACK, UNBOOTABLE, A_ONLY)),
+                (Boot, booted(A, A_ONLY)),
+                (Arm(B, 3), ok(trial_b(3))),
+                (Arm(A, 1), refused(ARM, IS_DEFAULT, trial_b(3))),
+                (Mark(A), refused(MARK, IS_DEFAULT, trial_b(3))),
+                (Arm(B, 0), refused(ARM, TRIES, trial_b(3))),
+                // Re-arming with the same tries changes nothing.
+                (Arm(B, 3), ok(trial_b(3))),
+                (Boot, booted(B, trial_b(2))),
+                (Arm(B, 10), refused(ARM, TRIES, trial_b(2))),
+                (Mark(A), refused(MARK, IS_DEFAULT, trial_b(2))),
+                // Re-arming resets the count.
+                (Arm(B, 5), ok(trial_b(5))),
+                (Commit(B), ok(B_BOTH)),
+                (Arm(B, 3), refused(ARM, IS_DEFAULT, B_BOTH)),
+                (Mark(B), refused(MARK, IS_DEFAULT, B_BOTH)),
+                (Mark(A), ok(B_ONLY)),
+                (Commit(A), refused(COMMIT, UNBOOTABLE, B_ONLY)),
+                (RollbackTo(A), refused(ROLLBACK, UNBOOTABLE, B_ONLY)),
+                (Arm(A, 0), refused(ARM, TRIES, B_ONLY)),
+                (Boot, booted(B, B_ONLY)),
+            ],
+        },
+    ]
+}
