@@ -9,7 +9,7 @@
 # server on the host's loopback through an explicit guest-forward and reaches nothing
 # else. One QEMU run per boot: a reboot is QEMU exiting (-no-reboot) and a new run.
 #
-# Scenarios (default: 1 2 3 4 6 5, in this order; each starts where the last ended):
+# Scenarios (default: 1 2 3 4 6 5 7, in this order; each starts where the last ended):
 #   1  v1 -> v2: staged over gRPC while the node runs, reboot, health passes, committed;
 #      the downtime is measured next to a plain reboot of the same VM
 #   2  v2 -> v3 whose required unit fails a few seconds after start: the trial fails
@@ -25,6 +25,10 @@
 #      flip and during the commit; after every cut the node must boot a good slot and
 #      the agent must say something consistent; v6 is committed in the end
 #   6  manual rollback over the API to the release before (4 before it: v5 -> v2)
+#   7  the release key is rotated (v6 or v2 -> v7): the images ship root 1 (root
+#      keys 1 and 2, both needed; releases signed by the lab key); the publisher puts
+#      root 2 on the server, which replaces the lab key by a new one; the node follows
+#      it, refuses v7 signed by the old key and takes v7 signed by the new one
 #
 # Releases (built from the lab's cached rootfs): v1; v2 = v1 plus a package (jq) and
 # VERSION_ID 2.0; v3 = v2 plus a unit that exits 1 two seconds after it starts,
@@ -53,7 +57,7 @@ case $bootloader in
   *) echo "usage: $0 [--bootloader grub|systemd-boot] [SCENARIO...]" >&2; exit 2 ;;
 esac
 scenarios=("$@")
-((${#scenarios[@]})) || scenarios=(1 2 3 4 6 5)
+((${#scenarios[@]})) || scenarios=(1 2 3 4 6 5 7)
 export UA_VM_TIMEOUT=${UA_VM_TIMEOUT:-600}
 
 say() { printf '\n\033[1m== %s\033[0m\n' "$*"; }
@@ -89,6 +93,17 @@ trap cleanup EXIT
 # ---- trust: the publisher's key, and a PKI for the API (server in the guest, the
 # ---- fleet controller on the host)
 "$updatectl_host" bundle keygen --out "$w/keys" >/dev/null
+# The root of trust the images ship: root keys 1 and 2 (both must sign a new root),
+# the lab key for releases and channels; release2 is the key scenario 7 rotates to.
+for k in root1 root2 release2; do
+  "$updatectl_host" bundle keygen --out "$w/keys" --name "$k" >/dev/null
+done
+"$updatectl_host" bundle root init --out "$w/root-1.json" --root-key "$w/keys/root1.pub" \
+  --root-key "$w/keys/root2.pub" --releases-key "$w/keys/update-agent.pub" \
+  --channels-key "$w/keys/update-agent.pub" >/dev/null
+"$updatectl_host" bundle root threshold "$w/root-1.json" --role root 2 >/dev/null
+"$updatectl_host" bundle root sign "$w/root-1.json" --key "$w/keys/root1.key" --key "$w/keys/root2.key"
+"$updatectl_host" bundle root verify "$w/root-1.json" >&2
 pki() { openssl "$@" >/dev/null 2>&1; }
 ( cd "$w/pki"
   pki req -x509 -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -keyout ca.key -out ca.crt \
@@ -138,6 +153,7 @@ release() {
   systemctl --root="$tree" --quiet enable update-agent.service update-agent-boot-check.service
   install -d -m 0755 "$tree/etc/update-agent/keys.d" "$tree/etc/update-agent/health.d" "$tree/etc/update-agent/tls"
   install -m 0644 "$w/keys/update-agent.pub" "$tree/etc/update-agent/keys.d/lab.pub"
+  install -D -m 0644 "$w/root-1.json" "$tree/usr/share/update-agent/root.json"
   install -m 0644 "$w/pki/ca.crt" "$w/pki/server.crt" "$tree/etc/update-agent/tls/"
   install -m 0600 "$w/pki/server.key" "$tree/etc/update-agent/tls/"
   cat >"$tree/etc/update-agent/agent.toml" <<TOML
@@ -216,6 +232,10 @@ release 5.0 "$t"
 rm -f "$t/usr/share/ua-lab/data-5.0"
 printf 'update-agent VM lab release 6.0\n' >"$t/usr/share/ua-lab/release-6.0"
 release 6.0 "$t"
+# v7: v6 with one more small file (scenario 7 publishes it under a rotated key).
+printf 'update-agent VM lab release 7.0\n' >"$t/usr/share/ua-lab/release-7.0"
+release 7.0 "$t"
+mkdir -p "$w/www/old"
 ls -l "$w"/*.img >&2
 
 say "publisher: 2.0 as a delta from 1.0; 3.0, 4.0, 5.0 and 6.0 as deltas from 2.0; 6.0 from 5.0"
@@ -223,6 +243,14 @@ for pair in 2.0:1.0 3.0:2.0 4.0:2.0 5.0:2.0 6.0:2.0 6.0:5.0; do
   "$updatectl_host" bundle create --target "$w/${pair%%:*}.img" --source "$w/${pair##*:}.img" \
     --version "${pair%%:*}" --compatible ua-lab-x86_64 --key "$w/keys/update-agent.key" \
     --out "$w/www" --no-full --level 9
+done
+# 7.0 signed by the key root 2 brings, from 6.0 and from 2.0 (so `lab.sh 1 7` works
+# too), served where nodes look; and from 6.0 by the old lab key, under old/, where
+# scenario 7 points a check by URL.
+for k in release2:www:6.0 release2:www:2.0 update-agent:www/old:6.0; do
+  IFS=: read -r key out from <<<"$k"
+  "$updatectl_host" bundle create --target "$w/7.0.img" --source "$w/$from.img" --version 7.0 \
+    --compatible ua-lab-x86_64 --key "$w/keys/$key.key" --out "$w/$out" --no-full --level 9
 done
 ls -l "$w/www" >&2
 
@@ -716,6 +744,32 @@ PY
         || fail "the node did not go back to 2.0: $j"
       field "['last_result']['reason']" <<<"$j" | grep -q 'manual rollback from 5.0 to 2.0' \
         || fail "the reason does not say it was a manual rollback: $j"
+      ;;
+    7)
+      say "scenario 7: the release key is rotated; 7.0 by the old key refused, by the new one committed"
+      mkdir -p "$w/www/root"
+      r2=$w/www/root/2.json
+      "$updatectl_host" bundle root next "$w/root-1.json" --out "$r2" >/dev/null
+      old_fp=$("$updatectl_host" bundle root verify "$w/root-1.json" | awk '$1 == "releases" { print $NF }')
+      for role in releases channels; do
+        "$updatectl_host" bundle root add-key "$r2" --role "$role" --key "$w/keys/release2.pub" >/dev/null
+        "$updatectl_host" bundle root remove-key "$r2" --role "$role" --fingerprint "$old_fp" >/dev/null
+      done
+      "$updatectl_host" bundle root sign "$r2" --key "$w/keys/root1.key" --key "$w/keys/root2.key"
+      "$updatectl_host" bundle root verify "$r2" --previous "$w/root-1.json"
+      old=$(cd "$w/www/old" && ls 7.0.from-*.uap)
+      if ctl check --url "http://10.0.2.100:8080/old/$old" >"$w/check-old.txt" 2>&1; then
+        fail "7.0 signed by the removed key was accepted: $(cat "$w/check-old.txt")"
+      fi
+      cat "$w/check-old.txt"
+      grep -q 'signed only by keys this node does not trust' "$w/check-old.txt" \
+        || fail "the refusal does not name the untrusted key: $(cat "$w/check-old.txt")"
+      ctl update --version 7.0 --wait
+      reboot_up
+      j=$(status_json)
+      ctl status
+      [[ $(field "['state']" <<<"$j") == committed && $(field "['running_version']" <<<"$j") == 7.0 ]] \
+        || fail "7.0 signed by the new key was not committed: $j"
       ;;
     *) fail "unknown scenario $s" ;;
   esac
