@@ -76,6 +76,14 @@ pub enum BundleCommand {
         #[arg(long)]
         source: Option<PathBuf>,
     },
+    /// Add signatures to a payload (each holder of a releases role with a threshold
+    /// above one signs in turn); the manifest and the blob are unchanged.
+    Sign {
+        payload: PathBuf,
+        /// Secret key (PKCS#8 PEM); repeat to sign with several.
+        #[arg(long = "key", required = true)]
+        keys: Vec<PathBuf>,
+    },
     /// The root of trust: which keys sign releases, channels and the next root.
     #[command(subcommand)]
     Root(super::root::RootCommand),
@@ -185,6 +193,7 @@ pub fn run(cmd: BundleCommand) -> anyhow::Result<()> {
         }),
         BundleCommand::Inspect { payload, json, ops } => inspect(&payload, json, ops),
         BundleCommand::Root(cmd) => super::root::run(cmd),
+        BundleCommand::Sign { payload, keys } => super::sign::run(&payload, &keys),
         BundleCommand::Verify {
             payload,
             keys,

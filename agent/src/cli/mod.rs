@@ -10,6 +10,7 @@ pub mod publish;
 pub mod rebuild;
 pub mod render;
 pub mod root;
+pub mod sign;
 
 /// Exit codes, documented in `updatectl --help` and the README.
 pub const EXIT_OK: u8 = 0;

@@ -311,3 +311,70 @@ fn trust_replayed_channels_mixed_payloads_and_long_lives_are_refused() {
     fs::remove_file(n.path("state/channels.json")).expect("forget the channel");
     agent().check(&url, true).expect("unpinned");
 }
+
+/// A releases role of two keys, both needed: a payload signed by one is refused,
+/// naming how many signed and how many are needed; the second holder adds a
+/// signature with `updatectl bundle sign` and the same payload is taken.
+#[test]
+fn trust_a_release_needs_the_threshold_of_its_role() {
+    let n = Node::new();
+    let keys = n.path("keys");
+    let (r1, r1p) = keygen(&keys, "root1");
+    let (b, bp) = keygen(&keys, "release-b");
+    let a_pub = n.path("keys.d/publisher.pub");
+    let a_pub = a_pub.to_str().expect("utf8");
+    let root = n.path("root.json");
+    let root_s = root.to_str().expect("utf8");
+    updatectl(&[
+        "bundle",
+        "root",
+        "init",
+        "--out",
+        root_s,
+        "--root-key",
+        &r1p,
+        "--releases-key",
+        a_pub,
+        "--releases-key",
+        &bp,
+        "--channels-key",
+        a_pub,
+    ]);
+    updatectl(&[
+        "bundle",
+        "root",
+        "threshold",
+        root_s,
+        "--role",
+        "releases",
+        "2",
+    ]);
+    updatectl(&["bundle", "root", "sign", root_s, "--key", &r1]);
+    let cfg = fs::read_to_string(&n.config).expect("config");
+    fs::write(&n.config, format!("{cfg}\n[trust]\nroot = \"{root_s}\"\n")).expect("config");
+    let delta = n.publish("2.0", "test-board", &n.path("v2.img"), 64 << 10);
+    let url = n.server.url(&delta);
+    let agent = || {
+        update_agent::update::Agent::new(
+            update_agent::config::Config::load(&n.config).expect("config"),
+        )
+        .expect("agent")
+    };
+    let e = agent().check(&url, true).expect_err("one of two");
+    let msg = update_agent::update::error_chain(&e);
+    assert!(
+        msg.contains("signed by 1 trusted key(s)") && msg.contains("fewer than the 2"),
+        "{msg}"
+    );
+    let path = n.payloads.join(&delta);
+    let before = fs::read(&path).expect("payload");
+    updatectl(&["bundle", "sign", path.to_str().expect("utf8"), "--key", &b]);
+    agent().check(&url, true).expect("two of two");
+    // Only the signature block changed: the blob is the same bytes.
+    let after = fs::read(&path).expect("payload");
+    let blob = |v: &[u8]| v[v.len() - 4096..].to_vec();
+    assert_eq!(blob(&before), blob(&after));
+    let o = n.agent(&["stage", &url], &[]);
+    assert!(o.status.success(), "{}", text(&o));
+    n.assert_armed_v2();
+}
