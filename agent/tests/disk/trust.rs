@@ -25,6 +25,22 @@ fn keygen(dir: &Path, name: &str) -> (String, String) {
     (format!("{d}/{name}.key"), format!("{d}/{name}.pub"))
 }
 
+/// `updatectl bundle root init` of a root at `out` with these public keys per role.
+fn init_root(out: &str, root: &[&str], releases: &[&str], channels: &[&str], extra: &[&str]) {
+    let mut a = vec!["bundle", "root", "init", "--out", out];
+    for (flag, keys) in [
+        ("--root-key", root),
+        ("--releases-key", releases),
+        ("--channels-key", channels),
+    ] {
+        for k in keys {
+            a.extend([flag, k]);
+        }
+    }
+    a.extend_from_slice(extra);
+    updatectl(&a);
+}
+
 /// Points the node at `root` (its shipped root) and at the test server's releases.
 fn use_root(n: &Node, root: &Path) {
     let cfg = fs::read_to_string(&n.config).expect("config");
@@ -54,21 +70,7 @@ fn trust_a_rotated_root_is_followed_and_a_removed_key_is_refused() {
     let www = n.payloads.to_str().expect("utf8").to_owned();
     let root1 = format!("{www}/root/1.json");
     // Root 1: root keys 1 and 2, both needed; the node's publisher key A releases.
-    updatectl(&[
-        "bundle",
-        "root",
-        "init",
-        "--out",
-        &root1,
-        "--root-key",
-        &r1p,
-        "--root-key",
-        &r2p,
-        "--releases-key",
-        a_pub,
-        "--channels-key",
-        a_pub,
-    ]);
+    init_root(&root1, &[&r1p, &r2p], &[a_pub], &[a_pub], &[]);
     updatectl(&["bundle", "root", "threshold", &root1, "--role", "root", "2"]);
     updatectl(&["bundle", "root", "sign", &root1, "--key", &r1]);
     let e = Command::new(env!("CARGO_BIN_EXE_updatectl"))
@@ -174,21 +176,13 @@ fn trust_an_expired_root_is_followed_to_a_current_one() {
     let a_pub = a_pub.to_str().expect("utf8");
     let www = n.payloads.to_str().expect("utf8").to_owned();
     let root1 = format!("{www}/root/1.json");
-    updatectl(&[
-        "bundle",
-        "root",
-        "init",
-        "--out",
+    init_root(
         &root1,
-        "--root-key",
-        &r1p,
-        "--releases-key",
-        a_pub,
-        "--channels-key",
-        a_pub,
-        "--expires-in-days",
-        "0",
-    ]);
+        &[&r1p],
+        &[a_pub],
+        &[a_pub],
+        &["--expires-in-days", "0"],
+    );
     updatectl(&["bundle", "root", "sign", &root1, "--key", &r1]);
     let shipped = n.path("shipped-root.json");
     fs::copy(&root1, &shipped).expect("ship root 1");
@@ -325,21 +319,7 @@ fn trust_a_release_needs_the_threshold_of_its_role() {
     let a_pub = a_pub.to_str().expect("utf8");
     let root = n.path("root.json");
     let root_s = root.to_str().expect("utf8");
-    updatectl(&[
-        "bundle",
-        "root",
-        "init",
-        "--out",
-        root_s,
-        "--root-key",
-        &r1p,
-        "--releases-key",
-        a_pub,
-        "--releases-key",
-        &bp,
-        "--channels-key",
-        a_pub,
-    ]);
+    init_root(root_s, &[&r1p], &[a_pub, &bp], &[a_pub], &[]);
     updatectl(&[
         "bundle",
         "root",
