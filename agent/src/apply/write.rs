@@ -13,18 +13,23 @@ use crate::payload::manifest::{Manifest, OpKind, Operation};
 use super::produce::{check_hash, cost, Produced, Sched};
 use super::{ApplyError, Event, Options, Report, SourceSlot, TargetSlot, FETCH_TICK, IO_CHUNK};
 
-#[allow(clippy::too_many_arguments)]
+/// The writer's side of the workers: their results, and the budget it gives back.
+pub(super) struct Workers<'a> {
+    pub(super) rx: &'a mpsc::Receiver<(usize, Result<Produced, ApplyError>)>,
+    pub(super) sched: &'a Mutex<Sched>,
+    pub(super) cond: &'a Condvar,
+}
+
 pub(super) fn write_in_order(
     manifest: &Manifest,
     source: Option<&dyn SourceSlot>,
     target: &mut dyn TargetSlot,
     opts: &Options<'_>,
-    rx: &mpsc::Receiver<(usize, Result<Produced, ApplyError>)>,
-    sched: &Mutex<Sched>,
-    cond: &Condvar,
+    workers: &Workers<'_>,
     report: &mut Report,
     on_event: &mut dyn FnMut(Event),
 ) -> Result<(), ApplyError> {
+    let &Workers { rx, sched, cond } = workers;
     let ops = &manifest.operations;
     let mut pending: BTreeMap<usize, Result<Produced, ApplyError>> = BTreeMap::new();
     // Aligned, so a booted slot opened with O_DIRECT reads straight into it.

@@ -26,6 +26,31 @@ struct Start {
     read_back: Option<crate::midstate::Mark>,
 }
 
+/// What the caller of a staging hands it: a flag that cancels it, and where its
+/// progress goes.
+struct Caller<'a> {
+    cancel: Option<&'a AtomicBool>,
+    on: &'a mut dyn FnMut(Progress),
+}
+
+/// The attempt [`Agent::start`] begins: its id, and the payload opened from `url`.
+#[derive(Clone, Copy)]
+struct Attempt<'a> {
+    id: &'a str,
+    url: &'a str,
+    opened: &'a Opened,
+}
+
+/// The write [`Agent::run`] carries out: the payload's operations, with the booted
+/// slot as their source, into the inactive slot, from `start` on.
+struct Write<'a> {
+    src: &'a dyn RangeSource,
+    p: &'a Payload,
+    booted: &'a dyn SourceSlot,
+    writer: SlotWriter,
+    start: Start,
+}
+
 impl Agent {
     /// Stages the release at `url` into the inactive slot and arms the bootloader.
     pub fn stage(
@@ -62,7 +87,20 @@ impl Agent {
         let opened = self.open_checked(url, allow_downgrade)?;
         let booted = self.layout.open_booted()?;
         let source = opened.1.manifest.source.clone();
-        let result = self.start(&lock, state, attempt, url, &opened, &booted, cancel, on);
+        let result = self.start(
+            &lock,
+            state,
+            Attempt {
+                id: attempt,
+                url,
+                opened: &opened,
+            },
+            &booted,
+            Caller {
+                cancel,
+                on: &mut *on,
+            },
+        );
         // The booted slot is not hashed up front (that would cost a full read of it on
         // every update): every operation's output is verified anyway. Only when a delta
         // fails on its content is the slot checked, and a delta built from another
@@ -81,7 +119,12 @@ impl Agent {
         match self.open_checked(&full_url, allow_downgrade) {
             Ok(full) if !full.1.manifest.is_delta() => {
                 let state = self.store.load()?;
-                self.start(&lock, state, attempt, &full_url, &full, &booted, cancel, on)
+                let attempt = Attempt {
+                    id: attempt,
+                    url: &full_url,
+                    opened: &full,
+                };
+                self.start(&lock, state, attempt, &booted, Caller { cancel, on })
             }
             other => Err(UpdateError::NoMatchingPayload {
                 url: url.to_owned(),
@@ -96,18 +139,19 @@ impl Agent {
     }
 
     /// Size check, exclusive open, slot unbootable, state Staging, then the write.
-    #[allow(clippy::too_many_arguments)]
     fn start(
         &mut self,
         lock: &UpdateLock,
         mut state: State,
-        attempt: &str,
-        url: &str,
-        (src, p, mbytes): &Opened,
+        attempt: Attempt<'_>,
         booted: &dyn SourceSlot,
-        cancel: Option<&AtomicBool>,
-        on: &mut dyn FnMut(Progress),
+        caller: Caller<'_>,
     ) -> Result<(), UpdateError> {
+        let Attempt {
+            id: attempt,
+            url,
+            opened: (src, p, mbytes),
+        } = attempt;
         let slot = self.layout.inactive();
         let slot_size = self.layout.partition(slot).size;
         if p.manifest.target_size > slot_size {
@@ -143,17 +187,14 @@ impl Agent {
             tracing::info!(release = %s.version, slot = %slot, phase = "staging", attempt = %s.attempt, url = %s.url, "staging started");
         }
         failpoint("after-begin");
-        self.run(
-            lock,
-            state,
-            src.as_ref(),
+        let write = Write {
+            src: src.as_ref(),
             p,
             booted,
             writer,
-            Start::default(),
-            cancel,
-            on,
-        )
+            start: Start::default(),
+        };
+        self.run(lock, state, write, caller)
     }
 
     /// Carries on with whatever an earlier process left: an interrupted staging, or a
@@ -201,20 +242,17 @@ impl Agent {
                         tracing::info!(release = %s.version, slot = %s.slot, phase = "staging", attempt = %s.attempt, "resuming the staging of {} at operation {} of {}", s.version, s.ops_done, s.ops_total)
                     }
                 }
-                self.run(
-                    &lock,
-                    state,
-                    src.as_ref(),
-                    &p,
-                    &booted,
+                let write = Write {
+                    src: src.as_ref(),
+                    p: &p,
+                    booted: &booted,
                     writer,
-                    Start {
+                    start: Start {
                         op: s.ops_done,
                         read_back,
                     },
-                    cancel,
-                    on,
-                )
+                };
+                self.run(&lock, state, write, Caller { cancel, on })
             }
             State::Staged(st) => {
                 self.prepare_boot(st.slot, &st.version)?;
@@ -271,19 +309,21 @@ impl Agent {
         Ok(slot)
     }
 
-    #[allow(clippy::too_many_arguments)]
     fn run(
         &mut self,
         lock: &UpdateLock,
         mut state: State,
-        src: &dyn RangeSource,
-        p: &Payload,
-        booted: &dyn SourceSlot,
-        mut writer: SlotWriter,
-        start: Start,
-        cancel: Option<&AtomicBool>,
-        on: &mut dyn FnMut(Progress),
+        write: Write<'_>,
+        caller: Caller<'_>,
     ) -> Result<(), UpdateError> {
+        let Write {
+            src,
+            p,
+            booted,
+            mut writer,
+            start,
+        } = write;
+        let Caller { cancel, on } = caller;
         let m: &Manifest = &p.manifest;
         let slot = writer.slot();
         // A second handle on the device: fsync through it flushes the writes made
