@@ -12,15 +12,16 @@
 //! that no longer matches.
 //!
 //! The parts: `agent.rs` the agent and its handle on the node; `admit.rs` the checks a
-//! payload passes before anything is written; `staging.rs` start, run, resume and
-//! cancel; `helpers.rs` fail points, attempt ids, error chains; `error.rs` the errors
-//! of this room and of `postboot` (below both, so `postboot` names this room and this
-//! room does not name `postboot`).
+//! payload passes before anything is written; `staging.rs` start, resume and cancel;
+//! `run.rs` the write with its checkpoints; `helpers.rs` fail points, attempt ids,
+//! error chains; `error.rs` the errors of this room and of `postboot` (below both, so
+//! `postboot` names this room and this room does not name `postboot`).
 
 mod admit;
 mod agent;
 mod error;
 mod helpers;
+mod run;
 mod staging;
 
 pub use admit::Checked;
