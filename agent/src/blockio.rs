@@ -1,9 +1,9 @@
-//! Block I/O with O_DIRECT: buffers aligned for it, the alignment rule, and reads
-//! that see the device's bytes rather than the page cache (the read-back of the
-//! apply engine, the slots' reads).
+//! Block I/O: O_DIRECT (buffers aligned for it, the alignment rule, and reads that see
+//! the device's bytes rather than the page cache: the read-back of the apply engine,
+//! the slots' reads), and byte ranges read by position as one stream.
 
 use std::fs::{File, OpenOptions};
-use std::io;
+use std::io::{self, Read};
 use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::Path;
 
@@ -81,4 +81,55 @@ pub fn read_direct_at(direct: &File, buf: &mut [u8], offset: u64) -> io::Result<
         pos += n as u64;
     }
     Ok(())
+}
+
+/// Byte ranges `(offset, len)` of something read by position (a slot), in order, as
+/// one `Read`: each read stays inside one range and asks for at most what `buf` holds.
+pub struct RangesReader<F, I> {
+    read_at: F,
+    ranges: I,
+    /// The range being read: next offset, bytes left.
+    cur: (u64, u64),
+}
+
+impl<F, I> RangesReader<F, I>
+where
+    F: FnMut(&mut [u8], u64) -> io::Result<()>,
+    I: Iterator<Item = (u64, u64)>,
+{
+    pub fn new(read_at: F, ranges: impl IntoIterator<IntoIter = I>) -> Self {
+        Self {
+            read_at,
+            ranges: ranges.into_iter(),
+            cur: (0, 0),
+        }
+    }
+}
+
+impl<F, I> Read for RangesReader<F, I>
+where
+    F: FnMut(&mut [u8], u64) -> io::Result<()>,
+    I: Iterator<Item = (u64, u64)>,
+{
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        while self.cur.1 == 0 {
+            match self.ranges.next() {
+                Some(r) => self.cur = r,
+                None => return Ok(0),
+            }
+        }
+        let (off, left) = self.cur;
+        let n = left.min(buf.len() as u64) as usize;
+        (self.read_at)(&mut buf[..n], off)?;
+        self.cur = (off + n as u64, left - n as u64);
+        Ok(n)
+    }
+}
+
+impl<F, I> std::fmt::Debug for RangesReader<F, I> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RangesReader")
+            .field("cur", &self.cur)
+            .finish_non_exhaustive()
+    }
 }

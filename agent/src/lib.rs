@@ -20,6 +20,7 @@ pub mod events;
 pub mod fetch;
 pub mod file_target;
 pub mod fleetlock;
+pub mod hashio;
 pub mod health;
 pub mod history;
 pub mod logging;

@@ -22,9 +22,17 @@ pub fn rfc3339(secs: u64) -> String {
     )
 }
 
+/// The wall clock, now: every reading of the time in the agent goes through here.
+/// (The unattended loop's clock, `daemon::auto::now`, is this one plus the offset test
+/// builds may give it; the rest of the agent never sees that offset, so payload and
+/// channel expiry are judged on the real time.)
+pub fn now_system() -> std::time::SystemTime {
+    std::time::SystemTime::now()
+}
+
 /// Seconds since the Unix epoch, now.
 pub fn now() -> u64 {
-    std::time::SystemTime::now()
+    now_system()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_secs())
 }

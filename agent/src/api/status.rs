@@ -11,7 +11,7 @@ use crate::state::State;
 pub use super::convert::ts;
 
 pub fn now() -> prost_types::Timestamp {
-    convert::at(std::time::SystemTime::now())
+    convert::at(crate::timefmt::now_system())
 }
 
 pub fn outcome(o: &Outcome) -> pb::Outcome {

@@ -31,7 +31,7 @@ mod verify;
 mod write;
 
 use produce::{worker, Produced, Sched};
-use write::write_in_order;
+use write::{write_in_order, Workers};
 
 pub use verify::{hash_source, hash_target, hash_target_from, verified_prefix};
 
@@ -305,9 +305,11 @@ pub fn apply(
             source,
             target,
             opts,
-            &rx,
-            &sched,
-            &cond,
+            &Workers {
+                rx: &rx,
+                sched: &sched,
+                cond: &cond,
+            },
             &mut report,
             on_event,
         );

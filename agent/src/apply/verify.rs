@@ -4,9 +4,8 @@
 use std::io;
 use std::sync::mpsc;
 
-use sha2::{Digest, Sha256};
-
-use crate::blockio::AlignedBuf;
+use crate::blockio::{AlignedBuf, RangesReader};
+use crate::hashio::sha256_with;
 use crate::midstate::{Hasher, Mark};
 use crate::payload::manifest::Manifest;
 
@@ -24,19 +23,13 @@ pub fn verified_prefix(
     let bs = u64::from(manifest.block_size);
     let mut buf = vec![0u8; IO_CHUNK];
     for (i, op) in manifest.operations.iter().enumerate().take(claimed) {
-        let mut h = Sha256::new();
-        for e in &op.dst {
-            let (mut off, end) = (e.start * bs, (e.start + e.blocks) * bs);
-            while off < end {
-                let n = (end - off).min(buf.len() as u64) as usize;
-                target
-                    .read_exact_at(&mut buf[..n], off)
-                    .map_err(ApplyError::ReadBack)?;
-                h.update(&buf[..n]);
-                off += n as u64;
-            }
-        }
-        if <[u8; 32]>::from(h.finalize()) != op.sha256 {
+        let ranges = op.dst.iter().map(|e| (e.start * bs, e.blocks * bs));
+        let got = sha256_with(
+            RangesReader::new(|b: &mut [u8], off| target.read_exact_at(b, off), ranges),
+            &mut buf,
+        )
+        .map_err(ApplyError::ReadBack)?;
+        if got != op.sha256 {
             return Ok(i);
         }
     }

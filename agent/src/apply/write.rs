@@ -2,29 +2,34 @@
 //! ZERO and COPY done here, without passing bytes through the workers.
 
 use std::collections::BTreeMap;
+use std::io::Read;
 use std::sync::atomic::Ordering;
 use std::sync::{mpsc, Condvar, Mutex};
 
-use sha2::{Digest, Sha256};
-
-use crate::blockio::AlignedBuf;
+use crate::blockio::{AlignedBuf, RangesReader};
+use crate::hashio::HashingReader;
 use crate::payload::manifest::{Manifest, OpKind, Operation};
 
 use super::produce::{check_hash, cost, Produced, Sched};
 use super::{ApplyError, Event, Options, Report, SourceSlot, TargetSlot, FETCH_TICK, IO_CHUNK};
 
-#[allow(clippy::too_many_arguments)]
+/// The writer's side of the workers: their results, and the budget it gives back.
+pub(super) struct Workers<'a> {
+    pub(super) rx: &'a mpsc::Receiver<(usize, Result<Produced, ApplyError>)>,
+    pub(super) sched: &'a Mutex<Sched>,
+    pub(super) cond: &'a Condvar,
+}
+
 pub(super) fn write_in_order(
     manifest: &Manifest,
     source: Option<&dyn SourceSlot>,
     target: &mut dyn TargetSlot,
     opts: &Options<'_>,
-    rx: &mpsc::Receiver<(usize, Result<Produced, ApplyError>)>,
-    sched: &Mutex<Sched>,
-    cond: &Condvar,
+    workers: &Workers<'_>,
     report: &mut Report,
     on_event: &mut dyn FnMut(Event),
 ) -> Result<(), ApplyError> {
+    let &Workers { rx, sched, cond } = workers;
     let ops = &manifest.operations;
     let mut pending: BTreeMap<usize, Result<Produced, ApplyError>> = BTreeMap::new();
     // Aligned, so a booted slot opened with O_DIRECT reads straight into it.
@@ -125,38 +130,34 @@ fn copy_op(
     buf: &mut [u8],
 ) -> Result<(), ApplyError> {
     let kind = op.kind.name();
-    let mut h = Sha256::new();
-    let mut d_iter = op.dst.iter().map(|e| (e.start * bs, e.blocks * bs));
-    let mut d = d_iter.next();
-    for s in &op.src {
-        let (mut s_off, mut s_left) = (s.start * bs, s.blocks * bs);
-        while s_left > 0 {
-            let Some((d_off, d_left)) = d.as_mut() else {
-                break;
-            };
-            let n = s_left.min(*d_left).min(buf.len() as u64) as usize;
-            src.read_exact_at(&mut buf[..n], s_off)
+    let mut from = HashingReader::new(RangesReader::new(
+        |b: &mut [u8], off| src.read_exact_at(b, off),
+        op.src.iter().map(|e| (e.start * bs, e.blocks * bs)),
+    ));
+    'dst: for d in &op.dst {
+        let (mut d_off, mut d_left) = (d.start * bs, d.blocks * bs);
+        while d_left > 0 {
+            let want = d_left.min(buf.len() as u64) as usize;
+            let n = from
+                .read(&mut buf[..want])
                 .map_err(|source| ApplyError::SourceRead {
                     op: i,
                     kind,
                     source,
                 })?;
-            h.update(&buf[..n]);
+            if n == 0 {
+                break 'dst;
+            }
             target
-                .write_all_at(&buf[..n], *d_off)
+                .write_all_at(&buf[..n], d_off)
                 .map_err(|source| ApplyError::TargetWrite {
                     op: i,
                     kind,
                     source,
                 })?;
-            s_off += n as u64;
-            s_left -= n as u64;
-            *d_off += n as u64;
-            *d_left -= n as u64;
-            if *d_left == 0 {
-                d = d_iter.next();
-            }
+            d_off += n as u64;
+            d_left -= n as u64;
         }
     }
-    check_hash(i, op, h.finalize().into())
+    check_hash(i, op, from.finalize())
 }

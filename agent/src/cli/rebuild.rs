@@ -2,10 +2,10 @@
 //! would, and the image it produces rebuilt and compared.
 
 use std::fs::File;
+use std::io::Seek as _;
 use std::path::{Path, PathBuf};
 
 use anyhow::Context as _;
-use sha2::{Digest, Sha256};
 
 use crate::apply::{self, ApplyError, Blob, Event};
 use crate::file_target::FileTarget;
@@ -68,17 +68,11 @@ pub(super) fn rebuild(
     );
     // The blob as a whole; a node checks per operation instead, as it fetches.
     let blob_sha = {
-        let mut h = Sha256::new();
-        let mut buf = vec![0u8; 4 << 20];
-        let mut off = 0u64;
-        while off < m.blob_size {
-            let n = (m.blob_size - off).min(buf.len() as u64) as usize;
-            crate::payload::RangeSource::read_range(&src, p.blob_offset + off, &mut buf[..n])
-                .with_context(|| format!("reading blob of {}", path.display()))?;
-            h.update(&buf[..n]);
-            off += n as u64;
-        }
-        <[u8; 32]>::from(h.finalize())
+        let mut f = File::open(path).with_context(|| format!("reading {}", path.display()))?;
+        f.seek(std::io::SeekFrom::Start(p.blob_offset))
+            .with_context(|| format!("reading blob of {}", path.display()))?;
+        crate::hashio::sha256_of(std::io::Read::take(f, m.blob_size))
+            .with_context(|| format!("reading blob of {}", path.display()))?
     };
     if blob_sha != m.blob_sha256 {
         return Err(Rejected::BlobHash {

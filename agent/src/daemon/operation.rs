@@ -3,7 +3,7 @@
 //! and broadcast, and maybe a reboot at the end.
 
 use std::sync::Arc;
-use std::time::{Duration, SystemTime};
+use std::time::Duration;
 
 use super::ops::{Begin, OpEventKind, OpOutcome, OpProgress, OpResult, Operation, Phase};
 use super::target::{precheck, Target};
@@ -54,7 +54,7 @@ impl Daemon {
             version: target.version.clone().unwrap_or_default(),
             source: target.urls.last().cloned().unwrap_or_default(),
             reboot: strategy,
-            started: Some(SystemTime::now()),
+            started: Some(crate::timefmt::now_system()),
             ..Default::default()
         };
         // An interrupted staging of the same payload keeps its id (and resumes).
@@ -113,7 +113,7 @@ impl Daemon {
             version: target.version.clone().unwrap_or_default(),
             from_version: String::new(),
             reason,
-            at: SystemTime::now(),
+            at: crate::timefmt::now_system(),
             bytes_fetched: 0,
         };
         let checked = match checked {
@@ -175,7 +175,7 @@ impl Daemon {
             version,
             source: url.clone(),
             reboot: strategy,
-            started: Some(SystemTime::now()),
+            started: Some(crate::timefmt::now_system()),
             ..Default::default()
         };
         let key = format!("url {url}");
@@ -283,7 +283,7 @@ fn run_operation(
         version: snap.version.clone(),
         from_version: from_version.unwrap_or_default(),
         reason: String::new(),
-        at: SystemTime::now(),
+        at: crate::timefmt::now_system(),
         bytes_fetched: snap.bytes_fetched,
     };
     let reboot_now = match &result {

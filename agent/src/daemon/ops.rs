@@ -303,7 +303,7 @@ impl Ops {
         // No receivers is fine: nobody is watching.
         let _ = self.events.send(OpEvent {
             operation_id: id.to_owned(),
-            at: SystemTime::now(),
+            at: crate::timefmt::now_system(),
             kind,
         });
     }
@@ -349,7 +349,7 @@ mod tests {
                 version: String::new(),
                 from_version: String::new(),
                 reason: String::new(),
-                at: SystemTime::now(),
+                at: crate::timefmt::now_system(),
                 bytes_fetched: 0,
             },
         );

@@ -24,7 +24,7 @@ impl BootControl for SystemdBoot {
                 path: p.to_owned(),
                 source,
             })?;
-            fs::sha256_of(f).map_err(|source| BootError::Read {
+            crate::hashio::sha256_of(f).map_err(|source| BootError::Read {
                 path: p.to_owned(),
                 source,
             })

@@ -6,13 +6,12 @@ use std::io::{self, Read, Write};
 use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 
-use sha2::{Digest, Sha256};
-
 use super::names::{staged_name, temp_name};
 use super::state::{refused, EspState, Op};
 use super::{ENTRIES_DIR, INITRD_NAME, KERNEL_DIR, KERNEL_NAME, MAX_ENTRY_READ, TMP};
 use crate::boot::BootError;
 use crate::durable::sync_renamed;
+use crate::hashio::{sha256_of, HashingReader};
 use crate::slots::Slot;
 
 fn sync_dir(dir: &Path) -> io::Result<()> {
@@ -217,18 +216,6 @@ fn mismatch(what: &str, got: &[u8], want: &[u8; 32]) -> io::Error {
     )
 }
 
-pub(super) fn sha256_of(mut r: impl Read) -> io::Result<[u8; 32]> {
-    let mut h = Sha256::new();
-    let mut buf = vec![0u8; 1 << 20];
-    loop {
-        let n = r.read(&mut buf)?;
-        if n == 0 {
-            return Ok(h.finalize().into());
-        }
-        h.update(&buf[..n]);
-    }
-}
-
 /// Copies `src` to `dir/name` through `dir/name.tmp`: hashed on the way (a wrong source
 /// is refused before anything is renamed), fsynced, read back past the page cache and
 /// hashed again, then renamed into place. The caller fsyncs `dir`.
@@ -244,24 +231,22 @@ fn copy_verified(src: &BootFile<'_>, dir: &Path, name: &str) -> Result<(), BootE
             path: src.path.to_owned(),
             source,
         };
-        let mut input = File::open(src.path).map_err(rerr)?;
+        let mut input = HashingReader::new(File::open(src.path).map_err(rerr)?);
         let mut out = OpenOptions::new()
             .write(true)
             .create(true)
             .truncate(true)
             .open(&tmp)
             .map_err(werr)?;
-        let mut h = Sha256::new();
         let mut buf = vec![0u8; 1 << 20];
         loop {
             let n = input.read(&mut buf).map_err(rerr)?;
             if n == 0 {
                 break;
             }
-            h.update(&buf[..n]);
             out.write_all(&buf[..n]).map_err(werr)?;
         }
-        let got: [u8; 32] = h.finalize().into();
+        let got = input.finalize();
         if got != src.sha256 {
             return Err(rerr(mismatch("the source", &got, &src.sha256)));
         }

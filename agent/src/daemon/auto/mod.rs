@@ -83,7 +83,8 @@ fn machine_id(path: &std::path::Path) -> Result<String, MachineIdError> {
 /// `UPDATE_AGENT_TEST_CLOCK_OFFSET_SECS`, so an end-to-end test can stand inside or
 /// outside a window or a wave without waiting for one; releases cannot.
 pub fn now() -> Timestamp {
-    let t = Timestamp::now();
+    // The one wall clock; a time jiff cannot hold (past the year 9999) never comes.
+    let t = Timestamp::try_from(crate::timefmt::now_system()).unwrap_or(Timestamp::UNIX_EPOCH);
     #[cfg(feature = "failpoints")]
     if let Some(off) = std::env::var("UPDATE_AGENT_TEST_CLOCK_OFFSET_SECS")
         .ok()

@@ -79,9 +79,10 @@ impl Image {
 
 #[allow(unsafe_code)]
 fn map_readonly(file: &File) -> io::Result<Mmap> {
-    // SAFETY: the mapping is read-only and private to this process; concurrent
-    // modification of the file by someone else can only change the bytes we read,
-    // never memory safety of the slice beyond what the OS guarantees for file maps.
+    // SAFETY: the slice is only sound while nobody truncates or writes the file: a
+    // truncation turns reads past the new end into SIGBUS, and a write changes bytes
+    // behind a `&[u8]` Rust assumes immutable. The publisher must not change a slot
+    // image while generating from it; nothing in this process writes or truncates it.
     unsafe { Mmap::map(file) }
 }
 
