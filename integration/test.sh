@@ -63,9 +63,9 @@ sh bootloader-hooks/grub/test-grub-emu.sh
 if [[ ${UPDATE_AGENT_SKIP_VM:-} == 1 && -z ${CI:-} ]]; then
   step "VM lab skipped (UPDATE_AGENT_SKIP_VM=1)"
 else
-  step "VM lab (GRUB): scenarios 1 2 3 4 6 5 under QEMU"
+  step "VM lab (GRUB): scenarios 1 2 3 4 6 5 7 under QEMU"
   bash integration/vm/lab.sh --bootloader grub 1 2 3 4 6 5 7
-  step "VM lab (systemd-boot): scenarios 1 2 3 4 6 5 under QEMU"
+  step "VM lab (systemd-boot): scenarios 1 2 3 4 6 5 7 under QEMU"
   bash integration/vm/lab.sh --bootloader systemd-boot 1 2 3 4 6 5 7
 fi
 

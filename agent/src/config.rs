@@ -441,6 +441,8 @@ impl Config {
     fn finish(mut self) -> Result<Self, ConfigError> {
         self.validate()?;
         self.fetch.auth_origin = self.releases.url.clone();
+        let url = self.releases.url.clone();
+        self.auto.parse(url.as_deref())?;
         Ok(self)
     }
 
@@ -500,7 +502,6 @@ impl Config {
                 );
             }
         }
-        crate::policy::Settings::new(&self.auto, self.releases.url.as_deref())?;
         let l = &self.api.limits;
         for (key, v) in [
             ("api.limits.max_connections", l.max_connections),

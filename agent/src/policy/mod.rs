@@ -57,6 +57,46 @@ pub struct AutoConfig {
     /// Source of the node's stable identity (rollout position, FleetLock id).
     pub machine_id: std::path::PathBuf,
     pub fleetlock: FleetLockConfig,
+    /// These keys parsed, once, when the configuration is loaded.
+    #[serde(skip)]
+    pub parsed: Parsed,
+}
+
+/// [`Settings`] as built when the configuration was loaded, shared. It is a function
+/// of the keys beside it, so it compares equal to any other: `AutoConfig`'s equality
+/// is that of its keys.
+#[derive(Debug, Clone, Default)]
+pub struct Parsed(Option<std::sync::Arc<Settings>>);
+
+impl PartialEq for Parsed {
+    fn eq(&self, _: &Self) -> bool {
+        true
+    }
+}
+
+impl Eq for Parsed {}
+
+impl AutoConfig {
+    /// Parses these keys (`releases_url`: `[releases] url`) and keeps the result, so
+    /// later readers share it.
+    pub fn parse(&mut self, releases_url: Option<&str>) -> Result<(), SettingsError> {
+        self.parsed = Parsed(Some(std::sync::Arc::new(Settings::new(
+            self,
+            releases_url,
+        )?)));
+        Ok(())
+    }
+
+    /// The settings parsed at load, or parsed now for a configuration built in code.
+    pub fn settings(
+        &self,
+        releases_url: Option<&str>,
+    ) -> Result<std::sync::Arc<Settings>, SettingsError> {
+        match &self.parsed.0 {
+            Some(s) => Ok(std::sync::Arc::clone(s)),
+            None => Ok(std::sync::Arc::new(Settings::new(self, releases_url)?)),
+        }
+    }
 }
 
 impl Default for AutoConfig {
@@ -71,6 +111,7 @@ impl Default for AutoConfig {
             windows: Vec::new(),
             machine_id: "/etc/machine-id".into(),
             fleetlock: FleetLockConfig::default(),
+            parsed: Parsed::default(),
         }
     }
 }

@@ -60,51 +60,12 @@ fn killed_at_every_phase_and_at_random_points_still_completes() {
             .and_then(|mut f| f.write_all(&vec![0xa5u8; n.v2.len()]))
             .expect("scribble slot b");
         n.server.served.store(0, Ordering::Relaxed);
-        let mut runs = 0;
-        loop {
-            runs += 1;
-            assert!(
-                runs < 200,
-                "round {rounds}: no completion after {runs} runs"
-            );
-            let mut child = Command::new(env!("CARGO_BIN_EXE_update-agent"))
-                .arg("--config")
-                .arg(&n.config)
-                .args(["stage", &url])
-                .stdout(std::process::Stdio::null())
-                .stderr(std::process::Stdio::null())
-                .spawn()
-                .expect("spawn");
-            seed ^= seed << 13;
-            seed ^= seed >> 7;
-            seed ^= seed << 17;
-            // Up to half a second: a run must be able to get past its first checkpoint
-            // even on a loaded machine (the booted slot is read with O_DIRECT, uncached).
-            let wait = Duration::from_millis(20 + seed % 480);
-            let started = Instant::now();
-            let status = loop {
-                if let Some(s) = child.try_wait().expect("wait") {
-                    break Some(s);
-                }
-                if started.elapsed() >= wait {
-                    child.kill().expect("kill");
-                    child.wait().expect("reap");
-                    kills += 1;
-                    break None;
-                }
-                std::thread::sleep(Duration::from_millis(2));
-            };
-            if let Some(s) = status {
-                assert!(
-                    s.success(),
-                    "round {rounds} run {runs} failed after {kills} kills"
-                );
-                if n.state()["state"] == "armed" {
-                    break;
-                }
-            }
-            n.assert_booted_untouched();
-        }
+        // Up to half a second: a run must be able to get past its first checkpoint
+        // even on a loaded machine (the booted slot is read with O_DIRECT, uncached).
+        let (runs, k) = super::stage_under_kills(&n, &url, 200, &mut || {
+            Duration::from_millis(20 + super::xorshift(&mut seed) % 480)
+        });
+        kills += k;
         n.assert_armed_v2();
         let served = n.server.served.load(Ordering::Relaxed);
         eprintln!("round {rounds}: {runs} runs, {kills} kills so far, served {served} bytes for a {payload_size}-byte payload");

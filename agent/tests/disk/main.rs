@@ -422,6 +422,63 @@ impl Node {
     }
 }
 
+/// The next number of a xorshift sequence (a kill schedule that a seed replays).
+fn xorshift(seed: &mut u64) -> u64 {
+    *seed ^= *seed << 13;
+    *seed ^= *seed >> 7;
+    *seed ^= *seed << 17;
+    *seed
+}
+
+/// Runs `update-agent stage URL` again and again, each run SIGKILLed after `wait()`
+/// unless it ends first, until the release is armed; a run that ends must succeed,
+/// and the booted slot must be untouched after every run. Returns (runs, kills).
+fn stage_under_kills(
+    n: &Node,
+    url: &str,
+    max_runs: usize,
+    wait: &mut dyn FnMut() -> Duration,
+) -> (usize, usize) {
+    let (mut runs, mut kills) = (0, 0);
+    loop {
+        runs += 1;
+        assert!(runs <= max_runs, "no completion after {runs} runs");
+        let mut child = Command::new(env!("CARGO_BIN_EXE_update-agent"))
+            .arg("--config")
+            .arg(&n.config)
+            .args(["stage", url])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("spawn");
+        let wait = wait();
+        let started = Instant::now();
+        let status = loop {
+            if let Some(s) = child.try_wait().expect("wait") {
+                break Some(s);
+            }
+            if started.elapsed() >= wait {
+                child.kill().expect("kill");
+                child.wait().expect("reap");
+                kills += 1;
+                break None;
+            }
+            std::thread::sleep(Duration::from_millis(2));
+        };
+        if let Some(s) = status {
+            let mut err = String::new();
+            if let Some(mut e) = child.stderr.take() {
+                let _ = Read::read_to_string(&mut e, &mut err);
+            }
+            assert!(s.success(), "run {runs} failed after {kills} kills: {err}");
+            if n.state()["state"] == "armed" {
+                return (runs, kills);
+            }
+        }
+        n.assert_booted_untouched();
+    }
+}
+
 mod api;
 mod auto;
 mod journal;

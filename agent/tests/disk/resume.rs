@@ -4,7 +4,6 @@
 //! processes (the partial file in the state directory).
 
 use std::fs;
-use std::process::Command;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
@@ -118,46 +117,9 @@ fn resume_sigkill_every_50_ms_to_2_5_s_while_a_large_frame_downloads() {
         | 1;
     eprintln!("kill schedule seed {seed:#x}");
     let started = Instant::now();
-    let (mut runs, mut kills) = (0, 0);
-    loop {
-        runs += 1;
-        assert!(runs <= 100, "no completion after {runs} runs");
-        let mut child = Command::new(env!("CARGO_BIN_EXE_update-agent"))
-            .arg("--config")
-            .arg(&n.config)
-            .args(["stage", &url])
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::piped())
-            .spawn()
-            .expect("spawn");
-        seed ^= seed << 13;
-        seed ^= seed >> 7;
-        seed ^= seed << 17;
-        let wait = Duration::from_millis(50 + seed % 2450);
-        let t = Instant::now();
-        let status = loop {
-            if let Some(s) = child.try_wait().expect("wait") {
-                break Some(s);
-            }
-            if t.elapsed() >= wait {
-                child.kill().expect("kill");
-                child.wait().expect("reap");
-                kills += 1;
-                break None;
-            }
-            std::thread::sleep(Duration::from_millis(2));
-        };
-        if let Some(s) = status {
-            let mut err = String::new();
-            if let Some(mut e) = child.stderr.take() {
-                let _ = std::io::Read::read_to_string(&mut e, &mut err);
-            }
-            assert!(s.success(), "run {runs} failed after {kills} kills: {err}");
-            if n.state()["state"] == "armed" {
-                break;
-            }
-        }
-    }
+    let (runs, kills) = super::stage_under_kills(&n, &url, 100, &mut || {
+        Duration::from_millis(50 + super::xorshift(&mut seed) % 2450)
+    });
     assert_armed(&n, &image);
     let served = n.server.served.load(Ordering::Relaxed);
     eprintln!(

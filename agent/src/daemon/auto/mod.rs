@@ -46,7 +46,7 @@ pub struct View {
 }
 
 pub struct Auto {
-    pub settings: Settings,
+    pub settings: std::sync::Arc<Settings>,
     position: f64,
     lock: Option<fleetlock::Client>,
     view: Mutex<View>,
@@ -125,7 +125,7 @@ impl Auto {
     /// `None` when `[auto]` asks for nothing: not enabled, no windows, no FleetLock.
     pub fn new(cfg: &crate::config::Config) -> Result<Option<Self>, StartError> {
         let a = &cfg.auto;
-        let settings = Settings::new(a, cfg.releases.url.as_deref())?;
+        let settings = a.settings(cfg.releases.url.as_deref())?;
         if !settings.enabled && settings.windows.is_empty() && a.fleetlock.url.is_none() {
             return Ok(None);
         }
