@@ -151,7 +151,7 @@ if '--check-layers' in sys.argv:
         ['apply', 'file_target', 'partial'],
         ['config'],
         ['fetch', 'slots'],
-        ['boot', 'state', 'history', 'trust/node', 'trust/marks'],
+        ['boot', 'state', 'history', 'trust/node', 'trust/marks', 'trust/node_tests'],
         ['policy/decide', 'update', 'postboot', 'metrics'],
         ['daemon'],
         ['api'],
