@@ -22,6 +22,7 @@ declare -A want=(
   [systemd-analyze]=systemd
   [openssl]=openssl
   [setpriv]=util-linux
+  [veritysetup]=cryptsetup-bin
 )
 need=()
 export PATH=$PATH:/usr/sbin:/sbin

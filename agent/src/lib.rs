@@ -35,4 +35,5 @@ pub mod state;
 pub mod timefmt;
 pub mod trust;
 pub mod update;
+pub mod verity;
 pub mod version;
