@@ -114,6 +114,10 @@ impl TargetSlot for FileTarget {
         self.file.read_exact_at(buf, offset)
     }
 
+    fn write_shared_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
+        self.file.write_all_at(buf, offset)
+    }
+
     fn sync(&mut self) -> io::Result<()> {
         self.file.sync_all()
     }

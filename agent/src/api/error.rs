@@ -113,6 +113,7 @@ fn update_code(e: &UpdateError) -> (Code, &'static str) {
         | UpdateError::SourceTooOld { .. }
         | UpdateError::UnknownRunning { .. }
         | UpdateError::TargetTooLarge { .. }
+        | UpdateError::TreeDoesNotFit { .. }
         | UpdateError::NoMatchingPayload { .. }
         | UpdateError::NotFull { .. }
         | UpdateError::PayloadChanged { .. } => (Code::FailedPrecondition, "REJECTED"),

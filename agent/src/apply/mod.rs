@@ -97,6 +97,12 @@ pub enum ApplyError {
     ReadBack(#[source] io::Error),
     #[error("target slot sha256 {actual} does not match the manifest's {expected} after writing")]
     TargetHashMismatch { expected: String, actual: String },
+    #[error("the manifest's dm-verity parameters")]
+    VerityParams(#[source] crate::payload::ManifestError),
+    #[error("dm-verity root hash {actual} of the tree built on the slot does not match the manifest's {expected}")]
+    VerityRootMismatch { expected: String, actual: String },
+    #[error("finishing the dm-verity tree")]
+    Verity(#[source] crate::verity::VerityError),
     #[error("committing the target slot")]
     Commit(#[source] io::Error),
     #[error("cancelled at operation {op}")]
@@ -115,6 +121,7 @@ impl ApplyError {
                 | Self::Decompress { .. }
                 | Self::WrongLength { .. }
                 | Self::TargetHashMismatch { .. }
+                | Self::VerityRootMismatch { .. }
         )
     }
 }
@@ -151,6 +158,9 @@ pub trait TargetSlot: Sync {
     fn read_back_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
         self.read_exact_at(buf, offset)
     }
+    /// Writes while the image is read back on another thread: the dm-verity tree,
+    /// which lies past the image.
+    fn write_shared_at(&self, buf: &[u8], offset: u64) -> io::Result<()>;
     /// Makes everything written so far durable.
     fn sync(&mut self) -> io::Result<()>;
     /// Marks the target valid; called only after the whole image hashed right.
@@ -276,9 +286,10 @@ pub fn apply(
             });
         }
     }
-    if target.size() < manifest.target_size {
+    let needed = needed_size(manifest)?;
+    if target.size() < needed {
         return Err(ApplyError::TargetTooSmall {
-            expected: manifest.target_size,
+            expected: needed,
             actual: target.size(),
         });
     }
@@ -328,21 +339,71 @@ pub fn apply(
     let from = opts
         .read_back_from
         .filter(|_| opts.start_op >= manifest.operations.len());
-    let actual = hash_target_from(target, manifest.target_size, from, &mut |m| {
-        on_event(Event::ReadBack(m));
-    })
+    let area = verify::SlotArea(&*target);
+    let mut tree = tree_builder(manifest, &area, from)?;
+    let actual = verify::hash_target_tree(
+        &*target,
+        manifest.target_size,
+        from,
+        tree.as_mut(),
+        &mut |m| on_event(Event::ReadBack(m)),
+    )
     .map_err(ApplyError::ReadBack)?;
-    report.verify_seconds =
-        started.elapsed().as_secs_f64() - report.write_seconds - report.sync_seconds;
     if actual != manifest.target_sha256 {
         return Err(ApplyError::TargetHashMismatch {
             expected: hex::encode(manifest.target_sha256),
             actual: hex::encode(actual),
         });
     }
+    if let (Some(b), Some(v)) = (tree, &manifest.verity) {
+        let root = b.finish(&v.uuid).map_err(ApplyError::Verity)?;
+        if root != v.root_hash {
+            return Err(ApplyError::VerityRootMismatch {
+                expected: hex::encode(v.root_hash),
+                actual: hex::encode(root),
+            });
+        }
+    }
+    report.verify_seconds =
+        started.elapsed().as_secs_f64() - report.write_seconds - report.sync_seconds;
     target.commit().map_err(ApplyError::Commit)?;
     report.seconds = started.elapsed().as_secs_f64();
     Ok(report)
+}
+
+/// Bytes of the target slot the manifest needs: the image, and its dm-verity tree.
+pub fn needed_size(manifest: &Manifest) -> Result<u64, ApplyError> {
+    match &manifest.verity {
+        None => Ok(manifest.target_size),
+        Some(v) => Ok(v
+            .geometry(manifest.target_size)
+            .map_err(ApplyError::VerityParams)?
+            .end()),
+    }
+}
+
+/// The builder of the manifest's dm-verity tree, if it has one, continuing where the
+/// read-back continues (its level 0 was written as far as the mark).
+fn tree_builder<'a>(
+    manifest: &Manifest,
+    area: &'a verify::SlotArea<'a>,
+    from: Option<Mark>,
+) -> Result<Option<crate::verity::Builder<'a>>, ApplyError> {
+    let Some(v) = &manifest.verity else {
+        return Ok(None);
+    };
+    let geo = v
+        .geometry(manifest.target_size)
+        .map_err(ApplyError::VerityParams)?;
+    let salt = v.salt.clone();
+    let b = match from {
+        None => crate::verity::Builder::new(geo, salt, area),
+        Some(m) => crate::verity::Builder::resume(geo, salt, area, m.len, &|buf, off| {
+            area.0.read_back_at(buf, off)
+        })
+        .map_err(ApplyError::Verity)?,
+    };
+    Ok(Some(b))
 }
 
 fn hash_zeroes(h: &mut Sha256, n: u64) {

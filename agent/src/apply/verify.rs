@@ -8,6 +8,7 @@ use crate::blockio::{AlignedBuf, RangesReader};
 use crate::hashio::sha256_with;
 use crate::midstate::{Hasher, Mark};
 use crate::payload::manifest::Manifest;
+use crate::verity::{Area, Builder};
 
 use super::{feed_zeroes, ApplyError, SourceSlot, TargetSlot, IO_CHUNK, MARK_ZEROES};
 
@@ -51,14 +52,68 @@ pub fn hash_target_from(
     from: Option<Mark>,
     on_mark: &mut dyn FnMut(Mark),
 ) -> io::Result<[u8; 32]> {
+    hash_target_tree(target, len, from, None, on_mark)
+}
+
+/// [`hash_target_from`] that also hands every byte, in order, to a dm-verity tree
+/// builder, whose level 0 is written as far as each mark before the mark is handed on.
+pub(super) fn hash_target_tree(
+    target: &dyn TargetSlot,
+    len: u64,
+    from: Option<Mark>,
+    tree: Option<&mut Builder<'_>>,
+    on_mark: &mut dyn FnMut(Mark),
+) -> io::Result<[u8; 32]> {
     let ranges = target.data_ranges(len)?.unwrap_or_else(|| vec![(0, len)]);
     hash_ranges(
         &|buf, off| target.read_back_at(buf, off),
         &ranges,
         len,
         from,
-        on_mark,
+        &mut Feed { tree, on_mark },
     )
+}
+
+/// Where the read-back hands what it hashed: the tree builder, if any, and the marks.
+struct Feed<'t, 'b, 'm> {
+    tree: Option<&'t mut Builder<'b>>,
+    on_mark: &'m mut dyn FnMut(Mark),
+}
+
+impl Feed<'_, '_, '_> {
+    fn data(&mut self, buf: &[u8]) -> io::Result<()> {
+        match self.tree.as_deref_mut() {
+            Some(t) => t.feed(buf).map_err(io::Error::other),
+            None => Ok(()),
+        }
+    }
+    fn zeros(&mut self, n: u64) -> io::Result<()> {
+        match self.tree.as_deref_mut() {
+            Some(t) => t.feed_zeros(n).map_err(io::Error::other),
+            None => Ok(()),
+        }
+    }
+    /// The tree's level 0 goes out as far as the mark before the mark is handed on:
+    /// a caller that makes the slot durable and writes the mark down can resume both.
+    fn mark(&mut self, m: Mark) -> io::Result<()> {
+        if let Some(t) = self.tree.as_deref_mut() {
+            t.flush().map_err(io::Error::other)?;
+        }
+        (self.on_mark)(m);
+        Ok(())
+    }
+}
+
+/// The target as the area a dm-verity tree is written to, past the image.
+pub(super) struct SlotArea<'a>(pub(super) &'a dyn TargetSlot);
+
+impl Area for SlotArea<'_> {
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
+        self.0.read_back_at(buf, offset)
+    }
+    fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
+        self.0.write_shared_at(buf, offset)
+    }
 }
 
 /// sha256 of the first `len` bytes of a source slot: what a delta's `source.sha256`
@@ -75,7 +130,10 @@ pub fn hash_source(source: &dyn SourceSlot, len: u64) -> io::Result<[u8; 32]> {
         &[(0, len)],
         len,
         None,
-        &mut |_| {},
+        &mut Feed {
+            tree: None,
+            on_mark: &mut |_| {},
+        },
     )
 }
 
@@ -86,7 +144,7 @@ fn hash_ranges(
     ranges: &[(u64, u64)],
     len: u64,
     from: Option<Mark>,
-    on_mark: &mut dyn FnMut(Mark),
+    feed: &mut Feed<'_, '_, '_>,
 ) -> io::Result<[u8; 32]> {
     let mut h = from.map_or_else(Hasher::new, Hasher::resume);
     let skip = h.position();
@@ -126,39 +184,50 @@ fn hash_ranges(
         });
         let mut pos = skip;
         for &(start, end) in ranges {
-            hash_zeroes_marked(&mut h, start - pos, on_mark);
+            hash_zeroes_marked(&mut h, start - pos, feed)?;
             let mut off = start;
             while off < end {
                 let (mut buf, n) = full_rx
                     .recv()
                     .map_err(|_| io::Error::other("read-back thread stopped"))??;
                 h.update(&buf.bytes_mut()[..n]);
+                feed.data(&buf.bytes_mut()[..n])?;
                 off += n as u64;
                 let _ = empty_tx.send(buf);
                 if let Some(m) = h.mark() {
-                    on_mark(m);
+                    feed.mark(m)?;
                 }
             }
             pos = end;
         }
-        hash_zeroes_marked(&mut h, len - pos, on_mark);
+        hash_zeroes_marked(&mut h, len - pos, feed)?;
         Ok(h.finalize())
     })
 }
 
 /// Hashes `n` zeros, with a mark every few MiB: a hole can be most of a slot.
-fn hash_zeroes_marked(h: &mut Hasher, n: u64, on_mark: &mut dyn FnMut(Mark)) {
+fn hash_zeroes_marked(h: &mut Hasher, n: u64, feed: &mut Feed<'_, '_, '_>) -> io::Result<()> {
     let mut fed = 0u64;
+    let mut marks = Vec::new();
+    let mut zeros_at_mark = 0u64;
     feed_zeroes(n, &mut |z| {
         h.update(z);
         fed += z.len() as u64;
         if fed.is_multiple_of(MARK_ZEROES) {
             if let Some(m) = h.mark() {
-                on_mark(m);
+                marks.push((fed, m));
             }
         }
     });
-    if let Some(m) = h.mark().filter(|_| n > 0) {
-        on_mark(m);
+    // The tree takes its zeros (as one digest repeated) up to each mark, then the mark.
+    for (at, m) in marks {
+        feed.zeros(at - zeros_at_mark)?;
+        zeros_at_mark = at;
+        feed.mark(m)?;
     }
+    feed.zeros(n - zeros_at_mark)?;
+    if let Some(m) = h.mark().filter(|_| n > 0) {
+        feed.mark(m)?;
+    }
+    Ok(())
 }

@@ -127,9 +127,15 @@ pub struct CreateArgs {
     /// Days until nodes refuse the payload.
     #[arg(long, default_value_t = 180)]
     expires_in_days: u64,
-    /// dm-verity root hash of the target, hex.
+    /// Sign the dm-verity tree of the target: nodes build it into the slot after the
+    /// image, check its root against the signed one before arming, and boot through it.
+    /// The slot must have room for the tree (about 1/128 of the image) after the image.
     #[arg(long)]
-    verity_root_hash: Option<String>,
+    verity: bool,
+    /// Byte offset of the tree's superblock in the slot (default: right after the
+    /// image). Needs --verity.
+    #[arg(long, requires = "verity")]
+    verity_hash_offset: Option<u64>,
     /// zstd compression level (1-22).
     #[arg(long, default_value_t = 19, value_parser = clap::value_parser!(i32).range(1..=22))]
     level: i32,
@@ -222,12 +228,12 @@ fn create(a: &CreateArgs) -> anyhow::Result<()> {
     }
     // Fail on a missing key before minutes of work, not after.
     let key = PublisherKey::load(&a.key)?;
-    let verity = a
-        .verity_root_hash
-        .as_deref()
-        .map(|h| hex::decode(h).context("--verity-root-hash is not hex"))
-        .transpose()?;
     let target = Image::open(&a.target)?;
+    let verity = if a.verity {
+        Some(generate::verity_of(&target, a.verity_hash_offset)?)
+    } else {
+        None
+    };
     let sources = a
         .source
         .iter()
@@ -242,7 +248,7 @@ fn create(a: &CreateArgs) -> anyhow::Result<()> {
         created + a.expires_in_days.max(1) * 86_400,
     );
     opts.min_source_version.clone_from(&a.min_source_version);
-    opts.verity_root_hash = verity;
+    opts.verity = verity;
     opts.level = a.level;
     opts.allow_shrink = a.allow_shrink;
     opts.delta_chunk = a.delta_chunk_kib << 10;
@@ -337,13 +343,25 @@ pub struct InspectJson {
     pub block_size: u32,
     pub target_size: u64,
     pub target_sha256: String,
-    pub verity_root_hash: Option<String>,
+    pub verity: Option<VerityJson>,
     pub source_size: Option<u64>,
     pub source_sha256: Option<String>,
     pub blob_size: u64,
     pub blob_sha256: String,
     pub signed_by: Vec<String>,
     pub operations: Vec<KindStats>,
+}
+
+/// The dm-verity parameters, as `bundle inspect --json` prints them.
+#[derive(Debug, serde::Serialize)]
+pub struct VerityJson {
+    pub root_hash: String,
+    pub salt: String,
+    pub uuid: String,
+    /// Where the superblock sits in the slot.
+    pub hash_offset: u64,
+    /// Superblock and tree.
+    pub hash_bytes: u64,
 }
 
 pub fn kind_stats(m: &Manifest) -> Vec<KindStats> {
@@ -383,7 +401,13 @@ fn inspect(path: &Path, json: bool, list_ops: bool) -> anyhow::Result<()> {
         block_size: m.block_size,
         target_size: m.target_size,
         target_sha256: hex::encode(m.target_sha256),
-        verity_root_hash: m.verity_root_hash.as_ref().map(hex::encode),
+        verity: m.verity.as_ref().map(|v| VerityJson {
+            root_hash: hex::encode(v.root_hash),
+            salt: hex::encode(&v.salt),
+            uuid: crate::verity::uuid_text(&v.uuid),
+            hash_offset: v.hash_offset,
+            hash_bytes: v.geometry(m.target_size).map_or(0, |g| g.hash_bytes()),
+        }),
         source_size: m.source.as_ref().map(|s| s.size),
         source_sha256: m.source.as_ref().map(|s| hex::encode(s.sha256)),
         blob_size: m.blob_size,
@@ -417,10 +441,13 @@ fn inspect(path: &Path, json: bool, list_ops: bool) -> anyhow::Result<()> {
         "target       {} bytes, sha256:{}",
         doc.target_size, doc.target_sha256
     );
-    println!(
-        "verity root  {}",
-        doc.verity_root_hash.as_deref().unwrap_or("none")
-    );
+    match &doc.verity {
+        Some(v) => println!(
+            "verity       root {} salt {}\n             tree at byte {} ({} bytes), uuid {}",
+            v.root_hash, v.salt, v.hash_offset, v.hash_bytes, v.uuid
+        ),
+        None => println!("verity       none"),
+    }
     println!(
         "signed by    {} (not checked here; use `updatectl bundle verify`)",
         doc.signed_by

@@ -101,12 +101,16 @@ pub(super) fn rebuild(
         }
         None => None,
     };
+    // With a dm-verity tree the output is what a slot holds: the image, then its tree
+    // (so `verify` also checks the signed root, and `apply` writes a slot image).
+    let len = apply::needed_size(m)?;
     let mut target = match output {
-        Some(o) => FileTarget::create(o, m.target_size)
-            .with_context(|| format!("creating {}", o.display()))?,
+        Some(o) => {
+            FileTarget::create(o, len).with_context(|| format!("creating {}", o.display()))?
+        }
         None => {
             let dir = std::env::temp_dir();
-            FileTarget::scratch(&dir, m.target_size)
+            FileTarget::scratch(&dir, len)
                 .with_context(|| format!("creating a scratch file in {}", dir.display()))?
         }
     };

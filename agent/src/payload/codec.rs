@@ -7,12 +7,20 @@
 
 use super::error::{Loc, ManifestError};
 use super::limits;
-use super::manifest::{Extent, Manifest, OpKind, Operation, SourceImage, FORMAT_VERSION};
+use super::limits::FORMAT_VERSION_VERITY;
+use super::manifest::{Extent, Manifest, OpKind, Operation, SourceImage, Verity, FORMAT_VERSION};
 
 /// Serialises `m` to its canonical bytes.
 pub fn encode(m: &Manifest) -> Vec<u8> {
     let mut w = Vec::with_capacity(256 + m.operations.len() * 64);
-    put_uint(&mut w, FORMAT_VERSION);
+    put_uint(
+        &mut w,
+        if m.verity.is_some() {
+            FORMAT_VERSION_VERITY
+        } else {
+            FORMAT_VERSION
+        },
+    );
     put_str(&mut w, &m.compatible);
     put_str(&mut w, &m.version);
     put_opt_str(&mut w, m.min_source_version.as_deref());
@@ -21,11 +29,15 @@ pub fn encode(m: &Manifest) -> Vec<u8> {
     put_uint(&mut w, u64::from(m.block_size));
     put_uint(&mut w, m.target_size);
     w.extend_from_slice(&m.target_sha256);
-    match &m.verity_root_hash {
+    match &m.verity {
+        // Version 1: the field is an empty length.
         None => put_uint(&mut w, 0),
-        Some(h) => {
-            put_uint(&mut w, h.len() as u64);
-            w.extend_from_slice(h);
+        Some(v) => {
+            put_uint(&mut w, v.hash_offset);
+            put_uint(&mut w, v.salt.len() as u64);
+            w.extend_from_slice(&v.salt);
+            w.extend_from_slice(&v.uuid);
+            w.extend_from_slice(&v.root_hash);
         }
     }
     match &m.source {
@@ -64,7 +76,7 @@ pub fn decode(bytes: &[u8]) -> Result<Manifest, ManifestError> {
     let mut r = Reader { buf: bytes, pos: 0 };
     let m = Loc::Manifest;
     let version = r.uint(m, "format_version")?;
-    if version != FORMAT_VERSION {
+    if version != FORMAT_VERSION && version != FORMAT_VERSION_VERITY {
         return Err(ManifestError::UnsupportedVersion(version));
     }
     let compatible = r.string(m, "compatible")?;
@@ -85,19 +97,20 @@ pub fn decode(bytes: &[u8]) -> Result<Manifest, ManifestError> {
     })?;
     let target_size = r.uint(m, "target_size")?;
     let target_sha256 = r.digest(m, "target_sha256")?;
-    let verity_len = r.uint(m, "verity_root_hash")?;
-    let verity_root_hash = match verity_len {
-        0 => None,
-        n if n <= limits::MAX_VERITY_HASH as u64 => {
-            Some(r.take(n as usize, m, "verity_root_hash")?.to_vec())
-        }
-        n => {
-            return Err(ManifestError::OutOfBounds {
-                loc: m,
-                field: "verity_root_hash",
-                value: n,
-                max: limits::MAX_VERITY_HASH as u64,
-            })
+    let verity = if version == FORMAT_VERSION_VERITY {
+        Some(r.verity(m)?)
+    } else {
+        // Version 1 kept a length here for a root hash no node ever used; anything but
+        // an empty one is refused rather than half understood.
+        match r.uint(m, "verity_root_hash")? {
+            0 => None,
+            v => {
+                return Err(ManifestError::BadValue {
+                    loc: m,
+                    field: "verity_root_hash",
+                    value: v,
+                })
+            }
         }
     };
     let source = match r.byte(m, "source")? {
@@ -157,7 +170,7 @@ pub fn decode(bytes: &[u8]) -> Result<Manifest, ManifestError> {
         block_size,
         target_size,
         target_sha256,
-        verity_root_hash,
+        verity,
         source,
         blob_size,
         blob_sha256,
@@ -230,6 +243,30 @@ impl<'a> Reader<'a> {
         let s = &self.buf[self.pos..self.pos + n];
         self.pos += n;
         Ok(s)
+    }
+
+    /// Field 10 of a version 2 manifest: the dm-verity tree's parameters.
+    fn verity(&mut self, loc: Loc) -> Result<Verity, ManifestError> {
+        let hash_offset = self.uint(loc, "verity_hash_offset")?;
+        let n = self.uint(loc, "verity_salt")?;
+        if n > limits::MAX_VERITY_SALT {
+            return Err(ManifestError::OutOfBounds {
+                loc,
+                field: "verity_salt",
+                value: n,
+                max: limits::MAX_VERITY_SALT,
+            });
+        }
+        let salt = self.take(n as usize, loc, "verity_salt")?.to_vec();
+        let mut uuid = [0u8; 16];
+        uuid.copy_from_slice(self.take(16, loc, "verity_uuid")?);
+        let root_hash = self.digest(loc, "verity_root_hash")?;
+        Ok(Verity {
+            hash_offset,
+            salt,
+            uuid,
+            root_hash,
+        })
     }
 
     fn byte(&mut self, loc: Loc, field: &'static str) -> Result<u8, ManifestError> {

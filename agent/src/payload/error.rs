@@ -29,7 +29,7 @@ pub enum ManifestError {
     Truncated { loc: Loc, field: &'static str },
     #[error("{loc}: field `{field}` is not canonically encoded")]
     NonCanonical { loc: Loc, field: &'static str },
-    #[error("unsupported manifest format version {0} (this build reads version {supported})", supported = super::limits::FORMAT_VERSION)]
+    #[error("unsupported manifest format version {0} (this build reads versions {v1} and {v2})", v1 = super::limits::FORMAT_VERSION, v2 = super::limits::FORMAT_VERSION_VERITY)]
     UnsupportedVersion(u64),
     #[error("operation {op}: unknown operation type {kind}")]
     UnknownOpKind { op: usize, kind: u8 },
@@ -109,6 +109,8 @@ pub enum ManifestError {
         len: u64,
         blob_size: u64,
     },
+    #[error("manifest: dm-verity parameters: {0}")]
+    BadVerity(&'static str),
     #[error("operation {op}: a {kind} operation needs a source image, but this is a full payload")]
     NeedsSource { op: usize, kind: &'static str },
 }

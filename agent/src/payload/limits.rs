@@ -2,8 +2,12 @@
 //! They keep decoding and applying bounded in memory and time whatever a hostile or
 //! broken payload says.
 
-/// Version of the manifest encoding this build reads and writes.
+/// Version of the manifest encoding this build writes for a payload without a
+/// dm-verity tree (and the first it reads).
 pub const FORMAT_VERSION: u64 = 1;
+/// The version that adds the dm-verity tree's parameters (field 10); written only when
+/// a manifest has them, so nodes that read only version 1 keep reading the rest.
+pub const FORMAT_VERSION_VERITY: u64 = 2;
 /// Largest manifest accepted, in bytes.
 pub const MAX_MANIFEST_BYTES: u64 = 32 << 20;
 /// Largest signature block accepted, in bytes.
@@ -18,8 +22,8 @@ pub const MAX_EXTENTS_PER_OP: u64 = 1 << 16;
 pub const MAX_EXTENTS_TOTAL: u64 = 1 << 22;
 /// Longest `compatible` / version string.
 pub const MAX_STRING: u64 = 256;
-/// Longest dm-verity root hash (sha512).
-pub const MAX_VERITY_HASH: usize = 64;
+/// Longest dm-verity salt (what the verity superblock holds).
+pub const MAX_VERITY_SALT: u64 = 256;
 /// Largest image (target or source): 16 TiB.
 pub const MAX_IMAGE_SIZE: u64 = 1 << 44;
 pub const MIN_BLOCK_SIZE: u32 = 512;

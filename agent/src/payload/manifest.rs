@@ -116,6 +116,36 @@ pub struct SourceImage {
     pub sha256: [u8; 32],
 }
 
+/// The dm-verity tree a node builds into the slot after the image and must find this
+/// root hash at the top of: hash type 1, sha256, 4 KiB data and hash blocks, the data
+/// being the whole target, the superblock at `hash_offset` and the tree after it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Verity {
+    /// Byte offset of the superblock in the slot: at or past the end of the target.
+    pub hash_offset: u64,
+    pub salt: Vec<u8>,
+    /// The superblock's uuid.
+    pub uuid: [u8; 16],
+    pub root_hash: [u8; 32],
+}
+
+impl Verity {
+    /// Where the tree of a `target_size`-byte image sits.
+    pub fn geometry(&self, target_size: u64) -> Result<crate::verity::Geometry, ManifestError> {
+        if !target_size.is_multiple_of(crate::verity::BLOCK) {
+            return Err(ManifestError::BadVerity(
+                "the target size is not a multiple of 4096, the dm-verity block size",
+            ));
+        }
+        crate::verity::Geometry::new(target_size / crate::verity::BLOCK, self.hash_offset).map_err(
+            |e| match e {
+                crate::verity::VerityError::Geometry(why) => ManifestError::BadVerity(why),
+                _ => ManifestError::BadVerity("the tree cannot be laid out"),
+            },
+        )
+    }
+}
+
 /// Everything the publisher signs.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Manifest {
@@ -132,8 +162,8 @@ pub struct Manifest {
     pub block_size: u32,
     pub target_size: u64,
     pub target_sha256: [u8; 32],
-    /// dm-verity root hash of the target, when the image carries a hash tree.
-    pub verity_root_hash: Option<Vec<u8>>,
+    /// The dm-verity tree the node builds after the target (format version 2).
+    pub verity: Option<Verity>,
     /// Present for a delta; absent for a full payload.
     pub source: Option<SourceImage>,
     pub blob_size: u64,
@@ -178,14 +208,18 @@ impl Manifest {
                 block_size: bs,
             });
         }
-        if let Some(v) = &self.verity_root_hash {
-            if v.is_empty() || v.len() > limits::MAX_VERITY_HASH {
+        if let Some(v) = &self.verity {
+            if v.salt.len() as u64 > limits::MAX_VERITY_SALT {
                 return Err(ManifestError::OutOfBounds {
                     loc: m,
-                    field: "verity_root_hash",
-                    value: v.len() as u64,
-                    max: limits::MAX_VERITY_HASH as u64,
+                    field: "verity_salt",
+                    value: v.salt.len() as u64,
+                    max: limits::MAX_VERITY_SALT,
                 });
+            }
+            let end = v.geometry(self.target_size)?.end();
+            if end > limits::MAX_IMAGE_SIZE.saturating_mul(2) {
+                return Err(ManifestError::BadVerity("the tree ends past any slot"));
             }
         }
         if let Some(src) = &self.source {

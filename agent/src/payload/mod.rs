@@ -11,5 +11,5 @@ pub mod sign;
 
 pub use container::{FileSource, MemSource, Payload, RangeSource, Trust};
 pub use error::{Loc, ManifestError, PayloadError, TrustError};
-pub use manifest::{Extent, Manifest, OpKind, Operation, SourceImage};
+pub use manifest::{Extent, Manifest, OpKind, Operation, SourceImage, Verity};
 pub use sign::{PublisherKey, TrustedKeys};

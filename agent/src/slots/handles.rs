@@ -205,6 +205,9 @@ impl TargetSlot for SlotWriter {
     fn write_zeroes(&mut self, offset: u64, len: u64) -> io::Result<()> {
         crate::file_target::zero_range(&self.file, offset, len)
     }
+    fn write_shared_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
+        FileExt::write_all_at(&self.file, buf, offset)
+    }
     fn read_exact_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
         FileExt::read_exact_at(&self.file, buf, offset)
     }

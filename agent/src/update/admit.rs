@@ -122,8 +122,38 @@ impl Agent {
                 })
             }
         }
+        self.fits_slot(m)?;
         let manifest_bytes = codec::encode(m);
         Ok((src, p, manifest_bytes))
+    }
+
+    /// The image, and its dm-verity tree when it has one, fit the inactive slot.
+    pub(super) fn fits_slot(&self, m: &crate::payload::Manifest) -> Result<(), UpdateError> {
+        let slot = self.layout.inactive();
+        let slot_size = self.layout.partition(slot).size;
+        if m.target_size > slot_size {
+            return Err(UpdateError::TargetTooLarge {
+                version: m.version.clone(),
+                size: m.target_size,
+                slot,
+                slot_size,
+            });
+        }
+        let Some(v) = &m.verity else { return Ok(()) };
+        let geo = v
+            .geometry(m.target_size)
+            .map_err(crate::apply::ApplyError::VerityParams)?;
+        if geo.end() > slot_size {
+            return Err(UpdateError::TreeDoesNotFit {
+                version: m.version.clone(),
+                size: m.target_size,
+                tree_bytes: geo.hash_bytes(),
+                tree_end: geo.end(),
+                slot,
+                slot_size,
+            });
+        }
+        Ok(())
     }
 }
 

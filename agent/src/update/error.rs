@@ -45,6 +45,19 @@ pub enum UpdateError {
         slot_size: u64,
     },
     #[error(
+        "release {version}'s dm-verity tree ends at byte {tree_end} of the slot (the image is \
+         {size} bytes, the tree {tree_bytes}), but slot {slot} holds only {slot_size}: grow the \
+         slots or publish a smaller image"
+    )]
+    TreeDoesNotFit {
+        version: String,
+        size: u64,
+        tree_bytes: u64,
+        tree_end: u64,
+        slot: crate::slots::Slot,
+        slot_size: u64,
+    },
+    #[error(
         "delta {url} was built from a different image than the booted slot \
          (it needs sha256 {expected}, the slot has {actual}), and no full payload was found beside it"
     )]

@@ -191,12 +191,19 @@ impl Agent {
                     }
                     Event::ReadBack(mark) => {
                         if checkpoint_err.is_none() && last.elapsed() >= every {
-                            let r = state
-                                .read_back(crate::state::ReadBack {
-                                    offset: mark.len,
-                                    sha256_state: mark.state_hex(),
+                            // The dm-verity tree's level 0 is written as far as the
+                            // mark: durable first, or a resume would trust lost writes.
+                            let synced = match m.verity {
+                                Some(_) => sync_handle.sync_all().map_err(UpdateError::Sync),
+                                None => Ok(()),
+                            };
+                            let r = synced
+                                .and_then(|()| {
+                                    Ok(state.read_back(crate::state::ReadBack {
+                                        offset: mark.len,
+                                        sha256_state: mark.state_hex(),
+                                    })?)
                                 })
-                                .map_err(UpdateError::from)
                                 .and_then(|()| Ok(self.store.save(lock, &state)?));
                             if let Err(e) = r {
                                 checkpoint_err = Some(e);
@@ -223,6 +230,12 @@ impl Agent {
                         op: good,
                         read_back: None,
                     };
+                }
+                // A tree resumed from the slot did not come out right: level 0 as
+                // written before the restart is not what it was. Build it all again once.
+                Err(ApplyError::VerityRootMismatch { .. }) if start.read_back.is_some() => {
+                    tracing::warn!(release = %m.version, slot = %slot, phase = "staging", "the dm-verity tree resumed from the slot has the wrong root; building it again from the start");
+                    start.read_back = None;
                 }
                 r => break r,
             }

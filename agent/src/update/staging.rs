@@ -124,15 +124,7 @@ impl Agent {
             opened: (src, p, mbytes),
         } = attempt;
         let slot = self.layout.inactive();
-        let slot_size = self.layout.partition(slot).size;
-        if p.manifest.target_size > slot_size {
-            return Err(UpdateError::TargetTooLarge {
-                version: p.manifest.version.clone(),
-                size: p.manifest.target_size,
-                slot,
-                slot_size,
-            });
-        }
+        self.fits_slot(&p.manifest)?;
         let writer = self.layout.open_inactive()?;
         // From here on a half-written slot can never be chosen by the bootloader.
         self.boot.mark_unbootable(slot)?;

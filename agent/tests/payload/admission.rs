@@ -66,10 +66,10 @@ fn hostile_manifests_get_typed_errors() {
 
     // Raw-byte faults.
     let mut b = baseline().0;
-    b[0] = 2;
+    b[0] = 9;
     assert_eq!(
         manifest_err(open_signed(&b, &baseline().1)),
-        ManifestError::UnsupportedVersion(2)
+        ManifestError::UnsupportedVersion(9)
     );
     let mut b = baseline().0;
     b.push(0);

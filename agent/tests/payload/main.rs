@@ -280,3 +280,4 @@ mod admission;
 mod engine;
 mod publisher;
 mod roundtrip;
+mod verity;

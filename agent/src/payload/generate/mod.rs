@@ -87,6 +87,8 @@ pub enum GenerateError {
     Compress { chunk: usize, message: &'static str },
     #[error("invalid release metadata")]
     Metadata(#[source] super::error::ManifestError),
+    #[error("computing the target's dm-verity tree")]
+    Verity(#[source] crate::verity::VerityError),
 }
 
 /// Release metadata and tuning knobs.
@@ -97,7 +99,8 @@ pub struct Options {
     pub min_source_version: Option<String>,
     pub created: u64,
     pub expires: u64,
-    pub verity_root_hash: Option<Vec<u8>>,
+    /// The dm-verity tree nodes build after the target ([`verity_of`]).
+    pub verity: Option<crate::payload::manifest::Verity>,
     pub block_size: u32,
     /// zstd level for frames.
     pub level: i32,
@@ -119,7 +122,7 @@ impl Options {
             min_source_version: None,
             created,
             expires,
-            verity_root_hash: None,
+            verity: None,
             block_size: 4096,
             level: 19,
             delta_chunk: 2 << 20,
@@ -226,6 +229,25 @@ pub fn create_delta(
         key,
         out,
     )
+}
+
+/// The dm-verity parameters of `target` with its tree at `hash_offset` (default: right
+/// after the image): the salt and uuid derived from the image, the root computed here.
+pub fn verity_of(
+    target: &Image,
+    hash_offset: Option<u64>,
+) -> Result<crate::payload::manifest::Verity, GenerateError> {
+    let (salt, uuid) = crate::verity::derive_salt_uuid(&target.sha256());
+    let mut v = crate::payload::manifest::Verity {
+        hash_offset: hash_offset.unwrap_or(target.len()),
+        salt,
+        uuid,
+        root_hash: [0; 32],
+    };
+    let geo = v.geometry(target.len()).map_err(GenerateError::Metadata)?;
+    v.root_hash = crate::verity::root_of(&mut target.bytes(), &geo, &v.salt, &v.uuid)
+        .map_err(GenerateError::Verity)?;
+    Ok(v)
 }
 
 /// Builds a full payload. `known` are images many nodes run (the first one is used for

@@ -135,7 +135,7 @@ pub(super) fn finish(
         block_size: opts.block_size,
         target_size: target.len(),
         target_sha256: target.sha256(),
-        verity_root_hash: opts.verity_root_hash.clone(),
+        verity: opts.verity.clone(),
         source: source_info,
         blob_size,
         blob_sha256: blob_hash.finalize().into(),
