@@ -387,7 +387,7 @@ fn inspect(path: &Path, json: bool, list_ops: bool) -> anyhow::Result<()> {
     let p = Payload::open(&src, Trust::InspectOnly)?;
     let m = &p.manifest;
     let doc = InspectJson {
-        schema: 1,
+        schema: 2,
         path: path.to_owned(),
         payload_bytes: p.blob_offset + m.blob_size,
         head_bytes: p.head_len(),

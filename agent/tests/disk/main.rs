@@ -341,6 +341,20 @@ impl Node {
         target: &Path,
         chunk: u64,
     ) -> String {
+        self.publish_with(key, version, compatible, target, chunk, &|_, _| {})
+    }
+
+    /// [`Node::publish_signed`] with the generator's options changed by `tweak` (which
+    /// also sees the target image).
+    fn publish_with(
+        &self,
+        key: &PublisherKey,
+        version: &str,
+        compatible: &str,
+        target: &Path,
+        chunk: u64,
+        tweak: &dyn Fn(&mut Options, &Image),
+    ) -> String {
         let mut o = Options::new(
             compatible,
             version,
@@ -353,6 +367,7 @@ impl Node {
         o.max_reference = chunk * 4;
         let t = Image::open(target).expect("target");
         let s = Image::open(&self.path("v1.img")).expect("source");
+        tweak(&mut o, &t);
         generate::create_full(
             &t,
             Some(&s),
@@ -490,6 +505,7 @@ mod server;
 mod staging;
 mod systemd_boot;
 mod trust;
+mod verity;
 
 use server::{Faults, Server};
 

@@ -83,7 +83,7 @@ fn cli_publisher_workflow_and_errors() {
     let (code, stdout, _) = updatectl(&["bundle", "inspect", "--json", s(delta)]);
     assert_eq!(code, 0);
     let j: serde_json::Value = serde_json::from_str(&stdout).expect("json");
-    assert_eq!(j["schema"], 1);
+    assert_eq!(j["schema"], 2);
     assert_eq!(j["kind"], "delta");
     assert_eq!(j["version"], "2.0");
     assert_eq!(j["compatible"], "board-x");

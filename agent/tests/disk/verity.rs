@@ -1,0 +1,107 @@
+//! dm-verity on a real block device: the agent builds the tree into the slot after the
+//! image, through restarts in the middle of it, and `veritysetup verify` accepts the
+//! slot; a release whose tree does not fit is refused before anything is written.
+
+use std::fs;
+use std::process::Command;
+
+use update_agent::payload::generate;
+
+use super::{text, Node, IMAGE, SLOT};
+
+/// Publishes v2 with its dm-verity tree at `hash_offset` (default: after the image);
+/// returns the delta's URL and the signed root hash.
+fn publish_verity(n: &Node, version: &str, hash_offset: Option<u64>) -> (String, String) {
+    let root = std::cell::RefCell::new(String::new());
+    let name = n.publish_with(
+        &n.key,
+        version,
+        "test-board",
+        &n.path("v2.img"),
+        64 << 10,
+        &|o, t| {
+            let v = generate::verity_of(t, hash_offset).expect("verity");
+            *root.borrow_mut() = hex::encode(v.root_hash);
+            o.verity = Some(v);
+        },
+    );
+    (n.server.url(&name), root.into_inner())
+}
+
+#[test]
+fn verity_tree_built_on_the_slot_through_restarts_and_veritysetup_verifies_it() {
+    let n = Node::new();
+    let (url, root) = publish_verity(&n, "2.0", None);
+    // A mark written down at every chance, so each fail point fires inside the tree's
+    // level 0 (it is built from the read-back's bytes).
+    let cfg = fs::read_to_string(&n.config).expect("config");
+    fs::write(
+        &n.config,
+        cfg.replace("checkpoint_ms = 100\n", "checkpoint_ms = 0\n"),
+    )
+    .expect("config");
+    let stop = [("UPDATE_AGENT_FAILPOINT", "after-read-back-mark")];
+    let o = n.agent(&["stage", &url], &stop);
+    assert!(
+        text(&o).contains("failpoint after-read-back-mark"),
+        "{}",
+        text(&o)
+    );
+    let first = n.state()["read_back"]["offset"].as_u64().expect("mark");
+    let o = n.agent(&["resume"], &stop);
+    assert!(
+        text(&o).contains("failpoint after-read-back-mark"),
+        "{}",
+        text(&o)
+    );
+    let second = n.state()["read_back"]["offset"].as_u64().expect("mark");
+    assert!(second > first && second < IMAGE, "{first} -> {second}");
+    let o = n.agent(&["resume"], &[]);
+    assert!(o.status.success(), "{}", text(&o));
+    n.assert_armed_v2();
+
+    let dev = n.disk.part(3);
+    let verify = |root: &str| {
+        Command::new("/usr/sbin/veritysetup")
+            .args([
+                "verify",
+                &dev,
+                &dev,
+                root,
+                &format!("--hash-offset={IMAGE}"),
+            ])
+            .output()
+            .expect("running veritysetup")
+    };
+    let ok = verify(&root);
+    assert!(
+        ok.status.success(),
+        "{}",
+        String::from_utf8_lossy(&ok.stderr)
+    );
+    let mut wrong = root.into_bytes();
+    wrong[0] = if wrong[0] == b'0' { b'1' } else { b'0' };
+    let bad = verify(&String::from_utf8(wrong).expect("hex"));
+    assert!(!bad.status.success(), "veritysetup accepted a wrong root");
+}
+
+#[test]
+fn verity_a_tree_past_the_slot_is_refused_before_anything_is_written() {
+    let n = Node::new();
+    // The tree's superblock one block before the slot's end: the tree cannot fit.
+    let (url, _) = publish_verity(&n, "2.0", Some(SLOT - 4096));
+    let before = n.grub_vars();
+    let o = n.agent(&["stage", &url], &[]);
+    assert!(!o.status.success(), "{}", text(&o));
+    let t = text(&o);
+    assert!(
+        t.contains("dm-verity tree ends at byte") && t.contains(&format!("holds only {SLOT}")),
+        "{t}"
+    );
+    assert_eq!(n.grub_vars(), before, "the bootloader was touched");
+    assert!(
+        !n.path("state/state.json").exists(),
+        "a refused release left a state behind"
+    );
+    n.assert_booted_untouched();
+}
