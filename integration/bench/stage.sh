@@ -4,7 +4,10 @@
 # Staging benchmark: the real `update-agent stage` taking v1 -> v2 from a local HTTP
 # server (range requests) onto a loop-device slot of a GPT disk, beside `xdelta3 -d`
 # on the same pair and the raw sequential write speed of the same loop device
-# (dd oflag=direct, 1 GiB), in one run. Needs root. Prints a markdown report.
+# (dd oflag=direct, 1 GiB), in one run; then the same release signed with its
+# dm-verity tree (`bundle create --verity`) staged twice, alternating with the plain
+# one, for the cost of building the tree on the node. Needs root. Prints a markdown
+# report.
 set -euo pipefail
 # shellcheck source=pair.sh
 source "$(dirname "$0")/pair.sh"
@@ -33,6 +36,10 @@ mkdir -p "$w/keys.d" "$w/www" && cp "$w/keys/update-agent.pub" "$w/keys.d/"
 "$bin/updatectl" bundle create --target "$v2" --source "$v1" --version 2.0 --compatible bench \
   --key "$w/keys/update-agent.key" --out "$w/www" --no-full >/dev/null
 delta=$(cd "$w/www" && ls 2.0.from-*.uap)
+mkdir -p "$w/www/verity"
+"$bin/updatectl" bundle create --target "$v2" --source "$v1" --version 2.0 --compatible bench \
+  --key "$w/keys/update-agent.key" --out "$w/www/verity" --no-full --verity >/dev/null
+root=$("$bin/updatectl" bundle inspect --json "$w/www/verity/$delta" | python3 -c 'import json,sys;print(json.load(sys.stdin)["verity"]["root_hash"])')
 
 start_range_server "$w/www"
 
@@ -48,6 +55,19 @@ fetched=$(python3 -c "import json;print(json.load(open('$w/state/state.json'))['
 xdelta3 -e -9 -S lzma -f -s "$v1" "$v2" "$w/x.vcdiff"
 sync; echo 3 >/proc/sys/vm/drop_caches 2>/dev/null || true
 /usr/bin/time -f "%e %M" -o "$w/xd.t" xdelta3 -d -f -s "$v1" "$w/x.vcdiff" "$w/x.out"
+# The dm-verity cost: plain and --verity staged alternately (cancel in between), cold
+# cache each time; the tree must be one veritysetup accepts.
+stage_again() { # NAME PATH
+  "$bin/update-agent" --config "$w/agent.toml" cancel >/dev/null
+  sync; echo 3 >/proc/sys/vm/drop_caches 2>/dev/null || true
+  /usr/bin/time -f "%e %M" -o "$w/$1.t" "$bin/update-agent" --config "$w/agent.toml" stage \
+    "http://127.0.0.1:$port/$2" >/dev/null
+}
+stage_again verity1 "verity/$delta"
+veritysetup verify "${loop}p3" "${loop}p3" "$root" --hash-offset="$size" \
+  || { echo "bench: veritysetup does not accept the tree on slot b" >&2; exit 1; }
+stage_again plain2 "$delta"
+stage_again verity2 "verity/$delta"
 /usr/bin/time -f "%e %M" -o "$w/dd.t" dd if=/dev/zero of="${loop}p3" bs=4M count=$(( size / 4194304 )) oflag=direct status=none
 
 t() { cut -d' ' -f1 "$w/$1.t"; }
@@ -65,6 +85,16 @@ HTTP from 127.0.0.1, written by \`update-agent stage\` into slot b of a GPT disk
 | update-agent stage (fetch, apply, per-operation hashes, fsync, O_DIRECT read-back hash, GRUB arm) | $(t stage) s | $(r stage) MiB | $fetched |
 | xdelta3 -d (to a file, no verification) | $(t xd) s | $(r xd) MiB | $(stat -c %s "$w/x.vcdiff") |
 | dd 1 GiB to the same loop device, oflag=direct | $(t dd) s | | |
+
+dm-verity (the tree built on the node from the read-back's bytes, root checked before
+arming; \`veritysetup verify\` accepted slot b), staged alternately with the plain delta:
+
+| run | plain | --verity | ratio |
+|---|---|---|---|
+| 1 | $(t stage) s | $(t verity1) s | $(awk -v a="$(t stage)" -v b="$(t verity1)" 'BEGIN{printf "%.3f", b/a}') |
+| 2 | $(t plain2) s | $(t verity2) s | $(awk -v a="$(t plain2)" -v b="$(t verity2)" 'BEGIN{printf "%.3f", b/a}') |
+
+Peak RSS with the tree: $(r verity1) / $(r verity2) MiB. Target: --verity ≤ 1.15 × plain.
 
 Target: stage ≤ 1.2 × max(xdelta3 -d, dd) = $(awk -v w="$worst" 'BEGIN{printf "%.2f", 1.2*w}') s → $(awk -v s="$(t stage)" -v w="$worst" 'BEGIN{printf "%.2f", s/w}') × max.
 MD
