@@ -399,6 +399,18 @@ pub struct StateStore {
 pub struct SlotImage {
     pub version: String,
     pub sha256: String,
+    /// The dm-verity tree built after the image, when the release has one: what its
+    /// boot entry hands the kernel.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub verity: Option<SlotVerity>,
+}
+
+/// A verified dm-verity tree in a slot (root hash checked against the signed one).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SlotVerity {
+    /// Hex.
+    pub root_hash: String,
+    pub hash_offset: u64,
 }
 
 /// `images.json`: fields are only ever added.

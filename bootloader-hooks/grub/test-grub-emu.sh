@@ -177,6 +177,14 @@ new_disk none.cfg ua_default=b ua_trial=a ua_tries=1 ua_a_ok=1 ua_b_ok=1
 boot "trial of a from default b" "[$A][$B][$IB]" \
     "ua_default=b ua_trial=a ua_tries=0 ua_a_ok=1 ua_b_ok=1 "
 
+# A slot with a verified dm-verity tree boots its root through it; the other slot,
+# without one, boots its partition as before.
+H=0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef
+BV="(hd0,gpt3)/boot/vmlinuz root=/dev/mapper/root roothash=$H systemd.verity_root_data=PARTLABEL=root-b systemd.verity_root_hash=PARTLABEL=root-b systemd.verity_root_options=hash-offset=7340032,restart-on-corruption updateagent.slot=b ro"
+new_disk none.cfg ua_default=a ua_trial=b ua_tries=2 ua_a_ok=1 ua_b_ok=1 ua_b_roothash=$H ua_b_hashoff=7340032
+boot "verity root for b, plain root for a" "[$BV][$IB][$A]" \
+    "ua_default=a ua_trial=b ua_tries=1 ua_a_ok=1 ua_b_ok=1 ua_b_roothash=$H ua_b_hashoff=7340032 "
+
 new_disk none.cfg ua_default=c
 boot "garbage default: a, with a message" "[$A][$B][$IB]" "ua_default=c " "is not a or b"
 

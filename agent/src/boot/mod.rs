@@ -9,6 +9,53 @@ pub(crate) mod parity_tests;
 
 use crate::slots::Slot;
 
+/// A slot's root mounted through dm-verity: what its boot entry hands the kernel, in
+/// systemd's names (`roothash=`, `systemd.verity_root_data=`, `..._hash=`,
+/// `..._options=`), data and tree on the slot's own partition.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RootVerity {
+    /// 64 hex digits.
+    root_hash: String,
+    /// Where the tree's superblock sits on the partition.
+    hash_offset: u64,
+}
+
+impl RootVerity {
+    /// Refuses anything but a sha256 in hex: the value goes into a GRUB script and a
+    /// kernel command line, where only hex digits are harmless.
+    pub fn new(root_hash: &str, hash_offset: u64) -> Result<Self, BootError> {
+        if root_hash.len() != 64 || !root_hash.bytes().all(|b| b.is_ascii_hexdigit()) {
+            return Err(BootError::BadArgument(
+                "a dm-verity root hash is not 64 hex digits",
+            ));
+        }
+        Ok(Self {
+            root_hash: root_hash.to_ascii_lowercase(),
+            hash_offset,
+        })
+    }
+
+    pub fn root_hash(&self) -> &str {
+        &self.root_hash
+    }
+
+    pub fn hash_offset(&self) -> u64 {
+        self.hash_offset
+    }
+
+    /// The kernel arguments for a root on the partition labelled `label`, in place of
+    /// `root=PARTLABEL=label`. A verity error on the running root restarts the node,
+    /// so the bootloader's counter (or the next boot's agent) sees it.
+    pub fn kernel_args(&self, label: &str) -> String {
+        format!(
+            "root=/dev/mapper/root roothash={} systemd.verity_root_data=PARTLABEL={label} \
+             systemd.verity_root_hash=PARTLABEL={label} \
+             systemd.verity_root_options=hash-offset={},restart-on-corruption",
+            self.root_hash, self.hash_offset
+        )
+    }
+}
+
 /// What a backend reports about the boot state.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
 pub struct BootStatus {
@@ -68,6 +115,8 @@ pub enum BootError {
         slot: Slot,
         why: &'static str,
     },
+    #[error("bad boot argument: {0}")]
+    BadArgument(&'static str),
 }
 
 /// The contract every bootloader backend implements. Each call changes the state in
@@ -86,6 +135,10 @@ pub trait BootControl: Send + Sync {
     fn commit(&mut self, slot: Slot) -> Result<(), BootError>;
     /// Makes `slot` the default, clears any trial (the other slot stays as it is).
     fn rollback_to(&mut self, slot: Slot) -> Result<(), BootError>;
+    /// Records how the kernel is to find `slot`'s root, before `prepare` and `arm_trial`:
+    /// through dm-verity, or (`None`) the partition itself. GRUB keeps it in grubenv;
+    /// systemd-boot writes it into the entry `prepare` stages next.
+    fn set_root(&mut self, slot: Slot, verity: Option<&RootVerity>) -> Result<(), BootError>;
     /// Whether `prepare` needs the release's files (its file system mounted).
     fn needs_release_files(&self) -> bool {
         false

@@ -28,6 +28,7 @@ fn layout(booted: Slot) -> SlotLayout {
         b: part("root-b", 3),
         esp: Some(part("esp", 1)),
         booted,
+        root_dm: None,
     }
 }
 

@@ -89,6 +89,11 @@ pub enum SlotError {
         major: u32,
         minor: u32,
     },
+    #[error(
+        "the root file system is on device-mapper device {dm}, which sits on {count} \
+         devices; set [slots] root_device to the slot partition"
+    )]
+    RootOnSeveralDevices { dm: PathBuf, count: usize },
     #[error("no partition labelled {label:?} on disk {disk}")]
     LabelMissing { label: String, disk: String },
     #[error("partition label {label:?} appears more than once on disk {disk}")]
@@ -139,6 +144,9 @@ pub struct SlotLayout {
     pub b: Partition,
     pub esp: Option<Partition>,
     pub booted: Slot,
+    /// The dm uuid of the device-mapper device `/` is mounted from, when it is one
+    /// (the booted slot's partition is under it).
+    pub root_dm: Option<String>,
 }
 
 impl SlotLayout {
@@ -161,7 +169,10 @@ impl SlotLayout {
                 b: cfg.label_b.clone(),
             }
         })?;
-        let (root, (major, minor)) = root_devnum(cfg)?;
+        let (root, devnum) = root_devnum(cfg)?;
+        // A dm-verity root: the slot is the partition under the mapped device.
+        let dm = scan::under_dm(sys_block, devnum)?;
+        let (major, minor) = dm.as_ref().map_or(devnum, |d| d.under);
         let parts = scan_partitions(sys_block, dev)?;
         let root_part = parts
             .iter()
@@ -227,6 +238,7 @@ impl SlotLayout {
             b,
             esp,
             booted: said,
+            root_dm: dm.map(|d| d.uuid),
         })
     }
 
@@ -239,6 +251,13 @@ impl SlotLayout {
 
     pub fn inactive(&self) -> Slot {
         self.booted.other()
+    }
+
+    /// Whether `/` is mounted through dm-verity (a veritysetup device over the slot).
+    pub fn root_verity(&self) -> bool {
+        self.root_dm
+            .as_deref()
+            .is_some_and(|u| u.starts_with("CRYPT-VERITY-"))
     }
 }
 

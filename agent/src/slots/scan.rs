@@ -84,6 +84,61 @@ pub fn scan_partitions(sys_block: &Path, dev: &Path) -> Result<Vec<Partition>, S
     Ok(out)
 }
 
+/// The device behind a device-mapper device: the slot partition under a dm-verity
+/// root (data and tree on one partition). `None` when `major:minor` is not a
+/// device-mapper device; an error when it sits on more than one device.
+pub fn under_dm(sys_block: &Path, (major, minor): (u32, u32)) -> Result<Option<DmRoot>, SlotError> {
+    let io = |path: &Path| {
+        let path = path.to_owned();
+        move |source| SlotError::Io { path, source }
+    };
+    let want = format!("{major}:{minor}");
+    for entry in fs::read_dir(sys_block).map_err(io(sys_block))? {
+        let p = entry.map_err(io(sys_block))?.path();
+        let dm = p.join("dm");
+        if !dm.is_dir() || fs::read_to_string(p.join("dev")).map_err(io(&p))?.trim() != want {
+            continue;
+        }
+        let uuid = fs::read_to_string(dm.join("uuid")).unwrap_or_default();
+        let slaves: Vec<_> = fs::read_dir(p.join("slaves"))
+            .map_err(io(&p))?
+            .filter_map(Result::ok)
+            .map(|e| e.path())
+            .collect();
+        let [slave] = slaves.as_slice() else {
+            return Err(SlotError::RootOnSeveralDevices {
+                dm: p,
+                count: slaves.len(),
+            });
+        };
+        let dev = fs::read_to_string(slave.join("dev")).map_err(io(slave))?;
+        let parsed = dev
+            .trim()
+            .split_once(':')
+            .and_then(|(a, b)| Some((a.parse().ok()?, b.parse().ok()?)));
+        let Some(under) = parsed else {
+            return Err(SlotError::Io {
+                path: slave.join("dev"),
+                source: io::Error::new(io::ErrorKind::InvalidData, "not MAJOR:MINOR"),
+            });
+        };
+        return Ok(Some(DmRoot {
+            under,
+            uuid: uuid.trim().to_owned(),
+        }));
+    }
+    Ok(None)
+}
+
+/// A root on a device-mapper device (see [`under_dm`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DmRoot {
+    /// The device under it.
+    pub under: (u32, u32),
+    /// Its dm uuid: veritysetup's start with `CRYPT-VERITY-`.
+    pub uuid: String,
+}
+
 /// Partition names from a disk's primary GPT, by partition number.
 fn gpt_names(disk: &Path) -> io::Result<std::collections::BTreeMap<u32, String>> {
     let f = File::open(disk)?;
@@ -169,6 +224,36 @@ mod tests {
 
     fn cfg() -> SlotsConfig {
         SlotsConfig::default()
+    }
+
+    /// sysfs as the kernel lays it out for a dm-verity root over nvme0n1p3 (the host
+    /// kernel here has no device-mapper, so the layout is written out by hand; the VM
+    /// lab boots a real one).
+    #[test]
+    fn a_dm_verity_root_is_the_partition_under_it() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let sys = dir.path();
+        let mk = |rel: &str, body: &str| {
+            let f = sys.join(rel);
+            fs::create_dir_all(f.parent().expect("parent")).expect("mkdir");
+            fs::write(f, body).expect("write");
+        };
+        mk("nvme0n1p3/dev", "259:3\n");
+        mk("dm-0/dev", "254:0\n");
+        mk(
+            "dm-0/dm/uuid",
+            "CRYPT-VERITY-0f1e2d3c4b5a69788796a5b4c3d2e1f0-root\n",
+        );
+        mk("dm-0/slaves/nvme0n1p3/dev", "259:3\n");
+        let got = under_dm(sys, (254, 0)).expect("scan").expect("a dm device");
+        assert_eq!(got.under, (259, 3));
+        assert!(got.uuid.starts_with("CRYPT-VERITY-"), "{}", got.uuid);
+        assert_eq!(under_dm(sys, (259, 3)).expect("scan"), None, "a partition");
+        mk("dm-0/slaves/nvme0n1p4/dev", "259:4\n");
+        assert!(matches!(
+            under_dm(sys, (254, 0)),
+            Err(SlotError::RootOnSeveralDevices { count: 2, .. })
+        ));
     }
 
     #[test]

@@ -193,6 +193,15 @@ impl Agent {
         version: &str,
     ) -> Result<(), UpdateError> {
         tracing::info!(release = %version, slot = %slot, phase = "arming", "arming the bootloader: {version} on slot {slot}");
+        // The root as the slot's record says: through its verified dm-verity tree, or
+        // the partition itself.
+        let verity = self.store.images()[slot.index()]
+            .as_ref()
+            .filter(|i| i.version == version)
+            .and_then(|i| i.verity.as_ref())
+            .map(|v| crate::boot::RootVerity::new(&v.root_hash, v.hash_offset))
+            .transpose()?;
+        self.boot.set_root(slot, verity.as_ref())?;
         if !crate::boot::needs_prepare(self.boot.as_ref(), slot)? {
             return Ok(());
         }

@@ -264,19 +264,25 @@ impl Agent {
             return Err(e.into());
         }
         failpoint("after-apply");
-        state.progress(m.operations.len(), m.target_size, fetched)?;
-        state.staged(hex::encode(m.target_sha256))?;
-        self.store.save(lock, &state)?;
-        drop(partials);
-        self.drop_partials();
+        // The slot's image (and tree) before the state says Staged: a resumed Staged
+        // run arms from this record, so it must never be missing then.
         self.store.set_image(
             lock,
             slot,
             Some(crate::state::SlotImage {
                 version: m.version.clone(),
                 sha256: hex::encode(m.target_sha256),
+                verity: m.verity.as_ref().map(|v| crate::state::SlotVerity {
+                    root_hash: hex::encode(v.root_hash),
+                    hash_offset: v.hash_offset,
+                }),
             }),
         )?;
+        state.progress(m.operations.len(), m.target_size, fetched)?;
+        state.staged(hex::encode(m.target_sha256))?;
+        self.store.save(lock, &state)?;
+        drop(partials);
+        self.drop_partials();
         failpoint("after-staged");
         // Release the exclusive hold on the slot: the bootloader may need to mount it.
         drop(writer);

@@ -59,6 +59,11 @@ fn verity_tree_built_on_the_slot_through_restarts_and_veritysetup_verifies_it() 
     let o = n.agent(&["resume"], &[]);
     assert!(o.status.success(), "{}", text(&o));
     n.assert_armed_v2();
+    // The trial entry boots the root through the tree: GRUB's fragment reads these.
+    let g = n.grub_vars();
+    assert_eq!(g.get("ua_b_roothash"), Some(&root), "{g:?}");
+    assert_eq!(g.get("ua_b_hashoff"), Some(&IMAGE.to_string()), "{g:?}");
+    assert_eq!(g.get("ua_a_roothash"), None, "{g:?}");
 
     let dev = n.disk.part(3);
     let verify = |root: &str| {

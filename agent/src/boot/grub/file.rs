@@ -18,7 +18,7 @@ use std::path::{Path, PathBuf};
 
 use super::env::{EnvError, GrubEnv, BLOCK_SIZE};
 use super::state::GrubState;
-use crate::boot::{BootControl, BootError, BootStatus};
+use crate::boot::{BootControl, BootError, BootStatus, RootVerity};
 use crate::slots::Slot;
 
 /// The GRUB backend over one grubenv file.
@@ -182,5 +182,29 @@ impl BootControl for Grub {
 
     fn rollback_to(&mut self, slot: Slot) -> Result<(), BootError> {
         self.update(|s| s.rollback_to(slot))
+    }
+
+    /// `ua_X_roothash` and `ua_X_hashoff` in the block (set, or removed for a plain
+    /// root), read by the fragment when it boots slot X; the A/B variables untouched.
+    fn set_root(&mut self, slot: Slot, verity: Option<&RootVerity>) -> Result<(), BootError> {
+        let (old, mut env) = self.read_block()?;
+        let (hash, off) = (format!("ua_{slot}_roothash"), format!("ua_{slot}_hashoff"));
+        match verity {
+            Some(v) => {
+                env.set(&hash, v.root_hash())
+                    .map_err(|e| e.at(&self.path))?;
+                env.set(&off, &v.hash_offset().to_string())
+                    .map_err(|e| e.at(&self.path))?;
+            }
+            None => {
+                env.unset(&hash);
+                env.unset(&off);
+            }
+        }
+        let block = env.to_bytes().map_err(|e| e.at(&self.path))?;
+        if block != old {
+            self.write_block(&block)?;
+        }
+        Ok(())
     }
 }

@@ -4,7 +4,7 @@
 use std::path::Path;
 
 use super::{fs, BootFile, SystemdBoot, INITRD_NAME, KERNEL_NAME};
-use crate::boot::{BootControl, BootError, BootStatus};
+use crate::boot::{BootControl, BootError, BootStatus, RootVerity};
 use crate::slots::Slot;
 
 impl BootControl for SystemdBoot {
@@ -14,6 +14,11 @@ impl BootControl for SystemdBoot {
 
     fn needs_release_files(&self) -> bool {
         true
+    }
+
+    fn set_root(&mut self, slot: Slot, verity: Option<&RootVerity>) -> Result<(), BootError> {
+        self.roots[slot.index()] = verity.cloned();
+        Ok(())
     }
 
     /// Copies `/boot/vmlinuz` (and `/boot/initrd.img` when present) of the release,

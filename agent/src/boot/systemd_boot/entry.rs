@@ -1,6 +1,7 @@
 //! Entry contents.
 
 use super::{INITRD_NAME, KERNEL_DIR, KERNEL_NAME};
+use crate::boot::RootVerity;
 use crate::slots::Slot;
 
 /// What goes into an entry besides the slot and the version.
@@ -46,8 +47,15 @@ fn esp_path(slot: Slot, file: &str) -> String {
     format!("/{KERNEL_DIR}/{slot}/{file}")
 }
 
-/// The entry for `slot`. `version` must have no control characters.
-pub fn entry_text(cfg: &EntryConfig, slot: Slot, version: &str, initrd: bool) -> String {
+/// The entry for `slot`. `version` must have no control characters. With `verity` the
+/// root is mounted through dm-verity (see [`RootVerity::kernel_args`]).
+pub fn entry_text(
+    cfg: &EntryConfig,
+    slot: Slot,
+    version: &str,
+    initrd: bool,
+    verity: Option<&RootVerity>,
+) -> String {
     let mut t = format!(
         "title {} {version} (slot {slot})\nversion {version}\nlinux {}\n",
         cfg.title,
@@ -56,10 +64,12 @@ pub fn entry_text(cfg: &EntryConfig, slot: Slot, version: &str, initrd: bool) ->
     if initrd {
         t.push_str(&format!("initrd {}\n", esp_path(slot, INITRD_NAME)));
     }
-    t.push_str(&format!(
-        "options root=PARTLABEL={} updateagent.slot={slot}",
-        cfg.root_labels[slot.index()]
-    ));
+    let label = &cfg.root_labels[slot.index()];
+    let root = match verity {
+        Some(v) => v.kernel_args(label),
+        None => format!("root=PARTLABEL={label}"),
+    };
+    t.push_str(&format!("options {root} updateagent.slot={slot}"));
     if !cfg.options.trim().is_empty() {
         t.push(' ');
         t.push_str(cfg.options.trim());

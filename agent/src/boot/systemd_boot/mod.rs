@@ -222,6 +222,8 @@ fn fsck_residue(dir: &Path, names: &[String]) -> Result<Vec<String>, BootError> 
 pub struct SystemdBoot {
     esp: PathBuf,
     cfg: EntryConfig,
+    /// How each slot's next staged entry finds its root (`set_root`).
+    roots: [Option<crate::boot::RootVerity>; 2],
 }
 
 impl SystemdBoot {
@@ -236,7 +238,11 @@ impl SystemdBoot {
         if let Err(what) = cfg.validate() {
             return Err(BootError::Malformed { path: esp, what });
         }
-        Ok(Self { esp, cfg })
+        Ok(Self {
+            esp,
+            cfg,
+            roots: [None, None],
+        })
     }
 
     /// Sets up an ESP that boots `default`: installs its kernel and writes its entry
@@ -353,7 +359,13 @@ impl SystemdBoot {
             path: tmp.clone(),
             source,
         };
-        let text = entry_text(&self.cfg, slot, version, initrd);
+        let text = entry_text(
+            &self.cfg,
+            slot,
+            version,
+            initrd,
+            self.roots[slot.index()].as_ref(),
+        );
         OpenOptions::new()
             .write(true)
             .create(true)

@@ -68,3 +68,53 @@ fn writes_in_place() {
     ));
     assert_eq!(bytes(&path), longer);
 }
+
+/// A slot's dm-verity root in the block is what `grub-editenv set` / `unset` make of
+/// the same variables, and leaves the A/B state alone.
+#[test]
+fn set_root_is_grub_editenv_set_and_unset() {
+    let dir = tmp();
+    let h = "0123456789abcdef".repeat(4);
+    let path = editenv_file(dir.path(), "grubenv", &["saved_entry=0"]);
+    let mut grub = open(&path);
+    grub.mark_unbootable(Slot::B).expect("mark b");
+    let ab = |s: BootStatus| (s.default, s.trial, s.bootable);
+    let before = ab(grub.status().expect("status"));
+    let v = crate::boot::RootVerity::new(&h.to_uppercase(), 1 << 30).expect("verity");
+    grub.set_root(Slot::B, Some(&v)).expect("set root");
+    assert_eq!(
+        ab(grub.status().expect("status")),
+        before,
+        "A/B state changed"
+    );
+    let want = editenv(&path, &["list"]);
+    assert!(
+        String::from_utf8_lossy(&want)
+            .contains(&format!("ua_b_roothash={h}\nua_b_hashoff=1073741824\n")),
+        "{}",
+        String::from_utf8_lossy(&want)
+    );
+    // The same edit by GRUB's tool, from the same starting block, gives the same bytes.
+    let copy = dir.path().join("copy");
+    fs::write(&copy, bytes(&path)).expect("copy");
+    grub.set_root(Slot::B, None).expect("clear root");
+    editenv(&copy, &["unset", "ua_b_roothash", "ua_b_hashoff"]);
+    assert_eq!(bytes(&path), bytes(&copy));
+    // Setting what is there writes nothing.
+    let m = fs::metadata(&path)
+        .expect("stat")
+        .modified()
+        .expect("mtime");
+    grub.set_root(Slot::B, None).expect("clear again");
+    assert_eq!(
+        fs::metadata(&path)
+            .expect("stat")
+            .modified()
+            .expect("mtime"),
+        m
+    );
+    // Only hex reaches the GRUB script and the kernel command line.
+    for bad in ["", "zz", "0123; reboot", &"a".repeat(63)] {
+        assert!(crate::boot::RootVerity::new(bad, 0).is_err(), "{bad:?}");
+    }
+}

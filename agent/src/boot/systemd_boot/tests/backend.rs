@@ -27,7 +27,7 @@ fn full_cycle_with_the_loader_counting() {
     assert_eq!(status(&sb), (A, None, [true, false]));
     assert_eq!(
         fs::read_to_string(esp.join("loader/entries/update-agent-1-a-1.0.conf")).expect("entry"),
-        entry_text(&cfg(), A, "1.0", true)
+        entry_text(&cfg(), A, "1.0", true, None)
     );
     assert_eq!(
         fs::read(esp.join("update-agent/a/vmlinuz")).expect("kernel"),
@@ -37,10 +37,17 @@ fn full_cycle_with_the_loader_counting() {
 
     // Update to 2.0 in b.
     sb.mark_unbootable(B).expect("mark b");
+    // 2.0 has a verified dm-verity tree: its entry mounts the root through it.
+    let v = crate::boot::RootVerity::new(&"cd".repeat(32), 1 << 20).expect("verity");
+    sb.set_root(B, Some(&v)).expect("set root");
     sb.stage(B, "2.0", &r2.kernel(), None).expect("stage b");
     assert_eq!(
         entries(esp),
         ["update-agent-1-a-1.0.conf", "update-agent-b-2.0.staged"]
+    );
+    assert_eq!(
+        fs::read_to_string(esp.join("loader/entries/update-agent-b-2.0.staged")).expect("entry"),
+        entry_text(&cfg(), B, "2.0", false, Some(&v))
     );
     assert_eq!(status(&sb), (A, None, [true, false]));
     assert_eq!(boot(esp), A, "a staged entry is not booted");

@@ -15,7 +15,7 @@ fn entry_text_is_what_systemd_boot_reads() {
         root_labels: ["root-a".into(), "root-b".into()],
         options: " ro console=ttyS0 panic=-1 ".into(),
     };
-    let text = entry_text(&cfg, B, "3.0.20240601", true);
+    let text = entry_text(&cfg, B, "3.0.20240601", true, None);
     assert_eq!(
         text,
         "title Azure Linux 3.0.20240601 (slot b)\n\
@@ -38,7 +38,7 @@ fn entry_text_is_what_systemd_boot_reads() {
         ..cfg.clone()
     };
     assert_eq!(
-        entry_text(&bare, A, "1", false),
+        entry_text(&bare, A, "1", false, None),
         "title Azure Linux 1 (slot a)\nversion 1\nlinux /update-agent/a/vmlinuz\noptions root=PARTLABEL=root-a updateagent.slot=a\n"
     );
     assert!(EntryConfig::default().validate().is_ok());
@@ -109,6 +109,26 @@ fn hook_templates_match_the_code() {
             .filter(|l| !l.starts_with('#'))
             .map(|l| format!("{l}\n"))
             .collect();
-        assert_eq!(text, entry_text(&cfg, slot, "2.0", initrd));
+        assert_eq!(text, entry_text(&cfg, slot, "2.0", initrd, None));
     }
+}
+
+#[test]
+fn entry_text_with_a_verity_root() {
+    let v = crate::boot::RootVerity::new(&"ab".repeat(32), 4096 * 1000).expect("verity");
+    let text = entry_text(&cfg(), B, "2.0", true, Some(&v));
+    let options = key_values(&text)
+        .find(|(k, _)| *k == "options")
+        .map(|(_, o)| o.to_owned())
+        .expect("options");
+    assert!(
+        options.starts_with(&format!(
+            "root=/dev/mapper/root roothash={} systemd.verity_root_data=PARTLABEL=root-b \
+             systemd.verity_root_hash=PARTLABEL=root-b \
+             systemd.verity_root_options=hash-offset=4096000,restart-on-corruption \
+             updateagent.slot=b",
+            "ab".repeat(32)
+        )),
+        "{options}"
+    );
 }
