@@ -78,23 +78,28 @@ impl Drop for ReadOnlyMount {
 }
 
 impl SlotLayout {
-    /// The booted slot, read-only.
+    /// The booted slot, read-only. On a dm-verity root it is read through the verity
+    /// device: every block the deltas take from it is then proven by the kernel
+    /// against the running release's root hash (a changed block reads as an I/O
+    /// error, never as wrong data), and the device ends where the image does.
     pub fn open_booted(&self) -> Result<BootedSlot, SlotError> {
         let p = self.partition(self.booted);
-        let file = File::open(&p.device).map_err(|source| SlotError::Open {
+        let device = match &self.root_dm {
+            Some(dm) if self.root_verity() => &dm.device,
+            _ => &p.device,
+        };
+        let open_err = |source| SlotError::Open {
             slot: self.booted,
-            device: p.device.clone(),
+            device: device.clone(),
             source,
-        })?;
+        };
+        let mut file = File::open(device).map_err(open_err)?;
+        let size = file.seek(SeekFrom::End(0)).map_err(open_err)?;
         // The mounted file system may have changed blocks in the page cache that it
         // never writes back (ext4 touches its superblock even on a read-only mount):
         // deltas are made against the bytes on the device, so read those.
-        let direct = open_direct(&p.device);
-        Ok(BootedSlot {
-            file,
-            direct,
-            size: p.size,
-        })
+        let direct = open_direct(device);
+        Ok(BootedSlot { file, direct, size })
     }
 
     /// The inactive slot, opened for writing with O_EXCL: the kernel refuses if the

@@ -137,6 +137,15 @@ pub struct Partition {
     pub size: u64,
 }
 
+/// The device-mapper device the root is mounted from.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct RootDm {
+    /// `/dev/dm-N`.
+    pub device: PathBuf,
+    /// Its dm uuid (`CRYPT-VERITY-...` for veritysetup's).
+    pub uuid: String,
+}
+
 /// The two slots of this node and which one runs.
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct SlotLayout {
@@ -144,9 +153,9 @@ pub struct SlotLayout {
     pub b: Partition,
     pub esp: Option<Partition>,
     pub booted: Slot,
-    /// The dm uuid of the device-mapper device `/` is mounted from, when it is one
-    /// (the booted slot's partition is under it).
-    pub root_dm: Option<String>,
+    /// The device-mapper device `/` is mounted from, when it is one (the booted
+    /// slot's partition is under it).
+    pub root_dm: Option<RootDm>,
 }
 
 impl SlotLayout {
@@ -238,7 +247,10 @@ impl SlotLayout {
             b,
             esp,
             booted: said,
-            root_dm: dm.map(|d| d.uuid),
+            root_dm: dm.map(|d| RootDm {
+                device: dev.join(&d.name),
+                uuid: d.uuid,
+            }),
         })
     }
 
@@ -256,8 +268,8 @@ impl SlotLayout {
     /// Whether `/` is mounted through dm-verity (a veritysetup device over the slot).
     pub fn root_verity(&self) -> bool {
         self.root_dm
-            .as_deref()
-            .is_some_and(|u| u.starts_with("CRYPT-VERITY-"))
+            .as_ref()
+            .is_some_and(|d| d.uuid.starts_with("CRYPT-VERITY-"))
     }
 }
 

@@ -125,6 +125,7 @@ pub fn under_dm(sys_block: &Path, (major, minor): (u32, u32)) -> Result<Option<D
         return Ok(Some(DmRoot {
             under,
             uuid: uuid.trim().to_owned(),
+            name: entry_name(&p),
         }));
     }
     Ok(None)
@@ -137,6 +138,14 @@ pub struct DmRoot {
     pub under: (u32, u32),
     /// Its dm uuid: veritysetup's start with `CRYPT-VERITY-`.
     pub uuid: String,
+    /// Its kernel name (`dm-0`), as under `/dev`.
+    pub name: String,
+}
+
+fn entry_name(p: &Path) -> String {
+    p.file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default()
 }
 
 /// Partition names from a disk's primary GPT, by partition number.
@@ -248,6 +257,7 @@ mod tests {
         let got = under_dm(sys, (254, 0)).expect("scan").expect("a dm device");
         assert_eq!(got.under, (259, 3));
         assert!(got.uuid.starts_with("CRYPT-VERITY-"), "{}", got.uuid);
+        assert_eq!(got.name, "dm-0");
         assert_eq!(under_dm(sys, (259, 3)).expect("scan"), None, "a partition");
         mk("dm-0/slaves/nvme0n1p4/dev", "259:4\n");
         assert!(matches!(
