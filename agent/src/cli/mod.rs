@@ -52,10 +52,20 @@ pub enum Command {
     #[command(subcommand)]
     Bundle(bundle::BundleCommand),
     /// Print a shell completion script (bash, zsh, fish, elvish, powershell).
-    Completions { shell: clap_complete::Shell },
+    Completions {
+        shell: clap_complete::Shell,
+        /// The command name to complete (default: the name this was run as).
+        #[arg(long, value_name = "NAME")]
+        name: Option<String>,
+    },
     /// Write man pages for updatectl and each subcommand into DIR (for packagers).
     #[command(name = "man")]
-    Man { dir: std::path::PathBuf },
+    Man {
+        dir: std::path::PathBuf,
+        /// The installed name the pages are for (default: the name this was run as).
+        #[arg(long, value_name = "NAME")]
+        name: Option<String>,
+    },
 }
 
 /// Runs a parsed command line.
@@ -63,20 +73,44 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Agent(cmd) => agent::run(cmd, &cli.connect),
         Command::Bundle(cmd) => bundle::run(cmd),
-        Command::Completions { shell } => {
-            let mut cmd = <Cli as clap::CommandFactory>::command();
-            clap_complete::generate(shell, &mut cmd, "updatectl", &mut std::io::stdout());
+        Command::Completions { shell, name } => {
+            let name = installed_name(name);
+            let mut cmd = command_named(&name);
+            clap_complete::generate(shell, &mut cmd, name, &mut std::io::stdout());
             Ok(())
         }
-        Command::Man { dir } => {
+        Command::Man { dir, name } => {
             use anyhow::Context as _;
             std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
-            let cmd = <Cli as clap::CommandFactory>::command();
+            let cmd = command_named(&installed_name(name));
             clap_mangen::generate_to(cmd, &dir)
                 .with_context(|| format!("writing man pages into {}", dir.display()))?;
             Ok(())
         }
     }
+}
+
+/// The name the CLI is installed as: packages install it as `update-agentctl` where
+/// systemd's own `updatectl` may live (systemd >= 257), so man pages, their file
+/// names and completion functions must say the name people type. Without `--name`,
+/// the name this was run as.
+fn installed_name(name: Option<String>) -> String {
+    name.or_else(|| {
+        let argv0 = std::env::args_os().next()?;
+        let file = std::path::Path::new(&argv0)
+            .file_name()?
+            .to_str()?
+            .to_owned();
+        Some(file)
+    })
+    .unwrap_or_else(|| "updatectl".to_owned())
+}
+
+/// The command tree under another name (page titles, `NAME-SUB.1` files, usage lines).
+fn command_named(name: &str) -> clap::Command {
+    <Cli as clap::CommandFactory>::command()
+        .name(name.to_owned())
+        .bin_name(name.to_owned())
 }
 
 /// The error and its causes in one line, each said once (transport errors repeat
