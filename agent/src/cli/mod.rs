@@ -182,3 +182,41 @@ pub fn exit_code(err: &anyhow::Error) -> ExitCode {
         EXIT_FAILURE
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Packages install the CLI as `update-agentctl`: every page, its file name and
+    /// its usage lines must say that name, never systemd's `updatectl`.
+    #[test]
+    fn man_pages_follow_the_installed_name() -> anyhow::Result<()> {
+        let dir = tempfile::tempdir()?;
+        clap_mangen::generate_to(command_named("update-agentctl"), dir.path())?;
+        let mut names: Vec<String> = std::fs::read_dir(dir.path())?
+            .map(|e| Ok(e?.file_name().to_string_lossy().into_owned()))
+            .collect::<std::io::Result<_>>()?;
+        names.sort();
+        assert!(names.contains(&"update-agentctl.1".to_owned()));
+        assert!(names.contains(&"update-agentctl-status.1".to_owned()));
+        assert!(names.iter().all(|n| n.starts_with("update-agentctl")));
+        let page = std::fs::read_to_string(dir.path().join("update-agentctl-status.1"))?;
+        assert!(page.contains("\\fBupdate\\-agentctl status\\fR"), "{page}");
+        Ok(())
+    }
+
+    #[test]
+    fn completions_follow_the_installed_name() {
+        let mut out = Vec::new();
+        let mut cmd = command_named("update-agentctl");
+        clap_complete::generate(
+            clap_complete::Shell::Bash,
+            &mut cmd,
+            "update-agentctl",
+            &mut out,
+        );
+        let script = String::from_utf8_lossy(&out);
+        assert!(script.contains("-o default update-agentctl"), "{script}");
+        assert!(!script.contains("-o default updatectl"));
+    }
+}
