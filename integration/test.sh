@@ -7,7 +7,9 @@
 #      server, fail points and random SIGKILLs (agent/tests/disk/; the gRPC API through the real socket in disk/api.rs)
 #   3. systemd-analyze verify on the units, sysusers and tmpfiles into a scratch root
 #   4. the GRUB script fragment run in grub-emu, GRUB's own script engine (~3 min)
-#   5. the VM lab (integration/vm/lab.sh), once on GRUB and once on systemd-boot: real
+#   5. the packages: .deb and .rpm built, their contents, scriptlets, lintian, installs
+#      and an upgrade into scratch roots (integration/check-packages.sh)
+#   6. the VM lab (integration/vm/lab.sh), once on GRUB and once on systemd-boot: real
 #      OVMF, bootloader, kernel and systemd under QEMU (TCG), the agent driven over
 #      gRPC with mutual TLS: update and commit, failed health and rollback, a kernel
 #      that never reaches user space, a power cut mid-write and the resume, manual
@@ -59,6 +61,20 @@ grep -q -- '--reboot' "$t/updatectl.bash"
 
 step "GRUB fragment in grub-emu"
 sh bootloader-hooks/grub/test-grub-emu.sh
+
+step "packages: .deb and .rpm built (integration/package.sh) and checked (check-packages.sh)"
+lab_cache=${UA_LAB_CACHE:-/var/tmp/update-agent-vm}
+if [[ ${UPDATE_AGENT_SKIP_VM:-} != 1 || -n ${CI:-} ]]; then
+  # The VM lab's Debian root (cached; the lab needs it next anyway): the packages are
+  # installed into copies of it with their scriptlets run.
+  bash integration/vm/setup.sh
+  bash integration/vm/build-rootfs.sh "$lab_cache" >&2
+fi
+rootfs=$lab_cache/rootfs.tar
+[[ -f $lab_cache/rootfs.tar.ok ]] || rootfs=""
+bash integration/package.sh "$t/pkg"
+UA_PKG_RELEASE=2 bash integration/package.sh "$t/pkg-next" >/dev/null
+bash integration/check-packages.sh "$t/pkg" "$rootfs" "$t/pkg-next"
 
 if [[ ${UPDATE_AGENT_SKIP_VM:-} == 1 && -z ${CI:-} ]]; then
   step "VM lab skipped (UPDATE_AGENT_SKIP_VM=1)"

@@ -2,8 +2,9 @@
 # integration/vm/lab.sh [--bootloader grub|systemd-boot] [SCENARIO...]: the VM lab's
 # scenarios on real firmware (OVMF), a real bootloader (GRUB with our fragment, or
 # systemd-boot with boot counting), a real kernel and systemd, the agent installed in
-# the image the way a distribution would (binaries in /usr/bin, our units enabled,
-# config in /etc/update-agent). The bootloader is GRUB unless --bootloader (or
+# the image the way a distribution would (our .deb installed with dpkg into the image
+# root, revision 1 in 1.0 and 2 in the later releases, an upgrade that keeps the
+# image's agent.toml; our units enabled, config in /etc/update-agent). The bootloader is GRUB unless --bootloader (or
 # UA_LAB_BOOTLOADER) says systemd-boot; each has its own work directory and disk. The host drives the guest's agent over gRPC with mutual TLS
 # through a QEMU host-forward, using updatectl; the guest fetches payloads from an HTTP
 # server on the host's loopback through an explicit guest-forward and reaches nothing
@@ -69,15 +70,19 @@ source "$repo/integration/setup.sh"
 "$here/setup.sh"
 "$here/build-rootfs.sh" "$cache" >&2
 
-say "building update-agent and updatectl (release) for the image"
-(cd "$repo" && cargo build --release --locked -q --bin update-agent --bin updatectl)
-bin=$CARGO_TARGET_DIR/release
-updatectl_host=$bin/updatectl
-
 w=$cache/lab
 [[ $bootloader == grub ]] || w=$cache/lab-$bootloader
 rm -rf "$w"
 mkdir -p "$w/www" "$w/pki" "$w/keys"
+
+# The images get the agent as a distribution's would: its .deb, installed with dpkg.
+# Package revision 1 goes into 1.0, revision 2 (the same build) into 2.0 and later,
+# an upgrade over 1.0's tree whose agent.toml the lab changed.
+say "building the update-agent packages (release build; revisions 1 and 2)"
+bash "$repo/integration/package.sh" "$w/pkg-1" >&2
+UA_PKG_RELEASE=2 bash "$repo/integration/package.sh" "$w/pkg-2" >&2
+bin=$CARGO_TARGET_DIR/release
+updatectl_host=$bin/updatectl
 qemu_pid=""
 server=""
 cleanup() {
@@ -143,15 +148,10 @@ release() {
   local units=""
   local u
   for u in "$@"; do units+="\"$u\", "; done
-  install -D -m 0755 "$bin/update-agent" "$tree/usr/bin/update-agent"
-  install -D -m 0755 "$bin/updatectl" "$tree/usr/bin/updatectl"
-  install -D -m 0644 -t "$tree/usr/lib/systemd/system" "$repo"/systemd/*.service
-  install -D -m 0644 "$repo/systemd/update-agent.tmpfiles.conf" "$tree/usr/lib/tmpfiles.d/update-agent.conf"
-  install -D -m 0644 "$repo/systemd/update-agent.sysusers.conf" "$tree/usr/lib/sysusers.d/update-agent.conf"
-  # The root is read-only at run time: users and directories exist in the image.
-  systemd-sysusers --root="$tree" >/dev/null
-  systemctl --root="$tree" --quiet enable update-agent.service update-agent-boot-check.service
-  install -d -m 0755 "$tree/etc/update-agent/keys.d" "$tree/etc/update-agent/health.d" "$tree/etc/update-agent/tls"
+  local rel=2
+  [[ $version == 1.0 ]] && rel=1
+  "$here/install-agent.sh" "$tree" "$(echo "$w/pkg-$rel"/update-agent_*_amd64.deb)"
+  install -d -m 0755 "$tree/etc/update-agent/tls"
   install -m 0644 "$w/keys/update-agent.pub" "$tree/etc/update-agent/keys.d/lab.pub"
   install -D -m 0644 "$w/root-1.json" "$tree/usr/share/update-agent/root.json"
   install -m 0644 "$w/pki/ca.crt" "$w/pki/server.crt" "$tree/etc/update-agent/tls/"
@@ -255,6 +255,8 @@ done
 ls -l "$w/www" >&2
 
 say "the node: GPT disk, $bootloader on the ESP, 1.0 in root-a, root-b empty"
+# GRUB's fragment as the package installs it.
+UA_VM_FRAGMENT=$t/usr/share/update-agent/grub/update-agent.cfg \
 UA_VM_BOOTLOADER=$bootloader UA_VM_CMDLINE=$boot_options UA_VM_CMDLINE_EXTRA='' UA_VM_POWEROFF=0 \
   "$here/make-disk.sh" "$w/disk.img" "$w/1.0.img" - >&2
 

@@ -52,6 +52,10 @@ enum Command {
     Rollback,
     /// Show the agent's state, the bootloader's and the slots.
     Status,
+    /// Write the man page update-agent.8 into DIR (packages generate it at build time,
+    /// so it never drifts from the options).
+    #[command(hide = true)]
+    Man { dir: PathBuf },
 }
 
 fn main() -> ExitCode {
@@ -64,6 +68,17 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// A daemon's page lives in section 8 (system administration).
+fn write_man(dir: &std::path::Path) -> anyhow::Result<()> {
+    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    let cmd = <Cli as clap::CommandFactory>::command();
+    clap_mangen::Man::new(cmd)
+        .section("8")
+        .generate_to(dir)
+        .with_context(|| format!("writing the man page into {}", dir.display()))?;
+    Ok(())
 }
 
 fn print_outcome(o: &BootOutcome) {
@@ -138,6 +153,10 @@ fn serve(cfg: Config) -> anyhow::Result<()> {
 }
 
 fn run(cli: Cli) -> anyhow::Result<()> {
+    // Before the configuration is loaded: a package build has none.
+    if let Command::Man { dir } = &cli.command {
+        return write_man(dir);
+    }
     let cfg =
         Config::load(&cli.config).with_context(|| format!("loading {}", cli.config.display()))?;
     if let Command::Serve = cli.command {
@@ -201,7 +220,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
     };
     match cli.command {
         // Returned above, before the one-shot commands set up their own agent.
-        Command::Serve => {}
+        Command::Serve | Command::Man { .. } => {}
         Command::Stage {
             url,
             allow_downgrade,

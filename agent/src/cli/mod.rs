@@ -52,10 +52,20 @@ pub enum Command {
     #[command(subcommand)]
     Bundle(bundle::BundleCommand),
     /// Print a shell completion script (bash, zsh, fish, elvish, powershell).
-    Completions { shell: clap_complete::Shell },
+    Completions {
+        shell: clap_complete::Shell,
+        /// The command name to complete (default: the name this was run as).
+        #[arg(long, value_name = "NAME")]
+        name: Option<String>,
+    },
     /// Write man pages for updatectl and each subcommand into DIR (for packagers).
     #[command(name = "man")]
-    Man { dir: std::path::PathBuf },
+    Man {
+        dir: std::path::PathBuf,
+        /// The installed name the pages are for (default: the name this was run as).
+        #[arg(long, value_name = "NAME")]
+        name: Option<String>,
+    },
 }
 
 /// Runs a parsed command line.
@@ -63,20 +73,44 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Agent(cmd) => agent::run(cmd, &cli.connect),
         Command::Bundle(cmd) => bundle::run(cmd),
-        Command::Completions { shell } => {
-            let mut cmd = <Cli as clap::CommandFactory>::command();
-            clap_complete::generate(shell, &mut cmd, "updatectl", &mut std::io::stdout());
+        Command::Completions { shell, name } => {
+            let name = installed_name(name);
+            let mut cmd = command_named(&name);
+            clap_complete::generate(shell, &mut cmd, name, &mut std::io::stdout());
             Ok(())
         }
-        Command::Man { dir } => {
+        Command::Man { dir, name } => {
             use anyhow::Context as _;
             std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
-            let cmd = <Cli as clap::CommandFactory>::command();
+            let cmd = command_named(&installed_name(name));
             clap_mangen::generate_to(cmd, &dir)
                 .with_context(|| format!("writing man pages into {}", dir.display()))?;
             Ok(())
         }
     }
+}
+
+/// The name the CLI is installed as: packages install it as `update-agentctl` where
+/// systemd's own `updatectl` may live (systemd >= 257), so man pages, their file
+/// names and completion functions must say the name people type. Without `--name`,
+/// the name this was run as.
+fn installed_name(name: Option<String>) -> String {
+    name.or_else(|| {
+        let argv0 = std::env::args_os().next()?;
+        let file = std::path::Path::new(&argv0)
+            .file_name()?
+            .to_str()?
+            .to_owned();
+        Some(file)
+    })
+    .unwrap_or_else(|| "updatectl".to_owned())
+}
+
+/// The command tree under another name (page titles, `NAME-SUB.1` files, usage lines).
+fn command_named(name: &str) -> clap::Command {
+    <Cli as clap::CommandFactory>::command()
+        .name(name.to_owned())
+        .bin_name(name.to_owned())
 }
 
 /// The error and its causes in one line, each said once (transport errors repeat
@@ -147,4 +181,42 @@ pub fn exit_code(err: &anyhow::Error) -> ExitCode {
     } else {
         EXIT_FAILURE
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Packages install the CLI as `update-agentctl`: every page, its file name and
+    /// its usage lines must say that name, never systemd's `updatectl`.
+    #[test]
+    fn man_pages_follow_the_installed_name() -> anyhow::Result<()> {
+        let dir = tempfile::tempdir()?;
+        clap_mangen::generate_to(command_named("update-agentctl"), dir.path())?;
+        let mut names: Vec<String> = std::fs::read_dir(dir.path())?
+            .map(|e| Ok(e?.file_name().to_string_lossy().into_owned()))
+            .collect::<std::io::Result<_>>()?;
+        names.sort();
+        assert!(names.contains(&"update-agentctl.1".to_owned()));
+        assert!(names.contains(&"update-agentctl-status.1".to_owned()));
+        assert!(names.iter().all(|n| n.starts_with("update-agentctl")));
+        let page = std::fs::read_to_string(dir.path().join("update-agentctl-status.1"))?;
+        assert!(page.contains("\\fBupdate\\-agentctl status\\fR"), "{page}");
+        Ok(())
+    }
+
+    #[test]
+    fn completions_follow_the_installed_name() {
+        let mut out = Vec::new();
+        let mut cmd = command_named("update-agentctl");
+        clap_complete::generate(
+            clap_complete::Shell::Bash,
+            &mut cmd,
+            "update-agentctl",
+            &mut out,
+        );
+        let script = String::from_utf8_lossy(&out);
+        assert!(script.contains("-o default update-agentctl"), "{script}");
+        assert!(!script.contains("-o default updatectl"));
+    }
 }
