@@ -123,10 +123,13 @@ pki() { openssl "$@" >/dev/null 2>&1; }
 
 # ---- release images
 # release VERSION DIR [health units...]: the rootfs with the agent installed, as a
-# distribution image would carry it, made into an ext4 image file $w/VERSION.img the
-# size of a slot. Deterministic (fixed time, UUID and hash seed), so consecutive
-# releases share most of their blocks, as real ones do.
+# distribution image would carry it, made into an ext4 image file $w/VERSION.img 16 MiB
+# smaller than a slot: room for the dm-verity tree the node builds after it (every
+# release but 1.0 is published with --verity; ~5 MiB of tree). Deterministic (fixed
+# time, UUID and hash seed), so consecutive releases share most of their blocks, as
+# real ones do.
 slot_mib=${UA_VM_SLOT_MIB:-600}
+img_mib=$((slot_mib - 16))
 # The kernel arguments after root= and updateagent.slot=: GRUB's ua_cmdline
 # (make-disk.sh writes it into grub.cfg); with systemd-boot, the options of the first
 # entry and, in agent.toml, of every entry the agent writes.
@@ -178,7 +181,7 @@ TOML
     "$version" "$version" >"$tree/etc/os-release"
   rm -f "$w/$version.img"
   E2FSPROGS_FAKE_TIME=1700000000 mkfs.ext4 -q -b 4096 -L root -U 6d1b3c2e-0000-4000-8000-0000000000aa \
-    -E hash_seed=6d1b3c2e-0000-4000-8000-0000000000bb -d "$tree" "$w/$version.img" "${slot_mib}M"
+    -E hash_seed=6d1b3c2e-0000-4000-8000-0000000000bb -d "$tree" "$w/$version.img" "${img_mib}M"
 }
 
 say "release images: v1, v2 (+ jq), v3 (+ a required unit that fails)"
@@ -239,10 +242,12 @@ mkdir -p "$w/www/old"
 ls -l "$w"/*.img >&2
 
 say "publisher: 2.0 as a delta from 1.0; 3.0, 4.0, 5.0 and 6.0 as deltas from 2.0; 6.0 from 5.0"
+# With their dm-verity trees signed: the node builds each tree after the image and
+# boots the release through it (the images' initramfs sets the verity device up).
 for pair in 2.0:1.0 3.0:2.0 4.0:2.0 5.0:2.0 6.0:2.0 6.0:5.0; do
   "$updatectl_host" bundle create --target "$w/${pair%%:*}.img" --source "$w/${pair##*:}.img" \
     --version "${pair%%:*}" --compatible ua-lab-x86_64 --key "$w/keys/update-agent.key" \
-    --out "$w/www" --no-full --level 9
+    --out "$w/www" --no-full --level 9 --verity
 done
 # 7.0 signed by the key root 2 brings, from 6.0 and from 2.0 (so `lab.sh 1 7` works
 # too), served where nodes look; and from 6.0 by the old lab key, under old/, where
@@ -250,7 +255,7 @@ done
 for k in release2:www:6.0 release2:www:2.0 update-agent:www/old:6.0; do
   IFS=: read -r key out from <<<"$k"
   "$updatectl_host" bundle create --target "$w/7.0.img" --source "$w/$from.img" --version 7.0 \
-    --compatible ua-lab-x86_64 --key "$w/keys/$key.key" --out "$w/$out" --no-full --level 9
+    --compatible ua-lab-x86_64 --key "$w/keys/$key.key" --out "$w/$out" --no-full --level 9 --verity
 done
 ls -l "$w/www" >&2
 
@@ -258,7 +263,7 @@ say "the node: GPT disk, $bootloader on the ESP, 1.0 in root-a, root-b empty"
 # GRUB's fragment as the package installs it.
 UA_VM_FRAGMENT=$t/usr/share/update-agent/grub/update-agent.cfg \
 UA_VM_BOOTLOADER=$bootloader UA_VM_CMDLINE=$boot_options UA_VM_CMDLINE_EXTRA='' UA_VM_POWEROFF=0 \
-  "$here/make-disk.sh" "$w/disk.img" "$w/1.0.img" - >&2
+  UA_VM_SLOT_MIB=$slot_mib "$here/make-disk.sh" "$w/disk.img" "$w/1.0.img" - >&2
 
 # ---- running the node
 source "$repo/integration/node.sh"
@@ -514,6 +519,10 @@ for s in "${scenarios[@]}"; do
       [[ $(field "['running_version']" <<<"$j") == 2.0 && $(field "['booted']['name']" <<<"$j") == b ]] \
         || fail "the node does not run 2.0 on slot b: $j"
       trial_log="$w/serial-$boots.log"
+      # 2.0 runs from its dm-verity tree: the kernel got the root hash, the initramfs
+      # set the device up, and the agent found its slot under it.
+      on_console "mounts: /=/dev/mapper/root:" || fail "2.0's root is not the dm-verity device (serial log: $trial_log)"
+      [[ $(field "['booted']['verity']" <<<"$j") == True ]] || fail "status does not say the root is verity-protected: $j"
       ssh_status=$(grep -a 'UA-LAB' "$w/serial-$boots.log" | tail -3 || true)
       printf '%s\n' "$ssh_status"
       # Where the trial boot's time went, from the guest's journal on the console.
