@@ -85,21 +85,7 @@ pub fn decode(bytes: &[u8]) -> Result<Manifest, ManifestError> {
     })?;
     let target_size = r.uint(m, "target_size")?;
     let target_sha256 = r.digest(m, "target_sha256")?;
-    let verity_len = r.uint(m, "verity_root_hash")?;
-    let verity_root_hash = match verity_len {
-        0 => None,
-        n if n <= limits::MAX_VERITY_HASH as u64 => {
-            Some(r.take(n as usize, m, "verity_root_hash")?.to_vec())
-        }
-        n => {
-            return Err(ManifestError::OutOfBounds {
-                loc: m,
-                field: "verity_root_hash",
-                value: n,
-                max: limits::MAX_VERITY_HASH as u64,
-            })
-        }
-    };
+    let verity_root_hash = verity_root_hash(&mut r)?;
     let source = match r.byte(m, "source")? {
         0 => None,
         1 => Some(SourceImage {
@@ -110,39 +96,7 @@ pub fn decode(bytes: &[u8]) -> Result<Manifest, ManifestError> {
     };
     let blob_size = r.uint(m, "blob_size")?;
     let blob_sha256 = r.digest(m, "blob_sha256")?;
-    let count = r.count(m, "operations", limits::MAX_OPERATIONS)?;
-    // Each operation takes at least 35 bytes (kind, two empty extent lists, digest);
-    // refuse counts the input cannot hold before reserving memory for them.
-    if count.saturating_mul(35) > r.remaining() as u64 {
-        return Err(ManifestError::Truncated {
-            loc: m,
-            field: "operations",
-        });
-    }
-    let mut operations = Vec::with_capacity(count as usize);
-    let mut extents_total = 0u64;
-    for i in 0..count as usize {
-        let loc = Loc::Op(i);
-        let raw = r.byte(loc, "kind")?;
-        let kind =
-            OpKind::from_wire(raw).ok_or(ManifestError::UnknownOpKind { op: i, kind: raw })?;
-        let dst = r.extents(loc, "dst", &mut extents_total)?;
-        let src = r.extents(loc, "src", &mut extents_total)?;
-        let (data_offset, data_len) = if kind.has_data() {
-            (r.uint(loc, "data_offset")?, r.uint(loc, "data_len")?)
-        } else {
-            (0, 0)
-        };
-        let sha256 = r.digest(loc, "sha256")?;
-        operations.push(Operation {
-            kind,
-            dst,
-            src,
-            data_offset,
-            data_len,
-            sha256,
-        });
-    }
+    let operations = operations(&mut r)?;
     if r.remaining() != 0 {
         return Err(ManifestError::TrailingBytes {
             count: r.remaining(),
@@ -162,6 +116,73 @@ pub fn decode(bytes: &[u8]) -> Result<Manifest, ManifestError> {
         blob_size,
         blob_sha256,
         operations,
+    })
+}
+
+/// The optional verity root hash: its length (0: none, bounded), then its bytes.
+fn verity_root_hash(r: &mut Reader<'_>) -> Result<Option<Vec<u8>>, ManifestError> {
+    let m = Loc::Manifest;
+    let verity_len = r.uint(m, "verity_root_hash")?;
+    match verity_len {
+        0 => Ok(None),
+        n if n <= limits::MAX_VERITY_HASH as u64 => {
+            Ok(Some(r.take(n as usize, m, "verity_root_hash")?.to_vec()))
+        }
+        n => Err(ManifestError::OutOfBounds {
+            loc: m,
+            field: "verity_root_hash",
+            value: n,
+            max: limits::MAX_VERITY_HASH as u64,
+        }),
+    }
+}
+
+/// The operations: their count (bounded by the limit and by what the input can
+/// hold), then each one; the extents of all of them count against one limit.
+fn operations(r: &mut Reader<'_>) -> Result<Vec<Operation>, ManifestError> {
+    let m = Loc::Manifest;
+    let count = r.count(m, "operations", limits::MAX_OPERATIONS)?;
+    // Each operation takes at least 35 bytes (kind, two empty extent lists, digest);
+    // refuse counts the input cannot hold before reserving memory for them.
+    if count.saturating_mul(35) > r.remaining() as u64 {
+        return Err(ManifestError::Truncated {
+            loc: m,
+            field: "operations",
+        });
+    }
+    let mut operations = Vec::with_capacity(count as usize);
+    let mut extents_total = 0u64;
+    for i in 0..count as usize {
+        operations.push(operation(r, i, &mut extents_total)?);
+    }
+    Ok(operations)
+}
+
+/// Operation `i`: kind, destination and source extents, its frame (kinds with data),
+/// the sha256 of what it writes.
+fn operation(
+    r: &mut Reader<'_>,
+    i: usize,
+    extents_total: &mut u64,
+) -> Result<Operation, ManifestError> {
+    let loc = Loc::Op(i);
+    let raw = r.byte(loc, "kind")?;
+    let kind = OpKind::from_wire(raw).ok_or(ManifestError::UnknownOpKind { op: i, kind: raw })?;
+    let dst = r.extents(loc, "dst", extents_total)?;
+    let src = r.extents(loc, "src", extents_total)?;
+    let (data_offset, data_len) = if kind.has_data() {
+        (r.uint(loc, "data_offset")?, r.uint(loc, "data_len")?)
+    } else {
+        (0, 0)
+    };
+    let sha256 = r.digest(loc, "sha256")?;
+    Ok(Operation {
+        kind,
+        dst,
+        src,
+        data_offset,
+        data_len,
+        sha256,
     })
 }
 
