@@ -446,13 +446,20 @@ impl Config {
         Ok(self)
     }
 
+    /// The rules, in the order their errors are reported: the node, fetching,
+    /// memory, the API and metrics, credentials.
     fn validate(&self) -> Result<(), ConfigError> {
-        let bad = |key, why: &str| {
-            Err(ConfigError::Value {
-                key,
-                why: why.to_owned(),
-            })
-        };
+        self.validate_node()?;
+        self.validate_fetch()?;
+        if self.apply.memory_budget < (4 << 20) {
+            return bad("apply.memory_budget", "must be at least 4 MiB");
+        }
+        self.validate_api()?;
+        self.validate_credentials()
+    }
+
+    /// The product line, the slots' labels, the bootloader.
+    fn validate_node(&self) -> Result<(), ConfigError> {
         if self.compatible.is_empty() {
             return bad("compatible", "must be set to this node's product line");
         }
@@ -465,6 +472,11 @@ impl Config {
         if !(1..=9).contains(&self.boot.tries) {
             return bad("boot.tries", "must be between 1 and 9");
         }
+        Ok(())
+    }
+
+    /// Parallel requests, the stall timeout and the throughput floor.
+    fn validate_fetch(&self) -> Result<(), ConfigError> {
         if self.fetch.parallel == 0 || self.fetch.parallel > 16 {
             return bad("fetch.parallel", "must be between 1 and 16");
         }
@@ -484,9 +496,12 @@ impl Config {
                 "must be at least 1 (or set fetch.min_throughput_bytes = 0 to turn the rule off)",
             );
         }
-        if self.apply.memory_budget < (4 << 20) {
-            return bad("apply.memory_budget", "must be at least 4 MiB");
-        }
+        Ok(())
+    }
+
+    /// TCP only with mutual TLS, the caps and timeouts of the API and metrics, the
+    /// metrics address.
+    fn validate_api(&self) -> Result<(), ConfigError> {
         if self.api.tcp_listen.is_some() {
             let a = &self.api;
             if a.tls_cert.is_none() || a.tls_key.is_none() || a.tls_client_ca.is_none() {
@@ -538,6 +553,11 @@ impl Config {
                 );
             }
         }
+        Ok(())
+    }
+
+    /// Credentials only with a release server to send them to, in their form.
+    fn validate_credentials(&self) -> Result<(), ConfigError> {
         if (self.fetch.bearer_token.is_some() || self.fetch.basic_auth.is_some())
             && self.releases.url.is_none()
         {
@@ -553,6 +573,14 @@ impl Config {
         }
         Ok(())
     }
+}
+
+/// A value error naming `key`.
+fn bad(key: &'static str, why: &str) -> Result<(), ConfigError> {
+    Err(ConfigError::Value {
+        key,
+        why: why.to_owned(),
+    })
 }
 
 /// Merges `from` into `into`: tables recursively, anything else replaced.

@@ -26,7 +26,10 @@ use rand::Rng as _;
 use crate::config::FetchConfig;
 use crate::payload::{FileSource, PayloadError, RangeSource};
 
+mod origin;
 mod stall;
+use origin::private_roots;
+pub use origin::same_origin;
 use stall::Throughput;
 
 /// Bytes fetched with the first request; covers the header and the manifest of every
@@ -321,6 +324,27 @@ impl HttpSource {
         }
         let from = start + *got as u64;
         let end = start + buf.len() as u64 - 1;
+        let mut resp = self.get_range(from, end)?;
+        let value = resp
+            .headers()
+            .get("content-range")
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or_default()
+            .to_owned();
+        let (got_end, total) = self.check_range(&value, from, end, clamp)?;
+        let len =
+            usize::try_from(got_end + 1 - start).map_err(|_| self.bad_range(&value, from, end))?;
+        let want = got_end - from + 1;
+        let mut body = resp.body_mut().with_config().limit(want).reader();
+        self.stream(&mut body, &mut buf[..len], got, want, arrived)?;
+        // Let the reader see the end of the body, so the connection can be reused.
+        let _ = body.read(&mut [0u8; 1]);
+        Ok(Some((len, total)))
+    }
+
+    /// The GET of bytes `from..=end` (with the release server's credentials), and its
+    /// answer if it is a 206; what else it is decides whether to try again.
+    fn get_range(&self, from: u64, end: u64) -> Result<ureq::http::Response<ureq::Body>, Attempt> {
         let mut req = self
             .agent
             .get(&self.url)
@@ -333,7 +357,7 @@ impl HttpSource {
             attempts,
             source,
         };
-        let mut resp = req.call().map_err(|e| match e {
+        let resp = req.call().map_err(|e| match e {
             // A redirect from https to http: asking again gets the same answer.
             ureq::Error::RequireHttpsOnly(_) => Attempt::Fatal(transport(e, 1)),
             e => Attempt::Retry(transport(e, self.retries + 1)),
@@ -344,38 +368,34 @@ impl HttpSource {
             status,
         };
         match status {
-            206 => {}
-            200 => {
-                return Err(Attempt::Fatal(FetchError::NoRanges {
-                    url: self.url.clone(),
-                }))
-            }
-            408 | 429 | 500..=599 => return Err(Attempt::Retry(fail)),
-            _ => return Err(Attempt::Fatal(fail)),
-        }
-        let value = resp
-            .headers()
-            .get("content-range")
-            .and_then(|v| v.to_str().ok())
-            .unwrap_or_default()
-            .to_owned();
-        let bad = || {
-            Attempt::Fatal(FetchError::BadRange {
+            206 => Ok(resp),
+            200 => Err(Attempt::Fatal(FetchError::NoRanges {
                 url: self.url.clone(),
-                value: value.clone(),
-                start: from,
-                end,
-            })
-        };
-        // "bytes START-END/TOTAL"
-        let (got_start, got_end, total) = parse_content_range(&value).ok_or_else(bad)?;
+            })),
+            408 | 429 | 500..=599 => Err(Attempt::Retry(fail)),
+            _ => Err(Attempt::Fatal(fail)),
+        }
+    }
+
+    /// The Content-Range `value` ("bytes START-END/TOTAL") of an answer to a request
+    /// for `from..=end` (the end `clamp`ed to the payload's): the range's end and the
+    /// payload's size, if it is the range asked for, of this payload.
+    fn check_range(
+        &self,
+        value: &str,
+        from: u64,
+        end: u64,
+        clamp: bool,
+    ) -> Result<(u64, u64), Attempt> {
+        let (got_start, got_end, total) =
+            parse_content_range(value).ok_or_else(|| self.bad_range(value, from, end))?;
         let want_end = if clamp {
             end.min(total.saturating_sub(1))
         } else {
             end
         };
         if got_start != from || got_end != want_end || got_end < got_start {
-            return Err(bad());
+            return Err(self.bad_range(value, from, end));
         }
         // Known from the first request or kept from an earlier process: a range of a
         // payload of another size is of another payload.
@@ -386,9 +406,30 @@ impl HttpSource {
                 now: total,
             }));
         }
-        let len = usize::try_from(got_end + 1 - start).map_err(|_| bad())?;
-        let want = got_end - got_start + 1;
-        let mut body = resp.body_mut().with_config().limit(want).reader();
+        Ok((got_end, total))
+    }
+
+    fn bad_range(&self, value: &str, start: u64, end: u64) -> Attempt {
+        Attempt::Fatal(FetchError::BadRange {
+            url: self.url.clone(),
+            value: value.to_owned(),
+            start,
+            end,
+        })
+    }
+
+    /// `body` (`want` bytes) read into `buf` after `*got` until `buf` is full, `*got`
+    /// advanced and `arrived` told as bytes come; the staging deadline and the
+    /// throughput floor are checked as they do.
+    fn stream(
+        &self,
+        body: &mut dyn io::Read,
+        buf: &mut [u8],
+        got: &mut usize,
+        want: u64,
+        arrived: &mut dyn FnMut(&[u8]),
+    ) -> Result<(), Attempt> {
+        let len = buf.len();
         let mut pace = Throughput::new(self.min_bytes, self.min_window, Instant::now());
         let received_before = *got;
         while *got < len {
@@ -424,65 +465,13 @@ impl HttpSource {
                 }));
             }
         }
-        // Let the reader see the end of the body, so the connection can be reused.
-        let _ = body.read(&mut [0u8; 1]);
-        Ok(Some((len, total)))
+        Ok(())
     }
 }
 
 enum Attempt {
     Retry(FetchError),
     Fatal(FetchError),
-}
-
-/// TLS that trusts only the CAs in `path` (a private release server's PKI), instead of
-/// the public web PKI.
-fn private_roots(path: &Path) -> Result<ureq::tls::TlsConfig, FetchError> {
-    use ureq::tls::{PemItem, RootCerts, TlsConfig};
-    let pem = std::fs::read(path).map_err(|source| FetchError::CaFile {
-        path: path.to_owned(),
-        source,
-    })?;
-    let mut certs = Vec::new();
-    for item in ureq::tls::parse_pem(&pem) {
-        match item {
-            Ok(PemItem::Certificate(c)) => certs.push(c),
-            Ok(_) => {}
-            Err(source) => {
-                return Err(FetchError::CaFilePem {
-                    path: path.to_owned(),
-                    source,
-                })
-            }
-        }
-    }
-    if certs.is_empty() {
-        return Err(FetchError::CaFileEmpty {
-            path: path.to_owned(),
-        });
-    }
-    Ok(TlsConfig::builder()
-        .root_certs(RootCerts::new_with_certs(&certs))
-        .build())
-}
-
-/// Scheme, host and port of a URL (the port made explicit).
-fn origin(url: &str) -> Option<(String, String, u16)> {
-    let uri: ureq::http::Uri = url.parse().ok()?;
-    let scheme = uri.scheme_str()?.to_ascii_lowercase();
-    let port = match (uri.port_u16(), scheme.as_str()) {
-        (Some(p), _) => p,
-        (None, "https") => 443,
-        (None, "http") => 80,
-        _ => return None,
-    };
-    Some((scheme, uri.host()?.to_ascii_lowercase(), port))
-}
-
-/// Whether `url` is on the same origin (scheme, host, port) as `base`: only then does
-/// it get the release server's credentials.
-pub fn same_origin(url: &str, base: &str) -> bool {
-    matches!((origin(url), origin(base)), (Some(a), Some(b)) if a == b)
 }
 
 fn parse_content_range(v: &str) -> Option<(u64, u64, u64)> {

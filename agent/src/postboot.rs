@@ -73,50 +73,10 @@ impl Agent {
         let booted = self.layout.booted;
         let now = timefmt::now();
         let boot = self.boot.status()?;
-        if armed_before_the_cut(&state, &boot) {
-            tracing::warn!(slot = %booted, phase = "armed", "the bootloader was armed but the state still said staged (power cut between the two); taking the release as armed");
-            state.armed(self.cfg.boot.tries)?;
-            self.store.save(&lock, &state)?;
-        }
-        if let Some(entry) = history_entry(&state, None) {
-            if self.record_history(entry) {
-                tracing::warn!(state = state.name(), "the history did not have the last update's end (power cut between the state and the history); recorded it");
-            }
-        }
+        self.repair_after_cut(&lock, &mut state, &boot)?;
         match state.clone() {
             State::Armed { staged, .. } if booted == staged.slot => {
-                tracing::info!(release = %staged.version, slot = %staged.slot, phase = "checking", "trial boot: running the health checks");
-                let t = Instant::now();
-                let results = checks();
-                let ms = t.elapsed().as_millis() as u64;
-                tracing::info!(release = %staged.version, millis = ms, "health checks done in {ms} ms");
-                let failed: Vec<&CheckResult> = results.iter().filter(|r| !r.ok).collect();
-                if let Some(first) = failed.first() {
-                    let mut reason = first.summary();
-                    if failed.len() > 1 {
-                        reason.push_str(&format!(" (and {} more checks failed)", failed.len() - 1));
-                    }
-                    let to = staged.slot.other();
-                    state.rolling_back(to, reason.clone(), now)?;
-                    self.store.save(&lock, &state)?;
-                    failpoint("after-rolling-back-state");
-                    self.boot.rollback_to(to)?;
-                    failpoint("after-rollback");
-                    tracing::error!(release = %staged.version, slot = %staged.slot, phase = "rolling_back", reason = %reason, "trial boot failed its health checks; rolling back");
-                    crate::emit!(tracing::Level::ERROR, crate::events::ROLLING_BACK, update_agent_release = %staged.version, update_agent_slot = %staged.slot, update_agent_cause = "health_check", update_agent_reason = %reason, "{} failed its health checks; rolling back to slot {to}: {reason}", staged.version);
-                    return Ok(BootOutcome::RollingBack {
-                        version: staged.version,
-                        to,
-                        reason,
-                        checks: results,
-                    });
-                }
-                self.commit_trial(&lock, state, &staged)?;
-                tracing::info!(release = %staged.version, slot = %staged.slot, phase = "committed", "trial boot healthy; committed");
-                Ok(BootOutcome::Committed {
-                    version: staged.version,
-                    slot: staged.slot,
-                })
+                self.trial_boot(&lock, state, staged, checks, now)
             }
             State::Armed { staged, .. } => {
                 // A trial was armed but the old slot runs: the bootloader gave up on the
@@ -128,44 +88,7 @@ impl Agent {
                 self.record_rollback(&state, staged.from_version);
                 Ok(rolled_back_outcome(&state))
             }
-            State::RollingBack {
-                version,
-                from,
-                to,
-                reason,
-                manual,
-                ..
-            } => {
-                if booted != to {
-                    // Killed before the reboot (or it did not happen): do it again.
-                    self.boot.rollback_to(to)?;
-                    return Ok(BootOutcome::RollingBack {
-                        version,
-                        to,
-                        reason,
-                        checks: Vec::new(),
-                    });
-                }
-                if boot.default != to {
-                    // The rollback's write was undone under the state (a torn
-                    // systemd-boot rename repaired by fsck.vfat back to its source):
-                    // the next reboot would run `from` again.
-                    tracing::warn!(slot = %to, "rolled back, yet the bootloader's default is slot {from} (a rollback undone by a repair of the ESP?); pointing it at slot {to} again");
-                    self.boot.rollback_to(to)?;
-                }
-                if !manual {
-                    self.boot.mark_unbootable(from)?;
-                }
-                let cause = if manual {
-                    RollbackCause::Manual
-                } else {
-                    RollbackCause::HealthCheck
-                };
-                state.rolled_back(to, None, cause, now)?;
-                self.store.save(&lock, &state)?;
-                self.record_rollback(&state, None);
-                Ok(rolled_back_outcome(&state))
-            }
+            State::RollingBack { .. } => self.rollback_rebooted(&lock, state, &boot, now),
             State::Committed { version, slot, .. }
                 if slot == booted && boot.trial.is_some_and(|(s, _)| s == booted) =>
             {
@@ -179,6 +102,118 @@ impl Agent {
             }
             _ => Ok(BootOutcome::Normal),
         }
+    }
+
+    /// What a power cut can leave behind, made whole before deciding: a bootloader
+    /// armed under a state that still says staged, and an end the history missed.
+    fn repair_after_cut(
+        &mut self,
+        lock: &crate::state::UpdateLock,
+        state: &mut State,
+        boot: &BootStatus,
+    ) -> Result<(), UpdateError> {
+        if armed_before_the_cut(state, boot) {
+            tracing::warn!(slot = %self.layout.booted, phase = "armed", "the bootloader was armed but the state still said staged (power cut between the two); taking the release as armed");
+            state.armed(self.cfg.boot.tries)?;
+            self.store.save(lock, state)?;
+        }
+        if let Some(entry) = history_entry(state, None) {
+            if self.record_history(entry) {
+                tracing::warn!(state = state.name(), "the history did not have the last update's end (power cut between the state and the history); recorded it");
+            }
+        }
+        Ok(())
+    }
+
+    /// The trial boot of `staged`: the health checks decide between a commit and a
+    /// rollback (state first, then the bootloader; the reboot is the caller's).
+    fn trial_boot(
+        &mut self,
+        lock: &crate::state::UpdateLock,
+        mut state: State,
+        staged: crate::state::Staged,
+        checks: &dyn Fn() -> Vec<CheckResult>,
+        now: u64,
+    ) -> Result<BootOutcome, UpdateError> {
+        tracing::info!(release = %staged.version, slot = %staged.slot, phase = "checking", "trial boot: running the health checks");
+        let t = Instant::now();
+        let results = checks();
+        let ms = t.elapsed().as_millis() as u64;
+        tracing::info!(release = %staged.version, millis = ms, "health checks done in {ms} ms");
+        if let Some(reason) = failure_reason(&results) {
+            let to = staged.slot.other();
+            state.rolling_back(to, reason.clone(), now)?;
+            self.store.save(lock, &state)?;
+            failpoint("after-rolling-back-state");
+            self.boot.rollback_to(to)?;
+            failpoint("after-rollback");
+            tracing::error!(release = %staged.version, slot = %staged.slot, phase = "rolling_back", reason = %reason, "trial boot failed its health checks; rolling back");
+            crate::emit!(tracing::Level::ERROR, crate::events::ROLLING_BACK, update_agent_release = %staged.version, update_agent_slot = %staged.slot, update_agent_cause = "health_check", update_agent_reason = %reason, "{} failed its health checks; rolling back to slot {to}: {reason}", staged.version);
+            return Ok(BootOutcome::RollingBack {
+                version: staged.version,
+                to,
+                reason,
+                checks: results,
+            });
+        }
+        self.commit_trial(lock, state, &staged)?;
+        tracing::info!(release = %staged.version, slot = %staged.slot, phase = "committed", "trial boot healthy; committed");
+        Ok(BootOutcome::Committed {
+            version: staged.version,
+            slot: staged.slot,
+        })
+    }
+
+    /// A boot with the state `RollingBack`: the reboot happened (rolled back, the
+    /// bootloader's default checked), or it did not (asked again).
+    fn rollback_rebooted(
+        &mut self,
+        lock: &crate::state::UpdateLock,
+        mut state: State,
+        boot: &BootStatus,
+        now: u64,
+    ) -> Result<BootOutcome, UpdateError> {
+        let State::RollingBack {
+            version,
+            from,
+            to,
+            reason,
+            manual,
+            ..
+        } = state.clone()
+        else {
+            // Only called on that state; anything else is no rollback of ours.
+            return Ok(BootOutcome::Normal);
+        };
+        if self.layout.booted != to {
+            // Killed before the reboot (or it did not happen): do it again.
+            self.boot.rollback_to(to)?;
+            return Ok(BootOutcome::RollingBack {
+                version,
+                to,
+                reason,
+                checks: Vec::new(),
+            });
+        }
+        if boot.default != to {
+            // The rollback's write was undone under the state (a torn
+            // systemd-boot rename repaired by fsck.vfat back to its source):
+            // the next reboot would run `from` again.
+            tracing::warn!(slot = %to, "rolled back, yet the bootloader's default is slot {from} (a rollback undone by a repair of the ESP?); pointing it at slot {to} again");
+            self.boot.rollback_to(to)?;
+        }
+        if !manual {
+            self.boot.mark_unbootable(from)?;
+        }
+        let cause = if manual {
+            RollbackCause::Manual
+        } else {
+            RollbackCause::HealthCheck
+        };
+        state.rolled_back(to, None, cause, now)?;
+        self.store.save(lock, &state)?;
+        self.record_rollback(&state, None);
+        Ok(rolled_back_outcome(&state))
     }
 
     /// Commits the running trial without waiting for health checks.
@@ -362,6 +397,17 @@ fn history_entry(state: &State, from_version: Option<String>) -> Option<Entry> {
 /// bootable: `arm_trial` reached the disk and a power cut came before the state did.
 pub fn armed_before_the_cut(state: &State, boot: &BootStatus) -> bool {
     matches!(state, State::Staged(s) if boot.is_bootable(s.slot))
+}
+
+/// The first failing check's summary (and how many more failed), if any failed.
+fn failure_reason(results: &[CheckResult]) -> Option<String> {
+    let failed: Vec<&CheckResult> = results.iter().filter(|r| !r.ok).collect();
+    let first = failed.first()?;
+    let mut reason = first.summary();
+    if failed.len() > 1 {
+        reason.push_str(&format!(" (and {} more checks failed)", failed.len() - 1));
+    }
+    Some(reason)
 }
 
 fn rolled_back_outcome(state: &State) -> BootOutcome {

@@ -8,11 +8,13 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
+use tonic::transport::server::Router;
 use tonic::transport::{Certificate, Identity, Server, ServerTlsConfig};
 
 use super::access::Policy;
 use super::pb::update_agent_server::UpdateAgentServer;
 use super::service::Service;
+use crate::config::{ApiConfig, ApiLimits};
 use crate::daemon::Daemon;
 
 #[derive(Debug, thiserror::Error)]
@@ -116,30 +118,7 @@ pub async fn serve(
         .map_err(ServeError::Reflection)?;
 
     let unix = bind_unix(&cfg.socket, &cfg.socket_group)?;
-    let tcp = match &cfg.tcp_listen {
-        Some(addr) => {
-            let l = tokio::net::TcpListener::bind(addr)
-                .await
-                .map_err(|source| ServeError::Tcp {
-                    addr: addr.clone(),
-                    source,
-                })?;
-            let tls = ServerTlsConfig::new()
-                .identity(Identity::from_pem(
-                    read("api.tls_cert", cfg.tls_cert.as_ref())?,
-                    read("api.tls_key", cfg.tls_key.as_ref())?,
-                ))
-                .client_ca_root(Certificate::from_pem(read(
-                    "api.tls_client_ca",
-                    cfg.tls_client_ca.as_ref(),
-                )?))
-                .client_auth_optional(false)
-                // A client that connects and says nothing is dropped, not kept.
-                .timeout(Duration::from_secs(cfg.limits.handshake_timeout_secs));
-            Some((l, tls))
-        }
-        None => None,
-    };
+    let tcp = bind_tcp(&cfg).await?;
     let where_ = match &tcp {
         Some((l, _)) => format!(
             "{} and {}",
@@ -148,32 +127,12 @@ pub async fn serve(
         ),
         None => cfg.socket.display().to_string(),
     };
-    let metrics = match &daemon.cfg.metrics.listen {
-        Some(addr) => Some(
-            tokio::net::TcpListener::bind(addr)
-                .await
-                .map_err(|source| ServeError::Metrics {
-                    addr: addr.clone(),
-                    source,
-                })?,
-        ),
-        None => None,
-    };
+    let metrics = bind_metrics(daemon.cfg.metrics.listen.as_deref()).await?;
     daemon.start();
     if let Some(l) = metrics {
         tokio::spawn(super::metrics_http::serve(l, Arc::clone(&daemon)));
     }
     ready(&where_);
-
-    // One shutdown signal for both listeners.
-    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
-    tokio::spawn(async move {
-        shutdown.await;
-        let _ = stop_tx.send(true);
-    });
-    let stopped = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
-        let _ = rx.wait_for(|s| *s).await;
-    };
 
     let router = |b: &mut Server| {
         use tonic::service::interceptor::InterceptedService as Gated;
@@ -185,7 +144,71 @@ pub async fn serve(
         .add_service(Gated::new(reflection_v1.clone(), gate.clone()))
         .add_service(Gated::new(reflection_v1alpha.clone(), gate.clone()))
     };
-    let limits = &cfg.limits;
+    run_listeners(router, unix, tcp, &cfg.limits, shutdown).await?;
+    let _ = std::fs::remove_file(&cfg.socket);
+    Ok(())
+}
+
+/// The TCP listener and its mutual-TLS settings, when `api.tcp_listen` asks for one.
+async fn bind_tcp(
+    cfg: &ApiConfig,
+) -> Result<Option<(tokio::net::TcpListener, ServerTlsConfig)>, ServeError> {
+    let Some(addr) = &cfg.tcp_listen else {
+        return Ok(None);
+    };
+    let l = tokio::net::TcpListener::bind(addr)
+        .await
+        .map_err(|source| ServeError::Tcp {
+            addr: addr.clone(),
+            source,
+        })?;
+    let tls = ServerTlsConfig::new()
+        .identity(Identity::from_pem(
+            read("api.tls_cert", cfg.tls_cert.as_ref())?,
+            read("api.tls_key", cfg.tls_key.as_ref())?,
+        ))
+        .client_ca_root(Certificate::from_pem(read(
+            "api.tls_client_ca",
+            cfg.tls_client_ca.as_ref(),
+        )?))
+        .client_auth_optional(false)
+        // A client that connects and says nothing is dropped, not kept.
+        .timeout(Duration::from_secs(cfg.limits.handshake_timeout_secs));
+    Ok(Some((l, tls)))
+}
+
+/// The metrics listener, when `metrics.listen` asks for one.
+async fn bind_metrics(addr: Option<&str>) -> Result<Option<tokio::net::TcpListener>, ServeError> {
+    let Some(addr) = addr else {
+        return Ok(None);
+    };
+    tokio::net::TcpListener::bind(addr)
+        .await
+        .map(Some)
+        .map_err(|source| ServeError::Metrics {
+            addr: addr.to_owned(),
+            source,
+        })
+}
+
+/// Serves the routes `router` adds on the socket and on TCP (if bound) until
+/// `shutdown` resolves, with the connection caps of `limits`.
+async fn run_listeners(
+    router: impl Fn(&mut Server) -> Router,
+    unix: tokio::net::UnixListener,
+    tcp: Option<(tokio::net::TcpListener, ServerTlsConfig)>,
+    limits: &ApiLimits,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), ServeError> {
+    // One shutdown signal for both listeners.
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    tokio::spawn(async move {
+        shutdown.await;
+        let _ = stop_tx.send(true);
+    });
+    let stopped = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
+        let _ = rx.wait_for(|s| *s).await;
+    };
     // Peers that vanished without closing are found by HTTP/2 pings and dropped.
     let builder = || {
         Server::builder()
@@ -214,7 +237,6 @@ pub async fn serve(
         }
         None => unix_server.await.map_err(ServeError::Serve)?,
     }
-    let _ = std::fs::remove_file(&cfg.socket);
     Ok(())
 }
 

@@ -75,11 +75,39 @@ pub fn from_daemon(
 
 /// Builds the status. Pure: the golden tests call it with fixed inputs.
 pub fn build(i: &Inputs<'_>) -> pb::Status {
+    let running = i.running_version.clone().unwrap_or_default();
+    let (booted_slot, other_slot) = slots(i, &running);
+    pb::Status {
+        agent_version: env!("CARGO_PKG_VERSION").to_owned(),
+        compatible: i.compatible.to_owned(),
+        booted: Some(booted_slot),
+        other: Some(other_slot),
+        bootloader: Some(pb::Bootloader {
+            backend: i.backend.to_owned(),
+            default_slot: i.boot.default.letter().to_owned(),
+            trial_slot: i
+                .boot
+                .trial
+                .map(|(s, _)| s.letter().to_owned())
+                .unwrap_or_default(),
+            tries_left: i.boot.trial.map(|(_, n)| u32::from(n)).unwrap_or(0),
+            raw: i.boot.raw.clone(),
+        }),
+        state: i.state.name().replace(' ', "_"),
+        operation: operation(i),
+        last_result: last_result(i),
+        running_version: running,
+        auto: i.auto.clone(),
+    }
+}
+
+/// The booted slot (running `running`) and the other one: each one's state and
+/// release, as the agent's state and the bootloader say.
+fn slots(i: &Inputs<'_>, running: &str) -> (pb::Slot, pb::Slot) {
     let booted = i.layout.booted;
     let other = booted.other();
-    let running = i.running_version.clone().unwrap_or_default();
     let mut booted_slot = slot(i.layout, booted, &i.boot);
-    booted_slot.version = running.clone();
+    booted_slot.version = running.to_owned();
     booted_slot.state = pb::SlotState::KnownGood as i32;
     let mut other_slot = slot(i.layout, other, &i.boot);
     let (other_state, other_version) = match &i.state {
@@ -121,16 +149,24 @@ pub fn build(i: &Inputs<'_>) -> pb::Status {
         }
     }
 
-    // An armed operation of this process counts only while the state still says so.
-    let operation = i
-        .operation
+    (booted_slot, other_slot)
+}
+
+/// The operation in flight: this process's (an armed one only while the state still
+/// says so), else one the state keeps across processes.
+fn operation(i: &Inputs<'_>) -> Option<pb::Operation> {
+    i.operation
         .clone()
         .filter(|o| {
             o.phase != pb::Phase::Armed as i32
                 || matches!(&i.state, State::Armed { staged, .. } if staged.attempt == o.id)
         })
-        .or_else(|| persisted_operation(&i.state));
-    let last_result = match &i.state {
+        .or_else(|| persisted_operation(&i.state))
+}
+
+/// How the last attempt ended: a rollback in progress, else history's newest entry.
+fn last_result(i: &Inputs<'_>) -> Option<pb::Result> {
+    match &i.state {
         State::RollingBack {
             version,
             reason,
@@ -152,28 +188,6 @@ pub fn build(i: &Inputs<'_>) -> pb::Status {
             at: Some(ts(e.at)),
             bytes_fetched: e.bytes_fetched,
         }),
-    };
-    pb::Status {
-        agent_version: env!("CARGO_PKG_VERSION").to_owned(),
-        compatible: i.compatible.to_owned(),
-        booted: Some(booted_slot),
-        other: Some(other_slot),
-        bootloader: Some(pb::Bootloader {
-            backend: i.backend.to_owned(),
-            default_slot: i.boot.default.letter().to_owned(),
-            trial_slot: i
-                .boot
-                .trial
-                .map(|(s, _)| s.letter().to_owned())
-                .unwrap_or_default(),
-            tries_left: i.boot.trial.map(|(_, n)| u32::from(n)).unwrap_or(0),
-            raw: i.boot.raw.clone(),
-        }),
-        state: i.state.name().replace(' ', "_"),
-        operation,
-        last_result,
-        running_version: running,
-        auto: i.auto.clone(),
     }
 }
 

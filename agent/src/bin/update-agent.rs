@@ -169,55 +169,8 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         signal_hook::flag::register(sig, Arc::clone(&cancel))
             .context("installing signal handlers")?;
     }
-    let t0 = std::time::Instant::now();
-    let ts = move || format!("[{:7.2}s]", t0.elapsed().as_secs_f64());
-    let mut last_line = (usize::MAX, std::time::Instant::now());
-    let mut report = |p: Progress| match p {
-        Progress::Opened {
-            version,
-            delta,
-            ops,
-            bytes,
-            resumed_at,
-        } => {
-            let kind = if delta { "delta" } else { "full payload" };
-            if resumed_at > 0 {
-                println!(
-                    "resuming {kind} {version} at operation {resumed_at} of {ops} ({bytes} bytes)"
-                );
-            } else {
-                println!("staging {kind} {version}: {ops} operations, {bytes} bytes");
-            }
-        }
-        Progress::Op {
-            done,
-            total,
-            bytes_done,
-            bytes_fetched,
-            in_flight,
-        } => {
-            // A line every 4 operations, and every 5 s while a large frame downloads.
-            let (last_done, last_at) = last_line;
-            if done == total
-                || (done % 4 == 0 && done != last_done)
-                || last_at.elapsed().as_secs() >= 5
-            {
-                last_line = (done, std::time::Instant::now());
-                println!("{} {done}/{total} operations, {bytes_done} bytes written, {bytes_fetched} fetched (+{in_flight} of the operations in flight)", ts());
-            }
-        }
-        Progress::Verifying => println!("{} verifying the whole slot", ts()),
-        Progress::Armed {
-            slot,
-            version,
-            tries,
-        } => {
-            println!(
-                "{} armed: slot {slot} holds {version}; the bootloader will try it {tries} times",
-                ts()
-            )
-        }
-    };
+    let mut lines = ProgressLines::new();
+    let mut report = |p: Progress| lines.print(p);
     match cli.command {
         // Returned above, before the one-shot commands set up their own agent.
         Command::Serve | Command::Man { .. } => {}
@@ -228,21 +181,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             agent.stage(&url, allow_downgrade, Some(&cancel), &mut report)?;
         }
         Command::Resume => agent.resume(Some(&cancel), &mut report)?,
-        Command::BootCheck => {
-            let health = agent.cfg.health.clone();
-            let outcome = agent.after_boot(&|| update_agent::health::run_all(&health))?;
-            print_outcome(&outcome);
-            if let BootOutcome::RollingBack { .. } = outcome {
-                if health.reboot_on_failure {
-                    reboot(&health.reboot_command)?;
-                } else {
-                    println!("reboot into the old slot to finish the rollback (reboot_on_failure is off)");
-                }
-                // Fail the unit: boot-complete.target must not be reached, or
-                // systemd-bless-boot would bless the very entry being rolled back.
-                anyhow::bail!("trial boot failed its health checks; rolling back");
-            }
-        }
+        Command::BootCheck => boot_check(&mut agent)?,
         Command::MarkGood => print_outcome(&agent.mark_good()?),
         Command::Rollback => {
             print_outcome(&agent.rollback()?);
@@ -265,4 +204,93 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         }
     }
     Ok(())
+}
+
+/// `boot-check`: what happened across the reboot, acted on; a failed trial reboots
+/// into the old slot (if configured) and fails the unit.
+fn boot_check(agent: &mut Agent) -> anyhow::Result<()> {
+    let health = agent.cfg.health.clone();
+    let outcome = agent.after_boot(&|| update_agent::health::run_all(&health))?;
+    print_outcome(&outcome);
+    if let BootOutcome::RollingBack { .. } = outcome {
+        if health.reboot_on_failure {
+            reboot(&health.reboot_command)?;
+        } else {
+            println!("reboot into the old slot to finish the rollback (reboot_on_failure is off)");
+        }
+        // Fail the unit: boot-complete.target must not be reached, or
+        // systemd-bless-boot would bless the very entry being rolled back.
+        anyhow::bail!("trial boot failed its health checks; rolling back");
+    }
+    Ok(())
+}
+
+/// A staging's progress as lines on stdout, stamped with the seconds since the start.
+struct ProgressLines {
+    t0: std::time::Instant,
+    /// The operations done at the last progress line, and when it was printed.
+    last_line: (usize, std::time::Instant),
+}
+
+impl ProgressLines {
+    fn new() -> Self {
+        let now = std::time::Instant::now();
+        Self {
+            t0: now,
+            last_line: (usize::MAX, now),
+        }
+    }
+
+    fn ts(&self) -> String {
+        format!("[{:7.2}s]", self.t0.elapsed().as_secs_f64())
+    }
+
+    fn print(&mut self, p: Progress) {
+        match p {
+            Progress::Opened {
+                version,
+                delta,
+                ops,
+                bytes,
+                resumed_at,
+            } => {
+                let kind = if delta { "delta" } else { "full payload" };
+                if resumed_at > 0 {
+                    println!(
+                        "resuming {kind} {version} at operation {resumed_at} of {ops} ({bytes} bytes)"
+                    );
+                } else {
+                    println!("staging {kind} {version}: {ops} operations, {bytes} bytes");
+                }
+            }
+            Progress::Op {
+                done,
+                total,
+                bytes_done,
+                bytes_fetched,
+                in_flight,
+            } => {
+                // A line every 4 operations, and every 5 s while a large frame downloads.
+                let (last_done, last_at) = self.last_line;
+                if done == total
+                    || (done % 4 == 0 && done != last_done)
+                    || last_at.elapsed().as_secs() >= 5
+                {
+                    self.last_line = (done, std::time::Instant::now());
+                    println!("{} {done}/{total} operations, {bytes_done} bytes written, {bytes_fetched} fetched (+{in_flight} of the operations in flight)", self.ts());
+                }
+            }
+            Progress::Verifying => println!("{} verifying the whole slot", self.ts()),
+            Progress::Armed {
+                slot,
+                version,
+                tries,
+            } => {
+                println!(
+                    "{} armed: slot {slot} holds {version}; the bootloader will try it {tries} times",
+                    self.ts()
+                )
+            }
+        }
+    }
 }

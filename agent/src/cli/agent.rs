@@ -235,77 +235,14 @@ fn source_of(s: Source) -> anyhow::Result<Option<pb::start_update_request::Sourc
 async fn run_async(cmd: AgentCommand, c: &Connect) -> anyhow::Result<()> {
     let mut cl = connect(c).await?;
     match cmd {
-        AgentCommand::Status { json } => {
-            let s = cl
-                .get_status(pb::GetStatusRequest {})
-                .await
-                .map_err(CallError::from)?
-                .into_inner();
-            print!(
-                "{}",
-                if json {
-                    render::status_json(&s)
-                } else {
-                    render::status_text(&s)
-                }
-            );
-        }
-        AgentCommand::Check { source } => {
-            use pb::check_for_update_request::Source as C;
-            use pb::start_update_request::Source as S;
-            let src = source_of(source)?.map(|s| match s {
-                S::Version(v) => C::Version(v),
-                S::Channel(ch) => C::Channel(ch),
-                S::Url(u) => C::Url(u),
-                S::Path(p) => C::Url(format!("file://{p}")),
-            });
-            let r = cl
-                .check_for_update(pb::CheckForUpdateRequest { source: src })
-                .await
-                .map_err(CallError::from)?
-                .into_inner();
-            let kind = if r.delta { "delta" } else { "full payload" };
-            if r.available {
-                println!(
-                    "{} is available (running {}): {kind}, at most {} to download",
-                    r.version,
-                    r.running_version,
-                    render::bytes(r.download_bytes)
-                );
-            } else {
-                println!("no update: {}", r.reason);
-            }
-        }
+        AgentCommand::Status { json } => status(&mut cl, json).await?,
+        AgentCommand::Check { source } => check(&mut cl, source).await?,
         AgentCommand::Update {
             source,
             reboot,
             allow_downgrade,
             wait,
-        } => {
-            let r = cl
-                .start_update(pb::StartUpdateRequest {
-                    source: source_of(source)?,
-                    reboot: match reboot {
-                        Reboot::Never => pb::RebootPolicy::Never,
-                        Reboot::Now => pb::RebootPolicy::Immediate,
-                        Reboot::Window => pb::RebootPolicy::InWindow,
-                    } as i32,
-                    allow_downgrade,
-                })
-                .await
-                .map_err(CallError::from)?
-                .into_inner();
-            if r.already_running {
-                println!("already running as operation {}", r.operation_id);
-            } else {
-                println!("started operation {}", r.operation_id);
-            }
-            if wait {
-                watch(&mut cl, &r.operation_id).await?;
-            } else {
-                println!("follow it with: updatectl watch {}", r.operation_id);
-            }
-        }
+        } => update(&mut cl, source, reboot, allow_downgrade, wait).await?,
         AgentCommand::Watch { operation } => {
             watch(&mut cl, operation.as_deref().unwrap_or_default()).await?;
         }
@@ -345,34 +282,119 @@ async fn run_async(cmd: AgentCommand, c: &Connect) -> anyhow::Result<()> {
                 r.version, r.slot
             );
         }
-        AgentCommand::History { json, limit } => {
-            let mut entries = Vec::new();
-            let mut token = String::new();
-            while (entries.len() as u32) < limit {
-                let r = cl
-                    .list_history(pb::ListHistoryRequest {
-                        page_size: (limit - entries.len() as u32).min(200),
-                        page_token: token,
-                    })
-                    .await
-                    .map_err(CallError::from)?
-                    .into_inner();
-                entries.extend(r.entries);
-                if r.next_page_token.is_empty() {
-                    break;
-                }
-                token = r.next_page_token;
-            }
-            print!(
-                "{}",
-                if json {
-                    render::history_json(&entries)
-                } else {
-                    render::history_text(&entries)
-                }
-            );
-        }
+        AgentCommand::History { json, limit } => history(&mut cl, json, limit).await?,
     }
+    Ok(())
+}
+
+/// `updatectl status`: the summary, or the versioned JSON.
+async fn status(cl: &mut Client, json: bool) -> anyhow::Result<()> {
+    let s = cl
+        .get_status(pb::GetStatusRequest {})
+        .await
+        .map_err(CallError::from)?
+        .into_inner();
+    print!(
+        "{}",
+        if json {
+            render::status_json(&s)
+        } else {
+            render::status_text(&s)
+        }
+    );
+    Ok(())
+}
+
+/// `updatectl check`: whether an update is offered and what it would download.
+async fn check(cl: &mut Client, source: Source) -> anyhow::Result<()> {
+    use pb::check_for_update_request::Source as C;
+    use pb::start_update_request::Source as S;
+    let src = source_of(source)?.map(|s| match s {
+        S::Version(v) => C::Version(v),
+        S::Channel(ch) => C::Channel(ch),
+        S::Url(u) => C::Url(u),
+        S::Path(p) => C::Url(format!("file://{p}")),
+    });
+    let r = cl
+        .check_for_update(pb::CheckForUpdateRequest { source: src })
+        .await
+        .map_err(CallError::from)?
+        .into_inner();
+    let kind = if r.delta { "delta" } else { "full payload" };
+    if r.available {
+        println!(
+            "{} is available (running {}): {kind}, at most {} to download",
+            r.version,
+            r.running_version,
+            render::bytes(r.download_bytes)
+        );
+    } else {
+        println!("no update: {}", r.reason);
+    }
+    Ok(())
+}
+
+/// `updatectl update`: starts (or joins) an operation, and follows it if asked.
+async fn update(
+    cl: &mut Client,
+    source: Source,
+    reboot: Reboot,
+    allow_downgrade: bool,
+    wait: bool,
+) -> anyhow::Result<()> {
+    let r = cl
+        .start_update(pb::StartUpdateRequest {
+            source: source_of(source)?,
+            reboot: match reboot {
+                Reboot::Never => pb::RebootPolicy::Never,
+                Reboot::Now => pb::RebootPolicy::Immediate,
+                Reboot::Window => pb::RebootPolicy::InWindow,
+            } as i32,
+            allow_downgrade,
+        })
+        .await
+        .map_err(CallError::from)?
+        .into_inner();
+    if r.already_running {
+        println!("already running as operation {}", r.operation_id);
+    } else {
+        println!("started operation {}", r.operation_id);
+    }
+    if wait {
+        watch(cl, &r.operation_id).await?;
+    } else {
+        println!("follow it with: updatectl watch {}", r.operation_id);
+    }
+    Ok(())
+}
+
+/// `updatectl history`: up to `limit` entries, fetched page by page.
+async fn history(cl: &mut Client, json: bool, limit: u32) -> anyhow::Result<()> {
+    let mut entries = Vec::new();
+    let mut token = String::new();
+    while (entries.len() as u32) < limit {
+        let r = cl
+            .list_history(pb::ListHistoryRequest {
+                page_size: (limit - entries.len() as u32).min(200),
+                page_token: token,
+            })
+            .await
+            .map_err(CallError::from)?
+            .into_inner();
+        entries.extend(r.entries);
+        if r.next_page_token.is_empty() {
+            break;
+        }
+        token = r.next_page_token;
+    }
+    print!(
+        "{}",
+        if json {
+            render::history_json(&entries)
+        } else {
+            render::history_text(&entries)
+        }
+    );
     Ok(())
 }
 
@@ -397,18 +419,7 @@ async fn watch(cl: &mut Client, id: &str) -> anyhow::Result<()> {
     if id.is_empty() {
         println!("waiting for an update to start…");
     }
-    let tty = std::io::stdout().is_terminal();
-    let bar = tty.then(|| {
-        let b = indicatif::ProgressBar::new(0);
-        b.set_style(
-            indicatif::ProgressStyle::with_template(
-                "{msg:12} [{bar:30}] {bytes}/{total_bytes} {bytes_per_sec} eta {eta}",
-            )
-            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar())
-            .progress_chars("=> "),
-        );
-        b
-    });
+    let bar = std::io::stdout().is_terminal().then(progress_bar);
     let mut version = String::new();
     let mut last_pct = u64::MAX;
     while let Some(ev) = stream.next().await {
@@ -418,50 +429,13 @@ async fn watch(cl: &mut Client, id: &str) -> anyhow::Result<()> {
         match kind {
             Kind::Snapshot(op) => {
                 version = op.version.clone();
-                let line = format!(
-                    "operation {} · {} · {}",
-                    op.id,
-                    if op.version.is_empty() {
-                        "?"
-                    } else {
-                        &op.version
-                    },
-                    render::phase(op.phase)
-                );
-                match &bar {
-                    Some(b) => {
-                        b.println(line);
-                        b.set_length(op.bytes_total);
-                        b.set_position(op.bytes_done);
-                        b.set_message(render::phase(op.phase));
-                    }
-                    None => println!("{line}"),
-                }
+                show_snapshot(bar.as_ref(), &op);
             }
             Kind::Phase(p) => match &bar {
                 Some(b) => b.set_message(render::phase(p)),
                 None => println!("phase: {}", render::phase(p)),
             },
-            Kind::Progress(p) => match &bar {
-                Some(b) => {
-                    b.set_length(p.bytes_total);
-                    b.set_position(p.bytes_done);
-                }
-                None => {
-                    let pct = p.bytes_done.saturating_mul(100) / p.bytes_total.max(1);
-                    if last_pct == u64::MAX || pct >= last_pct + 10 || p.ops_done == p.ops_total {
-                        last_pct = pct;
-                        println!(
-                            "progress: {pct}% · {} of {} written · {} fetched · operation {}/{}",
-                            render::bytes(p.bytes_done),
-                            render::bytes(p.bytes_total),
-                            render::bytes(p.bytes_fetched),
-                            p.ops_done,
-                            p.ops_total
-                        );
-                    }
-                }
-            },
+            Kind::Progress(p) => show_progress(bar.as_ref(), &p, &mut last_pct),
             Kind::Warning(w) => match &bar {
                 Some(b) => b.println(format!("warning: {w}")),
                 None => println!("warning: {w}"),
@@ -470,23 +444,90 @@ async fn watch(cl: &mut Client, id: &str) -> anyhow::Result<()> {
                 if let Some(b) = &bar {
                     b.finish_and_clear();
                 }
-                let o = pb::Outcome::try_from(r.outcome).unwrap_or_default();
-                println!("{}", render::result_line(&r));
-                return match o {
-                    pb::Outcome::Armed | pb::Outcome::Committed => Ok(()),
-                    _ => Err(UpdateFailed {
-                        version: if r.version.is_empty() {
-                            version
-                        } else {
-                            r.version
-                        },
-                        outcome: render::outcome(r.outcome),
-                        reason: r.reason,
-                    }
-                    .into()),
-                };
+                return ended(r, version);
             }
         }
     }
     anyhow::bail!("the agent closed the event stream before the update ended (did it restart?)")
+}
+
+/// The bar of a terminal: phase, bytes written of all, speed, time left.
+fn progress_bar() -> indicatif::ProgressBar {
+    let b = indicatif::ProgressBar::new(0);
+    b.set_style(
+        indicatif::ProgressStyle::with_template(
+            "{msg:12} [{bar:30}] {bytes}/{total_bytes} {bytes_per_sec} eta {eta}",
+        )
+        .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar())
+        .progress_chars("=> "),
+    );
+    b
+}
+
+/// The operation as the stream starts: a line, and the bar set to where it is.
+fn show_snapshot(bar: Option<&indicatif::ProgressBar>, op: &pb::Operation) {
+    let line = format!(
+        "operation {} · {} · {}",
+        op.id,
+        if op.version.is_empty() {
+            "?"
+        } else {
+            &op.version
+        },
+        render::phase(op.phase)
+    );
+    match bar {
+        Some(b) => {
+            b.println(line);
+            b.set_length(op.bytes_total);
+            b.set_position(op.bytes_done);
+            b.set_message(render::phase(op.phase));
+        }
+        None => println!("{line}"),
+    }
+}
+
+/// Progress moves the bar; without one, a line at the start, every 10 points and
+/// at the last operation (`last_pct`: the last printed, `u64::MAX` before any).
+fn show_progress(bar: Option<&indicatif::ProgressBar>, p: &pb::Progress, last_pct: &mut u64) {
+    match bar {
+        Some(b) => {
+            b.set_length(p.bytes_total);
+            b.set_position(p.bytes_done);
+        }
+        None => {
+            let pct = p.bytes_done.saturating_mul(100) / p.bytes_total.max(1);
+            if *last_pct == u64::MAX || pct >= *last_pct + 10 || p.ops_done == p.ops_total {
+                *last_pct = pct;
+                println!(
+                    "progress: {pct}% · {} of {} written · {} fetched · operation {}/{}",
+                    render::bytes(p.bytes_done),
+                    render::bytes(p.bytes_total),
+                    render::bytes(p.bytes_fetched),
+                    p.ops_done,
+                    p.ops_total
+                );
+            }
+        }
+    }
+}
+
+/// The operation's end: its line, and an error unless a release was staged or
+/// committed (`version` from the snapshot, when the result names none).
+fn ended(r: pb::Result, version: String) -> anyhow::Result<()> {
+    let o = pb::Outcome::try_from(r.outcome).unwrap_or_default();
+    println!("{}", render::result_line(&r));
+    match o {
+        pb::Outcome::Armed | pb::Outcome::Committed => Ok(()),
+        _ => Err(UpdateFailed {
+            version: if r.version.is_empty() {
+                version
+            } else {
+                r.version
+            },
+            outcome: render::outcome(r.outcome),
+            reason: r.reason,
+        }
+        .into()),
+    }
 }

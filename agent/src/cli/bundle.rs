@@ -385,8 +385,22 @@ pub fn kind_stats(m: &Manifest) -> Vec<KindStats> {
 fn inspect(path: &Path, json: bool, list_ops: bool) -> anyhow::Result<()> {
     let src = FileSource::open(path)?;
     let p = Payload::open(&src, Trust::InspectOnly)?;
+    let doc = inspect_doc(path, &p);
+    if json {
+        println!("{}", serde_json::to_string_pretty(&doc)?);
+        return Ok(());
+    }
+    print_inspected(path, &doc);
+    if list_ops {
+        print_operations(&p.manifest);
+    }
+    Ok(())
+}
+
+/// What `inspect` knows of a payload, as the JSON document says it.
+fn inspect_doc(path: &Path, p: &Payload) -> InspectJson {
     let m = &p.manifest;
-    let doc = InspectJson {
+    InspectJson {
         schema: 2,
         path: path.to_owned(),
         payload_bytes: p.blob_offset + m.blob_size,
@@ -414,11 +428,12 @@ fn inspect(path: &Path, json: bool, list_ops: bool) -> anyhow::Result<()> {
         blob_sha256: hex::encode(m.blob_sha256),
         signed_by: p.signatures.iter().map(|s| hex::encode(s.key)).collect(),
         operations: kind_stats(m),
-    };
-    if json {
-        println!("{}", serde_json::to_string_pretty(&doc)?);
-        return Ok(());
     }
+}
+
+/// The summary for people: kind, versions, dates, target, signers, layout and the
+/// operations by kind.
+fn print_inspected(path: &Path, doc: &InspectJson) {
     println!(
         "payload      {} ({})",
         path.display(),
@@ -475,23 +490,24 @@ fn inspect(path: &Path, json: bool, list_ops: bool) -> anyhow::Result<()> {
             human(s.data_bytes)
         );
     }
-    if list_ops {
+}
+
+/// One line per operation (`--list-ops`).
+fn print_operations(m: &Manifest) {
+    println!(
+        "\n{:>6} {:<6} {:>10} {:>8} {:>10} {:>8} {:>12}",
+        "op", "kind", "writes", "extents", "source", "extents", "data"
+    );
+    for (i, op) in m.operations.iter().enumerate() {
         println!(
-            "\n{:>6} {:<6} {:>10} {:>8} {:>10} {:>8} {:>12}",
-            "op", "kind", "writes", "extents", "source", "extents", "data"
+            "{:>6} {:<6} {:>10} {:>8} {:>10} {:>8} {:>12}",
+            i,
+            op.kind.name(),
+            human(m.bytes(op.dst_blocks())),
+            op.dst.len(),
+            human(m.bytes(op.src_blocks())),
+            op.src.len(),
+            op.data_len
         );
-        for (i, op) in m.operations.iter().enumerate() {
-            println!(
-                "{:>6} {:<6} {:>10} {:>8} {:>10} {:>8} {:>12}",
-                i,
-                op.kind.name(),
-                human(m.bytes(op.dst_blocks())),
-                op.dst.len(),
-                human(m.bytes(op.src_blocks())),
-                op.src.len(),
-                op.data_len
-            );
-        }
     }
-    Ok(())
 }

@@ -9,7 +9,7 @@ use anyhow::Context as _;
 
 use crate::apply::{self, ApplyError, Blob, Event};
 use crate::file_target::FileTarget;
-use crate::payload::{sign, FileSource, OpKind, Payload, Trust, TrustedKeys};
+use crate::payload::{sign, FileSource, Manifest, OpKind, Payload, Trust, TrustedKeys};
 use crate::timefmt;
 
 /// Bytes for people, SI units with two decimals (publishers compare sizes closely).
@@ -54,34 +54,8 @@ pub(super) fn rebuild(
         },
     )?;
     let m = &p.manifest;
-    let signer = p.signer.map(|f| sign::short(&f)).unwrap_or_default();
-    println!(
-        "signature    ok (key {signer}); {} {} for {}, expires {}",
-        if m.is_delta() {
-            "delta"
-        } else {
-            "full payload"
-        },
-        m.version,
-        m.compatible,
-        timefmt::rfc3339(m.expires)
-    );
-    // The blob as a whole; a node checks per operation instead, as it fetches.
-    let blob_sha = {
-        let mut f = File::open(path).with_context(|| format!("reading {}", path.display()))?;
-        f.seek(std::io::SeekFrom::Start(p.blob_offset))
-            .with_context(|| format!("reading blob of {}", path.display()))?;
-        crate::hashio::sha256_of(std::io::Read::take(f, m.blob_size))
-            .with_context(|| format!("reading blob of {}", path.display()))?
-    };
-    if blob_sha != m.blob_sha256 {
-        return Err(Rejected::BlobHash {
-            path: path.to_owned(),
-            expected: hex::encode(m.blob_sha256),
-            actual: hex::encode(blob_sha),
-        }
-        .into());
-    }
+    print_signature(&p);
+    check_blob(path, &p)?;
     println!("blob         ok ({}, sha256 matches)", human(m.blob_size));
     let source_file = match source {
         Some(s) => {
@@ -103,17 +77,7 @@ pub(super) fn rebuild(
     };
     // With a dm-verity tree the output is what a slot holds: the image, then its tree
     // (so `verify` also checks the signed root, and `apply` writes a slot image).
-    let len = apply::needed_size(m)?;
-    let mut target = match output {
-        Some(o) => {
-            FileTarget::create(o, len).with_context(|| format!("creating {}", o.display()))?
-        }
-        None => {
-            let dir = std::env::temp_dir();
-            FileTarget::scratch(&dir, len)
-                .with_context(|| format!("creating a scratch file in {}", dir.display()))?
-        }
-    };
+    let mut target = open_target(output, apply::needed_size(m)?)?;
     let result = apply::apply(
         m,
         Blob {
@@ -136,12 +100,80 @@ pub(super) fn rebuild(
             }
         },
     );
-    let report = match (result, &m.source, source_file.as_ref().zip(source)) {
-        (Ok(r), _, _) => r,
-        // A wrong source shows up as a bad operation; say so plainly if that is the cause.
+    let report = explained(result, m, source_file.as_ref().zip(source))?;
+    print_report(&p, &report);
+    if let Some(o) = output {
+        println!("output       {}", o.display());
+    }
+    Ok(())
+}
+
+/// The signature line: who signed what, for which product, until when.
+fn print_signature(p: &Payload) {
+    let m = &p.manifest;
+    let signer = p.signer.map(|f| sign::short(&f)).unwrap_or_default();
+    println!(
+        "signature    ok (key {signer}); {} {} for {}, expires {}",
+        if m.is_delta() {
+            "delta"
+        } else {
+            "full payload"
+        },
+        m.version,
+        m.compatible,
+        timefmt::rfc3339(m.expires)
+    );
+}
+
+/// The blob as a whole against the manifest's sha256; a node checks per operation
+/// instead, as it fetches.
+fn check_blob(path: &Path, p: &Payload) -> anyhow::Result<()> {
+    let m = &p.manifest;
+    let blob_sha = {
+        let mut f = File::open(path).with_context(|| format!("reading {}", path.display()))?;
+        f.seek(std::io::SeekFrom::Start(p.blob_offset))
+            .with_context(|| format!("reading blob of {}", path.display()))?;
+        crate::hashio::sha256_of(std::io::Read::take(f, m.blob_size))
+            .with_context(|| format!("reading blob of {}", path.display()))?
+    };
+    if blob_sha != m.blob_sha256 {
+        return Err(Rejected::BlobHash {
+            path: path.to_owned(),
+            expected: hex::encode(m.blob_sha256),
+            actual: hex::encode(blob_sha),
+        }
+        .into());
+    }
+    Ok(())
+}
+
+/// The image to write: `output`, or an unnamed scratch file for `verify`.
+fn open_target(output: Option<&Path>, size: u64) -> anyhow::Result<FileTarget> {
+    Ok(match output {
+        Some(o) => {
+            FileTarget::create(o, size).with_context(|| format!("creating {}", o.display()))?
+        }
+        None => {
+            let dir = std::env::temp_dir();
+            FileTarget::scratch(&dir, size)
+                .with_context(|| format!("creating a scratch file in {}", dir.display()))?
+        }
+    })
+}
+
+/// The apply's report, or its error; a wrong source shows up as a bad operation, so
+/// a failed delta hashes the source (`source`: the file and its path) to say so
+/// plainly if that is the cause.
+fn explained(
+    result: Result<apply::Report, ApplyError>,
+    m: &Manifest,
+    source: Option<(&File, &Path)>,
+) -> anyhow::Result<apply::Report> {
+    match (result, &m.source, source) {
+        (Ok(r), _, _) => Ok(r),
         (Err(e), Some(expected), Some((file, spath))) => {
             let actual = apply::hash_source(file, expected.size).ok();
-            return Err(match actual {
+            Err(match actual {
                 Some(a) if a != expected.sha256 => Rejected::SourceMismatch {
                     path: spath.to_owned(),
                     expected: hex::encode(expected.sha256),
@@ -150,10 +182,15 @@ pub(super) fn rebuild(
                 }
                 .into(),
                 _ => e.into(),
-            });
+            })
         }
-        (Err(e), _, _) => return Err(e.into()),
-    };
+        (Err(e), _, _) => Err(e.into()),
+    }
+}
+
+/// The rebuilt target, the time each step took, and what a node would download.
+fn print_report(p: &Payload, report: &apply::Report) {
+    let m = &p.manifest;
     println!(
         "rebuild      ok: target sha256:{} ({} bytes) in {:.2} s \
          (write {:.2} s, flush {:.2} s, read back {:.2} s)",
@@ -175,8 +212,4 @@ pub(super) fn rebuild(
             .filter(|o| o.kind == OpKind::Data)
             .count()
     );
-    if let Some(o) = output {
-        println!("output       {}", o.display());
-    }
-    Ok(())
 }

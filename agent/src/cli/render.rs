@@ -125,46 +125,67 @@ pub fn status_text(s: &pb::Status) -> String {
         out.push('\n');
     };
     let bl = s.bootloader.clone().unwrap_or_default();
-    line(
-        "Node",
-        format!(
-            "{} · bootloader {} · agent {}",
-            if s.compatible.is_empty() {
-                "?"
-            } else {
-                &s.compatible
-            },
-            bl.backend,
-            s.agent_version
-        ),
-    );
     let b = s.booted.clone().unwrap_or_default();
-    let version = |v: &str| {
-        if v.is_empty() {
-            "(unknown release)".to_owned()
-        } else {
-            v.to_owned()
-        }
-    };
+    let o = s.other.clone().unwrap_or_default();
+    line("Node", node_text(s, &bl));
     line(
         "Running",
         format!(
             "{} on slot {} ({}) · {}",
-            version(&b.version),
+            or_unknown(&b.version),
             b.name,
             b.device,
             slot_state(b.state)
         ),
     );
-    let o = s.other.clone().unwrap_or_default();
-    let other_state = pb::SlotState::try_from(o.state).unwrap_or_default();
-    let other_text = match other_state {
+    line("Other", other_text(&s.state, &o));
+    line("Next", next_text(s, &b, &o, &bl));
+    if let Some(op) = &s.operation {
+        match op.source.as_str() {
+            "" => line("Operation", op.id.clone()),
+            src => line("Operation", format!("{} · {}", op.id, fit(src, 50))),
+        }
+    }
+    last_text(s.last_result.as_ref(), W, &mut line);
+    if let Some(a) = &s.auto {
+        auto_text(a, &mut line);
+    }
+    out
+}
+
+/// A release's version, or words saying it is not known.
+fn or_unknown(v: &str) -> String {
+    if v.is_empty() {
+        "(unknown release)".to_owned()
+    } else {
+        v.to_owned()
+    }
+}
+
+/// The node line: what it is, its bootloader, this agent.
+fn node_text(s: &pb::Status, bl: &pb::Bootloader) -> String {
+    format!(
+        "{} · bootloader {} · agent {}",
+        if s.compatible.is_empty() {
+            "?"
+        } else {
+            &s.compatible
+        },
+        bl.backend,
+        s.agent_version
+    )
+}
+
+/// The slot not running: empty, or what it holds and its role (`state` is the
+/// agent's state, which decides whether a known-good slot is a rollback target).
+fn other_text(state: &str, o: &pb::Slot) -> String {
+    match pb::SlotState::try_from(o.state).unwrap_or_default() {
         pb::SlotState::Empty => format!("slot {} ({}) · empty", o.name, o.device),
         pb::SlotState::KnownGood if o.version.is_empty() => {
             format!("slot {} ({}) · bootable, release unknown", o.name, o.device)
         }
         pb::SlotState::KnownGood => {
-            let role = match s.state.as_str() {
+            let role = match state {
                 "committed" => ", rollback target",
                 "armed" => ", the fallback",
                 _ => "",
@@ -176,64 +197,67 @@ pub fn status_text(s: &pb::Status) -> String {
         }
         _ => format!(
             "{} on slot {} ({}) · {}",
-            version(&o.version),
+            or_unknown(&o.version),
             o.name,
             o.device,
             slot_state(o.state)
         ),
-    };
-    line("Other", other_text);
+    }
+}
+
+/// What happens next: the trial's verdict, the operation's progress, or nothing.
+fn next_text(s: &pb::Status, b: &pb::Slot, o: &pb::Slot, bl: &pb::Bootloader) -> String {
     let on_trial = b.state == pb::SlotState::Trial as i32;
-    let next = match &s.operation {
+    match &s.operation {
         Some(op) if on_trial => format!(
             "{} on trial: health checks decide if it stays (mark-good commits now)",
             op.version
         ),
-        Some(op) => {
-            let ph = pb::Phase::try_from(op.phase).unwrap_or_default();
-            match ph {
-                pb::Phase::Armed => format!(
-                    "{} armed on slot {}: reboot to try it{}",
-                    op.version,
-                    o.name,
-                    if bl.tries_left > 0 {
-                        format!(" ({} tries)", bl.tries_left)
-                    } else {
-                        String::new()
-                    }
-                ),
-                pb::Phase::Writing | pb::Phase::Verifying if op.bytes_total > 0 => {
-                    let pct = op.bytes_done.saturating_mul(100) / op.bytes_total.max(1);
-                    format!(
-                        "{} {} {}% ({} of {}, {} fetched) · reboot {}",
-                        op.version,
-                        phase(op.phase),
-                        pct,
-                        bytes(op.bytes_done),
-                        bytes(op.bytes_total),
-                        bytes(op.bytes_fetched),
-                        reboot(op.reboot)
-                    )
-                }
-                _ => format!(
-                    "{} {} · reboot {}",
-                    version(&op.version),
-                    phase(op.phase),
-                    reboot(op.reboot)
-                ),
-            }
-        }
+        Some(op) => operation_text(op, o, bl),
         None if s.state == "rolling_back" => "reboot to finish the rollback".into(),
         None => "nothing pending".into(),
-    };
-    line("Next", next);
-    if let Some(op) = &s.operation {
-        match op.source.as_str() {
-            "" => line("Operation", op.id.clone()),
-            src => line("Operation", format!("{} · {}", op.id, fit(src, 50))),
-        }
     }
-    match &s.last_result {
+}
+
+/// An operation not on trial: armed and waiting for the reboot, or its phase and
+/// progress.
+fn operation_text(op: &pb::Operation, o: &pb::Slot, bl: &pb::Bootloader) -> String {
+    match pb::Phase::try_from(op.phase).unwrap_or_default() {
+        pb::Phase::Armed => format!(
+            "{} armed on slot {}: reboot to try it{}",
+            op.version,
+            o.name,
+            if bl.tries_left > 0 {
+                format!(" ({} tries)", bl.tries_left)
+            } else {
+                String::new()
+            }
+        ),
+        pb::Phase::Writing | pb::Phase::Verifying if op.bytes_total > 0 => {
+            let pct = op.bytes_done.saturating_mul(100) / op.bytes_total.max(1);
+            format!(
+                "{} {} {}% ({} of {}, {} fetched) · reboot {}",
+                op.version,
+                phase(op.phase),
+                pct,
+                bytes(op.bytes_done),
+                bytes(op.bytes_total),
+                bytes(op.bytes_fetched),
+                reboot(op.reboot)
+            )
+        }
+        _ => format!(
+            "{} {} · reboot {}",
+            or_unknown(&op.version),
+            phase(op.phase),
+            reboot(op.reboot)
+        ),
+    }
+}
+
+/// How the last attempt ended; a reason gets lines of its own (`w` is the width).
+fn last_text(r: Option<&pb::Result>, w: usize, line: &mut impl FnMut(&str, String)) {
+    match r {
         Some(r) if r.reason.is_empty() => line(
             "Last",
             format!("{} · {}", result_line(r), when(r.at.as_ref())),
@@ -242,16 +266,12 @@ pub fn status_text(s: &pb::Status) -> String {
             let head = format!("{} {}", r.version, outcome(r.outcome));
             line("Last", format!("{head} · {}", when(r.at.as_ref())));
             // The why gets room of its own: up to three wrapped lines.
-            for (i, l) in wrap(&r.reason, W - 10, 3).into_iter().enumerate() {
+            for (i, l) in wrap(&r.reason, w - 10, 3).into_iter().enumerate() {
                 line(if i == 0 { "Why" } else { "" }, l);
             }
         }
         None => line("Last", "no update yet".into()),
     }
-    if let Some(a) = &s.auto {
-        auto_text(a, &mut line);
-    }
-    out
 }
 
 /// The unattended-patching lines of `updatectl status`.

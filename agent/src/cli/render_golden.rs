@@ -69,35 +69,47 @@ const HEALTH_FAIL: &str = "unit kubelet.service: failed 40 s after start \
     (ExecMainStatus=1, Result=exit-code); last output: E1126 kubelet.go:1480] \
     failed to run Kubelet: running with swap on is not supported";
 
+/// The status the daemon would build from these inputs, on the grub backend with no
+/// images and no unattended loop (the scenarios that need one add it).
+fn status(
+    layout: &SlotLayout,
+    state: State,
+    boot: BootStatus,
+    last: Option<Entry>,
+    running: &str,
+    operation: Option<pb::Operation>,
+) -> pb::Status {
+    let mut s = build(&Inputs {
+        compatible: "azurelinux-3-x86_64",
+        layout,
+        backend: "grub",
+        state,
+        boot,
+        last,
+        running_version: Some(running.into()),
+        operation,
+        images: [None, None],
+        auto: None,
+    });
+    s.agent_version = "0.1.0".into();
+    s
+}
+
 fn scenarios() -> Vec<(&'static str, pb::Status)> {
-    let l_b = layout(Slot::B);
-    let l_a = layout(Slot::A);
-    let mk = |layout: &SlotLayout,
-              state: State,
-              boot: BootStatus,
-              last: Option<Entry>,
-              running: &str,
-              operation: Option<pb::Operation>| {
-        let mut s = build(&Inputs {
-            compatible: "azurelinux-3-x86_64",
-            layout,
-            backend: "grub",
-            state,
-            boot,
-            last,
-            running_version: Some(running.into()),
-            operation,
-            images: [None, None],
-            auto: None,
-        });
-        s.agent_version = "0.1.0".into();
-        s
-    };
+    let mut all = at_rest();
+    all.extend(staging());
+    all.extend(after_staging());
+    all.extend(unattended());
+    all
+}
+
+/// No update in flight: a fresh node and one that committed an update.
+fn at_rest() -> Vec<(&'static str, pb::Status)> {
     vec![
         (
             "fresh",
-            mk(
-                &l_a,
+            status(
+                &layout(Slot::A),
                 State::Idle,
                 boot(Slot::A, None, [true, false]),
                 None,
@@ -107,8 +119,8 @@ fn scenarios() -> Vec<(&'static str, pb::Status)> {
         ),
         (
             "committed",
-            mk(
-                &l_b,
+            status(
+                &layout(Slot::B),
                 State::Committed {
                     version: "2.0".into(),
                     slot: Slot::B,
@@ -122,48 +134,58 @@ fn scenarios() -> Vec<(&'static str, pb::Status)> {
                 None,
             ),
         ),
-        (
-            "staging",
-            mk(
-                &l_a,
-                State::Staging(Staging {
-                    attempt: "19a7c1f0-3e21".into(),
-                    version: "2.0".into(),
-                    url: "https://updates.example/azl3/2.0.from-8c1f0e3a9b7d2c45.uap".into(),
-                    manifest_sha256: "cd".repeat(32),
-                    slot: Slot::B,
-                    ops_total: 40,
-                    ops_done: 12,
-                    bytes_total: 1 << 30,
-                    bytes_done: 483_183_820,
-                    bytes_fetched: 3_100_000,
-                    started: T0,
-                    from_version: Some("1.0".into()),
-                    read_back: None,
-                }),
-                boot(Slot::A, None, [true, false]),
-                None,
-                "1.0",
-                Some(pb::Operation {
-                    id: "19a7c1f0-3e21".into(),
-                    phase: pb::Phase::Writing as i32,
-                    version: "2.0".into(),
-                    source: "https://updates.example/azl3/2.0.from-8c1f0e3a9b7d2c45.uap".into(),
-                    delta: true,
-                    reboot: pb::RebootPolicy::Immediate as i32,
-                    bytes_done: 483_183_820,
-                    bytes_total: 1 << 30,
-                    bytes_fetched: 3_100_000,
-                    ops_done: 12,
-                    ops_total: 40,
-                    started: Some(crate::api::status::ts(T0)),
-                }),
-            ),
+    ]
+}
+
+/// An operation writing the inactive slot.
+fn staging() -> Vec<(&'static str, pb::Status)> {
+    vec![(
+        "staging",
+        status(
+            &layout(Slot::A),
+            State::Staging(Staging {
+                attempt: "19a7c1f0-3e21".into(),
+                version: "2.0".into(),
+                url: "https://updates.example/azl3/2.0.from-8c1f0e3a9b7d2c45.uap".into(),
+                manifest_sha256: "cd".repeat(32),
+                slot: Slot::B,
+                ops_total: 40,
+                ops_done: 12,
+                bytes_total: 1 << 30,
+                bytes_done: 483_183_820,
+                bytes_fetched: 3_100_000,
+                started: T0,
+                from_version: Some("1.0".into()),
+                read_back: None,
+            }),
+            boot(Slot::A, None, [true, false]),
+            None,
+            "1.0",
+            Some(pb::Operation {
+                id: "19a7c1f0-3e21".into(),
+                phase: pb::Phase::Writing as i32,
+                version: "2.0".into(),
+                source: "https://updates.example/azl3/2.0.from-8c1f0e3a9b7d2c45.uap".into(),
+                delta: true,
+                reboot: pb::RebootPolicy::Immediate as i32,
+                bytes_done: 483_183_820,
+                bytes_total: 1 << 30,
+                bytes_fetched: 3_100_000,
+                ops_done: 12,
+                ops_total: 40,
+                started: Some(crate::api::status::ts(T0)),
+            }),
         ),
+    )]
+}
+
+/// A staged release: armed, in its trial boot, rolled back by the health checks.
+fn after_staging() -> Vec<(&'static str, pb::Status)> {
+    vec![
         (
             "armed",
-            mk(
-                &l_a,
+            status(
+                &layout(Slot::A),
                 State::Armed {
                     staged: staged("2.0", Slot::B),
                     tries: 3,
@@ -176,8 +198,8 @@ fn scenarios() -> Vec<(&'static str, pb::Status)> {
         ),
         (
             "trial",
-            mk(
-                &l_b,
+            status(
+                &layout(Slot::B),
                 State::Armed {
                     staged: staged("2.0", Slot::B),
                     tries: 3,
@@ -190,8 +212,8 @@ fn scenarios() -> Vec<(&'static str, pb::Status)> {
         ),
         (
             "rolled-back",
-            mk(
-                &l_a,
+            status(
+                &layout(Slot::A),
                 State::RolledBack {
                     version: "1.4.0".into(),
                     slot: Slot::A,
@@ -205,42 +227,45 @@ fn scenarios() -> Vec<(&'static str, pb::Status)> {
                 None,
             ),
         ),
-        ("armed-waiting-for-window", {
-            let mut s = mk(
-                &l_a,
-                State::Armed {
-                    staged: staged("2.0", Slot::B),
-                    tries: 3,
-                },
-                boot(Slot::A, Some((Slot::B, 3)), [true, true]),
-                None,
-                "1.0",
-                None,
-            );
-            let t = |secs: u64| Some(crate::api::status::ts(secs));
-            s.auto = Some(pb::Auto {
-                enabled: true,
-                channel: "stable".into(),
-                reboot: "fleetlock".into(),
-                last_check: t(T0),
-                last_check_error: String::new(),
-                next_check: t(T0 + 6 * 3600),
-                next_step:
-                    "2.0 is staged; rebooting in the window that opens at 2026-11-28T01:00:00Z"
-                        .into(),
-                offered_version: "2.0".into(),
-                wave_start: t(T0 - 600),
-                held_version: "1.9".into(),
-                held_reason: format!("it was rolled back on this node: {HEALTH_FAIL}"),
-                window_start: t(T0 + 86_400),
-                window_end: t(T0 + 86_400 + 3 * 3600),
-                in_window: false,
-                time_zone: "Europe/Berlin".into(),
-                fleetlock: "released".into(),
-            });
-            s
-        }),
     ]
+}
+
+/// The unattended loop's view: staged, waiting for the maintenance window.
+fn unattended() -> Vec<(&'static str, pb::Status)> {
+    vec![("armed-waiting-for-window", {
+        let mut s = status(
+            &layout(Slot::A),
+            State::Armed {
+                staged: staged("2.0", Slot::B),
+                tries: 3,
+            },
+            boot(Slot::A, Some((Slot::B, 3)), [true, true]),
+            None,
+            "1.0",
+            None,
+        );
+        let t = |secs: u64| Some(crate::api::status::ts(secs));
+        s.auto = Some(pb::Auto {
+            enabled: true,
+            channel: "stable".into(),
+            reboot: "fleetlock".into(),
+            last_check: t(T0),
+            last_check_error: String::new(),
+            next_check: t(T0 + 6 * 3600),
+            next_step: "2.0 is staged; rebooting in the window that opens at 2026-11-28T01:00:00Z"
+                .into(),
+            offered_version: "2.0".into(),
+            wave_start: t(T0 - 600),
+            held_version: "1.9".into(),
+            held_reason: format!("it was rolled back on this node: {HEALTH_FAIL}"),
+            window_start: t(T0 + 86_400),
+            window_end: t(T0 + 86_400 + 3 * 3600),
+            in_window: false,
+            time_zone: "Europe/Berlin".into(),
+            fleetlock: "released".into(),
+        });
+        s
+    })]
 }
 
 fn golden(name: &str, actual: &str) {

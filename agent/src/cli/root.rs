@@ -102,13 +102,7 @@ pub fn run(cmd: RootCommand) -> anyhow::Result<()> {
                     body.add_key(role, &TrustedKeys::load_public(p)?);
                 }
             }
-            if out.exists() {
-                anyhow::bail!(
-                    "{} already exists; refusing to overwrite a root",
-                    out.display()
-                );
-            }
-            write(&out, &body, &[])
+            write_new(&out, &body)
         }
         RootCommand::Next {
             root,
@@ -118,13 +112,7 @@ pub fn run(cmd: RootCommand) -> anyhow::Result<()> {
             let (mut body, _) = read(&root)?;
             body.version += 1;
             body.expires = expiry(expires_in_days);
-            if out.exists() {
-                anyhow::bail!(
-                    "{} already exists; refusing to overwrite a root",
-                    out.display()
-                );
-            }
-            write(&out, &body, &[])
+            write_new(&out, &body)
         }
         RootCommand::AddKey { root, role, key } => edit(&root, |b| {
             let fp = b.add_key(role, &TrustedKeys::load_public(&key)?);
@@ -150,41 +138,56 @@ pub fn run(cmd: RootCommand) -> anyhow::Result<()> {
             b.role_mut(role).threshold = threshold;
             Ok(())
         }),
-        RootCommand::Sign { root, keys } => {
-            let bytes =
-                std::fs::read(&root).with_context(|| format!("reading {}", root.display()))?;
-            let keys = keys
-                .iter()
-                .map(|p| PublisherKey::load(p))
-                .collect::<Result<Vec<_>, _>>()?;
-            let refs: Vec<&PublisherKey> = keys.iter().collect();
-            let signed = envelope::add_signatures(&bytes, MAX_LEN, Domain::Root, &refs)
-                .with_context(|| format!("root {}", root.display()))?;
-            crate::durable::replace(&root, &signed)
-                .map_err(|(_, e)| e)
-                .with_context(|| format!("writing {}", root.display()))
-        }
-        RootCommand::Verify { root, previous } => {
-            let bytes =
-                std::fs::read(&root).with_context(|| format!("reading {}", root.display()))?;
-            let r = match previous {
-                Some(prev) => {
-                    let pb = std::fs::read(&prev)
-                        .with_context(|| format!("reading {}", prev.display()))?;
-                    let p = Root::open_trusted(&pb)
-                        .with_context(|| format!("previous root {}", prev.display()))?;
-                    p.open_next(&bytes)
-                }
-                None => Root::open_trusted(&bytes),
-            }
-            .with_context(|| format!("root {}", root.display()))?;
-            print_root(&r);
-            if let Err(e) = r.current(timefmt::now()) {
-                println!("warning      {e}");
-            }
-            Ok(())
-        }
+        RootCommand::Sign { root, keys } => sign(&root, &keys),
+        RootCommand::Verify { root, previous } => verify(&root, previous.as_deref()),
     }
+}
+
+/// A new root's body written unsigned at `out`, which must not exist yet.
+fn write_new(out: &Path, body: &RootBody) -> anyhow::Result<()> {
+    if out.exists() {
+        anyhow::bail!(
+            "{} already exists; refusing to overwrite a root",
+            out.display()
+        );
+    }
+    write(out, body, &[])
+}
+
+/// `root sign`: the keys' signatures added to the root in place.
+fn sign(root: &Path, keys: &[PathBuf]) -> anyhow::Result<()> {
+    let bytes = std::fs::read(root).with_context(|| format!("reading {}", root.display()))?;
+    let keys = keys
+        .iter()
+        .map(|p| PublisherKey::load(p))
+        .collect::<Result<Vec<_>, _>>()?;
+    let refs: Vec<&PublisherKey> = keys.iter().collect();
+    let signed = envelope::add_signatures(&bytes, MAX_LEN, Domain::Root, &refs)
+        .with_context(|| format!("root {}", root.display()))?;
+    crate::durable::replace(root, &signed)
+        .map_err(|(_, e)| e)
+        .with_context(|| format!("writing {}", root.display()))
+}
+
+/// `root verify`: the root opened as trusted, or as the link after `previous`; an
+/// expired root is shown with a warning.
+fn verify(root: &Path, previous: Option<&Path>) -> anyhow::Result<()> {
+    let bytes = std::fs::read(root).with_context(|| format!("reading {}", root.display()))?;
+    let r = match previous {
+        Some(prev) => {
+            let pb = std::fs::read(prev).with_context(|| format!("reading {}", prev.display()))?;
+            let p = Root::open_trusted(&pb)
+                .with_context(|| format!("previous root {}", prev.display()))?;
+            p.open_next(&bytes)
+        }
+        None => Root::open_trusted(&bytes),
+    }
+    .with_context(|| format!("root {}", root.display()))?;
+    print_root(&r);
+    if let Err(e) = r.current(timefmt::now()) {
+        println!("warning      {e}");
+    }
+    Ok(())
 }
 
 fn expiry(days: u64) -> u64 {

@@ -5,6 +5,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use super::ops::Ops;
 use super::ops::{Begin, OpEventKind, OpOutcome, OpProgress, OpResult, Operation, Phase};
 use super::target::{precheck, Target};
 use super::{intent, Daemon, DaemonError};
@@ -201,72 +202,12 @@ fn run_operation(
     let Some(cancel) = ops.cancel_flag(id) else {
         return;
     };
-    let mut last_progress = std::time::Instant::now();
-    let mut on = |p: Progress| match p {
-        Progress::Opened {
-            version,
-            delta,
-            ops: n,
-            bytes,
-            ..
-        } => ops.update(
-            id,
-            |s| {
-                s.phase = Phase::Writing;
-                s.version = version;
-                s.delta = delta;
-                s.ops_total = u32::try_from(n).unwrap_or(u32::MAX);
-                s.bytes_total = bytes;
-            },
-            Some(OpEventKind::Phase(Phase::Writing)),
-        ),
-        Progress::Op {
-            done,
-            total,
-            bytes_done,
-            bytes_fetched,
-            in_flight,
-        } => {
-            // Every operation updates the snapshot; watchers get at most ten a second.
-            let emit = done == total || last_progress.elapsed() >= Duration::from_millis(100);
-            if emit {
-                last_progress = std::time::Instant::now();
-            }
-            let bytes_fetched = bytes_fetched + in_flight;
-            let mut out = OpProgress {
-                bytes_done,
-                bytes_total: 0,
-                bytes_fetched,
-                ops_done: u32::try_from(done).unwrap_or(u32::MAX),
-                ops_total: u32::try_from(total).unwrap_or(u32::MAX),
-                in_flight_bytes: in_flight,
-            };
-            ops.update(
-                id,
-                |s| {
-                    s.bytes_done = bytes_done;
-                    s.bytes_fetched = bytes_fetched;
-                    s.ops_done = out.ops_done;
-                    s.ops_total = out.ops_total;
-                    out.bytes_total = s.bytes_total;
-                },
-                None,
-            );
-            if emit {
-                ops.update(id, |_| {}, Some(OpEventKind::Progress(out)));
-            }
-        }
-        Progress::Verifying => ops.update(
-            id,
-            |s| s.phase = Phase::Verifying,
-            Some(OpEventKind::Phase(Phase::Verifying)),
-        ),
-        Progress::Armed { .. } => ops.update(
-            id,
-            |s| s.phase = Phase::Armed,
-            Some(OpEventKind::Phase(Phase::Armed)),
-        ),
+    let mut reporter = Reporter {
+        ops,
+        id,
+        last_progress: std::time::Instant::now(),
     };
+    let mut on = |p: Progress| reporter.report(p);
     let (result, from_version) = {
         let mut agent = d.agent.lock().unwrap_or_else(|p| p.into_inner());
         let from = agent.running_version();
@@ -278,6 +219,36 @@ fn run_operation(
         (r, from)
     };
     let snap = ops.find(id).map(|(s, _)| s).unwrap_or_default();
+    let (res, reboot_now) = outcome(&snap, from_version, &result, reboot);
+    if reboot_now {
+        ops.update(
+            id,
+            |s| s.phase = Phase::Rebooting,
+            Some(OpEventKind::Phase(Phase::Rebooting)),
+        );
+    }
+    tracing::info!(attempt = %id, outcome = ?res.outcome, reason = %res.reason, "operation ended");
+    if result.is_ok() {
+        crate::emit!(tracing::Level::INFO, crate::events::UPDATE_STAGED, update_agent_attempt = %id, update_agent_release = %res.version, "{} is staged and armed for the next boot", res.version);
+    }
+    ops.finish(id, res);
+    d.write_textfile();
+    if reboot_now {
+        crate::emit!(tracing::Level::WARN, crate::events::REBOOTING, update_agent_attempt = %id, update_agent_release = %snap.version, "rebooting into {}", snap.version);
+        if let Err(e) = super::run_reboot(&d.cfg.health.reboot_command) {
+            tracing::error!(error = %error_chain(&e), "reboot after staging failed; reboot the node to try the release");
+        }
+    }
+}
+
+/// How the staging ended, as the registry keeps it, and whether to reboot now (only
+/// after a staging that armed the slot, when the operation asked for it).
+fn outcome(
+    snap: &Operation,
+    from_version: Option<String>,
+    result: &Result<(), UpdateError>,
+    reboot: bool,
+) -> (OpResult, bool) {
     let mut res = OpResult {
         outcome: OpOutcome::Armed,
         version: snap.version.clone(),
@@ -286,7 +257,7 @@ fn run_operation(
         at: crate::timefmt::now_system(),
         bytes_fetched: snap.bytes_fetched,
     };
-    let reboot_now = match &result {
+    let reboot_now = match result {
         Ok(()) => reboot,
         Err(UpdateError::Apply(crate::apply::ApplyError::Cancelled { .. })) => {
             res.outcome = OpOutcome::Cancelled;
@@ -300,23 +271,102 @@ fn run_operation(
         }
     };
     if reboot_now {
-        ops.update(
-            id,
-            |s| s.phase = Phase::Rebooting,
-            Some(OpEventKind::Phase(Phase::Rebooting)),
-        );
         res.reason = "rebooting into the trial slot".into();
     }
-    tracing::info!(attempt = %id, outcome = ?res.outcome, reason = %res.reason, "operation ended");
-    if result.is_ok() {
-        crate::emit!(tracing::Level::INFO, crate::events::UPDATE_STAGED, update_agent_attempt = %id, update_agent_release = %res.version, "{} is staged and armed for the next boot", res.version);
+    (res, reboot_now)
+}
+
+/// The staging's progress into the operation's snapshot and its watchers.
+struct Reporter<'a> {
+    ops: &'a Ops,
+    id: &'a str,
+    /// When watchers last got a progress event.
+    last_progress: std::time::Instant,
+}
+
+impl Reporter<'_> {
+    fn report(&mut self, p: Progress) {
+        let (ops, id) = (self.ops, self.id);
+        match p {
+            Progress::Opened {
+                version,
+                delta,
+                ops: n,
+                bytes,
+                ..
+            } => ops.update(
+                id,
+                |s| {
+                    s.phase = Phase::Writing;
+                    s.version = version;
+                    s.delta = delta;
+                    s.ops_total = u32::try_from(n).unwrap_or(u32::MAX);
+                    s.bytes_total = bytes;
+                },
+                Some(OpEventKind::Phase(Phase::Writing)),
+            ),
+            Progress::Op {
+                done,
+                total,
+                bytes_done,
+                bytes_fetched,
+                in_flight,
+            } => self.op_done(
+                done,
+                total,
+                bytes_done,
+                bytes_fetched + in_flight,
+                in_flight,
+            ),
+            Progress::Verifying => ops.update(
+                id,
+                |s| s.phase = Phase::Verifying,
+                Some(OpEventKind::Phase(Phase::Verifying)),
+            ),
+            Progress::Armed { .. } => ops.update(
+                id,
+                |s| s.phase = Phase::Armed,
+                Some(OpEventKind::Phase(Phase::Armed)),
+            ),
+        }
     }
-    ops.finish(id, res);
-    d.write_textfile();
-    if reboot_now {
-        crate::emit!(tracing::Level::WARN, crate::events::REBOOTING, update_agent_attempt = %id, update_agent_release = %snap.version, "rebooting into {}", snap.version);
-        if let Err(e) = super::run_reboot(&d.cfg.health.reboot_command) {
-            tracing::error!(error = %error_chain(&e), "reboot after staging failed; reboot the node to try the release");
+
+    /// An operation written: `bytes_fetched` counts the bytes in flight too.
+    fn op_done(
+        &mut self,
+        done: usize,
+        total: usize,
+        bytes_done: u64,
+        bytes_fetched: u64,
+        in_flight: u64,
+    ) {
+        // Every operation updates the snapshot; watchers get at most ten a second.
+        let emit = done == total || self.last_progress.elapsed() >= Duration::from_millis(100);
+        if emit {
+            self.last_progress = std::time::Instant::now();
+        }
+        let mut out = OpProgress {
+            bytes_done,
+            bytes_total: 0,
+            bytes_fetched,
+            ops_done: u32::try_from(done).unwrap_or(u32::MAX),
+            ops_total: u32::try_from(total).unwrap_or(u32::MAX),
+            in_flight_bytes: in_flight,
+        };
+        self.ops.update(
+            self.id,
+            |s| {
+                s.bytes_done = bytes_done;
+                s.bytes_fetched = bytes_fetched;
+                s.ops_done = out.ops_done;
+                s.ops_total = out.ops_total;
+                out.bytes_total = s.bytes_total;
+            },
+            None,
+        );
+        if emit {
+            self.ops
+                .update(self.id, |_| {}, Some(OpEventKind::Progress(out)));
         }
     }
 }

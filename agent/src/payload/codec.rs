@@ -97,22 +97,7 @@ pub fn decode(bytes: &[u8]) -> Result<Manifest, ManifestError> {
     })?;
     let target_size = r.uint(m, "target_size")?;
     let target_sha256 = r.digest(m, "target_sha256")?;
-    let verity = if version == FORMAT_VERSION_VERITY {
-        Some(r.verity(m)?)
-    } else {
-        // Version 1 kept a length here for a root hash no node ever used; anything but
-        // an empty one is refused rather than half understood.
-        match r.uint(m, "verity_root_hash")? {
-            0 => None,
-            v => {
-                return Err(ManifestError::BadValue {
-                    loc: m,
-                    field: "verity_root_hash",
-                    value: v,
-                })
-            }
-        }
-    };
+    let verity = verity(&mut r, version)?;
     let source = match r.byte(m, "source")? {
         0 => None,
         1 => Some(SourceImage {
@@ -123,39 +108,7 @@ pub fn decode(bytes: &[u8]) -> Result<Manifest, ManifestError> {
     };
     let blob_size = r.uint(m, "blob_size")?;
     let blob_sha256 = r.digest(m, "blob_sha256")?;
-    let count = r.count(m, "operations", limits::MAX_OPERATIONS)?;
-    // Each operation takes at least 35 bytes (kind, two empty extent lists, digest);
-    // refuse counts the input cannot hold before reserving memory for them.
-    if count.saturating_mul(35) > r.remaining() as u64 {
-        return Err(ManifestError::Truncated {
-            loc: m,
-            field: "operations",
-        });
-    }
-    let mut operations = Vec::with_capacity(count as usize);
-    let mut extents_total = 0u64;
-    for i in 0..count as usize {
-        let loc = Loc::Op(i);
-        let raw = r.byte(loc, "kind")?;
-        let kind =
-            OpKind::from_wire(raw).ok_or(ManifestError::UnknownOpKind { op: i, kind: raw })?;
-        let dst = r.extents(loc, "dst", &mut extents_total)?;
-        let src = r.extents(loc, "src", &mut extents_total)?;
-        let (data_offset, data_len) = if kind.has_data() {
-            (r.uint(loc, "data_offset")?, r.uint(loc, "data_len")?)
-        } else {
-            (0, 0)
-        };
-        let sha256 = r.digest(loc, "sha256")?;
-        operations.push(Operation {
-            kind,
-            dst,
-            src,
-            data_offset,
-            data_len,
-            sha256,
-        });
-    }
+    let operations = operations(&mut r)?;
     if r.remaining() != 0 {
         return Err(ManifestError::TrailingBytes {
             count: r.remaining(),
@@ -175,6 +128,73 @@ pub fn decode(bytes: &[u8]) -> Result<Manifest, ManifestError> {
         blob_size,
         blob_sha256,
         operations,
+    })
+}
+
+/// Field 10: the dm-verity tree's parameters in version 2; in version 1 an empty
+/// length (it once allowed an opaque root hash no node ever used; anything but empty
+/// is refused rather than half understood).
+fn verity(r: &mut Reader<'_>, version: u64) -> Result<Option<Verity>, ManifestError> {
+    let m = Loc::Manifest;
+    if version == FORMAT_VERSION_VERITY {
+        return Ok(Some(r.verity(m)?));
+    }
+    match r.uint(m, "verity_root_hash")? {
+        0 => Ok(None),
+        v => Err(ManifestError::BadValue {
+            loc: m,
+            field: "verity_root_hash",
+            value: v,
+        }),
+    }
+}
+
+/// The operations: their count (bounded by the limit and by what the input can
+/// hold), then each one; the extents of all of them count against one limit.
+fn operations(r: &mut Reader<'_>) -> Result<Vec<Operation>, ManifestError> {
+    let m = Loc::Manifest;
+    let count = r.count(m, "operations", limits::MAX_OPERATIONS)?;
+    // Each operation takes at least 35 bytes (kind, two empty extent lists, digest);
+    // refuse counts the input cannot hold before reserving memory for them.
+    if count.saturating_mul(35) > r.remaining() as u64 {
+        return Err(ManifestError::Truncated {
+            loc: m,
+            field: "operations",
+        });
+    }
+    let mut operations = Vec::with_capacity(count as usize);
+    let mut extents_total = 0u64;
+    for i in 0..count as usize {
+        operations.push(operation(r, i, &mut extents_total)?);
+    }
+    Ok(operations)
+}
+
+/// Operation `i`: kind, destination and source extents, its frame (kinds with data),
+/// the sha256 of what it writes.
+fn operation(
+    r: &mut Reader<'_>,
+    i: usize,
+    extents_total: &mut u64,
+) -> Result<Operation, ManifestError> {
+    let loc = Loc::Op(i);
+    let raw = r.byte(loc, "kind")?;
+    let kind = OpKind::from_wire(raw).ok_or(ManifestError::UnknownOpKind { op: i, kind: raw })?;
+    let dst = r.extents(loc, "dst", extents_total)?;
+    let src = r.extents(loc, "src", extents_total)?;
+    let (data_offset, data_len) = if kind.has_data() {
+        (r.uint(loc, "data_offset")?, r.uint(loc, "data_len")?)
+    } else {
+        (0, 0)
+    };
+    let sha256 = r.digest(loc, "sha256")?;
+    Ok(Operation {
+        kind,
+        dst,
+        src,
+        data_offset,
+        data_len,
+        sha256,
     })
 }
 

@@ -142,51 +142,11 @@ impl Payload {
             path: path.clone(),
             source,
         };
-        if src.size() < HEADER_LEN {
-            return Err(PayloadError::BadMagic { path });
-        }
-        let mut header = [0u8; HEADER_LEN as usize];
-        src.read_range(0, &mut header).map_err(io)?;
-        if header[..8] != MAGIC {
-            return Err(PayloadError::BadMagic { path });
-        }
-        let u32_at =
-            |o: usize| u32::from_le_bytes([header[o], header[o + 1], header[o + 2], header[o + 3]]);
-        let bad = |field, value: u64| PayloadError::BadHeader {
-            path: path.clone(),
-            field,
-            value,
-        };
-        let version = u32_at(8);
-        if version != HEADER_VERSION {
-            return Err(bad("header_version", u64::from(version)));
-        }
-        let manifest_len = u64::from(u32_at(12));
-        let sig_len = u64::from(u32_at(16));
-        let mut blob_offset_bytes = [0u8; 8];
-        blob_offset_bytes.copy_from_slice(&header[24..32]);
-        let blob_offset = u64::from_le_bytes(blob_offset_bytes);
-        if u32_at(20) != 0 || header[32..].iter().any(|&b| b != 0) {
-            return Err(bad("reserved", 0));
-        }
-        if manifest_len > limits::MAX_MANIFEST_BYTES {
-            return Err(PayloadError::Manifest {
-                path,
-                source: ManifestError::TooLarge {
-                    len: manifest_len,
-                    max: limits::MAX_MANIFEST_BYTES,
-                },
-            });
-        }
-        if sig_len == 0 || sig_len > limits::MAX_SIGNATURE_BYTES {
-            return Err(bad("signatures_length", sig_len));
-        }
-        let head_end = HEADER_LEN + manifest_len + sig_len;
-        // One layout per manifest: the blob starts at the first aligned offset, and the
-        // padding before it is zeros, so the unsigned bytes cannot carry anything.
-        if blob_offset != head_end.div_ceil(BLOB_ALIGN) * BLOB_ALIGN || blob_offset > src.size() {
-            return Err(bad("blob_offset", blob_offset));
-        }
+        let Layout {
+            manifest_len,
+            sig_len,
+            blob_offset,
+        } = read_header(src, &path)?;
         // Checked where it lies: the signature is verified on these bytes before any
         // copy or decode.
         let head = src
@@ -194,36 +154,16 @@ impl Payload {
             .map_err(io)?;
         let (head, padding) = head.split_at((manifest_len + sig_len) as usize);
         if padding.iter().any(|&b| b != 0) {
-            return Err(bad("padding", 0));
+            return Err(PayloadError::BadHeader {
+                path,
+                field: "padding",
+                value: 0,
+            });
         }
         let (manifest_bytes, sig_bytes) = head.split_at(manifest_len as usize);
         let signatures = decode_signatures(sig_bytes)
             .ok_or_else(|| PayloadError::BadSignatureBlock { path: path.clone() })?;
-        // The signature is checked on the raw bytes before the decoder sees them, so a
-        // hostile manifest from an untrusted publisher never reaches the parser.
-        let signer = match trust {
-            Trust::Keys { keys, .. } => {
-                Some(keys.verify(manifest_bytes, &signatures).map_err(|source| {
-                    PayloadError::Trust {
-                        path: path.clone(),
-                        source,
-                    }
-                })?)
-            }
-            Trust::InspectOnly => None,
-        };
-        let manifest = codec::decode(manifest_bytes)
-            .and_then(|m| m.validate().map(|()| m))
-            .map_err(|source| PayloadError::Manifest {
-                path: path.clone(),
-                source,
-            })?;
-        if let Trust::Keys { now, .. } = trust {
-            check_validity(&manifest, now).map_err(|source| PayloadError::Trust {
-                path: path.clone(),
-                source,
-            })?;
-        }
+        let (signer, manifest) = verify_and_decode(manifest_bytes, &signatures, trust, &path)?;
         let expected = blob_offset.saturating_add(manifest.blob_size);
         if src.size() != expected {
             return Err(PayloadError::WrongLength {
@@ -240,6 +180,105 @@ impl Payload {
             blob_offset,
         })
     }
+}
+
+/// Where the parts of a payload lie, from its header.
+struct Layout {
+    manifest_len: u64,
+    sig_len: u64,
+    blob_offset: u64,
+}
+
+/// The fixed header of the payload at `path`: magic, version, the lengths (within
+/// the limits) and the one blob offset they allow; reserved bytes zero.
+fn read_header(src: &dyn RangeSource, path: &Path) -> Result<Layout, PayloadError> {
+    let path = path.to_owned();
+    if src.size() < HEADER_LEN {
+        return Err(PayloadError::BadMagic { path });
+    }
+    let mut header = [0u8; HEADER_LEN as usize];
+    src.read_range(0, &mut header)
+        .map_err(|source| PayloadError::Io {
+            path: path.clone(),
+            source,
+        })?;
+    if header[..8] != MAGIC {
+        return Err(PayloadError::BadMagic { path });
+    }
+    let u32_at =
+        |o: usize| u32::from_le_bytes([header[o], header[o + 1], header[o + 2], header[o + 3]]);
+    let bad = |field, value: u64| PayloadError::BadHeader {
+        path: path.clone(),
+        field,
+        value,
+    };
+    let version = u32_at(8);
+    if version != HEADER_VERSION {
+        return Err(bad("header_version", u64::from(version)));
+    }
+    let manifest_len = u64::from(u32_at(12));
+    let sig_len = u64::from(u32_at(16));
+    let mut blob_offset_bytes = [0u8; 8];
+    blob_offset_bytes.copy_from_slice(&header[24..32]);
+    let blob_offset = u64::from_le_bytes(blob_offset_bytes);
+    if u32_at(20) != 0 || header[32..].iter().any(|&b| b != 0) {
+        return Err(bad("reserved", 0));
+    }
+    if manifest_len > limits::MAX_MANIFEST_BYTES {
+        return Err(PayloadError::Manifest {
+            path,
+            source: ManifestError::TooLarge {
+                len: manifest_len,
+                max: limits::MAX_MANIFEST_BYTES,
+            },
+        });
+    }
+    if sig_len == 0 || sig_len > limits::MAX_SIGNATURE_BYTES {
+        return Err(bad("signatures_length", sig_len));
+    }
+    let head_end = HEADER_LEN + manifest_len + sig_len;
+    // One layout per manifest: the blob starts at the first aligned offset, and the
+    // padding before it is zeros, so the unsigned bytes cannot carry anything.
+    if blob_offset != head_end.div_ceil(BLOB_ALIGN) * BLOB_ALIGN || blob_offset > src.size() {
+        return Err(bad("blob_offset", blob_offset));
+    }
+    Ok(Layout {
+        manifest_len,
+        sig_len,
+        blob_offset,
+    })
+}
+
+/// The signature checked on the raw manifest bytes (with `Trust::Keys`), then the
+/// manifest decoded, validated and, with keys, checked against the clock.
+fn verify_and_decode(
+    manifest_bytes: &[u8],
+    signatures: &[SignatureEntry],
+    trust: Trust<'_>,
+    path: &Path,
+) -> Result<(Option<Fingerprint>, Manifest), PayloadError> {
+    let trust_err = |source| PayloadError::Trust {
+        path: path.to_owned(),
+        source,
+    };
+    // The signature is checked on the raw bytes before the decoder sees them, so a
+    // hostile manifest from an untrusted publisher never reaches the parser.
+    let signer = match trust {
+        Trust::Keys { keys, .. } => {
+            Some(keys.verify(manifest_bytes, signatures).map_err(trust_err)?)
+        }
+        Trust::InspectOnly => None,
+    };
+    let manifest = codec::decode(manifest_bytes)
+        .and_then(|m| m.validate().map(|()| m))
+        .map_err(|source| PayloadError::Manifest {
+            path: path.to_owned(),
+            source,
+        })?;
+    if let Trust::Keys { now, .. } = trust {
+        check_validity(&manifest, now).map_err(trust_err)?;
+    }
+    Ok((signer, manifest))
 }
 
 /// Clock skew tolerated for a manifest created "in the future".

@@ -81,6 +81,15 @@ pub(super) fn differ(why: &'static str, grub: Expect, systemd_boot: Expect) -> E
 }
 
 pub(super) fn scenarios() -> Vec<Scenario> {
+    let mut all = committed();
+    all.extend(fell_back());
+    all.extend(cancelled());
+    all.extend(illegal());
+    all
+}
+
+/// Trials that end committed.
+fn committed() -> Vec<Scenario> {
     use Step::{Arm, Boot, Commit, Install, MarkUnbootable as Mark, RollbackTo};
     vec![
         Scenario {
@@ -99,6 +108,33 @@ pub(super) fn scenarios() -> Vec<Scenario> {
                 (Boot, booted(B, B_BOTH)),
             ],
         },
+        Scenario {
+            name: "roles swapped: the next update goes into a",
+            steps: vec![
+                (Mark(B), ok(A_ONLY)),
+                (Install(B), ok(A_ONLY)),
+                (Arm(B, 2), ok(trial_b(2))),
+                (Boot, booted(B, trial_b(1))),
+                (Commit(B), ok(B_BOTH)),
+                (Mark(A), ok(B_ONLY)),
+                (Boot, booted(B, B_ONLY)),
+                (Install(A), ok(B_ONLY)),
+                (Arm(A, 2), ok(trial_a(2))),
+                (Boot, booted(A, trial_a(1))),
+                (RollbackTo(B), ok(B_BOTH)),
+                (Boot, booted(B, B_BOTH)),
+                // A manual rollback to the older release, still bootable.
+                (RollbackTo(A), ok(A_BOTH)),
+                (Boot, booted(A, A_BOTH)),
+            ],
+        },
+    ]
+}
+
+/// Trials that fail: the tries run out, or the health checks roll back.
+fn fell_back() -> Vec<Scenario> {
+    use Step::{Arm, Boot, Commit, Install, MarkUnbootable as Mark, RollbackTo};
+    vec![
         Scenario {
             name: "a trial that never comes up uses its tries and falls back to a",
             steps: vec![
@@ -144,36 +180,6 @@ pub(super) fn scenarios() -> Vec<Scenario> {
             ],
         },
         Scenario {
-            name: "trial cancelled with mark_unbootable, then a new release armed",
-            steps: vec![
-                (Mark(B), ok(A_ONLY)),
-                (Install(B), ok(A_ONLY)),
-                (Arm(B, 3), ok(trial_b(3))),
-                (Boot, booted(B, trial_b(2))),
-                (Mark(B), ok(A_ONLY)),
-                (Boot, booted(A, A_ONLY)),
-                // Arming without writing a release first.
-                (
-                    Arm(B, 2),
-                    differ(
-                        NO_STAGE,
-                        ok(trial_b(2)),
-                        refused(ARM, NOTHING_STAGED, A_ONLY),
-                    ),
-                ),
-                // Both back in the same state.
-                (Mark(B), ok(A_ONLY)),
-                (Boot, booted(A, A_ONLY)),
-                (Install(B), ok(A_ONLY)),
-                (Arm(B, 2), ok(trial_b(2))),
-                (Boot, booted(B, trial_b(1))),
-                (Boot, booted(B, trial_b(0))),
-                // Healthy on the last try.
-                (Commit(B), ok(B_BOTH)),
-                (Boot, booted(B, B_BOTH)),
-            ],
-        },
-        Scenario {
             name: "one try fails, the same release is re-armed and passes",
             steps: vec![
                 (Mark(B), ok(A_ONLY)),
@@ -190,65 +196,85 @@ pub(super) fn scenarios() -> Vec<Scenario> {
                 (Boot, booted(B, B_BOTH)),
             ],
         },
-        Scenario {
-            name: "roles swapped: the next update goes into a",
-            steps: vec![
-                (Mark(B), ok(A_ONLY)),
-                (Install(B), ok(A_ONLY)),
-                (Arm(B, 2), ok(trial_b(2))),
-                (Boot, booted(B, trial_b(1))),
-                (Commit(B), ok(B_BOTH)),
-                (Mark(A), ok(B_ONLY)),
-                (Boot, booted(B, B_ONLY)),
-                (Install(A), ok(B_ONLY)),
-                (Arm(A, 2), ok(trial_a(2))),
-                (Boot, booted(A, trial_a(1))),
-                (RollbackTo(B), ok(B_BOTH)),
-                (Boot, booted(B, B_BOTH)),
-                // A manual rollback to the older release, still bootable.
-                (RollbackTo(A), ok(A_BOTH)),
-                (Boot, booted(A, A_BOTH)),
-            ],
-        },
-        Scenario {
-            name: "illegal moves are refused by both and change nothing",
-            steps: vec![
-                // Calls that have nothing to do succeed.
-                (Commit(A), ok(A_ONLY)),
-                (RollbackTo(A), ok(A_ONLY)),
-                (Mark(B), ok(A_ONLY)),
-                (Arm(A, 3), refused(ARM, IS_DEFAULT, A_ONLY)),
-                (Mark(A), refused(MARK, IS_DEFAULT, A_ONLY)),
-                (Commit(B), refused(COMMIT, UNBOOTABLE, A_ONLY)),
-                (RollbackTo(B), refused(ROLLBACK, UNBOOTABLE, A_ONLY)),
-                (Install(B), ok(A_ONLY)),
-                (Arm(B, 0), refused(ARM, TRIES, A_ONLY)),
-                (Arm(B, 10), refused(ARM, TRIES, A_ONLY)),
-                (Arm(B, u8::MAX), refused(ARM, TRIES, A_ONLY)),
-                // Written but not armed is not bootable.
-                (Commit(B), refused(COMMIT, UNBOOTABLE, A_ONLY)),
-                (RollbackTo(B), refused(ROLLBACK, UNBOOTABLE, A_ONLY)),
-                (Boot, booted(A, A_ONLY)),
-                (Arm(B, 3), ok(trial_b(3))),
-                (Arm(A, 1), refused(ARM, IS_DEFAULT, trial_b(3))),
-                (Mark(A), refused(MARK, IS_DEFAULT, trial_b(3))),
-                (Arm(B, 0), refused(ARM, TRIES, trial_b(3))),
-                // Re-arming with the same tries changes nothing.
-                (Arm(B, 3), ok(trial_b(3))),
-                (Boot, booted(B, trial_b(2))),
-                (Arm(B, 10), refused(ARM, TRIES, trial_b(2))),
-                (Mark(A), refused(MARK, IS_DEFAULT, trial_b(2))),
-                // Re-arming resets the count.
-                (Arm(B, 5), ok(trial_b(5))),
-                (Commit(B), ok(B_BOTH)),
-                (Arm(B, 3), refused(ARM, IS_DEFAULT, B_BOTH)),
-                (Mark(B), refused(MARK, IS_DEFAULT, B_BOTH)),
-                (Mark(A), ok(B_ONLY)),
-                (Commit(A), refused(COMMIT, UNBOOTABLE, B_ONLY)),
-                (RollbackTo(A), refused(ROLLBACK, UNBOOTABLE, B_ONLY)),
-                (Arm(A, 0), refused(ARM, TRIES, B_ONLY)),
-                (Boot, booted(B, B_ONLY)),
-            ],
-        },
     ]
+}
+
+/// A trial cancelled before its boot.
+fn cancelled() -> Vec<Scenario> {
+    use Step::{Arm, Boot, Commit, Install, MarkUnbootable as Mark};
+    vec![Scenario {
+        name: "trial cancelled with mark_unbootable, then a new release armed",
+        steps: vec![
+            (Mark(B), ok(A_ONLY)),
+            (Install(B), ok(A_ONLY)),
+            (Arm(B, 3), ok(trial_b(3))),
+            (Boot, booted(B, trial_b(2))),
+            (Mark(B), ok(A_ONLY)),
+            (Boot, booted(A, A_ONLY)),
+            // Arming without writing a release first.
+            (
+                Arm(B, 2),
+                differ(
+                    NO_STAGE,
+                    ok(trial_b(2)),
+                    refused(ARM, NOTHING_STAGED, A_ONLY),
+                ),
+            ),
+            // Both back in the same state.
+            (Mark(B), ok(A_ONLY)),
+            (Boot, booted(A, A_ONLY)),
+            (Install(B), ok(A_ONLY)),
+            (Arm(B, 2), ok(trial_b(2))),
+            (Boot, booted(B, trial_b(1))),
+            (Boot, booted(B, trial_b(0))),
+            // Healthy on the last try.
+            (Commit(B), ok(B_BOTH)),
+            (Boot, booted(B, B_BOTH)),
+        ],
+    }]
+}
+
+/// Moves the contract forbids.
+fn illegal() -> Vec<Scenario> {
+    use Step::{Arm, Boot, Commit, Install, MarkUnbootable as Mark, RollbackTo};
+    vec![Scenario {
+        name: "illegal moves are refused by both and change nothing",
+        steps: vec![
+            // Calls that have nothing to do succeed.
+            (Commit(A), ok(A_ONLY)),
+            (RollbackTo(A), ok(A_ONLY)),
+            (Mark(B), ok(A_ONLY)),
+            (Arm(A, 3), refused(ARM, IS_DEFAULT, A_ONLY)),
+            (Mark(A), refused(MARK, IS_DEFAULT, A_ONLY)),
+            (Commit(B), refused(COMMIT, UNBOOTABLE, A_ONLY)),
+            (RollbackTo(B), refused(ROLLBACK, UNBOOTABLE, A_ONLY)),
+            (Install(B), ok(A_ONLY)),
+            (Arm(B, 0), refused(ARM, TRIES, A_ONLY)),
+            (Arm(B, 10), refused(ARM, TRIES, A_ONLY)),
+            (Arm(B, u8::MAX), refused(ARM, TRIES, A_ONLY)),
+            // Written but not armed is not bootable.
+            (Commit(B), refused(COMMIT, UNBOOTABLE, A_ONLY)),
+            (RollbackTo(B), refused(ROLLBACK, UNBOOTABLE, A_ONLY)),
+            (Boot, booted(A, A_ONLY)),
+            (Arm(B, 3), ok(trial_b(3))),
+            (Arm(A, 1), refused(ARM, IS_DEFAULT, trial_b(3))),
+            (Mark(A), refused(MARK, IS_DEFAULT, trial_b(3))),
+            (Arm(B, 0), refused(ARM, TRIES, trial_b(3))),
+            // Re-arming with the same tries changes nothing.
+            (Arm(B, 3), ok(trial_b(3))),
+            (Boot, booted(B, trial_b(2))),
+            (Arm(B, 10), refused(ARM, TRIES, trial_b(2))),
+            (Mark(A), refused(MARK, IS_DEFAULT, trial_b(2))),
+            // Re-arming resets the count.
+            (Arm(B, 5), ok(trial_b(5))),
+            (Commit(B), ok(B_BOTH)),
+            (Arm(B, 3), refused(ARM, IS_DEFAULT, B_BOTH)),
+            (Mark(B), refused(MARK, IS_DEFAULT, B_BOTH)),
+            (Mark(A), ok(B_ONLY)),
+            (Commit(A), refused(COMMIT, UNBOOTABLE, B_ONLY)),
+            (RollbackTo(A), refused(ROLLBACK, UNBOOTABLE, B_ONLY)),
+            (Arm(A, 0), refused(ARM, TRIES, B_ONLY)),
+            (Boot, booted(B, B_ONLY)),
+        ],
+    }]
 }

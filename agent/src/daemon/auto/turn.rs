@@ -9,10 +9,12 @@ use rand::Rng as _;
 use tokio::sync::broadcast::error::RecvError;
 
 use super::{now, secs, Auto, Lock};
+use crate::channel::Channel;
 use crate::daemon::ops::OpEventKind;
 use crate::daemon::target::Target;
 use crate::daemon::Daemon;
 use crate::fleetlock::FleetLockError;
+use crate::history::Entry;
 use crate::policy::decide::{self, Offer, RebootDecision, UpdateDecision};
 use crate::policy::RebootStrategy;
 use crate::state::State;
@@ -357,30 +359,8 @@ async fn check_turn(
     now: Timestamp,
 ) -> Option<Timestamp> {
     let s = &auto.settings;
-    let name = s.channel.clone();
     let base = d.cfg.releases.url.clone().unwrap_or_default();
-    let dc = Arc::clone(d);
-    let (n, b) = (name.clone(), base.clone());
-    let opened = blocking(move || dc.open_channel(&b, &n)).await;
-    let channel = match opened {
-        Some(Ok(c)) => c,
-        Some(Err(e)) => {
-            check_failed(auto, t, now, &error_chain(&e));
-            return None;
-        }
-        None => {
-            check_failed(auto, t, now, "the worker thread died");
-            return None;
-        }
-    };
-    // Without history the agent cannot know what was rolled back here: no guessing.
-    let history = match d.reader.history() {
-        Ok(h) => h,
-        Err(e) => {
-            check_failed(auto, t, now, &error_chain(&e));
-            return None;
-        }
-    };
+    let (channel, history) = read_facts(d, auto, t, now, &base).await?;
     t.check_failures = 0;
     t.next_check = decide::next_check(now, s.interval, s.jitter, random());
     let held = decide::held(&history, &channel.version);
@@ -400,6 +380,56 @@ async fn check_turn(
         view.held = None;
         view.wave_start = None;
     });
+    act(d, auto, t, decision, &channel, &base).await
+}
+
+/// The channel (from `base`) and the history a check decides on; `None` when either
+/// cannot be read, reported as a failed check.
+async fn read_facts(
+    d: &Arc<Daemon>,
+    auto: &Auto,
+    t: &mut Turn,
+    now: Timestamp,
+    base: &str,
+) -> Option<(Channel, Vec<Entry>)> {
+    let dc = Arc::clone(d);
+    let (n, b) = (auto.settings.channel.clone(), base.to_owned());
+    let opened = blocking(move || dc.open_channel(&b, &n)).await;
+    let channel = match opened {
+        Some(Ok(c)) => c,
+        Some(Err(e)) => {
+            check_failed(auto, t, now, &error_chain(&e));
+            return None;
+        }
+        None => {
+            check_failed(auto, t, now, "the worker thread died");
+            return None;
+        }
+    };
+    // Without history the agent cannot know what was rolled back here: no guessing.
+    match d.reader.history() {
+        Ok(h) => Some((channel, h)),
+        Err(e) => {
+            check_failed(auto, t, now, &error_chain(&e));
+            None
+        }
+    }
+}
+
+/// What a check decided, done: the view says what is next; a release whose time has
+/// come is started through `Daemon::begin`. Returns when to look again, if sooner
+/// than the next check.
+async fn act(
+    d: &Arc<Daemon>,
+    auto: &Auto,
+    t: &mut Turn,
+    decision: UpdateDecision,
+    channel: &Channel,
+    base: &str,
+) -> Option<Timestamp> {
+    let s = &auto.settings;
+    let name = &s.channel;
+    let v = channel.version.clone();
     match decision {
         UpdateDecision::UpToDate => {
             auto.set(|view| {
@@ -434,8 +464,8 @@ async fn check_turn(
             Some(at)
         }
         UpdateDecision::Start => {
-            let urls = channel.urls(&base, d.booted_image().as_deref());
-            let target = Target::for_release(&name, urls, &v);
+            let urls = channel.urls(base, d.booted_image().as_deref());
+            let target = Target::for_release(name, urls, &v);
             match d.begin(target, false, s.reboot, "auto").await {
                 Ok(r) => {
                     auto.set(|view| {
