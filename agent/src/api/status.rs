@@ -142,6 +142,20 @@ fn slots(i: &Inputs<'_>, running: &str) -> (pb::Slot, pb::Slot) {
     };
     other_slot.state = other_state as i32;
     other_slot.version = other_version;
+    booted_slot.verity = i.layout.root_verity();
+    for (s, ps) in [(booted, &mut booted_slot), (other, &mut other_slot)] {
+        // The tree the agent built for the release the slot holds now.
+        if let Some(img) = i.images[s.index()]
+            .as_ref()
+            .filter(|img| ps.version.is_empty() || img.version == ps.version)
+        {
+            ps.verity_root_hash = img
+                .verity
+                .as_ref()
+                .map(|v| v.root_hash.clone())
+                .unwrap_or_default();
+        }
+    }
     if other_slot.version.is_empty() && other_state != pb::SlotState::Empty {
         // What the agent itself wrote there (e.g. the release an operator rolled back from).
         if let Some(img) = &i.images[other.index()] {
@@ -201,6 +215,8 @@ fn slot(layout: &SlotLayout, s: Slot, boot: &BootStatus) -> pb::Slot {
         state: pb::SlotState::Unspecified as i32,
         version: String::new(),
         bootable: boot.is_bootable(s),
+        verity_root_hash: String::new(),
+        verity: false,
     }
 }
 

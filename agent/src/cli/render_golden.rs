@@ -103,9 +103,50 @@ fn scenarios() -> Vec<(&'static str, pb::Status)> {
     all
 }
 
+/// 2.0 committed on b and running from its dm-verity tree (the root mounted through
+/// the verity device, the tree recorded when the agent built it).
+fn committed_verity() -> pb::Status {
+    let mut layout = layout(Slot::B);
+    layout.root_dm = Some(crate::slots::RootDm {
+        device: "/dev/dm-0".into(),
+        uuid: "CRYPT-VERITY-6f1e2d3c4b5a69788796a5b4c3d2e1f0-root".into(),
+    });
+    let image = |version: &str, verity: Option<&str>| {
+        Some(crate::state::SlotImage {
+            version: version.into(),
+            sha256: "ab".repeat(32),
+            verity: verity.map(|h| crate::state::SlotVerity {
+                root_hash: h.into(),
+                hash_offset: 612_368_384,
+            }),
+        })
+    };
+    let mut s = build(&Inputs {
+        compatible: "azurelinux-3-x86_64",
+        layout: &layout,
+        backend: "grub",
+        state: State::Committed {
+            version: "2.0".into(),
+            slot: Slot::B,
+            previous: Some((Slot::A, "1.0".into())),
+            at: T0,
+            bytes_fetched: 0,
+        },
+        boot: boot(Slot::B, None, [true, true]),
+        last: Some(entry("2.0", Outcome::Committed, "", T0)),
+        running_version: Some("2.0".into()),
+        operation: None,
+        images: [image("1.0", None), image("2.0", Some(&"5e".repeat(32)))],
+        auto: None,
+    });
+    s.agent_version = "0.1.0".into();
+    s
+}
+
 /// No update in flight: a fresh node and one that committed an update.
 fn at_rest() -> Vec<(&'static str, pb::Status)> {
     vec![
+        ("committed-verity", committed_verity()),
         (
             "fresh",
             status(
