@@ -70,7 +70,8 @@ done
 for b in /usr/sbin/veritysetup /usr/sbin/blkid; do
   install -m 0755 "$b" "$r/sbin/${b##*/}"
   for lib in $(ldd "$b" | grep -o '/[^ ]*'); do
-    [[ -e $r$lib ]] || install -D -m 0644 "$(readlink -f "$lib")" "$r$lib"
+    # 0755: the kernel wants the dynamic loader (the ELF interpreter) executable.
+    [[ -e $r$lib ]] || install -D -m 0755 "$(readlink -f "$lib")" "$r$lib"
   done
 done
 

@@ -21,9 +21,6 @@
 
 PATH=/bin:/sbin
 export PATH
-# Words of the command line are split on blanks below; never glob them.
-set -f
-
 # To stderr, which is the console for PID 1 and is not captured by $(...).
 say() { echo "ua-initrd: $*" >&2; }
 die() {
@@ -47,8 +44,11 @@ mount -t tmpfs -o nosuid,nodev,mode=0755 tmpfs /run || die "cannot mount /run"
 
 # ---- The command line -------------------------------------------------------------
 root='' rootfstype='' rootflags='' mode=ro init=/sbin/init
-roothash='' vdata='' vhash='' vopts=''
+roothash='' vdata='' vhash='' vopts='' hash_offset=''
 read -r cmdline </proc/cmdline || die "cannot read /proc/cmdline"
+# The words are split on blanks but never globbed (set -f only here and for the
+# options below: the device lookups need globs).
+set -f
 for w in $cmdline; do
   case $w in
     root=*) root=${w#root=} ;;
@@ -63,6 +63,7 @@ for w in $cmdline; do
     systemd.verity_root_options=*) vopts=${w#systemd.verity_root_options=} ;;
   esac
 done
+set +f
 
 # ---- Devices --------------------------------------------------------------------------
 # How long a device may take to appear: NVMe probes asynchronously, so the partitions
@@ -117,6 +118,37 @@ resolve() {
 }
 
 # ---- dm-verity ----------------------------------------------------------------------
+# Checks roothash= against the tree on device $1 (superblock at byte $2) before the
+# kernel gets it. veritysetup open does not: it loads the table with any root hash, and
+# the kernel finds the mismatch only at the first read (the mount), where it counts as
+# corruption (a restart with restart-on-corruption, with nothing saying why). A root
+# hash that does not match the tree is a configuration error (a command line for
+# another image), and deserves its own message. This is only that early message: the
+# kernel still verifies every block it reads, this one included.
+# Format 1 (veritysetup's default): the root hash is HASH(salt || top block), and the
+# top level is the first hash block after the 512-byte superblock.
+check_root_hash() {
+  sb=$(veritysetup dump "$1" --hash-offset="$2" 2>&1) \
+    || die "no verity superblock on $1 at byte $2: $(echo "$sb" | tr '\n' ' ')"
+  field() { echo "$sb" | sed -n "s/^$1:[[:space:]]*//p"; }
+  [ "$(field 'Hash type')" = 1 ] || die "verity hash type $(field 'Hash type') on $1 (only 1 is supported)"
+  alg=$(field 'Hash algorithm')
+  case $alg in
+    sha256 | sha512 | sha1) ;;
+    *) die "verity hash algorithm $alg on $1 (sha256, sha512 or sha1 only)" ;;
+  esac
+  hbs=$(field 'Hash block size')
+  salt=$(field 'Salt')
+  [ "$salt" = - ] && salt=
+  top=$((($2 + 512 + hbs - 1) / hbs))
+  got=$({
+    printf '%s' "$salt" | xxd -r -p
+    dd if="$1" bs="$hbs" skip="$top" count=1 2>/dev/null
+  } | "${alg}sum" | cut -d' ' -f1)
+  [ "$got" = "$(echo "$roothash" | tr 'A-F' 'a-f')" ] \
+    || die "roothash=$roothash does not match the verity tree on $1 (its top block hashes to $got): wrong image or wrong command line"
+}
+
 if [ -n "$roothash" ]; then
   case $roothash in
     *[!0-9a-fA-F]*) die "roothash=$roothash is not hexadecimal" ;;
@@ -134,12 +166,14 @@ if [ -n "$roothash" ]; then
   # An option this script does not know could weaken or tighten the check; refuse it.
   old_ifs=$IFS
   IFS=,
+  set -f
   for o in $vopts; do
     case $o in
       hash-offset=*)
         n=${o#hash-offset=}
         case $n in '' | *[!0-9]*) die "verity option $o: not a byte count" ;; esac
         vargs="$vargs --hash-offset=$n"
+        hash_offset=$n
         ;;
       restart-on-corruption | panic-on-corruption | ignore-corruption) vargs="$vargs --$o" ;;
       '') ;;
@@ -147,6 +181,7 @@ if [ -n "$roothash" ]; then
     esac
   done
   IFS=$old_ifs
+  set +f
 
   # dm-mod, dm-bufio, dm-verity and their dependencies, in dependency order.
   while read -r ko; do
@@ -159,8 +194,8 @@ if [ -n "$roothash" ]; then
 
   data=$(resolve "$vdata" "verity data") || die "verity data: $vdata not found"
   hash=$(resolve "$vhash" "verity hash") || die "verity hash: $vhash not found"
+  check_root_hash "$hash" "${hash_offset:-0}"
   say "verity: opening $data (hash $hash, ${vopts:-no options}) with root hash $roothash"
-  # veritysetup checks the superblock and the root hash against the top of the tree.
   # shellcheck disable=SC2086 # $vargs: checked words without blanks, one per option
   out=$(veritysetup open "$data" root "$hash" "$roothash" $vargs 2>&1) \
     || die "veritysetup open refused $data: $(echo "$out" | tr '\n' ' ')"
