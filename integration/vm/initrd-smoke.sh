@@ -79,7 +79,10 @@ UA_VM_SLOT_MIB=$part_mib "$here/make-disk.sh" "$out/disk.img" - "$img"
 rm -f "$img"
 read -r b_at _ < <(sfdisk -d "$out/disk.img" \
   | sed -n 's/.*start= *\([0-9]*\), size= *\([0-9]*\),.*name="root-b".*/\1 \2/p')
-partuuid=$(sfdisk --part-uuid "$out/disk.img" 3)
+# Lower case, as udev's /dev/disk/by-partuuid links are: the real root's systemd reads
+# the same command line (systemd-veritysetup-generator) and waits for that link; an
+# upper-case PARTUUID there costs a 90 s device timeout.
+partuuid=$(sfdisk --part-uuid "$out/disk.img" 3 | tr 'A-F' 'a-f')
 # The corrupted copy: one 4 KiB block of $victim replaced with random bytes.
 cp --sparse=always "$out/disk.img" "$out/disk-corrupt.img"
 dd if=/dev/urandom of="$out/disk-corrupt.img" bs=4096 count=1 conv=notrunc status=none \
