@@ -44,6 +44,12 @@ Pin-Priority: 990
     [dpkg-deb]=dpkg
     [nc]=netcat-openbsd
     [openssl]=openssl
+    # The initramfs (build-initrd.sh) and its smoke (initrd-smoke.sh).
+    [/bin/busybox]=busybox-static
+    [veritysetup]=cryptsetup-bin
+    [depmod]=kmod
+    [cpio]=cpio
+    [zstd]=zstd
   )
   local need=() k
   for k in "${!want[@]}"; do
