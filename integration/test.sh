@@ -9,7 +9,10 @@
 #   4. the GRUB script fragment run in grub-emu, GRUB's own script engine (~3 min)
 #   5. the packages: .deb and .rpm built, their contents, scriptlets, lintian, installs
 #      and an upgrade into scratch roots (integration/check-packages.sh)
-#   6. the VM lab (integration/vm/lab.sh), once on GRUB and once on systemd-boot: real
+#   6. the lab initramfs's failures under QEMU: a wrong dm-verity root hash, a
+#      corrupted block with restart-on-corruption, a root that never appears
+#      (integration/vm/initrd-smoke.sh 3 4 6; the lab's boots cover the rest)
+#   7. the VM lab (integration/vm/lab.sh), once on GRUB and once on systemd-boot: real
 #      OVMF, bootloader, kernel and systemd under QEMU (TCG), the agent driven over
 #      gRPC with mutual TLS: update and commit, failed health and rollback, a kernel
 #      that never reaches user space, a power cut mid-write and the resume, manual
@@ -79,6 +82,8 @@ bash integration/check-packages.sh "$t/pkg" "$rootfs" "$t/pkg-next"
 if [[ ${UPDATE_AGENT_SKIP_VM:-} == 1 && -z ${CI:-} ]]; then
   step "VM lab skipped (UPDATE_AGENT_SKIP_VM=1)"
 else
+  step "initramfs: a wrong root hash, a corrupted block, a missing root (initrd-smoke.sh 3 4 6)"
+  UA_SMOKE_CASES="3 4 6" bash integration/vm/initrd-smoke.sh "$lab_cache"
   step "VM lab (GRUB): scenarios 1 2 3 4 6 5 7 under QEMU"
   bash integration/vm/lab.sh --bootloader grub 1 2 3 4 6 5 7
   step "VM lab (systemd-boot): scenarios 1 2 3 4 6 5 7 under QEMU"

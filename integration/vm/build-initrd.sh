@@ -6,8 +6,9 @@
 #
 # Needs CACHE_DIR/kernel from build-rootfs.sh (the lab kernel and its module tree).
 # Output: CACHE_DIR/initrd.img (+ initrd.img.ok, the cache key), a zstd-compressed
-# newc cpio. It is NOT put into rootfs.tar: GRUB's fragment boots any slot that has a
-# /boot/initrd.img with it, so adding it would change every lab boot.
+# newc cpio, which build-rootfs.sh puts at /boot/initrd.img in rootfs.tar: every lab
+# boot goes through it (GRUB's fragment loads a slot's /boot/initrd.img; the agent
+# copies it to the ESP with the kernel for systemd-boot).
 #
 # Contents (everything else comes from the host, which is Debian 12 like the guest):
 #   /init                   initrd-init.sh (busybox ash)

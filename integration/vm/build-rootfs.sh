@@ -23,7 +23,9 @@
 #   * systemd-networkd does DHCP on the virtio NIC (QEMU user net: 10.0.2.15).
 #   * /boot/vmlinuz is the kernel GRUB boots; /lib/modules/VERSION holds only the
 #     modules the lab needs (UA_VM_MODULES and their dependencies). NVMe and ext4 are
-#     built into the cloud kernel, so there is no initramfs.
+#     built into the cloud kernel; /boot/initrd.img (build-initrd.sh) is there for a
+#     root through dm-verity (the kernel has no DM_INIT): with roothash= on the command
+#     line it sets the verity device up, else it mounts root= as the kernel would.
 #   * ua-lab-marker.service prints "UA-LAB: multi-user reached ..." (with uptime,
 #     VERSION_ID, /proc/cmdline, failed units, mounts, addresses) to /dev/ttyS0 once
 #     multi-user.target is reached, and powers the guest off when the kernel command
@@ -113,9 +115,12 @@ if [[ $(cat "$kdir/ok" 2>/dev/null) != "$kpkg" ]]; then
   log "kernel $kver ready in $((SECONDS - start)) s"
 fi
 
+# ---- The initramfs (its own cache key: its script, /init, kernel, host packages) ----
+"$here/build-initrd.sh" "$cache" >&2
+
 # ---- Layer 3: configured rootfs -----------------------------------------------------
-# Rebuilt when this script, the module list or a lower layer changes.
-rootfs_key="$(sha256sum "${BASH_SOURCE[0]}" | cut -d' ' -f1) $base_key $kpkg $modules"
+# Rebuilt when this script, the module list, the initramfs or a lower layer changes.
+rootfs_key="$(sha256sum "${BASH_SOURCE[0]}" | cut -d' ' -f1) $base_key $kpkg $modules $(cat "$cache/initrd.img.ok")"
 if [[ $(cat "$cache/rootfs.tar.ok" 2>/dev/null) == "$rootfs_key" ]]; then
   log "cached: $cache/rootfs.tar ($kver)"
   exit 0
@@ -133,6 +138,7 @@ tar -C "$r" --numeric-owner --xattrs --xattrs-include='*' -xf "$cache/base.tar"
 # inside the rootfs (the host need not have kmod): install the whole tree, resolve,
 # then keep only what was resolved.
 install -D -m 0644 "$kdir/vmlinuz-$kver" "$r/boot/vmlinuz"
+install -m 0644 "$cache/initrd.img" "$r/boot/initrd.img"
 install -m 0644 "$kdir/config-$kver" "$r/boot/config-$kver"
 mkdir -p "$r/lib/modules"
 cp -a "$kdir/modules-$kver" "$r/lib/modules/$kver"
