@@ -132,11 +132,7 @@ pub fn status_text(s: &pb::Status) -> String {
     let o = s.other.clone().unwrap_or_default();
     line("Node", node_text(s, &bl));
     // Said only when it is so: a root without dm-verity is what every node had before.
-    let verified = if b.verity {
-        " · root verified (dm-verity)"
-    } else {
-        ""
-    };
+    let verified = if b.verity { " · dm-verity root" } else { "" };
     line(
         "Running",
         format!(

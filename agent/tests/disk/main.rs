@@ -332,6 +332,18 @@ impl Node {
         self.publish_signed(&self.key, version, compatible, target, chunk)
     }
 
+    /// Checkpoints (and read-back marks) written at every chance instead of every
+    /// 100 ms, so a fail point after one fires early.
+    fn checkpoint_at_every_chance(&self) {
+        let cfg = fs::read_to_string(&self.config).expect("config");
+        assert!(cfg.contains("checkpoint_ms = 100\n"), "{cfg}");
+        fs::write(
+            &self.config,
+            cfg.replace("checkpoint_ms = 100\n", "checkpoint_ms = 0\n"),
+        )
+        .expect("config");
+    }
+
     /// [`Node::publish`] signed by `key` instead of the node's publisher key.
     fn publish_signed(
         &self,

@@ -146,12 +146,7 @@ fn resume_the_read_back_keeps_its_place_and_a_changed_slot_is_rewritten() {
     let delta = n.publish("2.0", "test-board", &n.path("v2.img"), 64 << 10);
     let url = n.server.url(&delta);
     // A mark written down at every chance, so the fail point after one fires early.
-    let cfg = fs::read_to_string(&n.config).expect("config");
-    fs::write(
-        &n.config,
-        cfg.replace("checkpoint_ms = 100\n", "checkpoint_ms = 0\n"),
-    )
-    .expect("config");
+    n.checkpoint_at_every_chance();
     let stop = [("UPDATE_AGENT_FAILPOINT", "after-read-back-mark")];
     let mark = |n: &Node| {
         let st = n.state();

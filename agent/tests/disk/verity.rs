@@ -2,7 +2,6 @@
 //! image, through restarts in the middle of it, and `veritysetup verify` accepts the
 //! slot; a release whose tree does not fit is refused before anything is written.
 
-use std::fs;
 use std::process::Command;
 
 use update_agent::payload::generate;
@@ -34,12 +33,7 @@ fn verity_tree_built_on_the_slot_through_restarts_and_veritysetup_verifies_it() 
     let (url, root) = publish_verity(&n, "2.0", None);
     // A mark written down at every chance, so each fail point fires inside the tree's
     // level 0 (it is built from the read-back's bytes).
-    let cfg = fs::read_to_string(&n.config).expect("config");
-    fs::write(
-        &n.config,
-        cfg.replace("checkpoint_ms = 100\n", "checkpoint_ms = 0\n"),
-    )
-    .expect("config");
+    n.checkpoint_at_every_chance();
     let stop = [("UPDATE_AGENT_FAILPOINT", "after-read-back-mark")];
     let o = n.agent(&["stage", &url], &stop);
     assert!(
