@@ -80,10 +80,13 @@ impl Agent {
             }
             State::Armed { staged, .. } => {
                 // A trial was armed but the old slot runs: the bootloader gave up on the
-                // new one (no kernel, panic, hang), whatever its counter shows now.
+                // new one (no kernel, panic, hang, a dm-verity error), whatever its
+                // counter shows now. Whether the slot still holds what was verified
+                // tells an integrity failure from a release that cannot boot.
+                let reason = self.integrity_failure(staged.slot);
                 self.boot.rollback_to(booted)?;
                 self.boot.mark_unbootable(staged.slot)?;
-                state.rolled_back(booted, None, RollbackCause::DidNotBoot, now)?;
+                state.rolled_back(booted, reason, RollbackCause::DidNotBoot, now)?;
                 self.store.save(&lock, &state)?;
                 self.record_rollback(&state, staged.from_version);
                 Ok(rolled_back_outcome(&state))
@@ -317,6 +320,42 @@ impl Agent {
         }
         crate::emit!(tracing::Level::INFO, crate::events::COMMITTED, update_agent_release = %staged.version, update_agent_slot = %slot, "committed {} on slot {slot}", staged.version);
         Ok(())
+    }
+
+    /// Why a slot with a verified dm-verity tree failed, when it no longer holds what
+    /// was verified: its data computed into a tree again does not reach the root hash
+    /// recorded when the agent built it. `None` when it still does, when the slot has
+    /// no tree, or when it cannot be read (logged).
+    fn integrity_failure(&self, slot: crate::slots::Slot) -> Option<String> {
+        let img = self.store.images()[slot.index()].clone()?;
+        let v = img.verity?;
+        let device = self.layout.partition(slot).device.clone();
+        let file = match std::fs::File::open(&device) {
+            Ok(f) => f,
+            Err(e) => {
+                tracing::warn!(slot = %slot, device = %device.display(), error = %e, "cannot read the slot that did not boot to check its integrity");
+                return None;
+            }
+        };
+        let read =
+            |buf: &mut [u8], off: u64| std::os::unix::fs::FileExt::read_exact_at(&file, buf, off);
+        match crate::verity::root_of_device(&read, v.hash_offset) {
+            Ok(root) if hex::encode(root) == v.root_hash => None,
+            Ok(root) => Some(format!(
+                "the new slot did not boot, and it failed its integrity check: slot {slot} no \
+                 longer holds the {} image it was verified with (its data now reaches \
+                 dm-verity root {}, not {}); it changed after staging",
+                img.version,
+                hex::encode(root),
+                v.root_hash
+            )),
+            Err(e) => Some(format!(
+                "the new slot did not boot, and it failed its integrity check: slot {slot}'s \
+                 dm-verity tree for {} is no longer readable ({})",
+                img.version,
+                crate::update::error_chain(&e)
+            )),
+        }
     }
 
     fn record_rollback(&self, state: &State, from_version: Option<String>) {

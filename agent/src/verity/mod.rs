@@ -188,6 +188,78 @@ pub fn root_of(
     b.finish(uuid)
 }
 
+/// What a superblock on disk says about its tree.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OnDisk {
+    pub geometry: Geometry,
+    pub salt: Vec<u8>,
+    pub uuid: [u8; 16],
+}
+
+/// Reads the superblock at `hash_offset` of a device (format 1, sha256, 4 KiB blocks:
+/// anything else is refused).
+pub fn read_superblock(
+    read_at: &dyn Fn(&mut [u8], u64) -> io::Result<()>,
+    hash_offset: u64,
+) -> Result<OnDisk, VerityError> {
+    let mut b = [0u8; SUPERBLOCK_LEN];
+    read_at(&mut b, hash_offset).map_err(|source| VerityError::Io {
+        what: "reading the superblock",
+        source,
+    })?;
+    let u32_at = |i: usize| u32::from_le_bytes([b[i], b[i + 1], b[i + 2], b[i + 3]]);
+    let ok = &b[0..8] == b"verity\0\0"
+        && u32_at(8) == 1
+        && u32_at(12) == 1
+        && &b[32..39] == b"sha256\0"
+        && u64::from(u32_at(64)) == BLOCK
+        && u64::from(u32_at(68)) == BLOCK;
+    if !ok {
+        return Err(VerityError::Geometry(
+            "no format 1 sha256 4 KiB superblock at the hash offset",
+        ));
+    }
+    let mut blocks = [0u8; 8];
+    blocks.copy_from_slice(&b[72..80]);
+    let salt_len = usize::from(u16::from_le_bytes([b[80], b[81]]));
+    if salt_len > MAX_SALT {
+        return Err(VerityError::SaltTooLong(salt_len));
+    }
+    let mut uuid = [0u8; 16];
+    uuid.copy_from_slice(&b[16..32]);
+    Ok(OnDisk {
+        geometry: Geometry::new(u64::from_le_bytes(blocks), hash_offset)?,
+        salt: b[88..88 + salt_len].to_vec(),
+        uuid,
+    })
+}
+
+/// The root hash of the data on a device, as its superblock at `hash_offset`
+/// describes it: the whole tree computed again from the data (not read from the
+/// device), so it says whether the data still is what the root hash signed.
+pub fn root_of_device(
+    read_at: &dyn Fn(&mut [u8], u64) -> io::Result<()>,
+    hash_offset: u64,
+) -> Result<[u8; 32], VerityError> {
+    let d = read_superblock(read_at, hash_offset)?;
+    let mut reader = ReadAt { read_at, off: 0 };
+    root_of(&mut reader, &d.geometry, &d.salt, &d.uuid)
+}
+
+/// A positioned reader read in order (`root_of` asks for whole buffers).
+struct ReadAt<'a> {
+    read_at: &'a dyn Fn(&mut [u8], u64) -> io::Result<()>,
+    off: u64,
+}
+
+impl io::Read for ReadAt<'_> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        (self.read_at)(buf, self.off)?;
+        self.off += buf.len() as u64;
+        Ok(buf.len())
+    }
+}
+
 /// A salt and superblock uuid derived from the image's sha256: a salt unique to the
 /// image (what a salt is for) that rebuilding the same image reproduces.
 pub fn derive_salt_uuid(image_sha256: &[u8; 32]) -> (Vec<u8>, [u8; 16]) {

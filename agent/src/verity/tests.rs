@@ -124,6 +124,11 @@ fn same_tree_and_root_as_veritysetup_format() {
         // The in-memory publisher path agrees.
         let mem = root_of(&mut data.as_slice(), &geo, &salt, &uuid).expect("root_of");
         assert_eq!(mem, root, "{blocks} blocks: root_of");
+        // And the tree computed again from veritysetup's device, as its superblock says.
+        let f = File::open(&theirs).expect("open theirs");
+        let again = root_of_device(&|buf, off| f.read_exact_at(buf, off), geo.hash_offset)
+            .expect("root_of_device");
+        assert_eq!(again, root, "{blocks} blocks: root_of_device");
     }
 }
 
@@ -178,6 +183,32 @@ fn veritysetup_verify_accepts_a_resumed_build_and_rejects_a_changed_block() {
         !bad.status.success(),
         "a changed data block must fail verify"
     );
+}
+
+#[test]
+fn a_superblock_that_is_not_ours_is_refused() {
+    let g = Geometry::new(8, 8 * BLOCK).expect("geometry");
+    let good = superblock(&g, &[7; 32], &[1; 16]).expect("superblock");
+    let read = |sb: Vec<u8>| {
+        move |buf: &mut [u8], off: u64| {
+            let at = off as usize - 8 * BLOCK as usize;
+            buf.copy_from_slice(&sb[at..at + buf.len()]);
+            Ok(())
+        }
+    };
+    let d = read_superblock(&read(good.clone()), g.hash_offset).expect("ours");
+    assert_eq!(
+        (d.geometry, d.salt, d.uuid),
+        (g.clone(), vec![7; 32], [1; 16])
+    );
+    for (at, byte) in [(0, b'X'), (12, 0), (32, b'm'), (65, 2), (81, 9)] {
+        let mut bad = good.clone();
+        bad[at] = byte;
+        assert!(
+            read_superblock(&read(bad), g.hash_offset).is_err(),
+            "byte {at}"
+        );
+    }
 }
 
 #[test]

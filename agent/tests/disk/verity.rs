@@ -2,6 +2,7 @@
 //! image, through restarts in the middle of it, and `veritysetup verify` accepts the
 //! slot; a release whose tree does not fit is refused before anything is written.
 
+use std::fs;
 use std::process::Command;
 
 use update_agent::payload::generate;
@@ -103,4 +104,56 @@ fn verity_a_tree_past_the_slot_is_refused_before_anything_is_written() {
         "a refused release left a state behind"
     );
     n.assert_booted_untouched();
+}
+
+/// A trial the bootloader gave up on (as a dm-verity restart on every try makes it):
+/// the agent on the old slot checks the slot against the root hash it verified, and
+/// names an integrity failure when the slot changed after staging; an intact slot
+/// that did not boot keeps the plain reason.
+#[test]
+fn verity_a_slot_changed_after_staging_is_named_an_integrity_failure() {
+    let n = Node::new();
+    let (url, root) = publish_verity(&n, "2.0", None);
+    let gave_up = |n: &Node| {
+        super::sh(
+            "grub-editenv",
+            &[
+                n.grubenv.to_str().expect("p"),
+                "set",
+                "ua_trial=",
+                "ua_tries=0",
+            ],
+        );
+        n.boot_into("a");
+        n.agent(&["boot-check"], &[])
+    };
+    for corrupt in [false, true] {
+        n.reset();
+        n.boot_into("a");
+        let o = n.agent(&["stage", &url], &[]);
+        assert!(o.status.success(), "{}", text(&o));
+        n.assert_armed_v2();
+        if corrupt {
+            // One byte of the image, as a disk (or someone with it) would change it.
+            fs::OpenOptions::new()
+                .write(true)
+                .open(n.disk.part(3))
+                .and_then(|f| std::os::unix::fs::FileExt::write_all_at(&f, b"\x5a", 7 << 20))
+                .expect("flip a byte in slot b");
+        }
+        let o = gave_up(&n);
+        let t = text(&o);
+        assert!(t.contains("rolled back: 2.0"), "{t}");
+        if corrupt {
+            assert!(
+                t.contains("failed its integrity check") && t.contains(&root),
+                "{t}"
+            );
+        } else {
+            assert!(
+                t.contains("the new slot did not boot") && !t.contains("integrity"),
+                "{t}"
+            );
+        }
+    }
 }
