@@ -8,7 +8,7 @@ use crate::blockio::{AlignedBuf, RangesReader};
 use crate::hashio::sha256_with;
 use crate::midstate::{Hasher, Mark};
 use crate::payload::manifest::Manifest;
-use crate::verity::{Area, Builder};
+use crate::verity::{Area, Builder, VerityError};
 
 use super::{feed_zeroes, ApplyError, SourceSlot, TargetSlot, IO_CHUNK, MARK_ZEROES};
 
@@ -70,36 +70,147 @@ pub(super) fn hash_target_tree(
         &ranges,
         len,
         from,
-        &mut Feed { tree, on_mark },
+        tree,
+        on_mark,
     )
 }
 
-/// Where the read-back hands what it hashed: the tree builder, if any, and the marks.
-struct Feed<'t, 'b, 'm> {
-    tree: Option<&'t mut Builder<'b>>,
-    on_mark: &'m mut dyn FnMut(Mark),
+/// What goes to the tree's thread, in the order the read-back hashed it.
+enum TreeMsg {
+    Data(AlignedBuf, usize),
+    Zeros(u64),
+    /// Write level 0 as far as this byte, then say so.
+    Flush(u64),
 }
 
-impl Feed<'_, '_, '_> {
-    fn data(&mut self, buf: &[u8]) -> io::Result<()> {
-        match self.tree.as_deref_mut() {
-            Some(t) => t.feed(buf).map_err(io::Error::other),
+/// The dm-verity tree's half of the read-back, on a thread of its own: the whole-image
+/// hash and the tree's digest of every 4 KiB block then run on two cores instead of
+/// queueing on one.
+struct TreeThread<'scope> {
+    tx: mpsc::SyncSender<TreeMsg>,
+    /// Bytes of data whose level-0 digests are written.
+    flushed: mpsc::Receiver<u64>,
+    handle: std::thread::ScopedJoinHandle<'scope, Result<(), VerityError>>,
+}
+
+impl<'scope> TreeThread<'scope> {
+    fn start<'env>(
+        scope: &'scope std::thread::Scope<'scope, 'env>,
+        tree: &'scope mut Builder<'_>,
+        empty: mpsc::SyncSender<AlignedBuf>,
+    ) -> Self {
+        let (tx, rx) = mpsc::sync_channel::<TreeMsg>(4);
+        let (flushed_tx, flushed) = mpsc::channel();
+        let handle = scope.spawn(move || {
+            for msg in rx {
+                match msg {
+                    TreeMsg::Data(mut buf, n) => {
+                        tree.feed(&buf.bytes_mut()[..n])?;
+                        let _ = empty.send(buf);
+                    }
+                    TreeMsg::Zeros(n) => tree.feed_zeros(n)?,
+                    TreeMsg::Flush(at) => {
+                        tree.flush()?;
+                        let _ = flushed_tx.send(at);
+                    }
+                }
+            }
+            Ok(())
+        });
+        Self {
+            tx,
+            flushed,
+            handle,
+        }
+    }
+
+    /// Waits for the thread; its error, or that it stopped.
+    fn join(self) -> io::Result<()> {
+        drop(self.tx);
+        match self.handle.join() {
+            Ok(r) => r.map_err(io::Error::other),
+            Err(_) => Err(io::Error::other("the dm-verity tree thread panicked")),
+        }
+    }
+}
+
+/// Where the read-back hands what it hashed: the buffer pool, the tree (if any) and
+/// the marks, each handed on only once the tree's level 0 is written as far as it,
+/// so a caller that makes the slot durable and writes the mark down can resume both.
+struct Sink<'scope, 'm> {
+    tree: Option<TreeThread<'scope>>,
+    empty: mpsc::SyncSender<AlignedBuf>,
+    on_mark: &'m mut dyn FnMut(Mark),
+    /// Marks waiting for the tree to catch up with them, oldest first.
+    pending: std::collections::VecDeque<Mark>,
+}
+
+impl Sink<'_, '_> {
+    fn send(&mut self, msg: TreeMsg) -> io::Result<()> {
+        let Some(t) = &self.tree else { return Ok(()) };
+        if t.tx.send(msg).is_ok() {
+            return Ok(());
+        }
+        // The thread stopped: its own error says why.
+        match self.tree.take() {
+            Some(t) => t
+                .join()
+                .and(Err(io::Error::other("the dm-verity tree thread stopped"))),
             None => Ok(()),
         }
     }
+
+    fn data(&mut self, buf: AlignedBuf, n: usize) -> io::Result<()> {
+        if self.tree.is_none() {
+            let _ = self.empty.send(buf);
+            return Ok(());
+        }
+        self.send(TreeMsg::Data(buf, n))
+    }
+
     fn zeros(&mut self, n: u64) -> io::Result<()> {
-        match self.tree.as_deref_mut() {
-            Some(t) => t.feed_zeros(n).map_err(io::Error::other),
-            None => Ok(()),
+        if n == 0 {
+            return Ok(());
+        }
+        self.send(TreeMsg::Zeros(n))
+    }
+
+    fn mark(&mut self, m: Mark) -> io::Result<()> {
+        if self.tree.is_none() {
+            (self.on_mark)(m);
+            return Ok(());
+        }
+        self.pending.push_back(m);
+        self.send(TreeMsg::Flush(m.len))?;
+        self.deliver();
+        Ok(())
+    }
+
+    /// Hands on the newest mark the tree has caught up with, without waiting.
+    fn deliver(&mut self) {
+        let Some(t) = &self.tree else { return };
+        let Some(at) = t.flushed.try_iter().last() else {
+            return;
+        };
+        let mut ready = None;
+        while self.pending.front().is_some_and(|m| m.len <= at) {
+            ready = self.pending.pop_front();
+        }
+        if let Some(m) = ready {
+            (self.on_mark)(m);
         }
     }
-    /// The tree's level 0 goes out as far as the mark before the mark is handed on:
-    /// a caller that makes the slot durable and writes the mark down can resume both.
-    fn mark(&mut self, m: Mark) -> io::Result<()> {
-        if let Some(t) = self.tree.as_deref_mut() {
-            t.flush().map_err(io::Error::other)?;
+
+    /// Waits for the tree to take everything (every mark is then caught up with), and
+    /// hands on the last mark.
+    fn finish(mut self) -> io::Result<()> {
+        let Some(t) = self.tree.take() else {
+            return Ok(());
+        };
+        t.join()?;
+        if let Some(m) = self.pending.pop_back() {
+            (self.on_mark)(m);
         }
-        (self.on_mark)(m);
         Ok(())
     }
 }
@@ -130,10 +241,8 @@ pub fn hash_source(source: &dyn SourceSlot, len: u64) -> io::Result<[u8; 32]> {
         &[(0, len)],
         len,
         None,
-        &mut Feed {
-            tree: None,
-            on_mark: &mut |_| {},
-        },
+        None,
+        &mut |_| {},
     )
 }
 
@@ -144,7 +253,8 @@ fn hash_ranges(
     ranges: &[(u64, u64)],
     len: u64,
     from: Option<Mark>,
-    feed: &mut Feed<'_, '_, '_>,
+    tree: Option<&mut Builder<'_>>,
+    on_mark: &mut dyn FnMut(Mark),
 ) -> io::Result<[u8; 32]> {
     let mut h = from.map_or_else(Hasher::new, Hasher::resume);
     let skip = h.position();
@@ -162,11 +272,22 @@ fn hash_ranges(
         .collect();
     let ranges = ranges.as_slice();
     let (full_tx, full_rx) = mpsc::sync_channel::<io::Result<(AlignedBuf, usize)>>(2);
-    let (empty_tx, empty_rx) = mpsc::sync_channel::<AlignedBuf>(3);
-    for _ in 0..3 {
+    // One more buffer when the tree's thread holds one.
+    let bufs = if tree.is_some() { 4 } else { 3 };
+    let (empty_tx, empty_rx) = mpsc::sync_channel::<AlignedBuf>(bufs);
+    for _ in 0..bufs {
         let _ = empty_tx.send(AlignedBuf::new(IO_CHUNK * 4));
     }
     std::thread::scope(|scope| {
+        // Owned here, so an early return drops it and a reader blocked on a full
+        // channel gets an error instead of holding the scope open.
+        let full_rx = full_rx;
+        let mut feed = Sink {
+            tree: tree.map(|t| TreeThread::start(scope, t, empty_tx.clone())),
+            empty: empty_tx,
+            on_mark,
+            pending: Default::default(),
+        };
         scope.spawn(move || {
             for &(start, end) in ranges {
                 let mut off = start;
@@ -184,29 +305,29 @@ fn hash_ranges(
         });
         let mut pos = skip;
         for &(start, end) in ranges {
-            hash_zeroes_marked(&mut h, start - pos, feed)?;
+            hash_zeroes_marked(&mut h, start - pos, &mut feed)?;
             let mut off = start;
             while off < end {
                 let (mut buf, n) = full_rx
                     .recv()
                     .map_err(|_| io::Error::other("read-back thread stopped"))??;
                 h.update(&buf.bytes_mut()[..n]);
-                feed.data(&buf.bytes_mut()[..n])?;
+                feed.data(buf, n)?;
                 off += n as u64;
-                let _ = empty_tx.send(buf);
                 if let Some(m) = h.mark() {
                     feed.mark(m)?;
                 }
             }
             pos = end;
         }
-        hash_zeroes_marked(&mut h, len - pos, feed)?;
+        hash_zeroes_marked(&mut h, len - pos, &mut feed)?;
+        feed.finish()?;
         Ok(h.finalize())
     })
 }
 
 /// Hashes `n` zeros, with a mark every few MiB: a hole can be most of a slot.
-fn hash_zeroes_marked(h: &mut Hasher, n: u64, feed: &mut Feed<'_, '_, '_>) -> io::Result<()> {
+fn hash_zeroes_marked(h: &mut Hasher, n: u64, feed: &mut Sink<'_, '_>) -> io::Result<()> {
     let mut fed = 0u64;
     let mut marks = Vec::new();
     let mut zeros_at_mark = 0u64;
