@@ -277,6 +277,29 @@ pub fn apply(
     on_event: &mut dyn FnMut(Event),
 ) -> Result<Report, ApplyError> {
     let started = Instant::now();
+    check_slots(manifest, source, &*target)?;
+    target.invalidate().map_err(ApplyError::Commit)?;
+    let mut report = Report::default();
+    write_all(manifest, blob, source, target, opts, &mut report, on_event)?;
+    report.write_seconds = started.elapsed().as_secs_f64();
+    target.sync().map_err(ApplyError::Flush)?;
+    report.sync_seconds = started.elapsed().as_secs_f64() - report.write_seconds;
+    on_event(Event::Verifying);
+    read_back(manifest, &*target, opts, on_event)?;
+    report.verify_seconds =
+        started.elapsed().as_secs_f64() - report.write_seconds - report.sync_seconds;
+    target.commit().map_err(ApplyError::Commit)?;
+    report.seconds = started.elapsed().as_secs_f64();
+    Ok(report)
+}
+
+/// The slots are large enough: the source for the delta, the target for the image and
+/// its dm-verity tree.
+fn check_slots(
+    manifest: &Manifest,
+    source: Option<&dyn SourceSlot>,
+    target: &dyn TargetSlot,
+) -> Result<(), ApplyError> {
     if let Some(src) = &manifest.source {
         let s = source.ok_or(ApplyError::SourceRequired)?;
         if s.size() < src.size {
@@ -293,15 +316,27 @@ pub fn apply(
             actual: target.size(),
         });
     }
-    target.invalidate().map_err(ApplyError::Commit)?;
+    Ok(())
+}
+
+/// Every operation from `opts.start_op` on, produced by the workers and written in
+/// order by this thread.
+fn write_all(
+    manifest: &Manifest,
+    blob: Blob<'_>,
+    source: Option<&dyn SourceSlot>,
+    target: &mut dyn TargetSlot,
+    opts: &Options<'_>,
+    report: &mut Report,
+    on_event: &mut dyn FnMut(Event),
+) -> Result<(), ApplyError> {
     let sched = Mutex::new(Sched {
         next: opts.start_op,
         in_use: 0,
         stop: false,
     });
     let cond = Condvar::new();
-    let mut report = Report::default();
-    let result = std::thread::scope(|scope| {
+    std::thread::scope(|scope| {
         let (tx, rx) = mpsc::channel::<(usize, Result<Produced, ApplyError>)>();
         for _ in 0..opts.workers.max(1) {
             let tx = tx.clone();
@@ -321,7 +356,7 @@ pub fn apply(
                 sched: &sched,
                 cond: &cond,
             },
-            &mut report,
+            report,
             on_event,
         );
         // Stop the workers whatever happened, so the scope can end.
@@ -330,19 +365,25 @@ pub fn apply(
         }
         cond.notify_all();
         r
-    });
-    result?;
-    report.write_seconds = started.elapsed().as_secs_f64();
-    target.sync().map_err(ApplyError::Flush)?;
-    report.sync_seconds = started.elapsed().as_secs_f64() - report.write_seconds;
-    on_event(Event::Verifying);
+    })
+}
+
+/// The whole target read back and hashed against the manifest (continued from
+/// `opts.read_back_from` when it applies), its dm-verity tree built on the way and its
+/// root checked.
+fn read_back(
+    manifest: &Manifest,
+    target: &dyn TargetSlot,
+    opts: &Options<'_>,
+    on_event: &mut dyn FnMut(Event),
+) -> Result<(), ApplyError> {
     let from = opts
         .read_back_from
         .filter(|_| opts.start_op >= manifest.operations.len());
-    let area = verify::SlotArea(&*target);
+    let area = verify::SlotArea(target);
     let mut tree = tree_builder(manifest, &area, from)?;
     let actual = verify::hash_target_tree(
-        &*target,
+        target,
         manifest.target_size,
         from,
         tree.as_mut(),
@@ -364,11 +405,7 @@ pub fn apply(
             });
         }
     }
-    report.verify_seconds =
-        started.elapsed().as_secs_f64() - report.write_seconds - report.sync_seconds;
-    target.commit().map_err(ApplyError::Commit)?;
-    report.seconds = started.elapsed().as_secs_f64();
-    Ok(report)
+    Ok(())
 }
 
 /// Bytes of the target slot the manifest needs: the image, and its dm-verity tree.

@@ -90,9 +90,7 @@ fn produce(
     i: usize,
     opts: &Options<'_>,
 ) -> Result<Produced, ApplyError> {
-    let check_zero_digests = opts.check_zero_digests;
     let op = &manifest.operations[i];
-    let kind = op.kind.name();
     let out_len = manifest.bytes(op.dst_blocks());
     match op.kind {
         OpKind::Copy => Ok(Produced::Inline),
@@ -101,7 +99,7 @@ fn produce(
             // whole target covers what the device holds; checking the digest only
             // catches a manifest that contradicts itself, at the cost of hashing every
             // zero byte (most of a slot), so it is an option (`bundle verify` sets it).
-            if check_zero_digests {
+            if opts.check_zero_digests {
                 let mut h = Sha256::new();
                 hash_zeroes(&mut h, out_len);
                 check_hash(i, op, h.finalize().into())?;
@@ -119,76 +117,115 @@ fn produce(
                     });
                 }
             }
-            let mut frame = vec![0u8; op.data_len as usize];
-            let partial = opts.partial.filter(|_| blob.source.is_remote());
-            let fetch = |frame: &mut [u8]| {
-                let at = blob.offset + op.data_offset;
-                match partial {
-                    Some(p) => p.fetch(blob.source, i, at, frame).map(|f| f.kept),
-                    None => blob.source.read_range(at, frame).map(|()| 0),
-                }
-                .map_err(|source| ApplyError::Fetch {
-                    op: i,
-                    kind,
-                    offset: op.data_offset,
-                    len: op.data_len,
-                    source,
-                })
-            };
-            let kept = fetch(&mut frame)?;
-            let reference = if op.kind == OpKind::Patch {
-                let src = source.ok_or(ApplyError::SourceRequired)?;
-                read_extents(src, manifest.block_size, &op.src).map_err(|source| {
-                    ApplyError::SourceRead {
-                        op: i,
-                        kind,
-                        source,
-                    }
-                })?
-            } else {
-                Vec::new()
-            };
-            let decode = |frame: &[u8]| {
-                let data = decompress_frame(frame, &reference, out_len).map_err(|e| match e {
-                    FrameError::Zstd(message) => ApplyError::Decompress {
-                        op: i,
-                        kind,
-                        message,
-                    },
-                    FrameError::Length(actual) => ApplyError::WrongLength {
-                        op: i,
-                        kind,
-                        expected: out_len,
-                        actual,
-                    },
-                })?;
-                check_hash(i, op, Sha256::digest(&data).into())?;
-                Ok(data)
-            };
-            let data = match (decode(&frame), partial) {
-                // Kept bytes may be what a power cut left (a file longer than what
-                // reached the disk): fetch the whole frame once more before blaming it.
-                (Err(e), Some(p)) if kept > 0 => {
-                    tracing::warn!(op = i, error = %e, "a resumed frame did not verify; fetching it again whole");
-                    p.discard(i, op.data_len);
-                    fetch(&mut frame)?;
-                    decode(&frame)
-                }
-                (r, _) => r,
-            };
-            let data = data.inspect_err(|_| {
-                if let Some(p) = partial {
-                    p.written(op.data_len);
-                }
-            })?;
-            Ok(Produced::Bytes {
-                data,
-                fetched: op.data_len,
-                reused: false,
-                in_flight: if partial.is_some() { op.data_len } else { 0 },
-            })
+            produce_frame(manifest, blob, source, i, opts)
         }
     }
+}
+
+/// A DATA or PATCH operation's output from its frame: fetched (kept bytes first, if
+/// any), decompressed against its reference, hashed.
+fn produce_frame(
+    manifest: &Manifest,
+    blob: Blob<'_>,
+    source: Option<&dyn SourceSlot>,
+    i: usize,
+    opts: &Options<'_>,
+) -> Result<Produced, ApplyError> {
+    let op = &manifest.operations[i];
+    let out_len = manifest.bytes(op.dst_blocks());
+    let mut frame = vec![0u8; op.data_len as usize];
+    let partial = opts.partial.filter(|_| blob.source.is_remote());
+    let kept = fetch_frame(blob, partial, i, op, &mut frame)?;
+    let reference = read_reference(manifest, source, i, op)?;
+    let data = match (decode_frame(i, op, &frame, &reference, out_len), partial) {
+        // Kept bytes may be what a power cut left (a file longer than what
+        // reached the disk): fetch the whole frame once more before blaming it.
+        (Err(e), Some(p)) if kept > 0 => {
+            tracing::warn!(op = i, error = %e, "a resumed frame did not verify; fetching it again whole");
+            p.discard(i, op.data_len);
+            fetch_frame(blob, partial, i, op, &mut frame)?;
+            decode_frame(i, op, &frame, &reference, out_len)
+        }
+        (r, _) => r,
+    };
+    let data = data.inspect_err(|_| {
+        if let Some(p) = partial {
+            p.written(op.data_len);
+        }
+    })?;
+    Ok(Produced::Bytes {
+        data,
+        fetched: op.data_len,
+        reused: false,
+        in_flight: if partial.is_some() { op.data_len } else { 0 },
+    })
+}
+
+/// Fetches operation `i`'s frame into `frame`, through the partial store when there is
+/// one; returns how many of its bytes were kept from before.
+fn fetch_frame(
+    blob: Blob<'_>,
+    partial: Option<&crate::partial::Partials>,
+    i: usize,
+    op: &Operation,
+    frame: &mut [u8],
+) -> Result<u64, ApplyError> {
+    let at = blob.offset + op.data_offset;
+    match partial {
+        Some(p) => p.fetch(blob.source, i, at, frame).map(|f| f.kept),
+        None => blob.source.read_range(at, frame).map(|()| 0),
+    }
+    .map_err(|source| ApplyError::Fetch {
+        op: i,
+        kind: op.kind.name(),
+        offset: op.data_offset,
+        len: op.data_len,
+        source,
+    })
+}
+
+/// A PATCH operation's reference, read from the source slot (empty for DATA).
+fn read_reference(
+    manifest: &Manifest,
+    source: Option<&dyn SourceSlot>,
+    i: usize,
+    op: &Operation,
+) -> Result<Vec<u8>, ApplyError> {
+    if op.kind != OpKind::Patch {
+        return Ok(Vec::new());
+    }
+    let src = source.ok_or(ApplyError::SourceRequired)?;
+    read_extents(src, manifest.block_size, &op.src).map_err(|source| ApplyError::SourceRead {
+        op: i,
+        kind: op.kind.name(),
+        source,
+    })
+}
+
+/// Decompresses operation `i`'s frame and checks its output's length and sha256.
+fn decode_frame(
+    i: usize,
+    op: &Operation,
+    frame: &[u8],
+    reference: &[u8],
+    out_len: u64,
+) -> Result<Vec<u8>, ApplyError> {
+    let kind = op.kind.name();
+    let data = decompress_frame(frame, reference, out_len).map_err(|e| match e {
+        FrameError::Zstd(message) => ApplyError::Decompress {
+            op: i,
+            kind,
+            message,
+        },
+        FrameError::Length(actual) => ApplyError::WrongLength {
+            op: i,
+            kind,
+            expected: out_len,
+            actual,
+        },
+    })?;
+    check_hash(i, op, Sha256::digest(&data).into())?;
+    Ok(data)
 }
 
 /// A DATA operation's hints name places on the source slot that may already hold its

@@ -187,6 +187,23 @@ impl Manifest {
 
     /// Semantic checks that must pass before a single byte is written anywhere.
     pub fn validate(&self) -> Result<(), ManifestError> {
+        self.validate_images()?;
+        self.validate_dates()?;
+        let target_blocks = self.target_blocks();
+        let source_blocks = self
+            .source
+            .as_ref()
+            .map(|s| s.size / u64::from(self.block_size));
+        let mut all_dst: Vec<(u64, u64, usize)> = Vec::new();
+        for (i, op) in self.operations.iter().enumerate() {
+            self.validate_op(i, op, target_blocks, source_blocks)?;
+            all_dst.extend(op.dst.iter().map(|e| (e.start, e.blocks, i)));
+        }
+        check_coverage(all_dst, target_blocks)
+    }
+
+    /// The block size, and the sizes of the target, its dm-verity tree and the source.
+    fn validate_images(&self) -> Result<(), ManifestError> {
         let m = Loc::Manifest;
         let bs = self.block_size;
         if !bs.is_power_of_two() || !(limits::MIN_BLOCK_SIZE..=limits::MAX_BLOCK_SIZE).contains(&bs)
@@ -239,10 +256,14 @@ impl Manifest {
                 });
             }
         }
+        Ok(())
+    }
+
+    fn validate_dates(&self) -> Result<(), ManifestError> {
         // Year 9999: keeps every date printable and comparisons far from overflow.
         if self.expires > limits::MAX_TIMESTAMP {
             return Err(ManifestError::OutOfBounds {
-                loc: m,
+                loc: Loc::Manifest,
                 field: "expires",
                 value: self.expires,
                 max: limits::MAX_TIMESTAMP,
@@ -252,40 +273,6 @@ impl Manifest {
             return Err(ManifestError::ExpiresBeforeCreated {
                 created: self.created,
                 expires: self.expires,
-            });
-        }
-        let target_blocks = self.target_blocks();
-        let source_blocks = self.source.as_ref().map(|s| s.size / u64::from(bs));
-        let mut all_dst: Vec<(u64, u64, usize)> = Vec::new();
-        for (i, op) in self.operations.iter().enumerate() {
-            self.validate_op(i, op, target_blocks, source_blocks)?;
-            all_dst.extend(op.dst.iter().map(|e| (e.start, e.blocks, i)));
-        }
-        // Overlap and coverage: sorted by start, each extent must begin where the last ended.
-        all_dst.sort_unstable();
-        let mut next = 0u64;
-        let mut prev_op = 0usize;
-        for &(start, blocks, op) in &all_dst {
-            if start < next {
-                return Err(ManifestError::Overlap {
-                    op,
-                    other: prev_op,
-                    block: start,
-                });
-            }
-            if start > next {
-                return Err(ManifestError::Gap {
-                    start: next,
-                    blocks: start - next,
-                });
-            }
-            next = start + blocks;
-            prev_op = op;
-        }
-        if next != target_blocks {
-            return Err(ManifestError::Gap {
-                start: next,
-                blocks: target_blocks.saturating_sub(next),
             });
         }
         Ok(())
@@ -303,49 +290,67 @@ impl Manifest {
             return Err(ManifestError::Missing { loc, field: "dst" });
         }
         check_extents(loc, "dst", &op.dst, target_blocks)?;
-        let out_bytes = self.bytes(op.dst_blocks());
-        match op.kind {
-            OpKind::Zero | OpKind::Copy => {
-                if op.data_len != 0 || op.data_offset != 0 {
-                    return Err(ManifestError::NotAllowed {
-                        loc,
-                        kind: op.kind.name(),
-                        field: "data",
-                    });
-                }
+        self.validate_op_data(i, op)?;
+        self.validate_op_src(i, op, source_blocks)
+    }
+
+    /// An operation's frame: none for ZERO and COPY; for DATA and PATCH, one inside
+    /// the blob, no larger than zstd's bound for an output the format allows.
+    fn validate_op_data(&self, i: usize, op: &Operation) -> Result<(), ManifestError> {
+        let loc = Loc::Op(i);
+        if matches!(op.kind, OpKind::Zero | OpKind::Copy) {
+            if op.data_len != 0 || op.data_offset != 0 {
+                return Err(ManifestError::NotAllowed {
+                    loc,
+                    kind: op.kind.name(),
+                    field: "data",
+                });
             }
-            OpKind::Data | OpKind::Patch => {
-                if out_bytes > limits::MAX_FRAME_OUTPUT {
-                    return Err(ManifestError::OutOfBounds {
-                        loc,
-                        field: "dst",
-                        value: out_bytes,
-                        max: limits::MAX_FRAME_OUTPUT,
-                    });
-                }
-                if op.data_len == 0 {
-                    return Err(ManifestError::Missing { loc, field: "data" });
-                }
-                let max_len = zstd::zstd_safe::compress_bound(out_bytes as usize) as u64;
-                if op.data_len > max_len {
-                    return Err(ManifestError::OutOfBounds {
-                        loc,
-                        field: "data_len",
-                        value: op.data_len,
-                        max: max_len,
-                    });
-                }
-                let end = op.data_offset.checked_add(op.data_len);
-                if end.is_none_or(|e| e > self.blob_size) {
-                    return Err(ManifestError::DataOutOfBlob {
-                        op: i,
-                        offset: op.data_offset,
-                        len: op.data_len,
-                        blob_size: self.blob_size,
-                    });
-                }
-            }
+            return Ok(());
         }
+        let out_bytes = self.bytes(op.dst_blocks());
+        if out_bytes > limits::MAX_FRAME_OUTPUT {
+            return Err(ManifestError::OutOfBounds {
+                loc,
+                field: "dst",
+                value: out_bytes,
+                max: limits::MAX_FRAME_OUTPUT,
+            });
+        }
+        if op.data_len == 0 {
+            return Err(ManifestError::Missing { loc, field: "data" });
+        }
+        let max_len = zstd::zstd_safe::compress_bound(out_bytes as usize) as u64;
+        if op.data_len > max_len {
+            return Err(ManifestError::OutOfBounds {
+                loc,
+                field: "data_len",
+                value: op.data_len,
+                max: max_len,
+            });
+        }
+        let end = op.data_offset.checked_add(op.data_len);
+        if end.is_none_or(|e| e > self.blob_size) {
+            return Err(ManifestError::DataOutOfBlob {
+                op: i,
+                offset: op.data_offset,
+                len: op.data_len,
+                blob_size: self.blob_size,
+            });
+        }
+        Ok(())
+    }
+
+    /// An operation's source extents: none for ZERO; inside the source for COPY and
+    /// PATCH (a COPY as long as its output, a PATCH's reference bounded); for DATA,
+    /// optional hints of the output's length.
+    fn validate_op_src(
+        &self,
+        i: usize,
+        op: &Operation,
+        source_blocks: Option<u64>,
+    ) -> Result<(), ManifestError> {
+        let loc = Loc::Op(i);
         match op.kind {
             OpKind::Zero => {
                 if !op.src.is_empty() {
@@ -406,6 +411,41 @@ impl Manifest {
         }
         Ok(())
     }
+}
+
+/// Every target block written by exactly one operation: `all_dst` (start, blocks,
+/// operation) sorted by start, each extent must begin where the last ended.
+fn check_coverage(
+    mut all_dst: Vec<(u64, u64, usize)>,
+    target_blocks: u64,
+) -> Result<(), ManifestError> {
+    all_dst.sort_unstable();
+    let mut next = 0u64;
+    let mut prev_op = 0usize;
+    for &(start, blocks, op) in &all_dst {
+        if start < next {
+            return Err(ManifestError::Overlap {
+                op,
+                other: prev_op,
+                block: start,
+            });
+        }
+        if start > next {
+            return Err(ManifestError::Gap {
+                start: next,
+                blocks: start - next,
+            });
+        }
+        next = start + blocks;
+        prev_op = op;
+    }
+    if next != target_blocks {
+        return Err(ManifestError::Gap {
+            start: next,
+            blocks: target_blocks.saturating_sub(next),
+        });
+    }
+    Ok(())
 }
 
 fn check_extents(

@@ -265,76 +265,15 @@ pub fn create_full(
     let mut planned = Vec::new();
     match known {
         Some(known) => {
-            let classes = classify(target, known, bs);
-            let mut fresh: Vec<u64> = Vec::new();
-            let mut zero: Vec<u64> = Vec::new();
-            // Reusable runs: contiguous in both images and long enough to matter.
-            let mut i = 0usize;
-            let mut reuse: Vec<(Extent, Extent)> = Vec::new();
-            while i < classes.len() {
-                match classes[i] {
-                    Class::Zero => {
-                        zero.push(i as u64);
-                        i += 1;
-                    }
-                    Class::Changed => {
-                        fresh.push(i as u64);
-                        i += 1;
-                    }
-                    Class::Copy(s0) => {
-                        let mut n = 1usize;
-                        while i + n < classes.len() && classes[i + n] == Class::Copy(s0 + n as u64)
-                        {
-                            n += 1;
-                        }
-                        if (n as u64) < MIN_REUSE_BLOCKS {
-                            fresh.extend(i as u64..(i + n) as u64);
-                        } else {
-                            reuse
-                                .push((Extent::new(i as u64, n as u64), Extent::new(s0, n as u64)));
-                        }
-                        i += n;
-                    }
-                }
-            }
+            let split = split_against(&classify(target, known, bs));
             push_grouped(
                 &mut planned,
                 OpKind::Zero,
-                runs_of(zero.into_iter()),
+                runs_of(split.zero.into_iter()),
                 ZERO_OP_MAX_BLOCKS,
             );
-            // Reuse operations: split long runs, group short ones, up to one chunk each.
-            let mut cur = Planned {
-                kind: OpKind::Data,
-                dst: Vec::new(),
-                src: Vec::new(),
-            };
-            let mut cur_blocks = 0u64;
-            for (mut d, mut s) in reuse {
-                while d.blocks > 0 {
-                    let take = d.blocks.min(chunk_blocks - cur_blocks);
-                    cur.dst.push(Extent::new(d.start, take));
-                    cur.src.push(Extent::new(s.start, take));
-                    cur_blocks += take;
-                    d = Extent::new(d.start + take, d.blocks - take);
-                    s = Extent::new(s.start + take, s.blocks - take);
-                    if cur_blocks == chunk_blocks || cur.dst.len() >= MAX_EXTENTS_PER_PLANNED {
-                        planned.push(std::mem::replace(
-                            &mut cur,
-                            Planned {
-                                kind: OpKind::Data,
-                                dst: Vec::new(),
-                                src: Vec::new(),
-                            },
-                        ));
-                        cur_blocks = 0;
-                    }
-                }
-            }
-            if !cur.dst.is_empty() {
-                planned.push(cur);
-            }
-            for blocks in fresh.chunks(chunk_blocks as usize) {
+            plan_reuse(split.reuse, chunk_blocks, &mut planned);
+            for blocks in split.fresh.chunks(chunk_blocks as usize) {
                 planned.push(Planned {
                     kind: OpKind::Data,
                     dst: runs_of(blocks.iter().copied()),
@@ -342,32 +281,110 @@ pub fn create_full(
                 });
             }
         }
-        None => {
-            let n = target.blocks(bs);
-            let zero: Vec<bool> = (0..n)
-                .into_par_iter()
-                .map(|t| is_zero(target.block(bs, t)))
-                .collect();
-            let mut t = 0u64;
-            while t < n {
-                let z = zero[t as usize];
-                let mut len = 1u64;
-                while t + len < n && zero[(t + len) as usize] == z && (z || len < chunk_blocks) {
-                    len += 1;
+        None => plan_in_place(target, bs, chunk_blocks, &mut planned),
+    }
+    finish(target, None, None, planned, opts, key, out)
+}
+
+/// A target's blocks as a full payload sees them against a known image.
+struct Split {
+    zero: Vec<u64>,
+    /// Blocks the known image does not have (or has in runs too short to matter).
+    fresh: Vec<u64>,
+    /// Reusable runs (target, known image): contiguous in both, long enough to matter.
+    reuse: Vec<(Extent, Extent)>,
+}
+
+fn split_against(classes: &[Class]) -> Split {
+    let mut split = Split {
+        zero: Vec::new(),
+        fresh: Vec::new(),
+        reuse: Vec::new(),
+    };
+    let mut i = 0usize;
+    while i < classes.len() {
+        match classes[i] {
+            Class::Zero => {
+                split.zero.push(i as u64);
+                i += 1;
+            }
+            Class::Changed => {
+                split.fresh.push(i as u64);
+                i += 1;
+            }
+            Class::Copy(s0) => {
+                let mut n = 1usize;
+                while i + n < classes.len() && classes[i + n] == Class::Copy(s0 + n as u64) {
+                    n += 1;
                 }
-                let e = Extent::new(t, len);
-                if z {
-                    push_grouped(&mut planned, OpKind::Zero, vec![e], ZERO_OP_MAX_BLOCKS);
+                if (n as u64) < MIN_REUSE_BLOCKS {
+                    split.fresh.extend(i as u64..(i + n) as u64);
                 } else {
-                    planned.push(Planned {
-                        kind: OpKind::Data,
-                        dst: vec![e],
-                        src: vec![e],
-                    });
+                    split
+                        .reuse
+                        .push((Extent::new(i as u64, n as u64), Extent::new(s0, n as u64)));
                 }
-                t += len;
+                i += n;
             }
         }
     }
-    finish(target, None, None, planned, opts, key, out)
+    split
+}
+
+/// Reuse operations (DATA with hints): long runs split, short ones grouped, up to one
+/// chunk each.
+fn plan_reuse(reuse: Vec<(Extent, Extent)>, chunk_blocks: u64, planned: &mut Vec<Planned>) {
+    let empty = || Planned {
+        kind: OpKind::Data,
+        dst: Vec::new(),
+        src: Vec::new(),
+    };
+    let mut cur = empty();
+    let mut cur_blocks = 0u64;
+    for (mut d, mut s) in reuse {
+        while d.blocks > 0 {
+            let take = d.blocks.min(chunk_blocks - cur_blocks);
+            cur.dst.push(Extent::new(d.start, take));
+            cur.src.push(Extent::new(s.start, take));
+            cur_blocks += take;
+            d = Extent::new(d.start + take, d.blocks - take);
+            s = Extent::new(s.start + take, s.blocks - take);
+            if cur_blocks == chunk_blocks || cur.dst.len() >= MAX_EXTENTS_PER_PLANNED {
+                planned.push(std::mem::replace(&mut cur, empty()));
+                cur_blocks = 0;
+            }
+        }
+    }
+    if !cur.dst.is_empty() {
+        planned.push(cur);
+    }
+}
+
+/// With no known image: zero runs become ZERO, the rest DATA in chunks whose hints
+/// point at the same offsets (a node that already runs this release skips them).
+fn plan_in_place(target: &Image, bs: usize, chunk_blocks: u64, planned: &mut Vec<Planned>) {
+    let n = target.blocks(bs);
+    let zero: Vec<bool> = (0..n)
+        .into_par_iter()
+        .map(|t| is_zero(target.block(bs, t)))
+        .collect();
+    let mut t = 0u64;
+    while t < n {
+        let z = zero[t as usize];
+        let mut len = 1u64;
+        while t + len < n && zero[(t + len) as usize] == z && (z || len < chunk_blocks) {
+            len += 1;
+        }
+        let e = Extent::new(t, len);
+        if z {
+            push_grouped(planned, OpKind::Zero, vec![e], ZERO_OP_MAX_BLOCKS);
+        } else {
+            planned.push(Planned {
+                kind: OpKind::Data,
+                dst: vec![e],
+                src: vec![e],
+            });
+        }
+        t += len;
+    }
 }
