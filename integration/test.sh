@@ -16,7 +16,8 @@
 #      OVMF, bootloader, kernel and systemd under QEMU (TCG), the agent driven over
 #      gRPC with mutual TLS: update and commit, failed health and rollback, a kernel
 #      that never reaches user space, a power cut mid-write and the resume, manual
-#      rollback, power cuts during the bootloader flip and the commit (~18 min;
+#      rollback, power cuts during the bootloader flip and the commit, a key rotation, a
+#      slot changed after staging caught by dm-verity at boot (~20 min each;
 #      UPDATE_AGENT_SKIP_VM=1 skips it for a quick local run, never in CI)
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
@@ -84,10 +85,10 @@ if [[ ${UPDATE_AGENT_SKIP_VM:-} == 1 && -z ${CI:-} ]]; then
 else
   step "initramfs: a wrong root hash, a corrupted block, a missing root (initrd-smoke.sh 3 4 6)"
   UA_SMOKE_CASES="3 4 6" bash integration/vm/initrd-smoke.sh "$lab_cache"
-  step "VM lab (GRUB): scenarios 1 2 3 4 6 5 7 under QEMU"
-  bash integration/vm/lab.sh --bootloader grub 1 2 3 4 6 5 7
-  step "VM lab (systemd-boot): scenarios 1 2 3 4 6 5 7 under QEMU"
-  bash integration/vm/lab.sh --bootloader systemd-boot 1 2 3 4 6 5 7
+  step "VM lab (GRUB): scenarios 1 2 3 4 6 5 7 8 under QEMU"
+  bash integration/vm/lab.sh --bootloader grub 1 2 3 4 6 5 7 8
+  step "VM lab (systemd-boot): scenarios 1 2 3 4 6 5 7 8 under QEMU"
+  bash integration/vm/lab.sh --bootloader systemd-boot 1 2 3 4 6 5 7 8
 fi
 
 step "all tiers passed"

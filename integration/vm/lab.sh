@@ -30,6 +30,14 @@
 #      keys 1 and 2, both needed; releases signed by the lab key); the publisher puts
 #      root 2 on the server, which replaces the lab key by a new one; the node follows
 #      it, refuses v7 signed by the old key and takes v7 signed by the new one
+#   8  dm-verity: the running release -> v8 (v7 plus a file), and one byte of the
+#      staged slot changed on the disk between the arming and the reboot: every trial
+#      boot hits the verity error and restarts, the bootloader falls back, and the
+#      agent names the integrity failure (the slot no longer reaches its signed root)
+#
+# Every release from v2 on is published with --verity: the node builds each tree,
+# boots it through dm-verity (scenario 1 checks the root is /dev/mapper/root and that
+# status says so), and reads the booted slot through it for the next delta.
 #
 # Releases (built from the lab's cached rootfs): v1; v2 = v1 plus a package (jq) and
 # VERSION_ID 2.0; v3 = v2 plus a unit that exits 1 two seconds after it starts,
@@ -58,7 +66,7 @@ case $bootloader in
   *) echo "usage: $0 [--bootloader grub|systemd-boot] [SCENARIO...]" >&2; exit 2 ;;
 esac
 scenarios=("$@")
-((${#scenarios[@]})) || scenarios=(1 2 3 4 6 5 7)
+((${#scenarios[@]})) || scenarios=(1 2 3 4 6 5 7 8)
 export UA_VM_TIMEOUT=${UA_VM_TIMEOUT:-600}
 
 say() { printf '\n\033[1m== %s\033[0m\n' "$*"; }
@@ -238,6 +246,9 @@ release 6.0 "$t"
 # v7: v6 with one more small file (scenario 7 publishes it under a rotated key).
 printf 'update-agent VM lab release 7.0\n' >"$t/usr/share/ua-lab/release-7.0"
 release 7.0 "$t"
+# v8: v7 with one more small file (scenario 8 corrupts its slot before the reboot).
+printf 'update-agent VM lab release 8.0\n' >"$t/usr/share/ua-lab/release-8.0"
+release 8.0 "$t"
 mkdir -p "$w/www/old"
 ls -l "$w"/*.img >&2
 
@@ -256,6 +267,12 @@ for k in release2:www:6.0 release2:www:2.0 update-agent:www/old:6.0; do
   IFS=: read -r key out from <<<"$k"
   "$updatectl_host" bundle create --target "$w/7.0.img" --source "$w/$from.img" --version 7.0 \
     --compatible ua-lab-x86_64 --key "$w/keys/$key.key" --out "$w/$out" --no-full --level 9 --verity
+done
+# 8.0 from 7.0 by the rotated key (after scenario 7), and from 2.0 by the lab key (so
+# `lab.sh 1 8` works too).
+for k in release2:7.0 update-agent:2.0; do
+  "$updatectl_host" bundle create --target "$w/8.0.img" --source "$w/${k#*:}.img" --version 8.0 \
+    --compatible ua-lab-x86_64 --key "$w/keys/${k%%:*}.key" --out "$w/www" --no-full --level 9 --verity
 done
 ls -l "$w/www" >&2
 
@@ -781,6 +798,37 @@ PY
       ctl status
       [[ $(field "['state']" <<<"$j") == committed && $(field "['running_version']" <<<"$j") == 7.0 ]] \
         || fail "7.0 signed by the new key was not committed: $j"
+      ;;
+    8)
+      say "scenario 8 (verity): 8.0 staged, one byte of its slot changed before the reboot"
+      j=$(status_json)
+      from=$(field "['running_version']" <<<"$j")
+      other=$(field "['other']['name']" <<<"$j")
+      ctl update --version 8.0 --wait
+      reboot_down
+      # A byte of the first block of systemd's binary, which every boot reads: where
+      # it sits in 8.0's image, then on the disk (the slot partition's start).
+      blk=$(debugfs -R "bmap /usr/lib/systemd/systemd 0" "$w/8.0.img" 2>/dev/null)
+      [[ $blk =~ ^[0-9]+$ ]] || fail "cannot find /usr/lib/systemd/systemd in 8.0.img"
+      start=$(sfdisk -d "$w/disk.img" | sed -n "s/.*start= *\([0-9]*\),.*name=\"root-$other\".*/\1/p")
+      at=$((start * 512 + blk * 4096 + 100))
+      python3 -c 'import sys
+p, at = sys.argv[1], int(sys.argv[2])
+with open(p, "r+b") as f:
+    f.seek(at); b = f.read(1); f.seek(at); f.write(bytes([b[0] ^ 0x20]))' "$w/disk.img" "$at"
+      log "flipped one bit of byte $at of the disk (slot $other, block $blk of 8.0's image)"
+      say "boots: each try of 8.0 hits the verity error and restarts; then $from again"
+      boot_until_api 5
+      j=$(status_json)
+      ctl status
+      grep -a -h 'device-mapper: verity: .*corrupted' "$w"/serial-*.log | head -n 1 \
+        || fail "no dm-verity corruption on any trial's console"
+      [[ $(field "['state']" <<<"$j") == rolled_back ]] || fail "8.0 was not rolled back: $j"
+      [[ $(field "['running_version']" <<<"$j") == "$from" ]] || fail "the node does not run $from: $j"
+      field "['last_result']['reason']" <<<"$j" | grep -q 'failed its integrity check' \
+        || fail "the reason does not name the integrity failure: $j"
+      printf 'scenario 8 (verity, %s): passed: a changed block of the staged slot was caught by dm-verity at boot, the node fell back to %s and says "%s"\n' \
+        "$bootloader" "$from" "$(field "['last_result']['reason']" <<<"$j" | cut -c1-90)"
       ;;
     *) fail "unknown scenario $s" ;;
   esac
