@@ -61,9 +61,10 @@ stage_again() { # NAME PATH
   "$bin/update-agent" --config "$w/agent.toml" cancel >/dev/null
   sync; echo 3 >/proc/sys/vm/drop_caches 2>/dev/null || true
   /usr/bin/time -f "%e %M" -o "$w/$1.t" "$bin/update-agent" --config "$w/agent.toml" stage \
-    "http://127.0.0.1:$port/$2" >/dev/null
+    "http://127.0.0.1:$port/$2" >"$w/$1.out"
 }
-for i in 1 2 3; do
+pairs=${PAIRS:-5}
+for i in $(seq "$pairs"); do
   stage_again "plain$i" "$delta"
   stage_again "verity$i" "verity/$delta"
   veritysetup verify "${loop}p3" "${loop}p3" "$root" --hash-offset="$size" \
@@ -72,6 +73,8 @@ done
 /usr/bin/time -f "%e %M" -o "$w/dd.t" dd if=/dev/zero of="${loop}p3" bs=4M count=$(( size / 4194304 )) oflag=direct status=none
 
 t() { cut -d' ' -f1 "$w/$1.t"; }
+# med KIND: the median wall time of the KIND1..KINDn stagings.
+med() { for i in $(seq "$pairs"); do t "$1$i"; done | sort -n | awk '{v[NR]=$1} END{print v[int((NR+1)/2)]}'; }
 r() { awk '{printf "%.0f", $2/1024}' "$w/$1.t"; }
 worst=$(awk -v a="$(t xd)" -v b="$(t dd)" 'BEGIN{print (a>b)?a:b}')
 cat <<MD
@@ -92,12 +95,12 @@ arming; \`veritysetup verify\` accepted slot b), staged alternately with the pla
 
 | pair | plain | --verity | ratio |
 |---|---|---|---|
-$(for i in 1 2 3; do
+$(for i in $(seq "$pairs"); do
   printf '| %s | %s s | %s s | %s |\n' "$i" "$(t "plain$i")" "$(t "verity$i")" \
     "$(awk -v a="$(t "plain$i")" -v b="$(t "verity$i")" 'BEGIN{printf "%.3f", b/a}')"
 done)
 
-Sums: plain $(awk "BEGIN{print $(t plain1)+$(t plain2)+$(t plain3)}") s, --verity $(awk "BEGIN{print $(t verity1)+$(t verity2)+$(t verity3)}") s, ratio $(awk "BEGIN{printf \"%.3f\", ($(t verity1)+$(t verity2)+$(t verity3))/($(t plain1)+$(t plain2)+$(t plain3))}"). Peak RSS with the tree: $(r verity1) MiB (plain $(r plain1) MiB). Target: --verity ≤ 1.15 × plain.
+Medians: plain $(med plain) s, --verity $(med verity) s, ratio $(awk -v a="$(med plain)" -v b="$(med verity)" 'BEGIN{printf "%.3f", b/a}'); median of the pair ratios $(for i in $(seq "$pairs"); do awk -v a="$(t "plain$i")" -v b="$(t "verity$i")" 'BEGIN{printf "%.3f\n", b/a}'; done | sort -n | awk '{v[NR]=$1} END{print v[int((NR+1)/2)]}'). Peak RSS with the tree: $(r verity1) MiB (plain $(r plain1) MiB). Target: --verity ≤ 1.15 × plain.
 
 Target: stage ≤ 1.2 × max(xdelta3 -d, dd) = $(awk -v w="$worst" 'BEGIN{printf "%.2f", 1.2*w}') s → $(awk -v s="$(t stage)" -v w="$worst" 'BEGIN{printf "%.2f", s/w}') × max.
 MD

@@ -398,6 +398,7 @@ fn read_back(
     }
     if let (Some(b), Some(v)) = (tree, &manifest.verity) {
         let root = b.finish(&v.uuid).map_err(ApplyError::Verity)?;
+        tracing::info!(root = %hex::encode(root), "slot read back; dm-verity tree built");
         if root != v.root_hash {
             return Err(ApplyError::VerityRootMismatch {
                 expected: hex::encode(v.root_hash),

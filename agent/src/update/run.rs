@@ -416,6 +416,7 @@ impl<'r> Checkpoints<'r> {
 
     fn verifying(&mut self) {
         (self.on)(Progress::Verifying);
+        tracing::info!(release = %self.m.version, phase = "verifying", dm_verity = self.m.verity.is_some(), "every operation written and flushed; reading the slot back");
         // The engine has flushed the slot: every operation is durable,
         // and the read-back's marks can be recorded from here on.
         if self.err.is_none() && self.ops_written > self.start_op {
