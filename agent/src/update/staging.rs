@@ -123,8 +123,8 @@ impl Agent {
             url,
             opened: (src, p, mbytes),
         } = attempt;
+        // The image and its tree fit the slot: checked when the payload was opened.
         let slot = self.layout.inactive();
-        self.fits_slot(&p.manifest)?;
         let writer = self.layout.open_inactive()?;
         // From here on a half-written slot can never be chosen by the bootloader.
         self.boot.mark_unbootable(slot)?;

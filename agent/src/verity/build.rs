@@ -227,18 +227,19 @@ impl<'a> Builder<'a> {
             return Ok(());
         }
         let (off, _) = self.geo.level(0);
-        let whole = self.pending.len() / BLOCK as usize * BLOCK as usize;
-        let mut out = self.pending.clone();
-        out.resize(
-            self.pending.len().div_ceil(BLOCK as usize) * BLOCK as usize,
-            0,
-        );
-        self.area
-            .write_at(&out, off + self.pending_from / PER_BLOCK * BLOCK)
-            .map_err(|source| VerityError::Io {
-                what: "writing level 0 of the tree",
-                source,
-            })?;
+        let len = self.pending.len();
+        let whole = len / BLOCK as usize * BLOCK as usize;
+        // Padded in place to whole hash blocks for the write, then cut back.
+        self.pending
+            .resize(len.div_ceil(BLOCK as usize) * BLOCK as usize, 0);
+        let written = self
+            .area
+            .write_at(&self.pending, off + self.pending_from / PER_BLOCK * BLOCK);
+        self.pending.truncate(len);
+        written.map_err(|source| VerityError::Io {
+            what: "writing level 0 of the tree",
+            source,
+        })?;
         // A hash block still filling stays pending: it is written again when complete.
         self.pending.drain(..whole);
         self.pending_from += (whole / 32) as u64;
