@@ -85,8 +85,8 @@ if [[ ${UPDATE_AGENT_SKIP_VM:-} == 1 && -z ${CI:-} ]]; then
 else
   step "initramfs: a wrong root hash, a corrupted block, a missing root (initrd-smoke.sh 3 4 6)"
   UA_SMOKE_CASES="3 4 6" bash integration/vm/initrd-smoke.sh "$lab_cache"
-  step "VM lab (GRUB): scenarios 1 2 3 4 6 5 7 8 under QEMU"
-  bash integration/vm/lab.sh --bootloader grub 1 2 3 4 6 5 7 8
+  step "VM lab (GRUB): scenarios 1 2 3 4 6 5 7 8 9 under QEMU"
+  bash integration/vm/lab.sh --bootloader grub 1 2 3 4 6 5 7 8 9
   step "VM lab (systemd-boot): scenarios 1 2 3 4 6 5 7 8 under QEMU"
   bash integration/vm/lab.sh --bootloader systemd-boot 1 2 3 4 6 5 7 8
 fi

@@ -15,6 +15,9 @@ pub enum RollbackCause {
     DidNotBoot,
     /// An operator asked.
     Manual,
+    /// A committed release stopped booting: the bootloader gave up on it after its
+    /// guarded boots ran out and booted the slot before it.
+    StoppedBooting,
 }
 
 impl RollbackCause {
@@ -23,6 +26,7 @@ impl RollbackCause {
             Self::HealthCheck => "health_check",
             Self::DidNotBoot => "did_not_boot",
             Self::Manual => "manual",
+            Self::StoppedBooting => "stopped_booting",
         }
     }
 }

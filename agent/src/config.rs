@@ -247,6 +247,10 @@ pub struct BootConfig {
     pub options: String,
     /// Trial boots before the bootloader falls back.
     pub tries: u8,
+    /// Boots in a row of the committed default that may fail to reach the agent before
+    /// the bootloader boots the other slot (when it holds a release and is not marked
+    /// unbootable). 0: no guard. GRUB only: systemd-boot counts trial boots alone.
+    pub default_tries: u8,
 }
 
 #[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
@@ -328,6 +332,7 @@ impl Default for BootConfig {
             esp: "/boot/efi".into(),
             options: "ro".into(),
             tries: 3,
+            default_tries: 3,
         }
     }
 }
@@ -471,6 +476,9 @@ impl Config {
         }
         if !(1..=9).contains(&self.boot.tries) {
             return bad("boot.tries", "must be between 1 and 9");
+        }
+        if self.boot.default_tries > 9 {
+            return bad("boot.default_tries", "must be between 0 (off) and 9");
         }
         Ok(())
     }

@@ -151,6 +151,7 @@ pub fn render(i: &Inputs<'_>) -> String {
         Some(RollbackCause::HealthCheck),
         Some(RollbackCause::DidNotBoot),
         Some(RollbackCause::Manual),
+        Some(RollbackCause::StoppedBooting),
         None,
     ];
     for c in causes {

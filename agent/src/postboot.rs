@@ -10,9 +10,14 @@
 //! | RollingBack(b→a) | b | killed before the reboot | point the bootloader at a again, reboot |
 //! | Staged(b), b bootable | any | the flip reached the disk, the state did not | as Armed(b) |
 //! | Committed(b), b counted | b | the commit's write was undone (an ESP repair) | commit again |
+//! | Committed(b), GRUB's guard gave up on b | a | the committed slot stopped booting | RolledBack "slot b stopped booting" (cause stopped_booting, integrity named), a the default, b unbootable |
 //! | anything else | — | a normal boot | nothing |
 //!
-//! The last but one: arming writes the bootloader first and the state second, so a
+//! Every boot that is not rolling back then sets the default's guard back
+//! (`BootControl::guard_default`): the bootloader counts boots of the default and
+//! falls back when they never reach this point.
+//!
+//! The staged-but-bootable row: arming writes the bootloader first and the state second, so a
 //! power cut between the two leaves a release the bootloader will try (and may be
 //! running now) while the state says Staged. Only `arm_trial` makes a slot bootable
 //! again once staging began (it starts by marking the slot unbootable), so a Staged
@@ -69,29 +74,44 @@ impl Agent {
         checks: &dyn Fn() -> Vec<CheckResult>,
     ) -> Result<BootOutcome, UpdateError> {
         let lock = self.store.lock()?;
+        let outcome = self.judge_boot(&lock, checks)?;
+        if !matches!(outcome, BootOutcome::RollingBack { .. }) {
+            self.guard_default_boots();
+        }
+        Ok(outcome)
+    }
+
+    fn judge_boot(
+        &mut self,
+        lock: &crate::state::UpdateLock,
+        checks: &dyn Fn() -> Vec<CheckResult>,
+    ) -> Result<BootOutcome, UpdateError> {
         let mut state = self.store.load()?;
         let booted = self.layout.booted;
         let now = timefmt::now();
         let boot = self.boot.status()?;
-        self.repair_after_cut(&lock, &mut state, &boot)?;
+        self.repair_after_cut(lock, &mut state, &boot)?;
+        if let Some(fallen) = boot.fell_back_from.filter(|&f| f != booted) {
+            return self.default_fell_over(lock, state, fallen, now);
+        }
         match state.clone() {
             State::Armed { staged, .. } if booted == staged.slot => {
-                self.trial_boot(&lock, state, staged, checks, now)
+                self.trial_boot(lock, state, staged, checks, now)
             }
             State::Armed { staged, .. } => {
                 // A trial was armed but the old slot runs: the bootloader gave up on the
                 // new one (no kernel, panic, hang, a dm-verity error), whatever its
                 // counter shows now. Whether the slot still holds what was verified
                 // tells an integrity failure from a release that cannot boot.
-                let reason = self.integrity_failure(staged.slot);
+                let reason = self.integrity_failure(staged.slot, "the new slot did not boot");
                 self.boot.rollback_to(booted)?;
                 self.boot.mark_unbootable(staged.slot)?;
                 state.rolled_back(booted, reason, RollbackCause::DidNotBoot, now)?;
-                self.store.save(&lock, &state)?;
+                self.store.save(lock, &state)?;
                 self.record_rollback(&state, staged.from_version);
                 Ok(rolled_back_outcome(&state))
             }
-            State::RollingBack { .. } => self.rollback_rebooted(&lock, state, &boot, now),
+            State::RollingBack { .. } => self.rollback_rebooted(lock, state, &boot, now),
             State::Committed { version, slot, .. }
                 if slot == booted && boot.trial.is_some_and(|(s, _)| s == booted) =>
             {
@@ -126,6 +146,75 @@ impl Agent {
             }
         }
         Ok(())
+    }
+
+    /// The bootloader gave up on the default slot `fallen` (its guarded boots ran out
+    /// without reaching the agent: a panic, a hang, a dm-verity error at every boot)
+    /// and booted this slot, which it only does when this one is not marked unbootable.
+    /// A committed release there is rolled back: state first, so a cut before the
+    /// bootloader is pointed here finds the fallback again at the next boot (GRUB
+    /// alternates the two slots until one reaches the agent).
+    fn default_fell_over(
+        &mut self,
+        lock: &crate::state::UpdateLock,
+        mut state: State,
+        fallen: Slot,
+        now: u64,
+    ) -> Result<BootOutcome, UpdateError> {
+        let booted = self.layout.booted;
+        let lead = format!(
+            "slot {fallen} stopped booting ({} boots in a row did not reach the agent) and \
+             the bootloader fell back to slot {booted}",
+            self.cfg.boot.default_tries
+        );
+        let reason = self
+            .integrity_failure(fallen, &lead)
+            .unwrap_or_else(|| lead.clone());
+        let committed = match &state {
+            State::Committed { slot, previous, .. } if *slot == fallen => {
+                Some(previous.as_ref().map(|(_, v)| v.clone()))
+            }
+            _ => None,
+        };
+        if let Some(from_version) = &committed {
+            state.rolled_back(booted, Some(reason), RollbackCause::StoppedBooting, now)?;
+            self.store.save(lock, &state)?;
+            self.boot.rollback_to(booted)?;
+            self.boot.mark_unbootable(fallen)?;
+            self.record_rollback(&state, from_version.clone());
+            return Ok(rolled_back_outcome(&state));
+        }
+        // No committed release of ours on that slot (the agent's state is elsewhere):
+        // the bootloader is pointed here all the same, and the journal says why.
+        self.boot.rollback_to(booted)?;
+        self.boot.mark_unbootable(fallen)?;
+        crate::emit!(tracing::Level::ERROR, crate::events::ROLLED_BACK, update_agent_slot = %booted, update_agent_cause = RollbackCause::StoppedBooting.name(), update_agent_reason = %reason, "{reason}; slot {booted} is the default now");
+        Ok(BootOutcome::Normal)
+    }
+
+    /// Sets the default's boot guard back once a boot of it reached the agent, so the
+    /// bootloader counts the next boots of it afresh. Bookkeeping: a failure is logged
+    /// (the bootloader keeps counting down from where it was, and falls back earlier).
+    fn guard_default_boots(&mut self) {
+        let booted = self.layout.booted;
+        let n = self.cfg.boot.default_tries;
+        match self.boot.status() {
+            Ok(b) if b.default != booted => {
+                tracing::warn!(slot = %booted, default = %b.default, "running slot {booted}, not the bootloader's default slot {}; its boots are not guarded", b.default);
+                return;
+            }
+            Ok(b) if b.default_boots_left == (n > 0).then_some(n) && b.fell_back_from.is_none() => {
+                return;
+            }
+            Ok(_) => {}
+            Err(e) => {
+                tracing::warn!(error = %crate::update::error_chain(&e), "cannot read the boot state to guard the default's boots");
+                return;
+            }
+        }
+        if let Err(e) = self.boot.guard_default(n) {
+            tracing::warn!(error = %crate::update::error_chain(&e), "cannot set the default slot's boot guard back");
+        }
     }
 
     /// The trial boot of `staged`: the health checks decide between a commit and a
@@ -322,11 +411,11 @@ impl Agent {
         Ok(())
     }
 
-    /// Why a slot with a verified dm-verity tree failed, when it no longer holds what
-    /// was verified: its data computed into a tree again does not reach the root hash
+    /// Why a slot with a verified dm-verity tree failed (after `lead`, what happened),
+    /// when it no longer holds what was verified: its data computed into a tree again does not reach the root hash
     /// recorded when the agent built it. `None` when it still does, when the slot has
     /// no tree, or when it cannot be read (logged).
-    fn integrity_failure(&self, slot: crate::slots::Slot) -> Option<String> {
+    fn integrity_failure(&self, slot: crate::slots::Slot, lead: &str) -> Option<String> {
         let img = self.store.images()[slot.index()].clone()?;
         let v = img.verity?;
         let device = self.layout.partition(slot).device.clone();
@@ -342,7 +431,7 @@ impl Agent {
         match crate::verity::root_of_device(&read, v.hash_offset) {
             Ok(root) if hex::encode(root) == v.root_hash => None,
             Ok(root) => Some(format!(
-                "the new slot did not boot, and it failed its integrity check: slot {slot} no \
+                "{lead}, and it failed its integrity check: slot {slot} no \
                  longer holds the {} image it was verified with (its data now reaches \
                  dm-verity root {}, not {}); it changed after staging",
                 img.version,
@@ -350,7 +439,7 @@ impl Agent {
                 v.root_hash
             )),
             Err(e) => Some(format!(
-                "the new slot did not boot, and it failed its integrity check: slot {slot}'s \
+                "{lead}, and it failed its integrity check: slot {slot}'s \
                  dm-verity tree for {} is no longer readable ({})",
                 img.version,
                 crate::update::error_chain(&e)

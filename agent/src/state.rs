@@ -336,7 +336,8 @@ impl State {
     }
 
     /// Running on the old slot again: after RollingBack and its reboot, or straight
-    /// from Armed when the bootloader fell back by itself.
+    /// from Armed (or Committed, once the committed slot stopped booting) when the
+    /// bootloader fell back by itself.
     pub fn rolled_back(
         &mut self,
         slot: Slot,
@@ -351,6 +352,12 @@ impl State {
             Self::Armed { staged, .. } => (
                 staged.version.clone(),
                 reason.unwrap_or_else(|| "the new slot did not boot".into()),
+            ),
+            Self::Committed {
+                version, slot: s, ..
+            } if *s != slot => (
+                version.clone(),
+                reason.unwrap_or_else(|| "the committed slot stopped booting".into()),
             ),
             _ => return Err(self.illegal("record a rollback")),
         };

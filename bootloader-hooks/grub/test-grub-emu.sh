@@ -185,6 +185,28 @@ new_disk none.cfg ua_default=a ua_trial=b ua_tries=2 ua_a_ok=1 ua_b_ok=1 ua_b_ro
 boot "verity root for b, plain root for a" "[$BV][$IB][$A]" \
     "ua_default=a ua_trial=b ua_tries=1 ua_a_ok=1 ua_b_ok=1 ua_b_roothash=$H ua_b_hashoff=7340032 "
 
+# The default guard: each boot of the default counts ua_boots down; at 0 the other
+# slot boots and ua_fallen names the default; the two then alternate.
+new_disk none.cfg ua_default=a ua_trial= ua_tries=0 ua_a_ok=1 ua_b_ok=1 ua_boots=2
+boot "guard 2: boots a, counts down" "[$A][$B][$IB]" \
+    "ua_default=a ua_trial= ua_tries=0 ua_a_ok=1 ua_b_ok=1 ua_boots=1 "
+boot "guard 1: boots a, counts down to 0" "[$A][$B][$IB]" \
+    "ua_default=a ua_trial= ua_tries=0 ua_a_ok=1 ua_b_ok=1 ua_boots=0 "
+boot "guard 0: a gave up, boots b" "[$B][$IB][$A]" \
+    "ua_default=a ua_trial= ua_tries=0 ua_a_ok=1 ua_b_ok=1 ua_boots=1 ua_fallen=a " \
+    "default slot a failed its last boots; booting slot b"
+boot "b did not reach the agent either: a once more" "[$A][$B][$IB]" \
+    "ua_default=a ua_trial= ua_tries=0 ua_a_ok=1 ua_b_ok=1 ua_boots=0 ua_fallen=a "
+new_disk none.cfg ua_default=a ua_trial= ua_tries=0 ua_a_ok=1 ua_b_ok=0 ua_boots=0
+boot "guard 0, b marked 0: a as the last resort" "[$A]" \
+    "ua_default=a ua_trial= ua_tries=0 ua_a_ok=1 ua_b_ok=0 ua_boots=0 " \
+    "failed its last boots, and slot b"
+new_disk none.cfg ua_default=a ua_trial=b ua_tries=1 ua_a_ok=1 ua_b_ok=1 ua_boots=3
+boot "trial boot: the guard is not counted" "[$B][$IB][$A]" \
+    "ua_default=a ua_trial=b ua_tries=0 ua_a_ok=1 ua_b_ok=1 ua_boots=3 "
+boot "trial used up: the default's boot is counted" "[$A][$B][$IB]" \
+    "ua_default=a ua_trial= ua_tries=0 ua_a_ok=1 ua_b_ok=1 ua_boots=2 "
+
 new_disk none.cfg ua_default=c
 boot "garbage default: a, with a message" "[$A][$B][$IB]" "ua_default=c " "is not a or b"
 

@@ -65,6 +65,14 @@ pub struct BootStatus {
     pub trial: Option<(Slot, u8)>,
     /// Whether each slot may be booted at all: `[a, b]`.
     pub bootable: [bool; 2],
+    /// Boots of the default slot left before the bootloader tries the other one
+    /// (`None`: the backend keeps no such guard, or it is off).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub default_boots_left: Option<u8>,
+    /// The default slot the bootloader gave up on when its guard ran out: the other slot
+    /// is running, and the agent has not acted on it yet.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub fell_back_from: Option<Slot>,
     /// The backend's raw state, for `updatectl status` and bug reports.
     pub raw: String,
 }
@@ -139,6 +147,15 @@ pub trait BootControl: Send + Sync {
     /// through dm-verity, or (`None`) the partition itself. GRUB keeps it in grubenv;
     /// systemd-boot writes it into the entry `prepare` stages next.
     fn set_root(&mut self, slot: Slot, verity: Option<&RootVerity>) -> Result<(), BootError>;
+    /// Sets the default slot's boot guard back to `boots` once a boot of it reached the
+    /// agent: after that many boots of the default that never come back to this call,
+    /// the bootloader boots the other slot (unless it is unbootable) and says so in
+    /// [`BootStatus::fell_back_from`]. `0` turns the guard off. Returns whether the
+    /// backend keeps a guard at all; without one (systemd-boot only counts trials) a
+    /// default that stops booting is retried forever.
+    fn guard_default(&mut self, _boots: u8) -> Result<bool, BootError> {
+        Ok(false)
+    }
     /// Whether `prepare` needs the release's files (its file system mounted).
     fn needs_release_files(&self) -> bool {
         false

@@ -37,6 +37,8 @@ fn boot(default: Slot, trial: Option<(Slot, u8)>, bootable: [bool; 2]) -> BootSt
         default,
         trial,
         bootable,
+        default_boots_left: None,
+        fell_back_from: None,
         raw: "ua_default=b ua_a_ok=1 ua_b_ok=1".into(),
     }
 }

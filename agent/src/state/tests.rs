@@ -55,6 +55,45 @@ fn legal_path_and_illegal_moves() {
     assert!(s.cancel(4).is_err());
 }
 
+/// A committed release is rolled back without a RollingBack step only when the
+/// bootloader already runs the other slot (it gave up on the committed one).
+#[test]
+fn committed_release_that_stopped_booting_is_rolled_back_to_the_other_slot_only() {
+    let mut s = State::Idle;
+    s.begin(staging()).expect("begin");
+    s.progress(3, 10, 5).expect("progress");
+    s.staged("abc".into()).expect("staged");
+    s.armed(3).expect("armed");
+    s.commit(Some((Slot::A, "1.0".into())), 5).expect("commit");
+    assert!(
+        matches!(
+            s.clone()
+                .rolled_back(Slot::B, None, RollbackCause::StoppedBooting, 6),
+            Err(StateError::Illegal {
+                state: "committed",
+                ..
+            })
+        ),
+        "not to the slot it runs on"
+    );
+    s.rolled_back(Slot::A, None, RollbackCause::StoppedBooting, 6)
+        .expect("rolled back");
+    match &s {
+        State::RolledBack {
+            version,
+            slot,
+            reason,
+            cause,
+            ..
+        } => {
+            assert_eq!((version.as_str(), *slot), ("2.0", Slot::A));
+            assert_eq!(reason, "the committed slot stopped booting");
+            assert_eq!(*cause, Some(RollbackCause::StoppedBooting));
+        }
+        other => panic!("{other:?}"),
+    }
+}
+
 #[test]
 fn read_back_progress_needs_every_operation_and_goes_with_a_rewind() {
     let mark = |offset| ReadBack {

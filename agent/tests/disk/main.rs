@@ -244,7 +244,8 @@ impl Node {
     }
 
     /// Models a reboot into `slot`: the kernel command line and `/` say so, and when
-    /// GRUB boots a trial it counts the try down first, as the fragment does.
+    /// GRUB boots a trial it counts the try down first, as the fragment does; a boot of
+    /// the default counts its guard (`ua_boots`) down the same way.
     fn boot_into(&self, slot: &str) {
         fs::write(
             self.path("cmdline"),
@@ -268,16 +269,23 @@ impl Node {
         )
         .expect("config");
         let g = self.grub_vars();
-        if g.get("ua_trial").map(String::as_str) == Some(slot) {
-            let left: u32 = g.get("ua_tries").and_then(|t| t.parse().ok()).unwrap_or(0);
+        let count_down = |var: &str| {
+            let left: u32 = g.get(var).and_then(|t| t.parse().ok()).unwrap_or(0);
             sh(
                 "grub-editenv",
                 &[
                     self.grubenv.to_str().expect("p"),
                     "set",
-                    &format!("ua_tries={}", left.saturating_sub(1)),
+                    &format!("{var}={}", left.saturating_sub(1)),
                 ],
             );
+        };
+        if g.get("ua_trial").map(String::as_str) == Some(slot) {
+            count_down("ua_tries");
+        } else if g.get("ua_default").map(String::as_str) == Some(slot)
+            && g.get("ua_boots").is_some_and(|b| !b.is_empty() && b != "0")
+        {
+            count_down("ua_boots");
         }
     }
 

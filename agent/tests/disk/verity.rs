@@ -157,3 +157,98 @@ fn verity_a_slot_changed_after_staging_is_named_an_integrity_failure() {
         }
     }
 }
+
+/// A committed release whose slot stops booting (a byte changed under dm-verity
+/// restarts it at every boot): each boot counts the default's guard down, GRUB gives
+/// up at 0 and boots the slot before it, and the agent there rolls the release back,
+/// marks its slot unbootable and says why: an integrity failure when the slot no longer
+/// holds what was verified, the plain reason when it still does.
+#[test]
+fn verity_a_committed_slot_that_stops_booting_falls_back_and_says_why() {
+    let n = Node::new();
+    let (url, root) = publish_verity(&n, "2.0", None);
+    let var = |n: &Node, k: &str| n.grub_vars().get(k).cloned().unwrap_or_default();
+    for corrupt in [false, true] {
+        n.reset();
+        n.boot_into("a");
+        let o = n.agent(&["stage", &url], &[]);
+        assert!(o.status.success(), "{}", text(&o));
+        n.boot_into("b");
+        let o = n.agent(&["boot-check"], &[]);
+        assert!(
+            text(&o).contains("committed: 2.0 on slot b"),
+            "{}",
+            text(&o)
+        );
+        assert_eq!(
+            var(&n, "ua_boots"),
+            "3",
+            "the commit's boot guards the default"
+        );
+        // A boot of the default counts down, and reaching the agent sets it back.
+        n.boot_into("b");
+        assert_eq!(var(&n, "ua_boots"), "2");
+        let o = n.agent(&["boot-check"], &[]);
+        assert!(text(&o).contains("normal boot"), "{}", text(&o));
+        assert_eq!(var(&n, "ua_boots"), "3");
+        if corrupt {
+            fs::OpenOptions::new()
+                .write(true)
+                .open(n.disk.part(3))
+                .and_then(|f| std::os::unix::fs::FileExt::write_all_at(&f, b"\x5a", 7 << 20))
+                .expect("flip a byte in slot b");
+        }
+        // Three boots of b that never reach the agent, then GRUB's fallback to a.
+        for _ in 0..3 {
+            n.boot_into("b");
+        }
+        assert_eq!(var(&n, "ua_boots"), "0");
+        super::sh(
+            "grub-editenv",
+            &[
+                n.grubenv.to_str().expect("p"),
+                "set",
+                "ua_boots=1",
+                "ua_fallen=b",
+            ],
+        );
+        n.boot_into("a");
+        let o = n.agent(&["boot-check"], &[]);
+        let t = text(&o);
+        assert!(
+            t.contains("rolled back: 2.0") && t.contains("slot b stopped booting"),
+            "{t}"
+        );
+        assert_eq!(t.contains("failed its integrity check"), corrupt, "{t}");
+        assert_eq!(t.contains(&root), corrupt, "{t}");
+        let g = n.grub_vars();
+        for (k, v) in [
+            ("ua_default", "a"),
+            ("ua_b_ok", "0"),
+            ("ua_boots", "3"),
+            ("ua_fallen", ""),
+        ] {
+            assert_eq!(g.get(k).map(String::as_str), Some(v), "{k}: {g:?}");
+        }
+        let st = n.state();
+        assert_eq!(
+            (st["state"].as_str(), st["cause"].as_str()),
+            (Some("rolled_back"), Some("stopped_booting")),
+            "{st}"
+        );
+        let history: Vec<serde_json::Value> =
+            serde_json::from_slice(&fs::read(n.path("state/history.json")).expect("history"))
+                .expect("json");
+        let last = history.last().expect("entry");
+        assert_eq!(
+            (last["outcome"].as_str(), last["version"].as_str()),
+            (Some("rolled_back"), Some("2.0")),
+            "{last}"
+        );
+        // The next boot of a is a normal one, guarded.
+        n.boot_into("a");
+        let o = n.agent(&["boot-check"], &[]);
+        assert!(text(&o).contains("normal boot"), "{}", text(&o));
+        assert_eq!(var(&n, "ua_boots"), "3");
+    }
+}

@@ -184,6 +184,11 @@ impl BootControl for Grub {
         self.update(|s| s.rollback_to(slot))
     }
 
+    fn guard_default(&mut self, boots: u8) -> Result<bool, BootError> {
+        self.update(|s| s.guard_default(boots))?;
+        Ok(true)
+    }
+
     /// `ua_X_roothash` and `ua_X_hashoff` in the block (set, or removed for a plain
     /// root), read by the fragment when it boots slot X; the A/B variables untouched.
     fn set_root(&mut self, slot: Slot, verity: Option<&RootVerity>) -> Result<(), BootError> {

@@ -19,5 +19,6 @@ mod tests;
 pub use env::{EnvError, GrubEnv, BLOCK_SIZE, EDITENV_WARNING, SIGNATURE};
 pub use file::Grub;
 pub use state::{
-    GrubState, MAX_TRIES, OWNED_VARS, VAR_A_OK, VAR_B_OK, VAR_DEFAULT, VAR_TRIAL, VAR_TRIES,
+    GrubState, MAX_TRIES, OWNED_VARS, VAR_A_OK, VAR_BOOTS, VAR_B_OK, VAR_DEFAULT, VAR_FALLEN,
+    VAR_TRIAL, VAR_TRIES,
 };

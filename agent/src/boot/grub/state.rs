@@ -7,6 +7,8 @@
 //! | `ua_trial` | `a`, `b`, empty | the slot armed for trial boots | no trial (as empty) |
 //! | `ua_tries` | one digit `0`-`9` | trial boots left; GRUB counts it down (string comparison, 9→8 … 1→0) *before* each trial boot, and clears `ua_trial` when it finds 0 | `0` (as empty) |
 //! | `ua_a_ok`, `ua_b_ok` | `1`, `0` | `0`: never boot this slot (being written, or known bad) | `1` |
+//! | `ua_boots` | one digit, empty | the default's guard: boots of the default left before GRUB tries the other slot; GRUB counts it down before each boot of the default, the agent sets it back ([`GrubState::guard_default`]) once a boot reached it | no guard (as empty) |
+//! | `ua_fallen` | `a`, `b`, empty | set by GRUB when the guard ran out: the default it gave up on (the other slot is booting) | none (as empty) |
 //!
 //! Any other value (`ua_default=c`, `ua_tries=10`, ...) is Malformed, never guessed;
 //! so is a trial of the default slot or of a slot marked `0` (no transition makes
@@ -16,7 +18,8 @@
 //! none: its slot is running, so presuming it bad would refuse `rollback_to` the very
 //! slot that works. The agent never relies on a missing `0`: it marks a slot `0`
 //! before writing into it. Every transition writes all five variables, in the order
-//! above, so after the first one the state is explicit.
+//! above, so after the first one the state is explicit. The guard's two variables are
+//! written only once the agent keeps a guard (a block without them stays without).
 //!
 //! `ua_trial=b` with `ua_tries=0` is reported as trial `(b, 0)`: the last try is the
 //! boot running now (or, after another reboot, GRUB falls back and clears the trial).
@@ -30,6 +33,9 @@
 //!   unbootable (a half-written slot must go through a trial first).
 //! * `rollback_to(s)`: `ua_default=s`, no trial, `ua_tries=0`; refused if `s` is marked
 //!   unbootable.
+//! * `commit(s)` and `rollback_to(s)` also clear `ua_fallen`: the default is chosen anew.
+//! * `guard_default(n)`: `ua_boots=n` (`0`: no guard, both variables emptied) and
+//!   `ua_fallen` cleared; refused for `n` above 9.
 //!
 //! A refused transition writes nothing.
 
@@ -42,8 +48,18 @@ pub const VAR_TRIAL: &str = "ua_trial";
 pub const VAR_TRIES: &str = "ua_tries";
 pub const VAR_A_OK: &str = "ua_a_ok";
 pub const VAR_B_OK: &str = "ua_b_ok";
+pub const VAR_BOOTS: &str = "ua_boots";
+pub const VAR_FALLEN: &str = "ua_fallen";
 /// The variables the agent owns, in the order every transition writes them.
-pub const OWNED_VARS: [&str; 5] = [VAR_DEFAULT, VAR_TRIAL, VAR_TRIES, VAR_A_OK, VAR_B_OK];
+pub const OWNED_VARS: [&str; 7] = [
+    VAR_DEFAULT,
+    VAR_TRIAL,
+    VAR_TRIES,
+    VAR_A_OK,
+    VAR_B_OK,
+    VAR_BOOTS,
+    VAR_FALLEN,
+];
 /// Tries are one decimal digit: the GRUB script counts down by string comparison.
 pub const MAX_TRIES: u8 = 9;
 
@@ -61,7 +77,7 @@ impl GrubEnv {
     }
 }
 
-/// The agent's view of the block: the five owned variables, validated.
+/// The agent's view of the block: the owned variables, validated.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct GrubState {
     pub default: Slot,
@@ -69,6 +85,10 @@ pub struct GrubState {
     pub tries: u8,
     /// Whether each slot may be booted: `[a, b]`.
     pub ok: [bool; 2],
+    /// The default's guard: boots left before the other slot is tried (`None`: none).
+    pub boots: Option<u8>,
+    /// The default GRUB gave up on when the guard ran out.
+    pub fallen: Option<Slot>,
 }
 
 impl GrubState {
@@ -82,6 +102,8 @@ impl GrubState {
             trial: None,
             tries: 0,
             ok,
+            boots: None,
+            fallen: None,
         }
     }
 
@@ -113,6 +135,17 @@ impl GrubState {
             ok(VAR_A_OK, "ua_a_ok is not 0 or 1")?,
             ok(VAR_B_OK, "ua_b_ok is not 0 or 1")?,
         ];
+        let boots = match env.get(VAR_BOOTS) {
+            None | Some(b"") => None,
+            Some(&[d]) if d.is_ascii_digit() => Some(d - b'0'),
+            Some(_) => return Err(Malformed("ua_boots is not a single digit")),
+        };
+        let fallen = match env.get(VAR_FALLEN) {
+            None | Some(b"") => None,
+            Some(b"a") => Some(Slot::A),
+            Some(b"b") => Some(Slot::B),
+            Some(_) => return Err(Malformed("ua_fallen is not a, b or empty")),
+        };
         // States no transition produces and the GRUB script ignores: reporting them
         // as a trial would tell the agent something GRUB will not do.
         match trial {
@@ -123,21 +156,34 @@ impl GrubState {
                 trial,
                 tries,
                 ok,
+                boots,
+                fallen,
             }),
         }
     }
 
-    /// Writes all five variables, in [`OWNED_VARS`] order.
+    /// Writes the five A/B variables, in [`OWNED_VARS`] order, then the guard's two
+    /// when there is a guard or the block already has them.
     pub fn apply_to(&self, env: &mut GrubEnv) -> Result<(), EnvError> {
-        if self.tries > MAX_TRIES {
-            return Err(EnvError::Malformed("ua_tries would not be a single digit"));
+        if self.tries > MAX_TRIES || self.boots.is_some_and(|b| b > MAX_TRIES) {
+            return Err(EnvError::Malformed("a count would not be a single digit"));
         }
         let flag = |ok: bool| if ok { "1" } else { "0" };
         env.set(VAR_DEFAULT, self.default.letter())?;
         env.set(VAR_TRIAL, self.trial.map_or("", Slot::letter))?;
         env.set(VAR_TRIES, &self.tries.to_string())?;
         env.set(VAR_A_OK, flag(self.ok[0]))?;
-        env.set(VAR_B_OK, flag(self.ok[1]))
+        env.set(VAR_B_OK, flag(self.ok[1]))?;
+        if self.boots.is_some() || env.get(VAR_BOOTS).is_some() {
+            env.set(
+                VAR_BOOTS,
+                &self.boots.map_or(String::new(), |b| b.to_string()),
+            )?;
+        }
+        if self.fallen.is_some() || env.get(VAR_FALLEN).is_some() {
+            env.set(VAR_FALLEN, self.fallen.map_or("", Slot::letter))?;
+        }
+        Ok(())
     }
 
     pub fn status(&self, raw: String) -> BootStatus {
@@ -145,6 +191,8 @@ impl GrubState {
             default: self.default,
             trial: self.trial.map(|s| (s, self.tries)),
             bootable: self.ok,
+            default_boots_left: self.boots,
+            fell_back_from: self.fallen,
             raw,
         }
     }
@@ -188,7 +236,8 @@ impl GrubState {
             default: slot,
             trial: None,
             tries: 0,
-            ok: self.ok,
+            fallen: None,
+            ..self
         })
     }
 
@@ -200,7 +249,21 @@ impl GrubState {
             default: slot,
             trial: None,
             tries: 0,
-            ok: self.ok,
+            fallen: None,
+            ..self
+        })
+    }
+
+    /// Sets the default's guard back to `boots` (0: no guard) after a boot reached the
+    /// agent; a fallback GRUB recorded is over once this is called.
+    pub fn guard_default(self, boots: u8) -> Result<Self, BootError> {
+        if boots > MAX_TRIES {
+            return Err(refused("guard", self.default, "boots must be 0 to 9"));
+        }
+        Ok(Self {
+            boots: (boots > 0).then_some(boots),
+            fallen: None,
+            ..self
         })
     }
 }

@@ -177,6 +177,8 @@ impl EspState {
             default,
             trial,
             bootable: [self.entries[0].is_some(), self.entries[1].is_some()],
+            default_boots_left: None,
+            fell_back_from: None,
             raw,
         })
     }

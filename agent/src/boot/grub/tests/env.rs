@@ -59,7 +59,9 @@ fn reads_what_editenv_writes() {
             default: Slot::B,
             trial: Some(Slot::A),
             tries: 3,
-            ok: [true, true]
+            ok: [true, true],
+            boots: None,
+            fallen: None,
         }
     );
 }

@@ -291,6 +291,10 @@ fn garbage_in_agent_variables_refuses_everything() {
         "ua_a_ok=2",
         "ua_b_ok=yes",
         "ua_b_ok=",
+        "ua_boots=10",
+        "ua_boots=x",
+        "ua_fallen=c",
+        "ua_fallen=ab",
     ] {
         let path = editenv_file(dir.path(), "grubenv", &["saved_entry=0", bad]);
         let before = bytes(&path);
@@ -327,7 +331,9 @@ fn missing_agent_variables_mean_default_a_no_trial_both_bootable() {
             default: Slot::A,
             trial: None,
             tries: 0,
-            ok: [true, true]
+            ok: [true, true],
+            boots: None,
+            fallen: None,
         }
     );
     assert_eq!(
@@ -336,7 +342,9 @@ fn missing_agent_variables_mean_default_a_no_trial_both_bootable() {
             default: Slot::B,
             trial: None,
             tries: 0,
-            ok: [true, false]
+            ok: [true, false],
+            boots: None,
+            fallen: None,
         }
     );
     assert_eq!(
@@ -345,4 +353,77 @@ fn missing_agent_variables_mean_default_a_no_trial_both_bootable() {
     );
     let st = state(b"ua_trial=b\nua_tries=0\n").expect("valid");
     assert_eq!(st.status(String::new()).trial, Some((Slot::B, 0)));
+}
+
+/// The default's guard: set by the agent, counted down and given up on by GRUB (here
+/// grub-editenv plays GRUB), and cleared once the agent has chosen a default again.
+#[test]
+fn guard_of_the_default() {
+    let dir = tmp();
+    let d = dir.path();
+    let theirs = editenv_file(d, "theirs", &["saved_entry=0"]);
+    let ours = d.join("ours");
+    copy(&theirs, &ours);
+    let mut grub = open(&ours);
+    grub.commit(Slot::A).expect("commit a");
+    let ab = [
+        "ua_default=a",
+        "ua_trial=",
+        "ua_tries=0",
+        "ua_a_ok=1",
+        "ua_b_ok=1",
+    ];
+    same_as_editenv(&ours, &theirs, &ab);
+    assert_eq!(
+        status(&grub).default_boots_left,
+        None,
+        "no guard until asked"
+    );
+
+    assert!(grub.guard_default(3).expect("guard"));
+    same_as_editenv(&ours, &theirs, &["ua_boots=3"]);
+    assert_eq!(status(&grub).default_boots_left, Some(3));
+
+    // GRUB gave up on a after its boots ran out and booted b.
+    editenv(&ours, &["set", "ua_boots=1", "ua_fallen=a"]);
+    copy(&ours, &theirs);
+    let st = status(&grub);
+    assert_eq!((st.default, st.fell_back_from), (Slot::A, Some(Slot::A)));
+    grub.rollback_to(Slot::B).expect("rollback to b");
+    same_as_editenv(
+        &ours,
+        &theirs,
+        &[
+            "ua_default=b",
+            "ua_trial=",
+            "ua_tries=0",
+            "ua_a_ok=1",
+            "ua_b_ok=1",
+            "ua_boots=1",
+            "ua_fallen=",
+        ],
+    );
+    assert_eq!(status(&grub).fell_back_from, None);
+    grub.mark_unbootable(Slot::A).expect("mark a");
+    grub.guard_default(3).expect("guard b");
+    same_as_editenv(
+        &ours,
+        &theirs,
+        &[
+            "ua_default=b",
+            "ua_trial=",
+            "ua_tries=0",
+            "ua_a_ok=0",
+            "ua_b_ok=1",
+            "ua_boots=3",
+            "ua_fallen=",
+        ],
+    );
+
+    let before = bytes(&ours);
+    refused_with(grub.guard_default(10).map(|_| ()), "boots must be 0 to 9");
+    assert_eq!(bytes(&ours), before);
+    grub.guard_default(0).expect("guard off");
+    same_as_editenv(&ours, &theirs, &["ua_boots=", "ua_fallen="]);
+    assert_eq!(status(&grub).default_boots_left, None);
 }
