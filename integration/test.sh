@@ -86,6 +86,7 @@ else
   step "initramfs: a wrong root hash, a corrupted block, a missing root (initrd-smoke.sh 3 4 6)"
   UA_SMOKE_CASES="3 4 6" bash integration/vm/initrd-smoke.sh "$lab_cache"
   step "VM lab (GRUB): scenarios 1 2 3 4 6 5 7 8 9 under QEMU"
+  export UA_LAB_PKGS="$t/pkg:$t/pkg-next"
   bash integration/vm/lab.sh --bootloader grub 1 2 3 4 6 5 7 8 9
   step "VM lab (systemd-boot): scenarios 1 2 3 4 6 5 7 8 under QEMU"
   bash integration/vm/lab.sh --bootloader systemd-boot 1 2 3 4 6 5 7 8

@@ -163,8 +163,8 @@ impl Agent {
     ) -> Result<BootOutcome, UpdateError> {
         let booted = self.layout.booted;
         let lead = format!(
-            "slot {fallen} stopped booting ({} boots in a row did not reach the agent) and \
-             the bootloader fell back to slot {booted}",
+            "committed slot {fallen} stopped booting ({} boots in a row did not reach the \
+             agent; the bootloader fell back to slot {booted})",
             self.cfg.boot.default_tries
         );
         let reason = self

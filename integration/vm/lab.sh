@@ -86,9 +86,19 @@ mkdir -p "$w/www" "$w/pki" "$w/keys"
 # The images get the agent as a distribution's would: its .deb, installed with dpkg.
 # Package revision 1 goes into 1.0, revision 2 (the same build) into 2.0 and later,
 # an upgrade over 1.0's tree whose agent.toml the lab changed.
-say "building the update-agent packages (release build; revisions 1 and 2)"
-bash "$repo/integration/package.sh" "$w/pkg-1" >&2
-UA_PKG_RELEASE=2 bash "$repo/integration/package.sh" "$w/pkg-2" >&2
+# UA_LAB_PKGS=DIR1:DIR2 takes them from a build of the same tree (test.sh's packages
+# tier) instead of building them again for each lab.
+if [[ -n ${UA_LAB_PKGS:-} ]]; then
+  say "the update-agent packages: revisions 1 and 2 from ${UA_LAB_PKGS}"
+  IFS=: read -r pkg1 pkg2 <<<"$UA_LAB_PKGS"
+  mkdir -p "$w/pkg-1" "$w/pkg-2"
+  cp "$pkg1"/update-agent_*-1_amd64.deb "$w/pkg-1/"
+  cp "$pkg2"/update-agent_*-2_amd64.deb "$w/pkg-2/"
+else
+  say "building the update-agent packages (release build; revisions 1 and 2)"
+  bash "$repo/integration/package.sh" "$w/pkg-1" >&2
+  UA_PKG_RELEASE=2 bash "$repo/integration/package.sh" "$w/pkg-2" >&2
+fi
 bin=$CARGO_TARGET_DIR/release
 updatectl_host=$bin/updatectl
 qemu_pid=""
@@ -503,6 +513,22 @@ wait_console() {
   done
 }
 
+# change_systemd_block SLOT: with the VM down, flips one bit in the first block of
+# systemd's binary in SLOT (which holds 8.0), a block every boot reads: where it sits in
+# 8.0's image, then on the disk (the slot partition's start).
+change_systemd_block() {
+  local blk start at
+  blk=$(debugfs -R "bmap /usr/lib/systemd/systemd 0" "$w/8.0.img" 2>/dev/null)
+  [[ $blk =~ ^[0-9]+$ ]] || fail "cannot find /usr/lib/systemd/systemd in 8.0.img"
+  start=$(sfdisk -d "$w/disk.img" | sed -n "s/.*start= *\([0-9]*\),.*name=\"root-$1\".*/\1/p")
+  at=$((start * 512 + blk * 4096 + 100))
+  python3 -c 'import sys
+p, at = sys.argv[1], int(sys.argv[2])
+with open(p, "r+b") as f:
+    f.seek(at); b = f.read(1); f.seek(at); f.write(bytes([b[0] ^ 0x20]))' "$w/disk.img" "$at"
+  log "flipped one bit of byte $at of the disk (slot $1, block $blk of 8.0's image)"
+}
+
 say "boot 1: the node runs 1.0"
 boot
 wait_api
@@ -806,17 +832,7 @@ PY
       other=$(field "['other']['name']" <<<"$j")
       ctl update --version 8.0 --wait
       reboot_down
-      # A byte of the first block of systemd's binary, which every boot reads: where
-      # it sits in 8.0's image, then on the disk (the slot partition's start).
-      blk=$(debugfs -R "bmap /usr/lib/systemd/systemd 0" "$w/8.0.img" 2>/dev/null)
-      [[ $blk =~ ^[0-9]+$ ]] || fail "cannot find /usr/lib/systemd/systemd in 8.0.img"
-      start=$(sfdisk -d "$w/disk.img" | sed -n "s/.*start= *\([0-9]*\),.*name=\"root-$other\".*/\1/p")
-      at=$((start * 512 + blk * 4096 + 100))
-      python3 -c 'import sys
-p, at = sys.argv[1], int(sys.argv[2])
-with open(p, "r+b") as f:
-    f.seek(at); b = f.read(1); f.seek(at); f.write(bytes([b[0] ^ 0x20]))' "$w/disk.img" "$at"
-      log "flipped one bit of byte $at of the disk (slot $other, block $blk of 8.0's image)"
+      change_systemd_block "$other"
       say "boots: each try of 8.0 hits the verity error and restarts; then $from again"
       boot_until_api 5
       j=$(status_json)
@@ -847,18 +863,10 @@ with open(p, "r+b") as f:
       [[ $(field "['state']" <<<"$j") == committed && $(field "['running_version']" <<<"$j") == 8.0 ]] \
         || fail "8.0 was not committed: $j"
       slot=$(field "['booted']['name']" <<<"$j")
-      reboot_down
+      reboot_down --force
       grep -q '^ua_boots=3$' <<<"$("$here/grubenv.sh" "$w/disk.img" list)" \
         || fail "the committed default is not guarded: $("$here/grubenv.sh" "$w/disk.img" list | tr '\n' ' ')"
-      blk=$(debugfs -R "bmap /usr/lib/systemd/systemd 0" "$w/8.0.img" 2>/dev/null)
-      [[ $blk =~ ^[0-9]+$ ]] || fail "cannot find /usr/lib/systemd/systemd in 8.0.img"
-      start=$(sfdisk -d "$w/disk.img" | sed -n "s/.*start= *\([0-9]*\),.*name=\"root-$slot\".*/\1/p")
-      at=$((start * 512 + blk * 4096 + 100))
-      python3 -c 'import sys
-p, at = sys.argv[1], int(sys.argv[2])
-with open(p, "r+b") as f:
-    f.seek(at); b = f.read(1); f.seek(at); f.write(bytes([b[0] ^ 0x20]))' "$w/disk.img" "$at"
-      log "flipped one bit of byte $at of the disk (slot $slot, committed 8.0)"
+      change_systemd_block "$slot"
       say "boots: each boot of 8.0 hits the verity error and restarts; after 3 the bootloader boots $from"
       first=$((boots + 1))
       boot_until_api 5

@@ -28,6 +28,15 @@ fn publish_verity(n: &Node, version: &str, hash_offset: Option<u64>) -> (String,
     (n.server.url(&name), root.into_inner())
 }
 
+/// One byte of slot b's image, as a disk (or someone with it) would change it.
+fn change_a_byte_of_slot_b(n: &Node) {
+    fs::OpenOptions::new()
+        .write(true)
+        .open(n.disk.part(3))
+        .and_then(|f| std::os::unix::fs::FileExt::write_all_at(&f, b"\x5a", 7 << 20))
+        .expect("change a byte in slot b");
+}
+
 #[test]
 fn verity_tree_built_on_the_slot_through_restarts_and_veritysetup_verifies_it() {
     let n = Node::new();
@@ -134,12 +143,7 @@ fn verity_a_slot_changed_after_staging_is_named_an_integrity_failure() {
         assert!(o.status.success(), "{}", text(&o));
         n.assert_armed_v2();
         if corrupt {
-            // One byte of the image, as a disk (or someone with it) would change it.
-            fs::OpenOptions::new()
-                .write(true)
-                .open(n.disk.part(3))
-                .and_then(|f| std::os::unix::fs::FileExt::write_all_at(&f, b"\x5a", 7 << 20))
-                .expect("flip a byte in slot b");
+            change_a_byte_of_slot_b(&n);
         }
         let o = gave_up(&n);
         let t = text(&o);
@@ -192,11 +196,7 @@ fn verity_a_committed_slot_that_stops_booting_falls_back_and_says_why() {
         assert!(text(&o).contains("normal boot"), "{}", text(&o));
         assert_eq!(var(&n, "ua_boots"), "3");
         if corrupt {
-            fs::OpenOptions::new()
-                .write(true)
-                .open(n.disk.part(3))
-                .and_then(|f| std::os::unix::fs::FileExt::write_all_at(&f, b"\x5a", 7 << 20))
-                .expect("flip a byte in slot b");
+            change_a_byte_of_slot_b(&n);
         }
         // Three boots of b that never reach the agent, then GRUB's fallback to a.
         for _ in 0..3 {
