@@ -59,9 +59,13 @@ fn trial_boots_commit_or_roll_back() {
         n.grub_vars().get("ua_default").map(String::as_str),
         Some("a")
     );
+    // The rollback ends the default's guard (the agent on a might not know it) ...
+    assert_eq!(n.grub_vars().get("ua_boots").map(String::as_str), Some(""));
     n.boot_into("a");
     let o = check(&n, &[]);
     assert_rolled_back(&o, "manual rollback");
+    // ... and this agent on a, which does, guards it again.
+    assert_eq!(n.grub_vars().get("ua_boots").map(String::as_str), Some("3"));
     assert_eq!(
         n.grub_vars().get("ua_b_ok").map(String::as_str),
         Some("1"),

@@ -33,7 +33,8 @@
 //!   unbootable (a half-written slot must go through a trial first).
 //! * `rollback_to(s)`: `ua_default=s`, no trial, `ua_tries=0`; refused if `s` is marked
 //!   unbootable.
-//! * `commit(s)` and `rollback_to(s)` also clear `ua_fallen`: the default is chosen anew.
+//! * `commit(s)` and `rollback_to(s)` also clear `ua_fallen`: the default is chosen anew;
+//!   `rollback_to(s)` clears `ua_boots` too (the agent on `s` may not know the guard).
 //! * `guard_default(n)`: `ua_boots=n` (`0`: no guard, both variables emptied) and
 //!   `ua_fallen` cleared; refused for `n` above 9.
 //!
@@ -241,6 +242,9 @@ impl GrubState {
         })
     }
 
+    /// Also ends the guard: the slot rolled back to may run an agent that does not
+    /// know it, which would never set it back, and GRUB would then leave that slot
+    /// after a few good boots. An agent that knows it guards the slot once it runs.
     pub fn rollback_to(self, slot: Slot) -> Result<Self, BootError> {
         if !self.ok(slot) {
             return Err(refused("roll back to", slot, "it is marked unbootable"));
@@ -249,6 +253,7 @@ impl GrubState {
             default: slot,
             trial: None,
             tries: 0,
+            boots: None,
             fallen: None,
             ..self
         })
