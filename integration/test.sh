@@ -63,6 +63,10 @@ done
 bash -n "$t/updatectl.bash"
 grep -q -- '--reboot' "$t/updatectl.bash"
 
+step "example Prometheus alerting rules (promtool check + unit tests)"
+promtool check rules integration/prometheus/rules.yml
+promtool test rules integration/prometheus/rules_test.yml
+
 step "GRUB fragment in grub-emu"
 sh bootloader-hooks/grub/test-grub-emu.sh
 
