@@ -193,15 +193,9 @@ impl Client {
     /// `base` is the server's URL (`http://prometheus:9090`); `timeout` bounds a whole
     /// query, connection and body included.
     pub fn new(base: &str, timeout: Duration) -> Self {
-        let config = ureq::Agent::config_builder()
-            .timeout_global(Some(timeout))
-            .http_status_as_error(false)
-            .proxy(ureq::Proxy::try_from_env())
-            .user_agent(concat!("update-agent/", env!("CARGO_PKG_VERSION")))
-            .build();
         Self {
             url: format!("{}/api/v1/alerts", base.trim_end_matches('/')),
-            agent: config.into(),
+            agent: crate::fleetlock::short_calls(timeout),
         }
     }
 

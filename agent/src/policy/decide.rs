@@ -315,10 +315,9 @@ mod tests {
         );
     }
 
-    #[test]
-    fn reboots_follow_the_strategy_and_the_windows() {
-        let none = Windows::new("UTC", &[]).expect("valid");
-        let w = Windows::new(
+    /// Thursdays 02:00-04:00 UTC.
+    fn thursday_2_to_4() -> Windows {
+        Windows::new(
             "UTC",
             &[WindowConfig {
                 days: vec!["thu".into()],
@@ -326,7 +325,13 @@ mod tests {
                 length: "2h".into(),
             }],
         )
-        .expect("valid");
+        .expect("valid")
+    }
+
+    #[test]
+    fn reboots_follow_the_strategy_and_the_windows() {
+        let none = Windows::new("UTC", &[]).expect("valid");
+        let w = thursday_2_to_4();
         // 2026-11-26 is a Thursday.
         let inside = ts("2026-11-26T03:00:00Z");
         let outside = ts("2026-11-26T05:00:00Z");
@@ -368,15 +373,7 @@ mod tests {
     #[test]
     fn a_soak_keeps_the_slot_but_never_past_its_window() {
         let none = Windows::new("UTC", &[]).expect("valid");
-        let w = Windows::new(
-            "UTC",
-            &[WindowConfig {
-                days: vec!["thu".into()],
-                start: "02:00".into(),
-                length: "2h".into(),
-            }],
-        )
-        .expect("valid");
+        let w = thursday_2_to_4();
         let m = SignedDuration::from_mins;
         let at = ts("2026-11-26T03:00:00Z");
         assert_eq!(soak(at, at, m(0), &none), Soak::Over);
