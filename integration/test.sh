@@ -84,6 +84,11 @@ bash integration/package.sh "$t/pkg"
 UA_PKG_RELEASE=2 bash integration/package.sh "$t/pkg-next" >/dev/null
 bash integration/check-packages.sh "$t/pkg" "$rootfs" "$t/pkg-next"
 
+step "fleet: 50 real agents on loop devices, Prometheus halts the bad release (fleet/run.sh)"
+# About 3 minutes, most of it the waves and the alert's range (12 nodes take as long);
+# the numbers: docs/benchmarks.md.
+bash integration/fleet/run.sh --nodes 50 --slots 3 --work "$t/fleet" | tail -n 12
+
 if [[ ${UPDATE_AGENT_SKIP_VM:-} == 1 && -z ${CI:-} ]]; then
   step "VM lab skipped (UPDATE_AGENT_SKIP_VM=1)"
 else
