@@ -363,6 +363,8 @@ class Fleet:
 
     def setup(self):
         self.images = make_images(self.work)
+        import hashlib
+        self.v1_sha256 = hashlib.sha256(open(self.images["1.0"], "rb").read()).hexdigest()
         run(self.updatectl, "bundle", "keygen", "--out", self.path("keys"))
         self.keys = self.path("keys.d")
         os.makedirs(self.keys)
@@ -375,6 +377,11 @@ class Fleet:
             node.make_disk(self.images["1.0"])
             node.configure(self)
             open(node.path("machine-id"), "w").write(mid + "\n")
+            # What an agent records when it commits a release: slot a holds 1.0 with
+            # this sha256, so the node asks for the delta from it (a node provisioned
+            # from an image without this record takes the full payload, reusing blocks).
+            json.dump({"a": {"version": "1.0", "sha256": self.v1_sha256}},
+                      open(node.path("state/images.json"), "w"))
             self.nodes.append(node)
         log(f"{self.n} nodes on loop devices, {first} in the first wave")
 
