@@ -23,6 +23,8 @@ declare -A want=(
   [openssl]=openssl
   [setpriv]=util-linux
   [veritysetup]=cryptsetup-bin
+  # promtool checks the example alerting rules; the fleet run starts Prometheus.
+  [promtool]=prometheus
 )
 need=()
 export PATH=$PATH:/usr/sbin:/sbin

@@ -63,6 +63,10 @@ done
 bash -n "$t/updatectl.bash"
 grep -q -- '--reboot' "$t/updatectl.bash"
 
+step "example Prometheus alerting rules (promtool check + unit tests)"
+promtool check rules integration/prometheus/rules.yml
+promtool test rules integration/prometheus/rules_test.yml
+
 step "GRUB fragment in grub-emu"
 sh bootloader-hooks/grub/test-grub-emu.sh
 
@@ -79,6 +83,11 @@ rootfs=$lab_cache/rootfs.tar
 bash integration/package.sh "$t/pkg"
 UA_PKG_RELEASE=2 bash integration/package.sh "$t/pkg-next" >/dev/null
 bash integration/check-packages.sh "$t/pkg" "$rootfs" "$t/pkg-next"
+
+step "fleet: 50 real agents on loop devices, Prometheus halts the bad release (fleet/run.sh)"
+# About 3 minutes, most of it the waves and the alert's range (12 nodes take as long);
+# the numbers: docs/benchmarks.md.
+bash integration/fleet/run.sh --nodes 50 --slots 3 --work "$t/fleet" | tail -n 12
 
 if [[ ${UPDATE_AGENT_SKIP_VM:-} == 1 && -z ${CI:-} ]]; then
   step "VM lab skipped (UPDATE_AGENT_SKIP_VM=1)"

@@ -23,9 +23,11 @@ pub const LOCK_RELEASED: &str = "2b4c1d0b41584ce29b92c7e791bce9d1";
 pub const CHECK_FAILED: &str = "332320ea91b44b89aa3fb8bd4076bb73";
 pub const UPDATE_CANCELLED: &str = "b7c4bc55fc32402f9d603f9fae4bac91";
 pub const ROLLING_BACK: &str = "4319aa8d50f64d16b86014ec6df865ef";
+pub const ROLLOUT_HALTED: &str = "864455e0c056499184d8c2dc64df1421";
+pub const ROLLOUT_RESUMED: &str = "e6570f0d9a634c5b9184f709ba1322c1";
 
 /// Every event id with its name, for the docs test and `updatectl`.
-pub const ALL: [(&str, &str); 12] = [
+pub const ALL: [(&str, &str); 14] = [
     ("UPDATE_STARTED", UPDATE_STARTED),
     ("UPDATE_STAGED", UPDATE_STAGED),
     ("UPDATE_FAILED", UPDATE_FAILED),
@@ -38,6 +40,8 @@ pub const ALL: [(&str, &str); 12] = [
     ("CHECK_FAILED", CHECK_FAILED),
     ("UPDATE_CANCELLED", UPDATE_CANCELLED),
     ("ROLLING_BACK", ROLLING_BACK),
+    ("ROLLOUT_HALTED", ROLLOUT_HALTED),
+    ("ROLLOUT_RESUMED", ROLLOUT_RESUMED),
 ];
 
 /// Emits an event: `emit!(LEVEL, ID, field = value, ...; "message")`.

@@ -69,19 +69,26 @@ pub fn node_id(machine_id: &str) -> String {
     hex::encode(&h.finalize()[..16])
 }
 
+/// An HTTP agent for short calls to the fleet's services (FleetLock, Prometheus):
+/// `timeout` bounds a whole call, body included; statuses are the caller's to read;
+/// proxy from the environment.
+pub fn short_calls(timeout: Duration) -> ureq::Agent {
+    ureq::Agent::config_builder()
+        .timeout_global(Some(timeout))
+        .http_status_as_error(false)
+        .proxy(ureq::Proxy::try_from_env())
+        .user_agent(concat!("update-agent/", env!("CARGO_PKG_VERSION")))
+        .build()
+        .into()
+}
+
 impl Client {
     pub fn new(base: &str, group: &str, id: String, timeout: Duration) -> Self {
-        let config = ureq::Agent::config_builder()
-            .timeout_global(Some(timeout))
-            .http_status_as_error(false)
-            .proxy(ureq::Proxy::try_from_env())
-            .user_agent(concat!("update-agent/", env!("CARGO_PKG_VERSION")))
-            .build();
         Self {
             base: base.trim_end_matches('/').to_owned(),
             group: group.to_owned(),
             id,
-            agent: config.into(),
+            agent: short_calls(timeout),
         }
     }
 

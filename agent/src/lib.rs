@@ -4,7 +4,7 @@
 //! generator; [`apply`] turns a payload into a slot image; [`file_target`] is the
 //! file-backed slot used by the offline tools; [`daemon`] is the daemon itself
 //! (operations, status, the unattended loop) and [`api`] serves it over gRPC; [`cli`] is `updatectl`; [`policy`] decides unattended patching and
-//! [`fleetlock`] coordinates its reboots; [`metrics`] renders Prometheus text.
+//! [`fleetlock`] coordinates its reboots, [`halt`] stops them on the fleet's alerts; [`metrics`] renders Prometheus text.
 
 pub mod api;
 pub mod apply;
@@ -20,6 +20,7 @@ pub mod events;
 pub mod fetch;
 pub mod file_target;
 pub mod fleetlock;
+pub mod halt;
 pub mod hashio;
 pub mod health;
 pub mod history;

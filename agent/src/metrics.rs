@@ -26,6 +26,11 @@ pub struct AutoFacts {
     pub waiting_since: Option<u64>,
     /// Whether this node holds a FleetLock slot (None: no FleetLock configured).
     pub lock_held: Option<bool>,
+    /// Whether a firing alert (or no answer) halts the rollout (None: no
+    /// `[auto.halt]`).
+    pub halted: Option<bool>,
+    /// When a committed release's soak gives the FleetLock slot back.
+    pub soak_until: Option<u64>,
 }
 
 /// Everything a scrape shows.
@@ -228,6 +233,24 @@ fn auto(o: &mut Out, a: &AutoFacts, now: u64) {
         );
         o.sample("update_agent_fleetlock_held", &[], u8::from(h));
     }
+    if let Some(h) = a.halted {
+        o.family(
+            "update_agent_rollout_halted",
+            "gauge",
+            "1 while a Prometheus alert matching auto.halt (or no answer, with on_error = hold) holds stagings and reboots.",
+        );
+        o.sample("update_agent_rollout_halted", &[], u8::from(h));
+    }
+    o.family(
+        "update_agent_soak_remaining_seconds",
+        "gauge",
+        "How long a committed release still keeps its FleetLock slot (auto.fleetlock.soak); 0 when none soaks.",
+    );
+    o.sample(
+        "update_agent_soak_remaining_seconds",
+        &[],
+        a.soak_until.map_or(0, |s| s.saturating_sub(now)),
+    );
 }
 
 #[cfg(test)]
@@ -287,6 +310,8 @@ mod tests {
             next_window: Some(200),
             waiting_since: Some(40),
             lock_held: Some(true),
+            halted: Some(true),
+            soak_until: Some(130),
         };
         let text = render(&Inputs {
             running: Some("2.0 \"beta\"\n"),
@@ -314,6 +339,8 @@ mod tests {
             "update_agent_next_window_start_timestamp_seconds 200",
             "update_agent_reboot_wait_seconds 60",
             "update_agent_fleetlock_held 1",
+            "update_agent_rollout_halted 1",
+            "update_agent_soak_remaining_seconds 30",
         ] {
             assert!(text.lines().any(|l| l == want), "missing {want:?} in\n{text}");
         }

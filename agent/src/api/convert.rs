@@ -140,6 +140,8 @@ pub fn auto(a: AutoStatus) -> pb::Auto {
             Some(Lock::Released) => "released",
         }
         .to_owned(),
+        halted_by: a.halted_by,
+        soak_end: a.soak_until.map(jiff_ts),
     }
 }
 

@@ -308,6 +308,17 @@ fn auto_text(a: &pb::Auto, line: &mut impl FnMut(&str, String)) {
             line(if i == 0 { "Check" } else { "" }, l);
         }
     }
+    if !a.halted_by.is_empty() {
+        for (i, l) in wrap(&a.halted_by, 70, 3).into_iter().enumerate() {
+            line(if i == 0 { "Halted" } else { "" }, l);
+        }
+    }
+    if let Some(end) = &a.soak_end {
+        line(
+            "Soak",
+            format!("FleetLock slot kept until {}", when(Some(end))),
+        );
+    }
     if !a.held_version.is_empty() {
         let text = format!(
             "{} not retried by itself: {} (start it by hand to retry)",

@@ -273,9 +273,34 @@ fn after_staging() -> Vec<(&'static str, pb::Status)> {
     ]
 }
 
-/// The unattended loop's view: staged, waiting for the maintenance window.
+/// The unattended loop's view: staged, waiting for the maintenance window; halted by
+/// an alert; committed and soaking.
 fn unattended() -> Vec<(&'static str, pb::Status)> {
-    vec![("armed-waiting-for-window", {
+    let waiting = waiting_for_window();
+    let mut halted = waiting.clone();
+    if let Some(a) = halted.auto.as_mut() {
+        a.next_step = "halted before rebooting into 2.0: alert UpdateAgentReleaseRolledBack{instance=\"n7:9469\"} is firing (3 matching alerts); asking again at 2026-11-18T11:07:40Z".into();
+        a.halted_by = "alert UpdateAgentReleaseRolledBack{instance=\"n7:9469\",team=\"a\\nb\"} is firing (3 matching alerts)".into();
+    }
+    let mut soaking = waiting.clone();
+    if let Some(a) = soaking.auto.as_mut() {
+        a.next_step =
+            "2.0 is committed; soaking: the FleetLock slot goes back at 2026-11-18T11:36:40Z"
+                .into();
+        a.fleetlock = "unknown".into();
+        a.held_version.clear();
+        a.held_reason.clear();
+        a.soak_end = Some(crate::api::status::ts(T0 + 1800));
+    }
+    vec![
+        ("armed-waiting-for-window", waiting),
+        ("armed-halted-by-alert", halted),
+        ("soaking", soaking),
+    ]
+}
+
+fn waiting_for_window() -> pb::Status {
+    {
         let mut s = status(
             &layout(Slot::A),
             State::Armed {
@@ -306,9 +331,11 @@ fn unattended() -> Vec<(&'static str, pb::Status)> {
             in_window: false,
             time_zone: "Europe/Berlin".into(),
             fleetlock: "released".into(),
+            halted_by: String::new(),
+            soak_end: None,
         });
         s
-    })]
+    }
 }
 
 fn golden(name: &str, actual: &str) {

@@ -92,6 +92,8 @@ struct AutoJson<'a> {
     in_window: bool,
     time_zone: &'a str,
     fleetlock: &'a str,
+    halted_by: &'a str,
+    soak_end: Option<String>,
 }
 
 fn rfc(t: Option<&prost_types::Timestamp>) -> Option<String> {
@@ -183,6 +185,8 @@ pub fn status_json(s: &pb::Status) -> String {
             in_window: a.in_window,
             time_zone: &a.time_zone,
             fleetlock: &a.fleetlock,
+            halted_by: &a.halted_by,
+            soak_end: rfc(a.soak_end.as_ref()),
         }),
     };
     serde_json::to_string_pretty(&doc).unwrap_or_default() + "\n"

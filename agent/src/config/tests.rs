@@ -109,3 +109,49 @@ fn auto_settings_are_checked_at_load() {
     .expect("valid");
     assert_eq!(ok.auto.reboot, crate::policy::RebootStrategy::Never);
 }
+
+#[test]
+fn halt_and_soak_settings_are_checked_at_load() {
+    let base = "compatible = \"x\"\n[releases]\nurl = \"http://h/p\"\n";
+    let bad = |extra: &str| {
+        let e = Config::from_toml(&format!("{base}{extra}")).expect_err(extra);
+        format!("{:#}", anyhow::Error::from(e))
+    };
+    let p = "[auto.halt]\nprometheus = \"http://prom:9090\"\n";
+    let e = bad(p);
+    assert!(e.contains("auto.halt.alerts"), "{e}");
+    let e = bad(&format!("{p}alerts = \"(Rollback\"\n"));
+    assert!(e.contains("auto.halt.alerts") && e.contains("regex"), "{e}");
+    let e = bad(&format!(
+        "{p}alerts = \".*\"\nlabels = {{ severity = \"[\" }}\n"
+    ));
+    assert!(e.contains("auto.halt.labels.severity"), "{e}");
+    let e = bad("[auto.halt]\nprometheus = \"prom:9090\"\nalerts = \"A\"\n");
+    assert!(e.contains("auto.halt.prometheus"), "{e}");
+    let e = bad(&format!("{p}alerts = \"A\"\non_error = \"ignore\"\n"));
+    assert!(e.contains("ignore"), "{e}");
+    let e = bad(&format!("{p}alerts = \"A\"\ntimeout = \"1h\"\n"));
+    assert!(e.contains("auto.halt.timeout"), "{e}");
+    let e = bad(&format!("{p}alerts = \"A\"\nrecheck = \"0s\"\n"));
+    assert!(e.contains("auto.halt.recheck"), "{e}");
+    let e = bad(&format!("{p}alerts = \"A\"\nalert = \"B\"\n"));
+    assert!(e.contains("alert"), "{e}");
+    let e = bad("[auto.fleetlock]\nsoak = \"-5m\"\n");
+    assert!(e.contains("auto.fleetlock.soak"), "{e}");
+    let ok = Config::from_toml(&format!(
+        "{base}{p}alerts = \"UpdateAgent.*\"\non_error = \"proceed\"\n[auto.fleetlock]\nsoak = \"30m\"\n"
+    ))
+    .expect("valid");
+    let s = ok.auto.settings(None).expect("parsed");
+    let h = s.halt.as_ref().expect("halt");
+    assert_eq!(h.on_error, crate::policy::OnError::Proceed);
+    assert_eq!(h.timeout, std::time::Duration::from_secs(10));
+    assert_eq!(s.soak, jiff::SignedDuration::from_mins(30));
+    assert!(Config::from_toml(base)
+        .expect("valid")
+        .auto
+        .settings(None)
+        .expect("parsed")
+        .halt
+        .is_none());
+}

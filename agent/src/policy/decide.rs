@@ -6,7 +6,8 @@ use jiff::{SignedDuration, Timestamp};
 
 use super::wave::{self, Wave};
 use super::window::{Span, Windows};
-use super::RebootStrategy;
+use super::{OnError, RebootStrategy};
+use crate::halt::Holding;
 use crate::history::{Entry, Outcome};
 
 /// What the followed channel offers.
@@ -148,6 +149,66 @@ pub fn backoff(attempt: u32, base: SignedDuration, max: SignedDuration, r: f64) 
         .unwrap_or(full)
 }
 
+/// What the fleet's alerts say about starting a staging or a reboot now.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Gate {
+    /// Nothing matching fires.
+    Open,
+    /// Prometheus could not be asked, and `on_error = "proceed"` says go on.
+    OpenUnasked { why: String },
+    /// A matching alert fires.
+    Alert(Holding),
+    /// Prometheus could not be asked, and `on_error = "hold"` says wait.
+    Unasked { why: String },
+}
+
+impl Gate {
+    pub fn holds(&self) -> bool {
+        matches!(self, Self::Alert(_) | Self::Unasked { .. })
+    }
+}
+
+/// The gate from Prometheus's answer (an error already put in words).
+pub fn gate(answer: Result<Option<Holding>, String>, on_error: OnError) -> Gate {
+    match (answer, on_error) {
+        (Ok(None), _) => Gate::Open,
+        (Ok(Some(h)), _) => Gate::Alert(h),
+        (Err(why), OnError::Hold) => Gate::Unasked { why },
+        (Err(why), OnError::Proceed) => Gate::OpenUnasked { why },
+    }
+}
+
+/// How a committed node's soak ends: when its FleetLock slot goes back.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Soak {
+    /// No soak, or it is over: release now.
+    Over,
+    /// Keep the slot until `until`.
+    Until { until: Timestamp },
+    /// The soak would outlast the reboot window it began in: keep the slot only
+    /// until the window closes (`until`), never past it.
+    CutByWindow { until: Timestamp, full: Timestamp },
+}
+
+/// The soak of a release committed at `committed`: `soak` long, but never past the
+/// end of the window the commit fell in (windows bound when slots are held, and a
+/// slot held across a closed window would stall the group until the next one).
+pub fn soak(now: Timestamp, committed: Timestamp, soak: SignedDuration, windows: &Windows) -> Soak {
+    let full = committed.saturating_add(soak).unwrap_or(Timestamp::MAX);
+    if now >= full {
+        return Soak::Over;
+    }
+    if windows.is_empty() {
+        return Soak::Until { until: full };
+    }
+    match windows.current(committed) {
+        Some(w) if w.end >= full => Soak::Until { until: full },
+        Some(w) if now < w.end => Soak::CutByWindow { until: w.end, full },
+        // Committed outside any window, or the window closed: nothing to wait for.
+        _ => Soak::Over,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -254,10 +315,9 @@ mod tests {
         );
     }
 
-    #[test]
-    fn reboots_follow_the_strategy_and_the_windows() {
-        let none = Windows::new("UTC", &[]).expect("valid");
-        let w = Windows::new(
+    /// Thursdays 02:00-04:00 UTC.
+    fn thursday_2_to_4() -> Windows {
+        Windows::new(
             "UTC",
             &[WindowConfig {
                 days: vec!["thu".into()],
@@ -265,7 +325,13 @@ mod tests {
                 length: "2h".into(),
             }],
         )
-        .expect("valid");
+        .expect("valid")
+    }
+
+    #[test]
+    fn reboots_follow_the_strategy_and_the_windows() {
+        let none = Windows::new("UTC", &[]).expect("valid");
+        let w = thursday_2_to_4();
         // 2026-11-26 is a Thursday.
         let inside = ts("2026-11-26T03:00:00Z");
         let outside = ts("2026-11-26T05:00:00Z");
@@ -287,6 +353,51 @@ mod tests {
             reboot(outside, S::FleetLock, &w),
             RebootDecision::WaitWindow { opens: Some(next) }
         );
+    }
+
+    #[test]
+    fn alerts_and_errors_hold_as_configured() {
+        let h = Holding {
+            alert: "UpdateAgentRollback".into(),
+            count: 3,
+        };
+        assert_eq!(gate(Ok(None), OnError::Hold), Gate::Open);
+        assert_eq!(gate(Ok(Some(h.clone())), OnError::Proceed), Gate::Alert(h));
+        let held = gate(Err("down".into()), OnError::Hold);
+        assert!(held.holds());
+        let on = gate(Err("down".into()), OnError::Proceed);
+        assert_eq!(on, Gate::OpenUnasked { why: "down".into() });
+        assert!(!on.holds());
+    }
+
+    #[test]
+    fn a_soak_keeps_the_slot_but_never_past_its_window() {
+        let none = Windows::new("UTC", &[]).expect("valid");
+        let w = thursday_2_to_4();
+        let m = SignedDuration::from_mins;
+        let at = ts("2026-11-26T03:00:00Z");
+        assert_eq!(soak(at, at, m(0), &none), Soak::Over);
+        assert_eq!(
+            soak(at + m(10), at, m(30), &none),
+            Soak::Until { until: at + m(30) }
+        );
+        assert_eq!(soak(at + m(30), at, m(30), &none), Soak::Over);
+        assert_eq!(
+            soak(at + m(5), at, m(30), &w),
+            Soak::Until { until: at + m(30) }
+        );
+        // Longer than what is left of the window: cut at its end, then over.
+        assert_eq!(
+            soak(at + m(5), at, m(180), &w),
+            Soak::CutByWindow {
+                until: ts("2026-11-26T04:00:00Z"),
+                full: at + m(180)
+            }
+        );
+        assert_eq!(soak(at + m(61), at, m(180), &w), Soak::Over);
+        // Committed outside every window: no slot is kept.
+        let outside = ts("2026-11-26T05:00:00Z");
+        assert_eq!(soak(outside, outside, m(30), &w), Soak::Over);
     }
 
     #[test]

@@ -57,6 +57,7 @@ pub struct AutoConfig {
     /// Source of the node's stable identity (rollout position, FleetLock id).
     pub machine_id: std::path::PathBuf,
     pub fleetlock: FleetLockConfig,
+    pub halt: HaltConfig,
     /// These keys parsed, once, when the configuration is loaded.
     #[serde(skip)]
     pub parsed: Parsed,
@@ -111,6 +112,7 @@ impl Default for AutoConfig {
             windows: Vec::new(),
             machine_id: "/etc/machine-id".into(),
             fleetlock: FleetLockConfig::default(),
+            halt: HaltConfig::default(),
             parsed: Parsed::default(),
         }
     }
@@ -127,6 +129,9 @@ pub struct FleetLockConfig {
     /// First retry delay after a refusal or an error; doubles up to `max_backoff`.
     pub backoff: String,
     pub max_backoff: String,
+    /// After a commit the slot is kept this long (healthy all along) before it goes
+    /// back to the group, so the next node reboots only once this one proved itself.
+    pub soak: String,
 }
 
 impl Default for FleetLockConfig {
@@ -136,8 +141,61 @@ impl Default for FleetLockConfig {
             group: "default".into(),
             backoff: "5s".into(),
             max_backoff: "5m".into(),
+            soak: "0s".into(),
         }
     }
+}
+
+/// `[auto.halt]`: hold the rollout while the fleet's Prometheus has a matching alert
+/// firing.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct HaltConfig {
+    /// Base URL of the Prometheus server, e.g. `http://prometheus:9090`.
+    pub prometheus: Option<String>,
+    /// Alert names that halt the rollout: a regex anchored at both ends.
+    pub alerts: String,
+    /// Label name to regex (anchored); every one must match too.
+    pub labels: std::collections::BTreeMap<String, String>,
+    /// What an unreachable or garbled Prometheus means.
+    pub on_error: OnError,
+    /// The longest one query may take, answer included.
+    pub timeout: String,
+    /// How often a held node asks again.
+    pub recheck: String,
+}
+
+impl Default for HaltConfig {
+    fn default() -> Self {
+        Self {
+            prometheus: None,
+            alerts: String::new(),
+            labels: std::collections::BTreeMap::new(),
+            on_error: OnError::Hold,
+            timeout: "10s".into(),
+            recheck: "1m".into(),
+        }
+    }
+}
+
+/// What the node does when it cannot learn which alerts fire.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum OnError {
+    /// Wait as if an alert fired (the default: no news is not good news).
+    Hold,
+    /// Go on as if none fired.
+    Proceed,
+}
+
+/// `[auto.halt]` parsed.
+#[derive(Debug, Clone)]
+pub struct HaltSettings {
+    pub prometheus: String,
+    pub matcher: crate::halt::Matcher,
+    pub on_error: OnError,
+    pub timeout: std::time::Duration,
+    pub recheck: SignedDuration,
 }
 
 /// `[auto]` checked and parsed once.
@@ -151,6 +209,8 @@ pub struct Settings {
     pub windows: Windows,
     pub fleetlock_backoff: SignedDuration,
     pub fleetlock_max_backoff: SignedDuration,
+    pub soak: SignedDuration,
+    pub halt: Option<HaltSettings>,
 }
 
 /// What is wrong with `[auto]`: the key and why.
@@ -158,6 +218,11 @@ pub struct Settings {
 pub enum SettingsError {
     #[error("configuration key `auto.{key}` is invalid: {why}")]
     Value { key: &'static str, why: String },
+    #[error("configuration key `auto.halt.{}` is invalid", .source.what)]
+    Pattern {
+        #[source]
+        source: crate::halt::PatternError,
+    },
     #[error("configuration key `auto.{key}` is invalid")]
     Windows {
         key: &'static str,
@@ -209,6 +274,8 @@ impl Settings {
                 &c.fleetlock.max_backoff,
                 SignedDuration::from_secs(1),
             )?,
+            soak: dur("fleetlock.soak", &c.fleetlock.soak, SignedDuration::ZERO)?,
+            halt: halt_settings(&c.halt)?,
         };
         if !crate::channel::valid_name(&c.channel) {
             return Err(bad(
@@ -247,13 +314,63 @@ impl Settings {
             ));
         }
         if let Some(u) = &c.fleetlock.url {
-            if !(u.starts_with("http://") || u.starts_with("https://")) {
-                return Err(bad(
-                    "fleetlock.url",
-                    format!("{u:?} is not an http:// or https:// URL"),
-                ));
-            }
+            http_url("fleetlock.url", u)?;
         }
         Ok(s)
     }
+}
+
+fn http_url(key: &'static str, u: &str) -> Result<(), SettingsError> {
+    if u.starts_with("http://") || u.starts_with("https://") {
+        Ok(())
+    } else {
+        Err(SettingsError::Value {
+            key,
+            why: format!("{u:?} is not an http:// or https:// URL"),
+        })
+    }
+}
+
+/// `[auto.halt]` checked: `None` without a Prometheus URL.
+fn halt_settings(h: &HaltConfig) -> Result<Option<HaltSettings>, SettingsError> {
+    let Some(url) = &h.prometheus else {
+        return Ok(None);
+    };
+    http_url("halt.prometheus", url)?;
+    if h.alerts.is_empty() {
+        return Err(SettingsError::Value {
+            key: "halt.alerts",
+            why:
+                "needs a pattern of the alert names that halt the rollout (e.g. \"UpdateAgent.*\")"
+                    .into(),
+        });
+    }
+    let matcher = crate::halt::Matcher::new(&h.alerts, &h.labels)
+        .map_err(|source| SettingsError::Pattern { source })?;
+    let dur = |key, s: &str, min: SignedDuration, max: SignedDuration| {
+        window::parse_duration(s)
+            .filter(|d| *d >= min && *d <= max)
+            .ok_or_else(|| SettingsError::Value {
+                key,
+                why: format!("{s:?} is not a duration from {min:#} to {max:#}"),
+            })
+    };
+    let timeout = dur(
+        "halt.timeout",
+        &h.timeout,
+        SignedDuration::from_millis(100),
+        SignedDuration::from_mins(5),
+    )?;
+    Ok(Some(HaltSettings {
+        prometheus: url.clone(),
+        matcher,
+        on_error: h.on_error,
+        timeout: std::time::Duration::try_from(timeout).unwrap_or_default(),
+        recheck: dur(
+            "halt.recheck",
+            &h.recheck,
+            SignedDuration::from_secs(1),
+            SignedDuration::from_hours(24),
+        )?,
+    }))
 }

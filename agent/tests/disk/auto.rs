@@ -19,14 +19,14 @@ use super::api::{api_node, publish_channel, rt, status_until, Daemon};
 use super::*;
 
 /// integration/fleetlock-server.py on a free port; killed when dropped.
-struct FleetLockServer {
+pub(super) struct FleetLockServer {
     child: std::process::Child,
-    url: String,
+    pub(super) url: String,
     log: PathBuf,
 }
 
 impl FleetLockServer {
-    fn start(dir: &Path, slots: u32) -> Self {
+    pub(super) fn start(dir: &Path, slots: u32) -> Self {
         let log = dir.join("fleetlock.log");
         let script =
             Path::new(env!("CARGO_MANIFEST_DIR")).join("../integration/fleetlock-server.py");
@@ -54,7 +54,7 @@ impl FleetLockServer {
     }
 
     /// Every request so far: (op, id, ok, holders).
-    fn requests(&self) -> Vec<(String, String, bool, Vec<String>)> {
+    pub(super) fn requests(&self) -> Vec<(String, String, bool, Vec<String>)> {
         fs::read_to_string(&self.log)
             .unwrap_or_default()
             .lines()
@@ -137,14 +137,14 @@ fn fleetlock_clients_compete_for_one_slot() {
     assert!(e.to_string().contains("127.0.0.1:9"), "{e}");
 }
 
-fn free_port() -> u16 {
+pub(super) fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
         .and_then(|l| l.local_addr())
         .map(|a| a.port())
         .expect("free port")
 }
 
-fn http_get(port: u16, path: &str) -> String {
+pub(super) fn http_get(port: u16, path: &str) -> String {
     use std::io::Write as _;
     let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).expect("connect metrics");
     write!(
@@ -189,7 +189,7 @@ fn prometheus_parse(text: &str) -> HashMap<String, String> {
     serde_json::from_slice(&o.stdout).expect("json")
 }
 
-async fn connect(n: &Node) -> client::Client {
+pub(super) async fn connect(n: &Node) -> client::Client {
     client::unix(&n.path("run/agent.sock"))
         .await
         .expect("connect")
@@ -204,7 +204,7 @@ fn assert_sleeps(d: &Daemon, what: &str) {
     assert!(woke <= 4, "the daemon woke {woke} times in 2 s {what}");
 }
 
-fn auto_of(s: &pb::Status) -> pb::Auto {
+pub(super) fn auto_of(s: &pb::Status) -> pb::Auto {
     s.auto.clone().expect("status has the auto section")
 }
 

@@ -516,6 +516,7 @@ fn stage_under_kills(
 
 mod api;
 mod auto;
+mod halt;
 mod journal;
 mod kill;
 mod reboot;

@@ -20,6 +20,7 @@ use crate::metrics::AutoFacts;
 use crate::policy::decide::Held;
 use crate::policy::{RebootStrategy, Settings};
 
+mod gate;
 mod turn;
 pub use turn::run;
 
@@ -43,12 +44,17 @@ pub struct View {
     pub wave_start: Option<Timestamp>,
     pub held: Option<Held>,
     pub lock: Option<Lock>,
+    /// Why the rollout is halted on this node (an alert, no answer), if it is.
+    pub halted: Option<String>,
+    /// When a committed release's soak gives the FleetLock slot back.
+    pub soak_until: Option<Timestamp>,
 }
 
 pub struct Auto {
     pub settings: std::sync::Arc<Settings>,
     position: f64,
     lock: Option<fleetlock::Client>,
+    halt: Option<crate::halt::Client>,
     view: Mutex<View>,
     /// Wakes the loop (a new operation, a state change made over the API).
     pub wake: tokio::sync::Notify,
@@ -95,6 +101,11 @@ pub fn now() -> Timestamp {
     t
 }
 
+/// Runs blocking work (HTTP, disk) off the runtime.
+async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> Option<T> {
+    tokio::task::spawn_blocking(f).await.ok()
+}
+
 fn secs(t: Timestamp) -> u64 {
     u64::try_from(t.as_second()).unwrap_or(0)
 }
@@ -119,6 +130,9 @@ pub struct AutoStatus {
     /// The windows' time zone; empty without windows.
     pub time_zone: String,
     pub lock: Option<Lock>,
+    /// What halts the rollout ("" when nothing does).
+    pub halted_by: String,
+    pub soak_until: Option<Timestamp>,
 }
 
 impl Auto {
@@ -149,6 +163,7 @@ impl Auto {
             view: Mutex::new(View {
                 facts: AutoFacts {
                     lock_held: lock.as_ref().map(|_| true),
+                    halted: settings.halt.as_ref().map(|_| false),
                     ..AutoFacts::default()
                 },
                 next_check: None,
@@ -158,8 +173,14 @@ impl Auto {
                 wave_start: None,
                 held: None,
                 lock: lock.as_ref().map(|_| Lock::Unknown),
+                halted: None,
+                soak_until: None,
             }),
             lock,
+            halt: settings
+                .halt
+                .as_ref()
+                .map(|h| crate::halt::Client::new(&h.prometheus, h.timeout)),
             settings,
             wake: tokio::sync::Notify::new(),
         }))
@@ -201,6 +222,8 @@ impl Auto {
                 w.time_zone()
             },
             lock: v.lock,
+            halted_by: v.halted.unwrap_or_default(),
+            soak_until: v.soak_until,
         }
     }
 

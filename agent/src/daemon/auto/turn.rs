@@ -8,7 +8,8 @@ use jiff::{SignedDuration, Timestamp};
 use rand::Rng as _;
 use tokio::sync::broadcast::error::RecvError;
 
-use super::{now, secs, Auto, Lock};
+use super::gate::{halted, not_halted, soaking};
+use super::{blocking, now, secs, Auto, Lock};
 use crate::channel::Channel;
 use crate::daemon::ops::OpEventKind;
 use crate::daemon::target::Target;
@@ -19,11 +20,6 @@ use crate::policy::decide::{self, Offer, RebootDecision, UpdateDecision};
 use crate::policy::RebootStrategy;
 use crate::state::State;
 use crate::update::error_chain;
-
-/// Runs blocking work (HTTP, disk) off the runtime.
-async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> Option<T> {
-    tokio::task::spawn_blocking(f).await.ok()
-}
 
 fn random() -> f64 {
     rand::thread_rng().gen::<f64>()
@@ -114,8 +110,19 @@ async fn turn(d: &Arc<Daemon>, auto: &Arc<Auto>, t: &mut Turn) -> Timestamp {
 
     // Release the FleetLock slot whenever nothing waits for a reboot: after a commit,
     // after a rollback, and at every start (it may be held from before the reboot).
+    // A committed release keeps its slot while it soaks (auto.fleetlock.soak).
     let pending_reboot = matches!(state, State::Armed { .. } | State::RollingBack { .. });
-    if !pending_reboot {
+    let soak = match &state {
+        State::Committed { version, at, .. }
+            if auto.has_lock() && auto.view().lock != Some(Lock::Released) =>
+        {
+            soaking(auto, version, *at, now)
+        }
+        _ => soaking(auto, "", 0, now),
+    };
+    if let Some(w) = soak {
+        wake = wake.min(w);
+    } else if !pending_reboot {
         if let Some(w) = release_lock(auto, t, now).await {
             wake = wake.min(w);
         }
@@ -168,6 +175,10 @@ async fn turn(d: &Arc<Daemon>, auto: &Arc<Auto>, t: &mut Turn) -> Timestamp {
     }
     // A next check is shown only when one can run.
     auto.set(|v| v.next_check = checking.then_some(t.next_check));
+    // While soaking, its line wins over the check's: it says when the slot goes back.
+    if let (Some(_), State::Committed { version, at, .. }) = (soak, &state) {
+        soaking(auto, version, *at, now);
+    }
     wake
 }
 
@@ -247,6 +258,7 @@ async fn reboot_turn(
     let v = &staged.version;
     let decision = decide::reboot(now, strategy, &auto.settings.windows);
     if !matches!(decision, RebootDecision::Now | RebootDecision::Lock) {
+        not_halted(auto);
         // Not rebooting now: a slot held from before (a restart, a closed window) goes
         // back to the group.
         release_lock(auto, t, now).await;
@@ -274,39 +286,57 @@ async fn reboot_turn(
             opens.map(|w| w.start)
         }
         _ if now < t.reboot_retry => Some(t.reboot_retry),
-        RebootDecision::Now => reboot(d, auto, t, staged, now).await,
-        RebootDecision::Lock => {
-            let client = auto.lock.clone()?;
-            if now < t.lock_retry {
-                return Some(t.lock_retry);
+        RebootDecision::Now => {
+            if let Some(at) = halted(auto, &format!("rebooting into {v}"), now).await {
+                return Some(at);
             }
+            reboot(d, auto, t, staged, now).await
+        }
+        RebootDecision::Lock => lock_and_reboot(d, auto, t, staged, now).await,
+    }
+}
+
+/// Takes a FleetLock slot (unless the fleet's alerts halt the rollout), then reboots.
+async fn lock_and_reboot(
+    d: &Arc<Daemon>,
+    auto: &Arc<Auto>,
+    t: &mut Turn,
+    staged: &crate::state::Staged,
+    now: Timestamp,
+) -> Option<Timestamp> {
+    let v = &staged.version;
+    let client = auto.lock.clone()?;
+    if now < t.lock_retry {
+        return Some(t.lock_retry);
+    }
+    // Asked before the slot is taken, so a halted node never sits on one.
+    if let Some(at) = halted(auto, &format!("rebooting into {v}"), now).await {
+        release_lock(auto, t, now).await;
+        return Some(at);
+    }
+    auto.set(|s| s.next_step = format!("{v} is staged; asking FleetLock for a reboot slot"));
+    // The view says "unknown" while the call is out: a slot may be ours.
+    auto.set(|s| s.lock = Some(Lock::Unknown));
+    match blocking(move || client.pre_reboot()).await {
+        Some(Ok(())) => {
+            t.lock_failures = 0;
             auto.set(|s| {
-                s.next_step = format!("{v} is staged; asking FleetLock for a reboot slot")
+                s.lock = Some(Lock::Held);
+                s.facts.lock_held = Some(true);
             });
-            // The view says "unknown" while the call is out: a slot may be ours.
-            auto.set(|s| s.lock = Some(Lock::Unknown));
-            match blocking(move || client.pre_reboot()).await {
-                Some(Ok(())) => {
-                    t.lock_failures = 0;
-                    auto.set(|s| {
-                        s.lock = Some(Lock::Held);
-                        s.facts.lock_held = Some(true);
-                    });
-                    crate::emit!(tracing::Level::INFO, crate::events::LOCK_TAKEN, update_agent_release = %v, "took a FleetLock reboot slot for {v}");
-                    // The call may have taken seconds: an operator may have cancelled
-                    // or rolled back meanwhile. Reboot only what is still armed.
-                    let still = matches!(d.reader.state(), Ok(State::Armed { staged: s, .. }) if s.attempt == staged.attempt);
-                    if !still || d.ops.current().is_some() {
-                        tracing::info!(attempt = %staged.attempt, "the release changed while FleetLock answered; not rebooting");
-                        return release_lock(auto, t, now).await;
-                    }
-                    reboot(d, auto, t, staged, now).await
-                }
-                other => {
-                    lock_failed(auto, t, now, other.and_then(Result::err), "pre-reboot");
-                    Some(t.lock_retry)
-                }
+            crate::emit!(tracing::Level::INFO, crate::events::LOCK_TAKEN, update_agent_release = %v, "took a FleetLock reboot slot for {v}");
+            // The call may have taken seconds: an operator may have cancelled
+            // or rolled back meanwhile. Reboot only what is still armed.
+            let still = matches!(d.reader.state(), Ok(State::Armed { staged: s, .. }) if s.attempt == staged.attempt);
+            if !still || d.ops.current().is_some() {
+                tracing::info!(attempt = %staged.attempt, "the release changed while FleetLock answered; not rebooting");
+                return release_lock(auto, t, now).await;
             }
+            reboot(d, auto, t, staged, now).await
+        }
+        other => {
+            lock_failed(auto, t, now, other.and_then(Result::err), "pre-reboot");
+            Some(t.lock_retry)
         }
     }
 }
@@ -371,6 +401,9 @@ async fn check_turn(
         waves: &channel.waves,
     };
     let decision = decide::update(now, &offer, running.as_deref(), held, auto.position);
+    if decision != UpdateDecision::Start {
+        not_halted(auto);
+    }
     let v = channel.version.clone();
     auto.set(|view| {
         view.facts.last_check = Some((secs(now), true));
@@ -464,6 +497,10 @@ async fn act(
             Some(at)
         }
         UpdateDecision::Start => {
+            if let Some(at) = halted(auto, &format!("staging {v}"), now()).await {
+                t.next_check = t.next_check.min(at);
+                return Some(at);
+            }
             let urls = channel.urls(base, d.booted_image().as_deref());
             let target = Target::for_release(name, urls, &v);
             match d.begin(target, false, s.reboot, "auto").await {
