@@ -34,7 +34,7 @@ use stall::Throughput;
 
 /// Bytes fetched with the first request; covers the header and the manifest of every
 /// payload our generator has produced so far (a larger head costs one more request).
-const FIRST_REQUEST: u64 = 64 << 10;
+pub const FIRST_REQUEST: u64 = 64 << 10;
 
 #[derive(Debug, thiserror::Error)]
 pub enum FetchError {

@@ -26,7 +26,7 @@ impl Daemon {
     fn spawn_operation(
         self: &Arc<Self>,
         id: String,
-        url: String,
+        (url, head): (String, Option<(u64, Vec<u8>)>),
         allow_downgrade: bool,
         reboot_now: bool,
         resume: bool,
@@ -35,7 +35,9 @@ impl Daemon {
         self.ops.staging_started(&id);
         std::thread::Builder::new()
             .name(format!("update {id}"))
-            .spawn(move || run_operation(&d, &id, &url, allow_downgrade, reboot_now, resume))
+            .spawn(move || {
+                run_operation(&d, &id, (&url, head), allow_downgrade, reboot_now, resume)
+            })
             .map(drop)
             .unwrap_or_else(|e| tracing::error!(error = %e, "cannot start the update thread"));
     }
@@ -154,7 +156,14 @@ impl Daemon {
             tracing::warn!(path = %path.display(), error = %e, "reboot intent not saved; after a restart the configured strategy applies");
         }
         let reboot_now = strategy == RebootStrategy::Immediate;
-        self.spawn_operation(id.clone(), checked.url, allow, reboot_now, false);
+        // The checked head goes with it: staging does not fetch it again.
+        self.spawn_operation(
+            id.clone(),
+            (checked.url, checked.head),
+            allow,
+            reboot_now,
+            false,
+        );
         Ok(Started {
             operation_id: id,
             already_running: false,
@@ -184,7 +193,7 @@ impl Daemon {
             tracing::info!(attempt = %id, reboot = strategy.name(), "resuming the interrupted update");
             // Windows and FleetLock are the unattended loop's to honour once armed.
             let now = strategy == RebootStrategy::Immediate;
-            self.spawn_operation(id, url, true, now, true);
+            self.spawn_operation(id, (url, None), true, now, true);
         }
     }
 }
@@ -193,7 +202,7 @@ impl Daemon {
 fn run_operation(
     d: &Daemon,
     id: &str,
-    url: &str,
+    (url, head): (&str, Option<(u64, Vec<u8>)>),
     allow_downgrade: bool,
     reboot: bool,
     resume: bool,
@@ -214,7 +223,7 @@ fn run_operation(
         let r = if resume {
             agent.resume(Some(&cancel), &mut on)
         } else {
-            agent.stage_as(id, url, allow_downgrade, Some(&cancel), &mut on)
+            agent.stage_as(id, url, head, allow_downgrade, Some(&cancel), &mut on)
         };
         (r, from)
     };

@@ -19,24 +19,42 @@ impl Agent {
     /// Opens the payload at `url` and applies every policy check that does not need
     /// the slot (signature, expiry, compatible, version rules); writes nothing.
     pub fn check(&self, url: &str, allow_downgrade: bool) -> Result<Checked, UpdateError> {
-        let (src, p, _) = self.open_checked(url, allow_downgrade)?;
+        let (src, p, _) = self.open_checked(url, allow_downgrade, None)?;
         let m = &p.manifest;
+        // A remote payload's head, for the staging that follows: all the opening request
+        // brought (the first frame usually starts in it), so that staging need not ask
+        // the server for any of it again.
+        let head = src
+            .is_remote()
+            .then(|| {
+                let len = p.head_len().max(fetch::FIRST_REQUEST.min(src.size()));
+                let mut head = vec![0u8; len as usize];
+                src.read_range(0, &mut head)
+                    .ok()
+                    .map(|()| (src.size(), head))
+            })
+            .flatten();
         Ok(Checked {
             url: url.to_owned(),
             version: m.version.clone(),
             delta: m.is_delta(),
             download_bytes: src.size(),
+            head,
         })
     }
 
     /// Opens a payload and applies every policy check that does not need the slot.
+    /// `kept`: the payload's size and head from an earlier opening (a check moments
+    /// before), checked again here like fetched bytes, so they are not fetched twice.
     pub(super) fn open_checked(
         &self,
         url: &str,
         allow_downgrade: bool,
+        kept: Option<(u64, Vec<u8>)>,
     ) -> Result<Opened, UpdateError> {
         self.follow_root()?;
-        let opened = self.check_opened(fetch::open(url, &self.cfg.fetch)?, allow_downgrade)?;
+        let src = fetch::open_kept(url, &self.cfg.fetch, kept)?;
+        let opened = self.check_opened(src, allow_downgrade)?;
         // A payload at a place a channel named must be the one it named.
         let (src, p, mbytes) = &opened;
         crate::trust::marks::Marks::load(&self.cfg.state_dir)?.check(
@@ -65,7 +83,7 @@ impl Agent {
                 }
             }
         }
-        self.open_checked(&s.url, true)
+        self.open_checked(&s.url, true, None)
     }
 
     fn check_opened(
@@ -165,4 +183,6 @@ pub struct Checked {
     pub delta: bool,
     /// Bytes fetched at most: the head and every blob (reused blocks cost less).
     pub download_bytes: u64,
+    /// A remote payload's size and verified head, handed to [`Agent::stage_as`].
+    pub head: Option<(u64, Vec<u8>)>,
 }

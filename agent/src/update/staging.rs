@@ -31,14 +31,16 @@ impl Agent {
         cancel: Option<&AtomicBool>,
         on: &mut dyn FnMut(Progress),
     ) -> Result<(), UpdateError> {
-        self.stage_as(&attempt_id(), url, allow_downgrade, cancel, on)
+        self.stage_as(&attempt_id(), url, None, allow_downgrade, cancel, on)
     }
 
-    /// [`Agent::stage`] under a caller-chosen attempt id (the API's operation id).
+    /// [`Agent::stage`] under a caller-chosen attempt id (the API's operation id), with
+    /// the payload's head when a check just fetched it ([`Checked::head`]).
     pub fn stage_as(
         &mut self,
         attempt: &str,
         url: &str,
+        head: Option<(u64, Vec<u8>)>,
         allow_downgrade: bool,
         cancel: Option<&AtomicBool>,
         on: &mut dyn FnMut(Progress),
@@ -55,7 +57,7 @@ impl Agent {
                 url: s.url.clone(),
             });
         }
-        let opened = self.open_checked(url, allow_downgrade)?;
+        let opened = self.open_checked(url, allow_downgrade, head)?;
         let booted = self.layout.open_booted()?;
         let source = opened.1.manifest.source.clone();
         let result = self.start(
@@ -87,7 +89,7 @@ impl Agent {
             return result;
         }
         let full_url = sibling_full(url, &opened.1.manifest.version);
-        match self.open_checked(&full_url, allow_downgrade) {
+        match self.open_checked(&full_url, allow_downgrade, None) {
             Ok(full) if !full.1.manifest.is_delta() => {
                 let state = self.store.load()?;
                 let attempt = Attempt {

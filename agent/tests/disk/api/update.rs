@@ -163,6 +163,7 @@ fn api_update_commit_rollback_over_the_socket() {
             delay_ms: 15,
             ..Faults::default()
         });
+        let served_before = n.server.served.load(Ordering::SeqCst);
         let op = c
             .start_update(start_req(S::Url(n.server.url(&delta))))
             .await
@@ -245,6 +246,16 @@ fn api_update_commit_rollback_over_the_socket() {
         assert_eq!(r.version, "2.0");
         n.server.set(Faults::default());
         n.assert_armed_v2();
+        // The head StartUpdate's check fetched is the one staging uses: no byte of the
+        // payload is served twice.
+        let served = n.server.served.load(Ordering::SeqCst) - served_before;
+        let size = fs::metadata(n.payloads.join(&delta))
+            .expect("payload")
+            .len();
+        assert!(
+            served <= size,
+            "{served} bytes served for a {size}-byte payload"
+        );
 
         let s = c
             .get_status(pb::GetStatusRequest {})
