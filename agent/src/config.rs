@@ -247,6 +247,12 @@ pub struct BootConfig {
     pub options: String,
     /// Trial boots before the bootloader falls back.
     pub tries: u8,
+    /// How a release is booted: `firmware` (default) or `kexec` (docs/kexec.md).
+    pub reboot: crate::reboot_method::RebootMethod,
+    /// A kexec'd kernel that panics reboots through the firmware after this long.
+    pub kexec_panic_secs: u32,
+    /// The hardware watchdog armed across a kexec (systemd's KExecWatchdogSec).
+    pub kexec_watchdog_secs: u32,
 }
 
 #[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
@@ -328,6 +334,9 @@ impl Default for BootConfig {
             esp: "/boot/efi".into(),
             options: "ro".into(),
             tries: 3,
+            reboot: Default::default(),
+            kexec_panic_secs: 10,
+            kexec_watchdog_secs: 120,
         }
     }
 }
@@ -471,6 +480,12 @@ impl Config {
         }
         if !(1..=9).contains(&self.boot.tries) {
             return bad("boot.tries", "must be between 1 and 9");
+        }
+        if !(1..=600).contains(&self.boot.kexec_panic_secs) {
+            return bad("boot.kexec_panic_secs", "must be between 1 and 600");
+        }
+        if !(10..=3600).contains(&self.boot.kexec_watchdog_secs) {
+            return bad("boot.kexec_watchdog_secs", "must be between 10 and 3600");
         }
         Ok(())
     }

@@ -23,9 +23,10 @@ pub const LOCK_RELEASED: &str = "2b4c1d0b41584ce29b92c7e791bce9d1";
 pub const CHECK_FAILED: &str = "332320ea91b44b89aa3fb8bd4076bb73";
 pub const UPDATE_CANCELLED: &str = "b7c4bc55fc32402f9d603f9fae4bac91";
 pub const ROLLING_BACK: &str = "4319aa8d50f64d16b86014ec6df865ef";
+pub const KEXEC_REFUSED: &str = "5d0c2a8e4b7f4e61a3c9f1d27e8b6a40";
 
 /// Every event id with its name, for the docs test and `updatectl`.
-pub const ALL: [(&str, &str); 12] = [
+pub const ALL: [(&str, &str); 13] = [
     ("UPDATE_STARTED", UPDATE_STARTED),
     ("UPDATE_STAGED", UPDATE_STAGED),
     ("UPDATE_FAILED", UPDATE_FAILED),
@@ -38,6 +39,7 @@ pub const ALL: [(&str, &str); 12] = [
     ("CHECK_FAILED", CHECK_FAILED),
     ("UPDATE_CANCELLED", UPDATE_CANCELLED),
     ("ROLLING_BACK", ROLLING_BACK),
+    ("KEXEC_REFUSED", KEXEC_REFUSED),
 ];
 
 /// Emits an event: `emit!(LEVEL, ID, field = value, ...; "message")`.

@@ -168,6 +168,7 @@ mod tests {
             bytes_fetched: 0,
             at,
             cause: None,
+            boot: None,
         }
     }
 

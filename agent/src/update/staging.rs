@@ -268,6 +268,7 @@ impl Agent {
             bytes_fetched,
             at: timefmt::now(),
             cause: None,
+            boot: None,
         })?;
         Ok(slot)
     }
