@@ -171,6 +171,7 @@ release() {
 compatible = "ua-lab-x86_64"
 [boot]
 $boot_toml
+kexec_panic_secs = 1
 [api]
 tcp_listen = "0.0.0.0:7443"
 tls_cert = "/etc/update-agent/tls/server.crt"
@@ -208,6 +209,17 @@ if [[ $bootloader == systemd-boot ]]; then
   dpkg-deb -x "$w"/systemd-boot_*.deb "$w/sd-boot"
   tar -C "$w/sd-boot" -c . | tar -C "$t" -x --keep-directory-symlink
 fi
+# kexec-tools' /sbin/kexec: bookworm's systemd-shutdown runs `kexec -e` for
+# `systemctl kexec` and reboots through the firmware without it. Only the binary and
+# the Xen libraries it links (the package's units would load a kernel of their own at
+# every reboot); run once in the tree to prove it loads.
+kexec_debs="kexec-tools libxenmisc4.17 libxentoollog1 libxencall1 libxenevtchn1 libxengnttab1 libxenforeignmemory1 libxendevicemodel1 libxentoolcore1"
+# shellcheck disable=SC2086
+( mkdir -p "$w/kexec-debs" && cd "$w/kexec-debs" && apt-get download -qq $kexec_debs >/dev/null 2>&1 )
+for deb in "$w"/kexec-debs/*.deb; do dpkg-deb -x "$deb" "$w/kexec-tools"; done
+install -D -m 0755 "$w/kexec-tools/sbin/kexec" "$t/usr/sbin/kexec"
+cp -a "$w"/kexec-tools/usr/lib/x86_64-linux-gnu/libxen*.so.* "$t/usr/lib/x86_64-linux-gnu/"
+chroot "$t" /usr/sbin/kexec --version >&2 || fail "kexec does not run in the image"
 release 1.0 "$t"
 # v2: a package added, as a distribution update would.
 ( cd "$w" && apt-get download -qq jq libjq1 libonig5 >/dev/null )
@@ -502,6 +514,9 @@ wait_console() {
     sleep 0.2
   done
 }
+
+# shellcheck source=scenarios-kexec.sh
+source "$here/scenarios-kexec.sh"
 
 say "boot 1: the node runs 1.0"
 boot
@@ -830,6 +845,7 @@ with open(p, "r+b") as f:
       printf 'scenario 8 (verity, %s): passed: a changed block of the staged slot was caught by dm-verity at boot, the node fell back to %s and says "%s"\n' \
         "$bootloader" "$from" "$(field "['last_result']['reason']" <<<"$j" | cut -c1-90)"
       ;;
+    k[0-9]) kexec_scenario "$s" ;;
     *) fail "unknown scenario $s" ;;
   esac
 done
