@@ -91,7 +91,7 @@ impl Daemon {
             textfile: Mutex::new(()),
             kexec_os: Arc::new(LinuxKexec {
                 systemctl: cfg.health.systemctl.clone(),
-                busctl: "busctl".into(),
+                conf_dir: "/run/systemd/system.conf.d".into(),
                 reboot_command: cfg.health.reboot_command.clone(),
             }),
             cfg,

@@ -25,13 +25,18 @@ pub trait KexecOs: Send + Sync {
     fn firmware_reboot(&self) -> io::Result<()>;
 }
 
-/// The real thing: the system call, `busctl` and `systemctl`.
+/// The real thing: the system call, a systemd drop-in and `systemctl`.
 #[derive(Debug, Clone)]
 pub struct LinuxKexec {
     pub systemctl: PathBuf,
-    pub busctl: PathBuf,
+    /// Where the `KExecWatchdogSec=` drop-in goes (`/run/systemd/system.conf.d`: it
+    /// lasts until the next boot; the package's tmpfiles line creates it).
+    pub conf_dir: PathBuf,
     pub reboot_command: Vec<String>,
 }
+
+/// The drop-in's name, after the distribution's own (lower numbers).
+const DROPIN: &str = "60-update-agent-kexec.conf";
 
 /// Flags of `kexec_file_load` (linux/kexec.h).
 const KEXEC_FILE_UNLOAD: nix::libc::c_ulong = 1;
@@ -97,22 +102,15 @@ impl KexecOs for LinuxKexec {
         file_load(-1, -1, &[], KEXEC_FILE_UNLOAD)
     }
 
-    /// systemd's `KExecWatchdogSec`, set on the running manager over D-Bus (it lasts
-    /// until the next boot, nothing is written to disk).
+    /// systemd's `KExecWatchdogSec` in a drop-in under /run and a daemon-reload,
+    /// which re-reads system.conf: through systemctl's private socket, so no D-Bus
+    /// daemon is needed (minimal images have none).
     fn arm_watchdog(&self, secs: u32) -> io::Result<()> {
-        let usec = (u64::from(secs) * 1_000_000).to_string();
-        run(
-            &self.busctl,
-            &[
-                "set-property",
-                "org.freedesktop.systemd1",
-                "/org/freedesktop/systemd1",
-                "org.freedesktop.systemd1.Manager",
-                "KExecWatchdogUSec",
-                "t",
-                &usec,
-            ],
-        )
+        std::fs::create_dir_all(&self.conf_dir)?;
+        let text = format!("[Manager]\nKExecWatchdogSec={secs}s\n");
+        crate::durable::replace(&self.conf_dir.join(DROPIN), text.as_bytes())
+            .map_err(|(_, e)| e)?;
+        run(&self.systemctl, &["daemon-reload"])
     }
 
     fn exec(&self) -> io::Result<()> {
