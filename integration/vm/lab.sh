@@ -147,7 +147,8 @@ boot_options="ro rootwait rootfstype=ext4 console=ttyS0 panic=-1${UA_VM_CMDLINE_
 # kernel onto the ESP and reads it back (~1 s under TCG), then renames the entry. The
 # last delay is meant to land after the flip, so the cut's next boot is the trial.
 if [[ $bootloader == grub ]]; then
-  boot_toml='grubenv = "/boot/efi/EFI/BOOT/grubenv"'
+  # options: the kexec path builds GRUB's line itself and must match ua_cmdline.
+  boot_toml=$(printf 'grubenv = "/boot/efi/EFI/BOOT/grubenv"\noptions = "%s"' "$boot_options")
   flip_cuts_default="0 0.03 0.5"
 else
   boot_toml=$(printf 'backend = "systemd-boot"\nesp = "/boot/efi"\noptions = "%s"' "$boot_options")
