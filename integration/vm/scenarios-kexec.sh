@@ -48,6 +48,17 @@ kexec_trial() {
   wait_down
 }
 
+# back_on_2 VERSION WHY: VERSION was rolled back, 2.0 runs, the reason matches WHY.
+back_on_2() {
+  local j
+  j=$(status_json)
+  ctl status
+  [[ $(field "['state']" <<<"$j") == rolled_back ]] || fail "$1 was not rolled back: $j"
+  [[ $(field "['running_version']" <<<"$j") == 2.0 ]] || fail "the node does not run 2.0: $j"
+  field "['last_result']['reason']" <<<"$j" | grep -q "$2" \
+    || fail "the reason does not say '$2': $j"
+}
+
 kexec_scenario() {
   local j from
   j=$(status_json)
@@ -61,12 +72,7 @@ kexec_scenario() {
       on_console "updateagent.boot=kexec" || fail "the trial was not the kexec'd kernel"
       boot
       wait_api
-      j=$(status_json)
-      ctl status
-      [[ $(field "['state']" <<<"$j") == rolled_back ]] || fail "3.0 was not rolled back: $j"
-      [[ $(field "['running_version']" <<<"$j") == 2.0 ]] || fail "the node does not run 2.0: $j"
-      field "['last_result']['reason']" <<<"$j" | grep -q 'ua-lab-worker.service' \
-        || fail "the reason does not name the failed unit: $j"
+      back_on_2 3.0 'ua-lab-worker.service'
       printf 'kexec scenario 2 (%s): passed: 3.0 booted by kexec failed its health check, the node rebooted through the firmware into 2.0\n' "$bootloader"
       ;;
     k3)
@@ -75,12 +81,7 @@ kexec_scenario() {
       on_console "Kernel panic" || fail "the kexec'd kernel did not panic (serial log: $w/serial-$boots.log)"
       say "firmware boots: the bootloader counts the tries left, then falls back to 2.0"
       boot_until_api 6
-      j=$(status_json)
-      ctl status
-      [[ $(field "['state']" <<<"$j") == rolled_back ]] || fail "4.0 was not rolled back: $j"
-      [[ $(field "['running_version']" <<<"$j") == 2.0 ]] || fail "the node does not run 2.0: $j"
-      field "['last_result']['reason']" <<<"$j" | grep -q 'did not boot' \
-        || fail "the reason does not say the release did not boot: $j"
+      back_on_2 4.0 'did not boot'
       printf 'kexec scenario 3 (%s): passed: 4.0 by kexec panicked, the firmware and the try counter brought 2.0 back\n' "$bootloader"
       ;;
     *) fail "unknown kexec scenario $1" ;;
