@@ -243,7 +243,8 @@ pub struct BootConfig {
     pub grubenv: PathBuf,
     /// Where the ESP is mounted (systemd-boot: entries and kernels live there).
     pub esp: PathBuf,
-    /// Kernel arguments after `root=` and `updateagent.slot=` (systemd-boot entries).
+    /// Kernel arguments after `root=` and `updateagent.slot=` (systemd-boot entries, and
+    /// a kexec's line: with GRUB they must equal the fragment's `ua_cmdline`).
     pub options: String,
     /// Trial boots before the bootloader falls back.
     pub tries: u8,
