@@ -146,13 +146,13 @@ if '--check-layers' in sys.argv:
     # With --check-layers the exit status is the verdict: a circle or an upward edge fails.
     failed = bool(sccs)
     layers = [
-        ['timefmt', 'version', 'durable', 'events', 'logging', 'cause', 'health', 'fleetlock', 'halt', 'midstate', 'verity', 'blockio', 'hashio', 'payload/limits', 'payload/error'],
+        ['timefmt', 'version', 'durable', 'events', 'logging', 'cause', 'reboot_method', 'health', 'fleetlock', 'halt', 'midstate', 'verity', 'blockio', 'hashio', 'payload/limits', 'payload/error'],
         ['payload', 'channel', 'policy/mod', 'policy/wave', 'policy/window', 'policy', 'trust', 'trust/envelope', 'trust/root', 'trust/root_tests'],
         ['apply', 'file_target', 'partial'],
         ['config'],
         ['fetch', 'slots'],
         ['boot', 'state', 'history', 'trust/node', 'trust/marks', 'trust/node_tests'],
-        ['policy/decide', 'update', 'postboot', 'metrics'],
+        ['policy/decide', 'update', 'postboot', 'kexec', 'metrics'],
         ['daemon'],
         ['api'],
         ['cli'],

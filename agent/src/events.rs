@@ -26,8 +26,10 @@ pub const ROLLING_BACK: &str = "4319aa8d50f64d16b86014ec6df865ef";
 pub const ROLLOUT_HALTED: &str = "864455e0c056499184d8c2dc64df1421";
 pub const ROLLOUT_RESUMED: &str = "e6570f0d9a634c5b9184f709ba1322c1";
 
+pub const KEXEC_REFUSED: &str = "5d0c2a8e4b7f4e61a3c9f1d27e8b6a40";
+
 /// Every event id with its name, for the docs test and `updatectl`.
-pub const ALL: [(&str, &str); 14] = [
+pub const ALL: [(&str, &str); 15] = [
     ("UPDATE_STARTED", UPDATE_STARTED),
     ("UPDATE_STAGED", UPDATE_STAGED),
     ("UPDATE_FAILED", UPDATE_FAILED),
@@ -42,6 +44,7 @@ pub const ALL: [(&str, &str); 14] = [
     ("ROLLING_BACK", ROLLING_BACK),
     ("ROLLOUT_HALTED", ROLLOUT_HALTED),
     ("ROLLOUT_RESUMED", ROLLOUT_RESUMED),
+    ("KEXEC_REFUSED", KEXEC_REFUSED),
 ];
 
 /// Emits an event: `emit!(LEVEL, ID, field = value, ...; "message")`.

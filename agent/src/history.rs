@@ -43,6 +43,10 @@ pub struct Entry {
     /// Set on rollbacks (records written before it existed have none).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cause: Option<RollbackCause>,
+    /// A commit's boot: kexec or firmware, and its downtime (records written before it
+    /// existed, and manual commits, have none).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub boot: Option<crate::reboot_method::BootRecord>,
 }
 
 #[derive(Debug)]
@@ -141,6 +145,7 @@ mod tests {
             bytes_fetched: 7,
             at: 1000,
             cause: None,
+            boot: None,
         };
         assert!(h.record_once(commit.clone()).expect("first"));
         assert!(!h.record_once(commit.clone()).expect("again"));
@@ -182,6 +187,7 @@ mod tests {
                 bytes_fetched: 0,
                 at: i as u64,
                 cause: None,
+                boot: None,
             })
             .expect("record");
         }
@@ -198,6 +204,7 @@ mod tests {
             bytes_fetched: 1,
             at: 1,
             cause: Some(RollbackCause::HealthCheck),
+            boot: None,
         })
         .expect("record after corruption");
         assert_eq!(h.load().expect("load").len(), 1);

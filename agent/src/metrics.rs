@@ -268,6 +268,7 @@ mod tests {
             bytes_fetched: bytes,
             at: 1,
             cause,
+            boot: None,
         }
     }
 

@@ -393,6 +393,8 @@ impl Agent {
         let t_boot = t.elapsed();
         let previous = staged.from_version.clone().map(|v| (slot.other(), v));
         state.commit(previous, timefmt::now())?;
+        let boot = self.boot_record(&staged.attempt);
+        state.booted_by(boot.clone())?;
         self.store.save(lock, &state)?;
         failpoint("after-commit-state");
         let t_state = t.elapsed();
@@ -407,8 +409,18 @@ impl Agent {
         if let Some(entry) = history_entry(&state, None) {
             self.record_history(entry);
         }
-        crate::emit!(tracing::Level::INFO, crate::events::COMMITTED, update_agent_release = %staged.version, update_agent_slot = %slot, "committed {} on slot {slot}", staged.version);
+        crate::kexec::record::remove(&self.cfg.state_dir);
+        let downtime = boot
+            .downtime_ms
+            .map_or("unknown".to_owned(), |ms| format!("{ms} ms"));
+        crate::emit!(tracing::Level::INFO, crate::events::COMMITTED, update_agent_release = %staged.version, update_agent_slot = %slot, update_agent_boot = boot.method.name(), update_agent_downtime_ms = boot.downtime_ms.unwrap_or(0), "committed {} on slot {slot} (booted by {}, downtime {downtime})", staged.version, boot.method.name());
         Ok(())
+    }
+
+    /// How the trial that is being committed booted (see `kexec::record`).
+    fn boot_record(&self, attempt: &str) -> crate::reboot_method::BootRecord {
+        let cmdline = std::fs::read_to_string(&self.cfg.slots.cmdline).unwrap_or_default();
+        crate::kexec::record::boot_record(&self.cfg.state_dir, &cmdline, attempt, timefmt::now_ms())
     }
 
     /// Why a slot with a verified dm-verity tree failed (after `lead`, what happened),
@@ -490,6 +502,7 @@ fn history_entry(state: &State, from_version: Option<String>) -> Option<Entry> {
             previous,
             at,
             bytes_fetched,
+            boot,
         } => Some(Entry {
             version: version.clone(),
             from_version: previous.as_ref().map(|(_, v)| v.clone()),
@@ -499,6 +512,7 @@ fn history_entry(state: &State, from_version: Option<String>) -> Option<Entry> {
             bytes_fetched: *bytes_fetched,
             at: *at,
             cause: None,
+            boot: boot.clone(),
         }),
         State::RolledBack {
             version,
@@ -516,6 +530,7 @@ fn history_entry(state: &State, from_version: Option<String>) -> Option<Entry> {
             bytes_fetched: 0,
             at: *at,
             cause: *cause,
+            boot: None,
         }),
         _ => None,
     }

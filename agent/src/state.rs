@@ -134,6 +134,9 @@ pub enum State {
         /// What the attempt downloaded, for its history entry (see `postboot`).
         #[serde(default)]
         bytes_fetched: u64,
+        /// How the trial booted and its downtime, once the gate recorded it.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        boot: Option<crate::reboot_method::BootRecord>,
     },
     /// The old slot is the default again; the node still runs `from` and must reboot.
     RollingBack {
@@ -306,10 +309,25 @@ impl State {
                     previous,
                     at,
                     bytes_fetched: staged.bytes_fetched,
+                    boot: None,
                 };
                 Ok(())
             }
             _ => Err(self.illegal("commit")),
+        }
+    }
+
+    /// Records how the committed release booted (the gate's commit, not a manual one).
+    pub fn booted_by(
+        &mut self,
+        record: crate::reboot_method::BootRecord,
+    ) -> Result<(), StateError> {
+        match self {
+            Self::Committed { boot, .. } => {
+                *boot = Some(record);
+                Ok(())
+            }
+            _ => Err(self.illegal("record the boot")),
         }
     }
 

@@ -30,6 +30,13 @@ pub fn now_system() -> std::time::SystemTime {
     std::time::SystemTime::now()
 }
 
+/// Milliseconds since the Unix epoch, now (a reboot's downtime).
+pub fn now_ms() -> u64 {
+    now_system()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
 /// Seconds since the Unix epoch, now.
 pub fn now() -> u64 {
     now_system()

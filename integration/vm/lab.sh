@@ -157,7 +157,8 @@ boot_options="ro rootwait rootfstype=ext4 console=ttyS0 panic=-1${UA_VM_CMDLINE_
 # kernel onto the ESP and reads it back (~1 s under TCG), then renames the entry. The
 # last delay is meant to land after the flip, so the cut's next boot is the trial.
 if [[ $bootloader == grub ]]; then
-  boot_toml='grubenv = "/boot/efi/EFI/BOOT/grubenv"'
+  # options: the kexec path builds GRUB's line itself and must match ua_cmdline.
+  boot_toml=$(printf 'grubenv = "/boot/efi/EFI/BOOT/grubenv"\noptions = "%s"' "$boot_options")
   flip_cuts_default="0 0.03 0.5"
 else
   boot_toml=$(printf 'backend = "systemd-boot"\nesp = "/boot/efi"\noptions = "%s"' "$boot_options")
@@ -181,6 +182,7 @@ release() {
 compatible = "ua-lab-x86_64"
 [boot]
 $boot_toml
+kexec_panic_secs = 1
 [api]
 tcp_listen = "0.0.0.0:7443"
 tls_cert = "/etc/update-agent/tls/server.crt"
@@ -218,6 +220,17 @@ if [[ $bootloader == systemd-boot ]]; then
   dpkg-deb -x "$w"/systemd-boot_*.deb "$w/sd-boot"
   tar -C "$w/sd-boot" -c . | tar -C "$t" -x --keep-directory-symlink
 fi
+# kexec-tools' /sbin/kexec: bookworm's systemd-shutdown runs `kexec -e` for
+# `systemctl kexec` and reboots through the firmware without it. Only the binary and
+# the Xen libraries it links (the package's units would load a kernel of their own at
+# every reboot); run once in the tree to prove it loads.
+kexec_debs="kexec-tools libxenmisc4.17 libxentoollog1 libxencall1 libxenevtchn1 libxengnttab1 libxenforeignmemory1 libxendevicemodel1 libxentoolcore1"
+# shellcheck disable=SC2086
+( mkdir -p "$w/kexec-debs" && cd "$w/kexec-debs" && apt-get download -qq $kexec_debs >/dev/null 2>&1 )
+for deb in "$w"/kexec-debs/*.deb; do dpkg-deb -x "$deb" "$w/kexec-tools"; done
+install -D -m 0755 "$w/kexec-tools/sbin/kexec" "$t/usr/sbin/kexec"
+cp -a "$w"/kexec-tools/usr/lib/x86_64-linux-gnu/libxen*.so.* "$t/usr/lib/x86_64-linux-gnu/"
+chroot "$t" /usr/sbin/kexec --version >&2 || fail "kexec does not run in the image"
 release 1.0 "$t"
 # v2: a package added, as a distribution update would.
 ( cd "$w" && apt-get download -qq jq libjq1 libonig5 >/dev/null )
@@ -528,6 +541,8 @@ with open(p, "r+b") as f:
     f.seek(at); b = f.read(1); f.seek(at); f.write(bytes([b[0] ^ 0x20]))' "$w/disk.img" "$at"
   log "flipped one bit of byte $at of the disk (slot $1, block $blk of 8.0's image)"
 }
+# shellcheck source=scenarios-kexec.sh
+source "$here/scenarios-kexec.sh"
 
 say "boot 1: the node runs 1.0"
 boot
@@ -881,6 +896,7 @@ PY
       printf 'scenario 9 (verity, %s): passed: a changed block of the committed slot restarted 3 boots in a row, the bootloader fell back to %s and the node says "%s"\n' \
         "$bootloader" "$from" "$(field "['last_result']['reason']" <<<"$j" | cut -c1-100)"
       ;;
+    k[0-9]) kexec_scenario "$s" ;;
     *) fail "unknown scenario $s" ;;
   esac
 done

@@ -7,6 +7,7 @@ use crate::daemon::auto::{AutoStatus, Lock};
 use crate::daemon::Source;
 use crate::daemon::{OpEvent, OpEventKind, OpOutcome, OpProgress, OpResult, Operation, Phase};
 use crate::policy::RebootStrategy;
+use crate::reboot_method::{BootRecord, RebootMethod};
 
 /// Seconds since the epoch as a protobuf timestamp.
 pub fn ts(secs: u64) -> prost_types::Timestamp {
@@ -30,6 +31,31 @@ fn jiff_ts(t: jiff::Timestamp) -> prost_types::Timestamp {
 }
 
 /// How the API shows a strategy (windows and FleetLock are both "in window").
+pub fn reboot_method(m: RebootMethod) -> pb::RebootMethod {
+    match m {
+        RebootMethod::Firmware => pb::RebootMethod::Firmware,
+        RebootMethod::Kexec => pb::RebootMethod::Kexec,
+    }
+}
+
+/// `None` for UNSPECIFIED.
+pub fn reboot_method_from(m: pb::RebootMethod) -> Option<RebootMethod> {
+    match m {
+        pb::RebootMethod::Unspecified => None,
+        pb::RebootMethod::Firmware => Some(RebootMethod::Firmware),
+        pb::RebootMethod::Kexec => Some(RebootMethod::Kexec),
+    }
+}
+
+/// A boot's record as the API shows it.
+pub fn boot_record(b: &BootRecord) -> pb::BootRecord {
+    pb::BootRecord {
+        method: reboot_method(b.method) as i32,
+        downtime_ms: b.downtime_ms,
+        fallback: b.fallback.clone().unwrap_or_default(),
+    }
+}
+
 pub fn reboot_policy(s: RebootStrategy) -> pb::RebootPolicy {
     use pb::RebootPolicy as P;
     match s {
@@ -79,6 +105,7 @@ pub fn result(r: &OpResult) -> pb::Result {
         reason: r.reason.clone(),
         at: Some(at(r.at)),
         bytes_fetched: r.bytes_fetched,
+        boot: None,
     }
 }
 

@@ -69,7 +69,7 @@ fn daemon_code(e: &DaemonError) -> (Code, &'static str) {
         DaemonError::VersionNotFound { .. } => (Code::NotFound, "VERSION_NOT_FOUND"),
         DaemonError::UnknownOperation(_) => (Code::NotFound, "UNKNOWN_OPERATION"),
         DaemonError::NothingToReboot { .. } => (Code::FailedPrecondition, "NOTHING_TO_REBOOT"),
-        DaemonError::Reboot { .. } | DaemonError::Worker => (Code::Internal, "INTERNAL"),
+        DaemonError::Reboot(_) | DaemonError::Worker => (Code::Internal, "INTERNAL"),
         DaemonError::TooMany { .. } => (Code::ResourceExhausted, "RESOURCE_EXHAUSTED"),
         DaemonError::CheckTimeout { .. } => (Code::DeadlineExceeded, "DEADLINE_EXCEEDED"),
         DaemonError::NotFound(e) | DaemonError::Update(e) => update_code(e),

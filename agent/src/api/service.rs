@@ -183,12 +183,27 @@ impl pb::update_agent_server::UpdateAgent for Service {
         req: Request<pb::RebootRequest>,
     ) -> Result<Response<pb::RebootResponse>, Status> {
         let caller = self.policy.check(&req, Need::Change)?;
-        let force = req.into_inner().force;
-        self.d
-            .reboot(force, &caller.to_string())
+        let r = req.into_inner();
+        let method = match pb::RebootMethod::try_from(r.method) {
+            Ok(pb::RebootMethod::Unspecified) => None,
+            Ok(m) => convert::reboot_method_from(m),
+            Err(_) => {
+                return Err(ApiError::from(DaemonError::InvalidTarget {
+                    field: "method",
+                    why: format!("{} is not a RebootMethod", r.method),
+                })
+                .into())
+            }
+        };
+        let done = self
+            .d
+            .reboot(r.force, method, &caller.to_string())
             .await
             .map_err(ApiError::from)?;
-        Ok(Response::new(pb::RebootResponse {}))
+        Ok(Response::new(pb::RebootResponse {
+            method: convert::reboot_method(done.method) as i32,
+            fallback: done.fallback.unwrap_or_default(),
+        }))
     }
 
     async fn rollback(

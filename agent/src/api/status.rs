@@ -32,6 +32,7 @@ pub fn history_entry(e: &Entry) -> pb::HistoryEntry {
         reason: e.reason.clone(),
         bytes_fetched: e.bytes_fetched,
         at: Some(ts(e.at)),
+        boot: e.boot.as_ref().map(super::convert::boot_record),
     }
 }
 
@@ -193,6 +194,7 @@ fn last_result(i: &Inputs<'_>) -> Option<pb::Result> {
             reason: reason.clone(),
             at: Some(ts(*at)),
             bytes_fetched: 0,
+            boot: None,
         }),
         _ => i.last.as_ref().map(|e| pb::Result {
             outcome: outcome(&e.outcome) as i32,
@@ -201,6 +203,7 @@ fn last_result(i: &Inputs<'_>) -> Option<pb::Result> {
             reason: e.reason.clone(),
             at: Some(ts(e.at)),
             bytes_fetched: e.bytes_fetched,
+            boot: e.boot.as_ref().map(super::convert::boot_record),
         }),
     }
 }

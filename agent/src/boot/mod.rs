@@ -1,8 +1,11 @@
 //! Bootloader backends behind one trait. The agent only ever asks for these five
 //! things; each backend keeps its own state format (grubenv, BLS entry names, ...).
 
+mod cmdline;
 pub mod grub;
 pub mod systemd_boot;
+
+pub use cmdline::slot_cmdline;
 
 #[cfg(test)]
 pub(crate) mod parity_tests;
@@ -47,13 +50,18 @@ impl RootVerity {
     /// `root=PARTLABEL=label`. A verity error on the running root restarts the node,
     /// so the bootloader's counter (or the next boot's agent) sees it.
     pub fn kernel_args(&self, label: &str) -> String {
-        format!(
-            "root=/dev/mapper/root roothash={} systemd.verity_root_data=PARTLABEL={label} \
-             systemd.verity_root_hash=PARTLABEL={label} \
-             systemd.verity_root_options=hash-offset={},restart-on-corruption",
-            self.root_hash, self.hash_offset
-        )
+        verity_words(&self.root_hash, &self.hash_offset.to_string(), label)
     }
+}
+
+/// The words of a dm-verity root; strings so the GRUB fragment's test can put the
+/// script's variables in (see `cmdline`).
+fn verity_words(root_hash: &str, hash_offset: &str, label: &str) -> String {
+    format!(
+        "root=/dev/mapper/root roothash={root_hash} systemd.verity_root_data=PARTLABEL={label} \
+         systemd.verity_root_hash=PARTLABEL={label} \
+         systemd.verity_root_options=hash-offset={hash_offset},restart-on-corruption"
+    )
 }
 
 /// What a backend reports about the boot state.
@@ -156,6 +164,12 @@ pub trait BootControl: Send + Sync {
     fn guard_default(&mut self, _boots: u8) -> Result<bool, BootError> {
         Ok(false)
     }
+    /// Counts one trial boot of `slot` down exactly as the bootloader does before it
+    /// starts a trial kernel (GRUB: `ua_tries` 3 → 2; systemd-boot: the entry's
+    /// `+3` → `+2-1`), for a boot that bypasses the bootloader (kexec). Returns the
+    /// tries left after this one. Refused when `slot` is not the armed trial or has no
+    /// try left (the bootloader would fall back instead).
+    fn consume_try(&mut self, slot: Slot) -> Result<u8, BootError>;
     /// Whether `prepare` needs the release's files (its file system mounted).
     fn needs_release_files(&self) -> bool {
         false

@@ -168,6 +168,13 @@ pub enum AgentCommand {
         /// Reboot even when nothing is armed.
         #[arg(long)]
         force: bool,
+        /// Straight into the armed release's kernel (kexec), skipping the firmware
+        /// and the bootloader; falls back to a firmware reboot, saying why.
+        #[arg(long, conflicts_with = "firmware")]
+        kexec: bool,
+        /// Through the firmware and the bootloader (default: agent.toml [boot] reboot).
+        #[arg(long)]
+        firmware: bool,
     },
     /// Go back to the previous, known-good release (takes effect at the next boot).
     Rollback,
@@ -254,11 +261,25 @@ async fn run_async(cmd: AgentCommand, c: &Connect) -> anyhow::Result<()> {
                 .into_inner();
             println!("cancelled: slot {} is marked unbootable", r.slot);
         }
-        AgentCommand::Reboot { force } => {
-            cl.reboot(pb::RebootRequest { force })
+        AgentCommand::Reboot {
+            force,
+            kexec,
+            firmware,
+        } => {
+            let method = match (kexec, firmware) {
+                (true, _) => pb::RebootMethod::Kexec,
+                (_, true) => pb::RebootMethod::Firmware,
+                _ => pb::RebootMethod::Unspecified,
+            };
+            let r = cl
+                .reboot(pb::RebootRequest {
+                    force,
+                    method: method as i32,
+                })
                 .await
-                .map_err(CallError::from)?;
-            println!("rebooting");
+                .map_err(CallError::from)?
+                .into_inner();
+            println!("{}", render::rebooting(&r));
         }
         AgentCommand::Rollback => {
             let r = cl

@@ -100,6 +100,39 @@ fn fit(s: &str, max: usize) -> String {
     out
 }
 
+pub fn reboot_method(m: i32) -> &'static str {
+    match pb::RebootMethod::try_from(m).unwrap_or_default() {
+        pb::RebootMethod::Kexec => "kexec",
+        pb::RebootMethod::Firmware => "firmware",
+        pb::RebootMethod::Unspecified => "unknown",
+    }
+}
+
+/// "kexec · down 8.4 s": how a committed update booted and for how long the node
+/// was away (reboot requested → gate committed).
+pub fn boot_line(b: &pb::BootRecord) -> String {
+    let down = b
+        .downtime_ms
+        .map_or("down for an unknown time".to_owned(), |ms| {
+            format!("down {:.1} s", ms as f64 / 1000.0)
+        });
+    let kexec_not_used = if b.fallback.is_empty() {
+        ""
+    } else {
+        " (kexec not used)"
+    };
+    format!("{}{kexec_not_used} · {down}", reboot_method(b.method))
+}
+
+/// `updatectl reboot`'s answer.
+pub fn rebooting(r: &pb::RebootResponse) -> String {
+    match (reboot_method(r.method), r.fallback.as_str()) {
+        ("kexec", _) => "rebooting by kexec into the armed release".into(),
+        (_, "") => "rebooting through the firmware".into(),
+        (_, why) => format!("rebooting through the firmware; kexec not used: {why}"),
+    }
+}
+
 /// One line about how an attempt ended, e.g. "rolled back from 1.4.0: unit ...".
 pub fn result_line(r: &pb::Result) -> String {
     let o = pb::Outcome::try_from(r.outcome).unwrap_or_default();
@@ -277,6 +310,12 @@ fn last_text(r: Option<&pb::Result>, w: usize, line: &mut impl FnMut(&str, Strin
         }
         None => line("Last", "no update yet".into()),
     }
+    if let Some(b) = r.and_then(|r| r.boot.as_ref()) {
+        line("Boot", boot_line(b));
+        for (i, l) in wrap(&b.fallback, w - 10, 2).into_iter().enumerate() {
+            line(if i == 0 { "Kexec" } else { "" }, l);
+        }
+    }
 }
 
 /// The unattended-patching lines of `updatectl status`.
@@ -390,6 +429,10 @@ pub fn history_text(entries: &[pb::HistoryEntry]) -> String {
         out.push('\n');
         if !e.reason.is_empty() {
             out.push_str(&fit(&format!("    {}", e.reason), 80));
+            out.push('\n');
+        }
+        if let Some(b) = &e.boot {
+            out.push_str(&fit(&format!("    boot: {}", boot_line(b)), 80));
             out.push('\n');
         }
     }

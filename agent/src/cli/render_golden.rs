@@ -64,7 +64,63 @@ fn entry(version: &str, outcome: Outcome, reason: &str, at: u64) -> Entry {
         bytes_fetched: 6_830_000,
         at,
         cause: None,
+        boot: None,
     }
+}
+
+/// A committed entry with how its release booted.
+fn booted(version: &str, boot: crate::reboot_method::BootRecord, at: u64) -> Entry {
+    Entry {
+        boot: Some(boot),
+        ..entry(version, Outcome::Committed, "", at)
+    }
+}
+
+fn by_kexec() -> crate::reboot_method::BootRecord {
+    crate::reboot_method::BootRecord {
+        method: crate::reboot_method::RebootMethod::Kexec,
+        downtime_ms: Some(8_412),
+        fallback: None,
+    }
+}
+
+/// Kexec asked for, refused by a locked-down kernel: the firmware rebooted.
+fn kexec_refused() -> crate::reboot_method::BootRecord {
+    crate::reboot_method::BootRecord {
+        method: crate::reboot_method::RebootMethod::Firmware,
+        downtime_ms: Some(21_930),
+        fallback: Some(
+            "the kernel refused slot b's kernel under lockdown (integrity): kexec needs a \
+             kernel signed with a key this kernel trusts: Operation not permitted (os error 1)"
+                .into(),
+        ),
+    }
+}
+
+/// 2.0 committed after a kexec boot, or after a firmware boot kexec fell back to.
+fn committed_booted() -> Vec<(&'static str, pb::Status)> {
+    let committed = |record: crate::reboot_method::BootRecord| {
+        let state = State::Committed {
+            version: "2.0".into(),
+            slot: Slot::B,
+            previous: Some((Slot::A, "1.0".into())),
+            at: T0,
+            bytes_fetched: 0,
+            boot: Some(record.clone()),
+        };
+        status(
+            &layout(Slot::B),
+            state,
+            boot(Slot::B, None, [true, true]),
+            Some(booted("2.0", record, T0)),
+            "2.0",
+            None,
+        )
+    };
+    vec![
+        ("committed-kexec", committed(by_kexec())),
+        ("committed-kexec-refused", committed(kexec_refused())),
+    ]
 }
 
 const HEALTH_FAIL: &str = "unit kubelet.service: failed 40 s after start \
@@ -102,6 +158,7 @@ fn scenarios() -> Vec<(&'static str, pb::Status)> {
     all.extend(staging());
     all.extend(after_staging());
     all.extend(unattended());
+    all.extend(committed_booted());
     all
 }
 
@@ -133,6 +190,7 @@ fn committed_verity() -> pb::Status {
             previous: Some((Slot::A, "1.0".into())),
             at: T0,
             bytes_fetched: 0,
+            boot: None,
         },
         boot: boot(Slot::B, None, [true, true]),
         last: Some(entry("2.0", Outcome::Committed, "", T0)),
@@ -170,6 +228,7 @@ fn at_rest() -> Vec<(&'static str, pb::Status)> {
                     previous: Some((Slot::A, "1.0".into())),
                     at: T0,
                     bytes_fetched: 0,
+                    boot: None,
                 },
                 boot(Slot::B, None, [true, true]),
                 Some(entry("2.0", Outcome::Committed, "", T0)),
@@ -379,7 +438,8 @@ fn status_golden_text_and_json() {
 fn history_golden_text_and_json() {
     let entries: Vec<pb::HistoryEntry> = [
         entry("1.4.0", Outcome::RolledBack, HEALTH_FAIL, T0 + 600),
-        entry("2.0", Outcome::Committed, "", T0),
+        booted("2.0", by_kexec(), T0),
+        booted("1.10", kexec_refused(), T0 - 3_600),
         entry(
             "1.9",
             Outcome::Failed,

@@ -46,6 +46,25 @@ struct ResultJson<'a> {
     reason: &'a str,
     at: Option<String>,
     bytes_fetched: u64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    boot: Option<BootJson<'a>>,
+}
+
+/// A committed update's boot (absent for anything else).
+#[derive(Debug, Serialize)]
+struct BootJson<'a> {
+    method: &'static str,
+    downtime_ms: Option<u64>,
+    #[serde(skip_serializing_if = "str::is_empty")]
+    fallback: &'a str,
+}
+
+fn boot_json(b: &pb::BootRecord) -> BootJson<'_> {
+    BootJson {
+        method: crate::cli::render::reboot_method(b.method),
+        downtime_ms: b.downtime_ms,
+        fallback: &b.fallback,
+    }
 }
 
 #[derive(Debug, Serialize)]
@@ -133,6 +152,7 @@ fn result_json(r: &pb::Result) -> ResultJson<'_> {
         reason: &r.reason,
         at: rfc(r.at.as_ref()),
         bytes_fetched: r.bytes_fetched,
+        boot: r.boot.as_ref().map(boot_json),
     }
 }
 
@@ -207,6 +227,8 @@ struct HistoryEntryJson<'a> {
     reason: &'a str,
     bytes_fetched: u64,
     at: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    boot: Option<BootJson<'a>>,
 }
 
 /// `updatectl history --json`, newest first.
@@ -223,6 +245,7 @@ pub fn history_json(entries: &[pb::HistoryEntry]) -> String {
                 reason: &e.reason,
                 bytes_fetched: e.bytes_fetched,
                 at: rfc(e.at.as_ref()),
+                boot: e.boot.as_ref().map(boot_json),
             })
             .collect(),
     };

@@ -42,6 +42,29 @@ fn bad_values_are_named() {
     assert!(e.to_string().contains("boot.tries"), "{e}");
     let e = Config::from_toml("").expect_err("compatible");
     assert!(e.to_string().contains("compatible"), "{e}");
+    let e =
+        Config::from_toml("compatible = \"x\"\n[boot]\nkexec_panic_secs = 0\n").expect_err("panic");
+    assert!(e.to_string().contains("boot.kexec_panic_secs"), "{e}");
+    let e = Config::from_toml("compatible = \"x\"\n[boot]\nkexec_watchdog_secs = 5\n")
+        .expect_err("watchdog");
+    assert!(e.to_string().contains("boot.kexec_watchdog_secs"), "{e}");
+}
+
+#[test]
+fn reboot_method_is_firmware_unless_kexec_is_asked_for() {
+    use crate::reboot_method::RebootMethod;
+    let c = Config::from_toml("compatible = \"x\"\n").expect("parse");
+    assert_eq!(c.boot.reboot, RebootMethod::Firmware);
+    let c = Config::from_toml("compatible = \"x\"\n[boot]\nreboot = \"kexec\"\n").expect("parse");
+    assert_eq!(c.boot.reboot, RebootMethod::Kexec);
+    let e = Config::from_toml("compatible = \"x\"\n[boot]\nreboot = \"warm\"\n").expect_err("warm");
+    let mut chain = e.to_string();
+    let mut src = std::error::Error::source(&e);
+    while let Some(s) = src {
+        chain.push_str(&format!(": {s}"));
+        src = s.source();
+    }
+    assert!(chain.contains("warm"), "{chain}");
 }
 
 #[test]

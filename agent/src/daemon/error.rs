@@ -29,12 +29,8 @@ pub enum DaemonError {
     UnknownOperation(String),
     #[error("nothing to reboot into: the agent is {state} (set force to reboot anyway)")]
     NothingToReboot { state: &'static str },
-    #[error("running the reboot command {command:?}")]
-    Reboot {
-        command: Vec<String>,
-        #[source]
-        source: std::io::Error,
-    },
+    #[error("rebooting")]
+    Reboot(#[source] crate::kexec::RebootError),
     #[error(transparent)]
     Update(UpdateError),
     #[error("the agent's worker thread ended unexpectedly")]

@@ -31,8 +31,10 @@ pub use target::{CheckOutcome, Source, Target};
 
 use crate::config::Config;
 use crate::history::Entry;
+use crate::kexec::{KexecOs, LinuxKexec};
 use crate::policy::RebootStrategy;
 use crate::postboot::BootOutcome;
+use crate::reboot_method::RebootMethod;
 use crate::slots::{Slot, SlotLayout};
 use crate::state::State;
 use crate::update::{error_chain, Agent, UpdateError};
@@ -45,6 +47,8 @@ pub struct Daemon {
     reader: Reader,
     /// The handle that changes things; held by one operation at a time.
     agent: Arc<Mutex<Agent>>,
+    /// The system calls and commands of a reboot (kexec or firmware).
+    kexec_os: Arc<dyn KexecOs>,
     /// A second handle for payload checks, shared without a lock: checks only read,
     /// so a slow or hung one never holds up another call (a reader must not be able
     /// to stall the daemon).
@@ -85,6 +89,11 @@ impl Daemon {
             ops: Arc::new(Ops::new()),
             auto: auto::Auto::new(&cfg)?.map(Arc::new),
             textfile: Mutex::new(()),
+            kexec_os: Arc::new(LinuxKexec {
+                systemctl: cfg.health.systemctl.clone(),
+                conf_dir: "/run/systemd/system.conf.d".into(),
+                reboot_command: cfg.health.reboot_command.clone(),
+            }),
             cfg,
         })
     }
@@ -251,16 +260,37 @@ impl Daemon {
 
     /// Reboots the node, into the armed release or back from a rollback (or anyway,
     /// with `force`).
-    pub async fn reboot(&self, force: bool, caller: &str) -> Result<(), DaemonError> {
+    /// `method`: kexec or firmware (`None`: `[boot] reboot`); a kexec refused falls
+    /// back to the firmware, and the answer says so.
+    pub async fn reboot(
+        &self,
+        force: bool,
+        method: Option<RebootMethod>,
+        caller: &str,
+    ) -> Result<Rebooted, DaemonError> {
         let state = self.reader.state()?;
         if !force && !matches!(state, State::Armed { .. } | State::RollingBack { .. }) {
             return Err(DaemonError::NothingToReboot {
                 state: state.name(),
             });
         }
-        tracing::warn!(caller = %caller, state = state.name(), "reboot requested over the API");
-        let cmd = self.cfg.health.reboot_command.clone();
-        blocking(move || run_reboot(&cmd)).await
+        let method = method.unwrap_or(self.cfg.boot.reboot);
+        tracing::warn!(caller = %caller, state = state.name(), method = method.name(), "reboot requested over the API");
+        let (agent, os) = (Arc::clone(&self.agent), Arc::clone(&self.kexec_os));
+        blocking(move || {
+            let mut a = agent
+                .try_lock()
+                .map_err(|_| DaemonError::AgentBusy { what: "an update" })?;
+            reboot_agent(&mut a, method, os.as_ref())
+        })
+        .await
+    }
+
+    /// The reboot after a staging or an unattended decision: `[boot] reboot`, waiting
+    /// for the agent if a call holds it. Blocks: call it off the runtime.
+    pub(crate) fn reboot_configured(&self) -> Result<Rebooted, DaemonError> {
+        let mut a = self.agent.lock().unwrap_or_else(|p| p.into_inner());
+        reboot_agent(&mut a, self.cfg.boot.reboot, self.kexec_os.as_ref())
     }
 
     /// Rolls back by hand.
@@ -318,9 +348,21 @@ async fn blocking<T: Send + 'static>(
         .map_err(|_| DaemonError::Worker)?
 }
 
-fn run_reboot(cmd: &[String]) -> Result<(), DaemonError> {
-    crate::health::reboot(cmd).map_err(|source| DaemonError::Reboot {
-        command: cmd.to_vec(),
-        source,
+/// What a reboot request became: the method used and, when kexec was refused, why.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Rebooted {
+    pub method: RebootMethod,
+    pub fallback: Option<String>,
+}
+
+fn reboot_agent(
+    a: &mut Agent,
+    method: RebootMethod,
+    os: &dyn KexecOs,
+) -> Result<Rebooted, DaemonError> {
+    let r = a.reboot_node(method, os).map_err(DaemonError::Reboot)?;
+    Ok(Rebooted {
+        method: r.method,
+        fallback: r.fallback.as_ref().map(|e| error_chain(e)),
     })
 }

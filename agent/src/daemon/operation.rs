@@ -244,7 +244,7 @@ fn run_operation(
     d.write_textfile();
     if reboot_now {
         crate::emit!(tracing::Level::WARN, crate::events::REBOOTING, update_agent_attempt = %id, update_agent_release = %snap.version, "rebooting into {}", snap.version);
-        if let Err(e) = super::run_reboot(&d.cfg.health.reboot_command) {
+        if let Err(e) = d.reboot_configured() {
             tracing::error!(error = %error_chain(&e), "reboot after staging failed; reboot the node to try the release");
         }
     }

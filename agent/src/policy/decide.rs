@@ -229,6 +229,7 @@ mod tests {
             bytes_fetched: 0,
             at,
             cause: None,
+            boot: None,
         }
     }
 

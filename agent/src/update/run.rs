@@ -293,6 +293,7 @@ impl Agent {
             bytes_fetched: fetched,
             at: timefmt::now(),
             cause: None,
+            boot: None,
         })?;
         Ok(())
     }

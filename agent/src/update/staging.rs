@@ -270,6 +270,7 @@ impl Agent {
             bytes_fetched,
             at: timefmt::now(),
             cause: None,
+            boot: None,
         })?;
         Ok(slot)
     }

@@ -176,6 +176,11 @@ impl BootControl for Grub {
         self.update(|s| s.arm_trial(slot, tries))
     }
 
+    fn consume_try(&mut self, slot: Slot) -> Result<u8, BootError> {
+        self.update(|s| s.consume_try(slot))?;
+        Ok(self.status()?.trial.map_or(0, |(_, left)| left))
+    }
+
     fn commit(&mut self, slot: Slot) -> Result<(), BootError> {
         self.update(|s| s.commit(slot))
     }

@@ -229,6 +229,19 @@ impl GrubState {
         Ok(next)
     }
 
+    /// What the fragment does before a trial boot: one try fewer, on disk first.
+    pub fn consume_try(self, slot: Slot) -> Result<Self, BootError> {
+        if self.trial != Some(slot) {
+            return Err(refused("count a try of", slot, "it is not the armed trial"));
+        }
+        if self.tries == 0 {
+            return Err(refused("count a try of", slot, "it has no try left"));
+        }
+        let mut next = self;
+        next.tries -= 1;
+        Ok(next)
+    }
+
     pub fn commit(self, slot: Slot) -> Result<Self, BootError> {
         if !self.ok(slot) {
             return Err(refused("commit", slot, "it is marked unbootable"));

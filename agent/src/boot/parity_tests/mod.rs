@@ -53,6 +53,9 @@ enum Step {
     Arm(Slot, u8),
     Commit(Slot),
     RollbackTo(Slot),
+    /// The agent counts a try of the slot down itself (a kexec boot, which the
+    /// bootloader never sees); the kexec itself changes nothing on disk.
+    ConsumeTry(Slot),
     /// A firmware boot.
     Boot,
 }
@@ -110,6 +113,7 @@ fn run_step(lab: &mut dyn Lab, step: Step) -> Outcome {
         Step::Arm(s, n) => lab.ctl().arm_trial(s, n),
         Step::Commit(s) => lab.ctl().commit(s),
         Step::RollbackTo(s) => lab.ctl().rollback_to(s),
+        Step::ConsumeTry(s) => lab.ctl().consume_try(s).map(drop),
     };
     match res {
         Ok(()) => Outcome::Done,

@@ -85,7 +85,51 @@ pub(super) fn scenarios() -> Vec<Scenario> {
     all.extend(fell_back());
     all.extend(cancelled());
     all.extend(illegal());
+    all.extend(kexec());
     all
+}
+
+/// Trials booted by kexec: the agent counts the try down itself, and what follows
+/// (firmware boots after a panic or a hang) counts on from there.
+fn kexec() -> Vec<Scenario> {
+    use Step::{Arm, Boot, Commit, ConsumeTry as Kexec, Install, MarkUnbootable as Mark};
+    const COUNT: &str = "count a try of";
+    vec![
+        Scenario {
+            name: "a kexec trial is counted like a firmware one and committed",
+            steps: vec![
+                (Mark(B), ok(A_ONLY)),
+                (Install(B), ok(A_ONLY)),
+                (Arm(B, 3), ok(trial_b(3))),
+                (
+                    Kexec(A),
+                    refused(COUNT, "it is not the armed trial", trial_b(3)),
+                ),
+                (Kexec(B), ok(trial_b(2))),
+                (Commit(B), ok(B_BOTH)),
+                (
+                    Kexec(B),
+                    refused(COUNT, "it is not the armed trial", B_BOTH),
+                ),
+                (Boot, booted(B, B_BOTH)),
+            ],
+        },
+        Scenario {
+            name: "a kexec trial that panics: firmware boots count on, then fall back",
+            steps: vec![
+                (Mark(B), ok(A_ONLY)),
+                (Install(B), ok(A_ONLY)),
+                (Arm(B, 2), ok(trial_b(2))),
+                (Kexec(B), ok(trial_b(1))),
+                (Boot, booted(B, trial_b(0))),
+                (Kexec(B), refused(COUNT, "it has no try left", trial_b(0))),
+                (
+                    Boot,
+                    differ(FELL_BACK, booted(A, A_BOTH), booted(A, trial_b(0))),
+                ),
+            ],
+        },
+    ]
 }
 
 /// Trials that end committed.

@@ -83,6 +83,12 @@ impl BootControl for SystemdBoot {
         self.update(tree, |s| s.arm_trial(slot, tries))
     }
 
+    fn consume_try(&mut self, slot: Slot) -> Result<u8, BootError> {
+        let tree = self.read();
+        self.update(tree, |s| s.consume_try(slot))?;
+        Ok(self.status()?.trial.map_or(0, |(_, left)| left))
+    }
+
     fn commit(&mut self, slot: Slot) -> Result<(), BootError> {
         let tree = self.read();
         self.update(tree, |s| s.commit(slot))

@@ -65,16 +65,8 @@ pub fn entry_text(
         t.push_str(&format!("initrd {}\n", esp_path(slot, INITRD_NAME)));
     }
     let label = &cfg.root_labels[slot.index()];
-    let root = match verity {
-        Some(v) => v.kernel_args(label),
-        None => format!("root=PARTLABEL={label}"),
-    };
-    t.push_str(&format!("options {root} updateagent.slot={slot}"));
-    if !cfg.options.trim().is_empty() {
-        t.push(' ');
-        t.push_str(cfg.options.trim());
-    }
-    t.push('\n');
+    let line = crate::boot::slot_cmdline(label, slot, verity, &cfg.options);
+    t.push_str(&format!("options {line}\n"));
     t
 }
 

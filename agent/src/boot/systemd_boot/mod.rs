@@ -140,7 +140,7 @@ use super::BootError;
 use crate::slots::Slot;
 
 pub use entry::{entry_text, EntryConfig};
-pub use fs::{install_kernel, BootFile};
+pub use fs::{install_kernel, resolve_in_root, BootFile};
 pub use names::{name_version, Counter, Entry, Name, StateError};
 pub use order::{check_order, is_entry_name, strverscmp_improved, Foreign};
 pub use state::{apply_ops, EspState, Op};

@@ -276,6 +276,27 @@ impl EspState {
         Ok(rename(from, target.file_name()))
     }
 
+    /// What systemd-boot does before it starts a trial entry: `+LEFT[-DONE]` becomes
+    /// `+(LEFT-1)-(DONE+1)`, one rename.
+    pub fn consume_try(&self, slot: Slot) -> Result<Vec<Op>, BootError> {
+        const ACTION: &str = "count a try of";
+        let trial = self.trial_entry().map_err(malformed)?;
+        let Some(e) = trial.filter(|e| e.slot == slot) else {
+            return Err(refused(ACTION, slot, "it is not the armed trial"));
+        };
+        let Some(c) = e.counter.filter(|c| c.left > 0) else {
+            return Err(refused(ACTION, slot, "it has no try left"));
+        };
+        let next = Entry {
+            counter: Some(Counter {
+                left: c.left - 1,
+                done: Some(c.done.unwrap_or(0).saturating_add(1)),
+            }),
+            ..e.clone()
+        };
+        Ok(rename(e.file_name(), next.file_name()))
+    }
+
     pub fn commit(&self, slot: Slot) -> Result<Vec<Op>, BootError> {
         self.make_default("commit", slot)
     }

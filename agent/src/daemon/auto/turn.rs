@@ -354,10 +354,10 @@ async fn reboot(
     let v = &staged.version;
     crate::emit!(tracing::Level::WARN, crate::events::REBOOTING, update_agent_release = %v, update_agent_slot = %staged.slot, update_agent_attempt = %staged.attempt, "rebooting into {v} on slot {}", staged.slot);
     auto.set(|s| s.next_step = format!("rebooting into {v}"));
-    let cmd = d.cfg.health.reboot_command.clone();
-    let result = blocking(move || crate::health::reboot(&cmd)).await;
+    let d2 = Arc::clone(d);
+    let result = blocking(move || d2.reboot_configured()).await;
     let why = match result {
-        Some(Ok(())) => {
+        Some(Ok(_)) => {
             t.reboot_failures = 0;
             return None;
         }

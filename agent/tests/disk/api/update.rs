@@ -275,9 +275,19 @@ fn api_update_commit_rollback_over_the_socket() {
         );
 
         // Reboot: allowed now that a release is armed (the command leaves a mark here).
-        c.reboot(pb::RebootRequest { force: false })
+        let r = c
+            .reboot(pb::RebootRequest {
+                force: false,
+                method: pb::RebootMethod::Unspecified as i32,
+            })
             .await
-            .expect("reboot");
+            .expect("reboot")
+            .into_inner();
+        // agent.toml says nothing: through the firmware, nothing refused.
+        assert_eq!(
+            (r.method, r.fallback.as_str()),
+            (pb::RebootMethod::Firmware as i32, "")
+        );
         assert!(n.path("rebooted").exists());
     });
 

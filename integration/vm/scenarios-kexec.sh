@@ -1,0 +1,121 @@
+# shellcheck shell=bash
+# integration/vm/scenarios-kexec.sh: the VM lab's kexec scenarios (issue 16), sourced
+# by lab.sh after its helpers; `lab.sh [--bootloader B] 1 k3 k2 k1` runs them after
+# scenario 1, each starting where the last ended (2.0 running), so no disk is made
+# twice and scenario 1's plain reboots are the comparison of the same run.
+#
+#   k3  2.0 -> 4.0 (no init: the kernel panics) by kexec: the kexec'd kernel panics,
+#       panic=N (agent.toml kexec_panic_secs) reboots it through the firmware, the
+#       bootloader's counter (one try already taken by the agent) runs out, 2.0 again
+#   k2  2.0 -> 3.0 (a required unit fails) by kexec: the gate fails the trial and
+#       reboots through the firmware into 2.0
+#   k1  2.0 -> 6.0 by kexec: update, gate, commit; the downtime next to scenario 1's
+#       plain firmware reboots and its update by firmware reboot ("ratio")
+#
+# A kexec is not a QEMU exit: the new kernel starts in the same QEMU run, on the same
+# serial log, so a kexec is seen as one more "Linux version" line there.
+
+# kernels_seen: how many kernels this QEMU run's console has shown start.
+kernels_seen() {
+  { tr -d '\000' <"$w/serial-$boots.log" | grep -acF "Linux version"; } || true
+}
+
+# kexec_down: asks for a reboot by kexec; returns 0 once the next kernel starts in
+# the same QEMU run (kexec_at: when, host time), 1 when QEMU exited instead (the
+# agent fell back to a firmware reboot).
+kexec_down() {
+  local before
+  before=$(kernels_seen)
+  ctl reboot --kexec || log "the reboot call got no answer (the node went down first)"
+  until (($(kernels_seen) > before)); do
+    if ! kill -0 "$qemu_pid" 2>/dev/null; then
+      wait_down
+      return 1
+    fi
+    sleep 0.05
+  done
+  kexec_at=$(date +%s.%N)
+  log "kexec: the next kernel started $(secs_since "$kexec_t") s after the request"
+}
+
+# kexec_trial VERSION WHAT: stages VERSION, reboots by kexec, and waits for the kexec'd
+# trial to end in a firmware reboot (QEMU exits), saying WHAT happens meanwhile.
+kexec_trial() {
+  ctl update --version "$1" --wait
+  kexec_t=$(date +%s.%N)
+  kexec_down || fail "no kexec: the node rebooted through the firmware (serial log: $w/serial-$boots.log)"
+  say "$2"
+  wait_down
+}
+
+# back_on_2 VERSION WHY: VERSION was rolled back, 2.0 runs, the reason matches WHY.
+back_on_2() {
+  local j
+  j=$(status_json)
+  ctl status
+  [[ $(field "['state']" <<<"$j") == rolled_back ]] || fail "$1 was not rolled back: $j"
+  [[ $(field "['running_version']" <<<"$j") == 2.0 ]] || fail "the node does not run 2.0: $j"
+  field "['last_result']['reason']" <<<"$j" | grep -q "$2" \
+    || fail "the reason does not say '$2': $j"
+}
+
+kexec_scenario() {
+  local j from
+  j=$(status_json)
+  from=$(field "['running_version']" <<<"$j")
+  [[ $from == 2.0 ]] || fail "kexec scenario $1 starts from 2.0; the node runs $from"
+  case $1 in
+    k1) kexec_update ;;
+    k2)
+      say "kexec scenario 2: 2.0 -> 3.0 by kexec, whose required unit fails"
+      kexec_trial 3.0 "the kexec'd 3.0 trial: the gate fails it and reboots through the firmware"
+      on_console "updateagent.boot=kexec" || fail "the trial was not the kexec'd kernel"
+      boot
+      wait_api
+      back_on_2 3.0 'ua-lab-worker.service'
+      printf 'kexec scenario 2 (%s): passed: 3.0 booted by kexec failed its health check, the node rebooted through the firmware into 2.0\n' "$bootloader"
+      ;;
+    k3)
+      say "kexec scenario 3: 2.0 -> 4.0 by kexec, whose kernel finds no init"
+      kexec_trial 4.0 "the kexec'd 4.0 kernel panics; panic=N reboots it through the firmware"
+      on_console "Kernel panic" || fail "the kexec'd kernel did not panic (serial log: $w/serial-$boots.log)"
+      say "firmware boots: the bootloader counts the tries left, then falls back to 2.0"
+      boot_until_api 6
+      back_on_2 4.0 'did not boot'
+      printf 'kexec scenario 3 (%s): passed: 4.0 by kexec panicked, the firmware and the try counter brought 2.0 back\n' "$bootloader"
+      ;;
+    *) fail "unknown kexec scenario $1" ;;
+  esac
+}
+
+# k1: the update by kexec, timed like scenario 1's (request to the agent answering).
+kexec_update() {
+  local j t0 t_up plain_a plain_b upd_fw method down
+  if [[ -n ${plain:-} && -n ${plain2:-} ]]; then
+    plain_a=$plain plain_b=$plain2
+    upd_fw=$(awk -v c="$t2" -v d="$t3" 'BEGIN { printf "%.1f", d - c }')
+  else
+    say "plain reboots for comparison (scenario 1 did not run before)"
+    t0=$(date +%s.%N); reboot_up --force; plain_a=$(secs_since "$t0")
+    plain_b=$plain_a
+    upd_fw="n/a"
+  fi
+  say "kexec scenario 1: 2.0 -> 6.0, rebooted by kexec"
+  ctl update --version 6.0 --wait
+  kexec_t=$(date +%s.%N)
+  kexec_down || fail "no kexec: the node rebooted through the firmware (serial log: $w/serial-$boots.log)"
+  wait_api
+  j=$(status_json)
+  t_up=$(date +%s.%N)
+  ctl status
+  [[ $(field "['state']" <<<"$j") == committed ]] || fail "6.0 was not committed: $j"
+  [[ $(field "['running_version']" <<<"$j") == 6.0 ]] || fail "the node does not run 6.0: $j"
+  on_console "updateagent.boot=kexec" || fail "6.0 was not the kexec'd kernel"
+  method=$(field "['last_result']['boot']['method']" <<<"$j")
+  down=$(field "['last_result']['boot']['downtime_ms']" <<<"$j")
+  [[ $method == kexec ]] || fail "status does not say 6.0 booted by kexec: $j"
+  awk -v r="$kexec_t" -v k="$kexec_at" -v a="$t_up" -v p="$plain_a" -v q="$plain_b" -v f="$upd_fw" \
+    -v m="$down" -v b="$bootloader" 'BEGIN {
+    printf "kexec (%s): update by kexec %.1f s (down to the next kernel %.1f s, kernel to answer %.1f s; the agent measured %.1f s to its commit); update by firmware reboot %s s; plain firmware reboots %.1f s and %.1f s; ratio %.2f\n",
+      b, a - r, k - r, a - k, m / 1000, f, p, q, 2 * (a - r) / (p + q) }'
+}
