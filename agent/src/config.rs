@@ -236,32 +236,6 @@ pub struct SlotsConfig {
 
 #[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
 #[serde(deny_unknown_fields, default)]
-pub struct BootConfig {
-    /// `grub` or `systemd-boot`.
-    pub backend: String,
-    /// Path of the grubenv block (GRUB).
-    pub grubenv: PathBuf,
-    /// Where the ESP is mounted (systemd-boot: entries and kernels live there).
-    pub esp: PathBuf,
-    /// Kernel arguments after `root=` and `updateagent.slot=` (systemd-boot entries, and
-    /// a kexec's line: with GRUB they must equal the fragment's `ua_cmdline`).
-    pub options: String,
-    /// Trial boots before the bootloader falls back.
-    pub tries: u8,
-    /// Boots in a row of the committed default that may fail to reach the agent before
-    /// the bootloader boots the other slot (when it holds a release and is not marked
-    /// unbootable). 0: no guard. GRUB only: systemd-boot counts trial boots alone.
-    pub default_tries: u8,
-    /// How a release is booted: `firmware` (default) or `kexec` (docs/kexec.md).
-    pub reboot: crate::reboot_method::RebootMethod,
-    /// A kexec'd kernel that panics reboots through the firmware after this long.
-    pub kexec_panic_secs: u32,
-    /// The hardware watchdog armed across a kexec (systemd's KExecWatchdogSec).
-    pub kexec_watchdog_secs: u32,
-}
-
-#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
-#[serde(deny_unknown_fields, default)]
 pub struct FetchConfig {
     pub connect_timeout_secs: u64,
     /// Stall guard, inactivity: no byte for this long drops the connection; the range
@@ -327,22 +301,6 @@ impl Default for SlotsConfig {
             cmdline: "/proc/cmdline".into(),
             root_device: None,
             disk: None,
-        }
-    }
-}
-
-impl Default for BootConfig {
-    fn default() -> Self {
-        Self {
-            backend: "grub".into(),
-            grubenv: "/boot/efi/EFI/BOOT/grubenv".into(),
-            esp: "/boot/efi".into(),
-            options: "ro".into(),
-            tries: 3,
-            default_tries: 3,
-            reboot: Default::default(),
-            kexec_panic_secs: 10,
-            kexec_watchdog_secs: 120,
         }
     }
 }
@@ -481,21 +439,7 @@ impl Config {
         if self.slots.label_a == self.slots.label_b {
             return bad("slots.label_b", "must differ from slots.label_a");
         }
-        if self.boot.backend != "grub" && self.boot.backend != "systemd-boot" {
-            return bad("boot.backend", "must be \"grub\" or \"systemd-boot\"");
-        }
-        if !(1..=9).contains(&self.boot.tries) {
-            return bad("boot.tries", "must be between 1 and 9");
-        }
-        if self.boot.default_tries > 9 {
-            return bad("boot.default_tries", "must be between 0 (off) and 9");
-        }
-        if !(1..=600).contains(&self.boot.kexec_panic_secs) {
-            return bad("boot.kexec_panic_secs", "must be between 1 and 600");
-        }
-        if !(10..=3600).contains(&self.boot.kexec_watchdog_secs) {
-            return bad("boot.kexec_watchdog_secs", "must be between 10 and 3600");
-        }
+        self.boot.validate()?;
         Ok(())
     }
 
@@ -618,6 +562,9 @@ fn merge(into: &mut toml::Table, from: toml::Table) {
         }
     }
 }
+
+mod boot;
+pub use boot::BootConfig;
 
 #[cfg(test)]
 mod tests;
