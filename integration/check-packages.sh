@@ -40,6 +40,8 @@ cat >"$t/want" <<'LIST'
 /etc/update-agent/agent.toml
 /usr/bin/update-agent
 /usr/bin/update-agentctl
+/usr/lib/systemd/system/systemd-bless-boot.service.d
+/usr/lib/systemd/system/systemd-bless-boot.service.d/update-agent.conf
 /usr/lib/systemd/system/update-agent-boot-check.service
 /usr/lib/systemd/system/update-agent.service
 /usr/lib/sysusers.d/update-agent.conf

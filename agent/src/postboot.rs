@@ -199,6 +199,9 @@ impl Agent {
         let booted = self.layout.booted;
         let n = self.cfg.boot.default_tries;
         match self.boot.status() {
+            // The guarded default's last boot (systemd-boot then already names the
+            // other slot as the default) reached the agent: set it back as well.
+            Ok(b) if b.fell_back_from == Some(booted) => {}
             Ok(b) if b.default != booted => {
                 tracing::warn!(slot = %booted, default = %b.default, "running slot {booted}, not the bootloader's default slot {}; its boots are not guarded", b.default);
                 return;
@@ -212,7 +215,7 @@ impl Agent {
                 return;
             }
         }
-        if let Err(e) = self.boot.guard_default(n) {
+        if let Err(e) = self.boot.guard_default(booted, n) {
             tracing::warn!(error = %crate::update::error_chain(&e), "cannot set the default slot's boot guard back");
         }
     }

@@ -10,7 +10,8 @@
 # server on the host's loopback through an explicit guest-forward and reaches nothing
 # else. One QEMU run per boot: a reboot is QEMU exiting (-no-reboot) and a new run.
 #
-# Scenarios (default: 1 2 3 4 6 5 7, in this order; each starts where the last ended):
+# Scenarios (default: 1 2 3 4 6 5 7 8 9, in this order; each starts where the last
+# ended):
 #   1  v1 -> v2: staged over gRPC while the node runs, reboot, health passes, committed;
 #      the downtime is measured next to a plain reboot of the same VM
 #   2  v2 -> v3 whose required unit fails a few seconds after start: the trial fails
@@ -34,6 +35,11 @@
 #      staged slot changed on the disk between the arming and the reboot: every trial
 #      boot hits the verity error and restarts, the bootloader falls back, and the
 #      agent names the integrity failure (the slot no longer reaches its signed root)
+#   9  dm-verity: v8 committed, then one bit of systemd in its slot changed on the
+#      disk while the node is off: every boot restarts on the verity error, the
+#      default's guard (GRUB: ua_boots; systemd-boot: the entry's @default+3 counter)
+#      runs out after 3 boots, the bootloader boots the release before, and the agent
+#      there rolls 8.0 back with cause stopped_booting and names the integrity failure
 #
 # Every release from v2 on is published with --verity: the node builds each tree,
 # boots it through dm-verity (scenario 1 checks the root is /dev/mapper/root and that
@@ -464,6 +470,16 @@ booted_slot() {
 # (grep -c reads to the end: with -q, tr could die of SIGPIPE and pipefail would turn
 # a match into a miss.)
 on_console() { tr -d '\000' <"$w/serial-$boots.log" | grep -acF "$1" >/dev/null; }
+# esp_image: the ESP inside the disk image, as mtools names it.
+esp_image() {
+  local start
+  start=$(sfdisk -d "$w/disk.img" | sed -n 's/.*start= *\([0-9]*\),.*name="esp".*/\1/p')
+  echo "$w/disk.img@@$((start * 512))"
+}
+# esp_entries: the .conf entries on the (powered-off) disk's ESP, as mtools paths.
+esp_entries() {
+  MTOOLS_SKIP_CHECK=1 mdir -b -i "$(esp_image)" ::/loader/entries | grep '\.conf$' || true
+}
 # esp_whole WHEN: after a power cut, what the bootloader reads must be whole, checked
 # on the disk image from the host (mtools, grub-editenv): GRUB's grubenv parses and
 # names a default; every systemd-boot entry has its linux line and that kernel is on
@@ -472,16 +488,15 @@ on_console() { tr -d '\000' <"$w/serial-$boots.log" | grep -acF "$1" >/dev/null;
 # allowed is fsck.vfat's residue of a torn rename: beside a whole entry of its slot
 # (systemd-boot skips it; the agent removes it at its next write).
 esp_whole() {
-  local start esp names n k size out="" whole=" " empty=""
+  local esp names n k size out="" whole=" " empty=""
   if [[ $bootloader == grub ]]; then
     out=$("$here/grubenv.sh" "$w/disk.img" list) || fail "$1: grubenv does not parse"
     grep -q '^ua_default=[ab]$' <<<"$out" || fail "$1: grubenv names no default: $out"
     log "$1: grubenv whole: $(grep '^ua_' <<<"$out" | tr '\n' ' ')"
     return
   fi
-  start=$(sfdisk -d "$w/disk.img" | sed -n 's/.*start= *\([0-9]*\),.*name="esp".*/\1/p')
-  esp="$w/disk.img@@$((start * 512))"
-  names=$(MTOOLS_SKIP_CHECK=1 mdir -b -i "$esp" ::/loader/entries | grep '\.conf$' || true)
+  esp=$(esp_image)
+  names=$(esp_entries)
   [[ -n $names ]] || fail "$1: no loader entry on the ESP"
   for n in $names; do
     if [[ $(MTOOLS_SKIP_CHECK=1 mcopy -n -i "$esp" "$n" - | wc -c) == 0 ]]; then
@@ -866,10 +881,6 @@ PY
       # A committed release that stops booting (here a changed block of systemd under
       # dm-verity, which restarts the node at every boot) must not loop: the default's
       # guard runs out and the bootloader boots the release before it.
-      if [[ $bootloader != grub ]]; then
-        log "scenario 9 skipped: systemd-boot counts trial boots only, so it has no guard for the default (see bootloader-hooks/README.md)"
-        continue
-      fi
       j=$(status_json)
       from=$(field "['running_version']" <<<"$j")
       ctl update --version 8.0 --wait
@@ -879,8 +890,15 @@ PY
         || fail "8.0 was not committed: $j"
       slot=$(field "['booted']['name']" <<<"$j")
       reboot_down --force
-      grep -q '^ua_boots=3$' <<<"$("$here/grubenv.sh" "$w/disk.img" list)" \
-        || fail "the committed default is not guarded: $("$here/grubenv.sh" "$w/disk.img" list | tr '\n' ' ')"
+      # GRUB: ua_boots=3 in grubenv; systemd-boot: the default's entry renamed
+      # …-SLOT-8.0@default+3.conf, counted by the loader like a trial.
+      if [[ $bootloader == grub ]]; then
+        grep -q '^ua_boots=3$' <<<"$("$here/grubenv.sh" "$w/disk.img" list)" \
+          || fail "the committed default is not guarded: $("$here/grubenv.sh" "$w/disk.img" list | tr '\n' ' ')"
+      else
+        grep -q -- "-$slot-8\.0@default+3\.conf\$" <<<"$(esp_entries)" \
+          || fail "the committed default is not guarded: $(esp_entries | tr '\n' ' ')"
+      fi
       change_systemd_block "$slot"
       say "boots: each boot of 8.0 hits the verity error and restarts; after 3 the bootloader boots $from"
       first=$((boots + 1))

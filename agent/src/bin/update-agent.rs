@@ -222,7 +222,23 @@ fn boot_check(agent: &mut Agent) -> anyhow::Result<()> {
         // systemd-bless-boot would bless the very entry being rolled back.
         anyhow::bail!("trial boot failed its health checks; rolling back");
     }
+    mark_boot_checked();
     Ok(())
+}
+
+/// Leaves `boot-checked` in the unit's runtime directory (systemd sets
+/// RUNTIME_DIRECTORY; a run by hand has none): this boot is judged, so
+/// systemd-bless-boot (skipped by our drop-in when the file exists) has nothing left to
+/// do. A failure only lets systemd-bless-boot run: logged, not fatal.
+fn mark_boot_checked() {
+    let Some(dir) = std::env::var_os("RUNTIME_DIRECTORY") else {
+        return;
+    };
+    // Several directories are separated by ':'; ours is the only one.
+    let path = std::path::Path::new(&dir).join("boot-checked");
+    if let Err(e) = std::fs::write(&path, b"judged by update-agent boot-check\n") {
+        tracing::warn!(path = %path.display(), error = %e, "cannot mark this boot as judged; systemd-bless-boot may act on it too");
+    }
 }
 
 /// A staging's progress as lines on stdout, stamped with the seconds since the start.

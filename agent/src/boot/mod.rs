@@ -155,13 +155,15 @@ pub trait BootControl: Send + Sync {
     /// through dm-verity, or (`None`) the partition itself. GRUB keeps it in grubenv;
     /// systemd-boot writes it into the entry `prepare` stages next.
     fn set_root(&mut self, slot: Slot, verity: Option<&RootVerity>) -> Result<(), BootError>;
-    /// Sets the default slot's boot guard back to `boots` once a boot of it reached the
-    /// agent: after that many boots of the default that never come back to this call,
-    /// the bootloader boots the other slot (unless it is unbootable) and says so in
-    /// [`BootStatus::fell_back_from`]. `0` turns the guard off. Returns whether the
-    /// backend keeps a guard at all; without one (systemd-boot only counts trials) a
-    /// default that stops booting is retried forever.
-    fn guard_default(&mut self, _boots: u8) -> Result<bool, BootError> {
+    /// Sets the default slot's boot guard back to `boots` once a boot of it (`slot`, the
+    /// running slot) reached the agent: after that many boots of the default that never
+    /// come back to this call, the bootloader boots the other slot (unless it is
+    /// unbootable) and says so in [`BootStatus::fell_back_from`]. `slot` may also be
+    /// the guarded default whose last boot this is (systemd-boot then already names the
+    /// other slot as the default). `0` turns the guard off. Returns whether the backend
+    /// keeps a guard at all; without one a default that stops booting is retried
+    /// forever.
+    fn guard_default(&mut self, _slot: Slot, _boots: u8) -> Result<bool, BootError> {
         Ok(false)
     }
     /// Counts one trial boot of `slot` down exactly as the bootloader does before it

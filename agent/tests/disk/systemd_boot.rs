@@ -36,83 +36,122 @@ fn ext4_image(dir: &Path, name: &str, kernel: &[u8], release: &str) -> PathBuf {
 
 /// systemd-boot end to end on loop devices: staging copies the new slot's kernel onto
 /// the ESP and arms a counted entry; the trial boot commits by blessing it.
-#[test]
-fn systemd_boot_stage_trial_and_commit() {
-    use update_agent::boot::systemd_boot::{BootFile, EntryConfig, SystemdBoot};
-    let n = Node::new();
-    let d = n.dir.path();
-    let k1 = b"kernel one ".repeat(4000);
-    let k2 = b"kernel two ".repeat(4100);
-    let v1 = ext4_image(d, "sb-v1", &k1, "1.0");
-    let v2 = ext4_image(d, "sb-v2", &k2, "2.0");
-    fs::copy(&v1, n.path("v1.img")).expect("v1");
-    let v1_bytes = fs::read(&v1).expect("read v1");
-    fs::OpenOptions::new()
-        .write(true)
-        .open(n.disk.part(2))
-        .and_then(|mut f| f.write_all(&v1_bytes).and_then(|()| f.sync_all()))
-        .expect("v1 into root-a");
-    // The ESP (a directory: this kernel has no vfat; the VM lab uses a real one).
-    let esp = n.path("esp");
-    fs::create_dir_all(&esp).expect("esp");
-    let kfile = n.path("k1");
-    fs::write(&kfile, &k1).expect("k1");
-    SystemdBoot::create(
-        &esp,
-        EntryConfig::default(),
-        update_agent::slots::Slot::A,
-        "1.0",
-        &BootFile {
-            path: &kfile,
-            sha256: Sha256::digest(&k1).into(),
-        },
-        None,
-    )
-    .expect("create ESP");
-    let cfg = fs::read_to_string(&n.config).expect("config");
-    fs::write(
-        &n.config,
-        cfg.replace(
-            "[boot]\n",
-            &format!(
-                "[boot]\nbackend = \"systemd-boot\"\nesp = \"{}\"\n",
-                esp.display()
+/// A node on systemd-boot: 1.0 in root-a and its entry on the ESP, 2.0 staged and
+/// armed in b (delta from 1.0). `extra` goes into `[boot]`.
+struct SdNode {
+    n: Node,
+    esp: PathBuf,
+    /// The armed trial's entry name.
+    trial: String,
+}
+
+impl SdNode {
+    fn new(extra: &str) -> Self {
+        use update_agent::boot::systemd_boot::{BootFile, EntryConfig, SystemdBoot};
+        let n = Node::new();
+        let d = n.dir.path();
+        let k1 = b"kernel one ".repeat(4000);
+        let k2 = b"kernel two ".repeat(4100);
+        let v1 = ext4_image(d, "sb-v1", &k1, "1.0");
+        let v2 = ext4_image(d, "sb-v2", &k2, "2.0");
+        fs::copy(&v1, n.path("v1.img")).expect("v1");
+        let v1_bytes = fs::read(&v1).expect("read v1");
+        fs::OpenOptions::new()
+            .write(true)
+            .open(n.disk.part(2))
+            .and_then(|mut f| f.write_all(&v1_bytes).and_then(|()| f.sync_all()))
+            .expect("v1 into root-a");
+        // The ESP (a directory: this kernel has no vfat; the VM lab uses a real one).
+        let esp = n.path("esp");
+        fs::create_dir_all(&esp).expect("esp");
+        let kfile = n.path("k1");
+        fs::write(&kfile, &k1).expect("k1");
+        SystemdBoot::create(
+            &esp,
+            EntryConfig::default(),
+            update_agent::slots::Slot::A,
+            "1.0",
+            &BootFile {
+                path: &kfile,
+                sha256: Sha256::digest(&k1).into(),
+            },
+            None,
+        )
+        .expect("create ESP");
+        let cfg = fs::read_to_string(&n.config).expect("config");
+        fs::write(
+            &n.config,
+            cfg.replace(
+                "[boot]\n",
+                &format!(
+                    "[boot]\nbackend = \"systemd-boot\"\nesp = \"{}\"\n{extra}",
+                    esp.display()
+                ),
             ),
-        ),
-    )
-    .expect("config");
-    let delta = n.publish("2.0", "test-board", &v2, 1 << 20);
-    let o = n.agent(&["stage", &n.server.url(&delta)], &[]);
-    assert!(o.status.success(), "{}", text(&o));
-    let entries = || -> Vec<String> {
-        let mut v: Vec<String> = fs::read_dir(esp.join("loader/entries"))
+        )
+        .expect("config");
+        let delta = n.publish("2.0", "test-board", &v2, 1 << 20);
+        let o = n.agent(&["stage", &n.server.url(&delta)], &[]);
+        assert!(o.status.success(), "{}", text(&o));
+        let mut sd = Self {
+            n,
+            esp,
+            trial: String::new(),
+        };
+        sd.trial = sd
+            .entries()
+            .into_iter()
+            .find(|e| e.contains("-b-2.0+3.conf"))
+            .unwrap_or_else(|| panic!("no counted entry for b: {:?}", sd.entries()));
+        assert_eq!(
+            fs::read(sd.esp.join("update-agent/b/vmlinuz")).expect("kernel b"),
+            k2,
+            "v2's kernel on the ESP"
+        );
+        sd
+    }
+
+    fn dir(&self) -> PathBuf {
+        self.esp.join("loader/entries")
+    }
+
+    fn entries(&self) -> Vec<String> {
+        let mut v: Vec<String> = fs::read_dir(self.dir())
             .expect("entries")
             .map(|e| e.expect("entry").file_name().to_string_lossy().into_owned())
             .collect();
         v.sort();
         v
-    };
-    let trial = entries()
-        .into_iter()
-        .find(|e| e.contains("-b-2.0+3.conf"))
-        .unwrap_or_else(|| panic!("no counted entry for b: {:?}", entries()));
-    assert_eq!(
-        fs::read(esp.join("update-agent/b/vmlinuz")).expect("kernel b"),
-        k2,
-        "v2's kernel on the ESP"
-    );
+    }
+
+    /// systemd-boot's rename before it boots a counted entry (`+L[-D]` to
+    /// `+(L-1)-(D+1)`), as the firmware boots `name`.
+    fn loader_counts(&self, name: &str) -> String {
+        let stem = name.strip_suffix(".conf").expect("conf");
+        let (prefix, counter) = stem.rsplit_once('+').expect("counted");
+        let (left, done) = counter.split_once('-').unwrap_or((counter, "0"));
+        let (left, done): (u32, u32) = (left.parse().expect("l"), done.parse().expect("d"));
+        let next = format!("{prefix}+{}-{}.conf", left - 1, done + 1);
+        fs::rename(self.dir().join(name), self.dir().join(&next)).expect("loader renames");
+        next
+    }
+}
+
+/// systemd-boot end to end on loop devices: staging copies the new slot's kernel onto
+/// the ESP and arms a counted entry; the trial boot commits by blessing it. (Without
+/// the default's guard, whose renames have their own test below.)
+#[test]
+fn systemd_boot_stage_trial_and_commit() {
+    let sd = SdNode::new("default_tries = 0\n");
+    let (n, esp, trial) = (&sd.n, &sd.esp, &sd.trial);
+    let entries = || sd.entries();
     assert!(
         !n.path("state/release-mnt").join("boot").exists(),
         "the slot is unmounted again"
     );
 
     // The firmware boots b: systemd-boot counts the try in the file name.
-    fs::rename(
-        esp.join("loader/entries").join(&trial),
-        esp.join("loader/entries")
-            .join(trial.replace("+3.conf", "+2-1.conf")),
-    )
-    .expect("loader renames");
+    sd.loader_counts(trial);
     n.boot_into("b");
     let o = n.agent(&["boot-check"], &[]);
     assert!(
@@ -186,6 +225,69 @@ fn systemd_boot_stage_trial_and_commit() {
     let s: serde_json::Value = serde_json::from_slice(&o.stdout).expect("status json");
     assert_eq!(s["boot"]["default"], "a", "{s}");
     assert_eq!(s["state"]["state"], "rolled_back", "{s}");
+}
+
+/// The committed default's guard on systemd-boot, through the agent: the commit's
+/// boot guards the new default (`@default+3`), each boot that reaches the gate sets it
+/// back, and three boots that do not make systemd-boot boot the other slot, where the
+/// gate rolls the committed release back with cause stopped_booting.
+#[test]
+fn systemd_boot_committed_slot_that_stops_booting_falls_back() {
+    let sd = SdNode::new("");
+    let n = &sd.n;
+    sd.loader_counts(&sd.trial);
+    n.boot_into("b");
+    let o = n.agent(&["boot-check"], &[]);
+    assert!(
+        text(&o).contains("committed: 2.0 on slot b"),
+        "{}",
+        text(&o)
+    );
+    let guarded = sd
+        .entries()
+        .into_iter()
+        .find(|e| e.contains("-b-2.0@default+3.conf"))
+        .unwrap_or_else(|| panic!("the commit's boot guards b: {:?}", sd.entries()));
+    // A boot of b that reaches the gate: counted by the loader, set back by the gate.
+    let counted = sd.loader_counts(&guarded);
+    let o = n.agent(&["boot-check"], &[]);
+    assert!(text(&o).contains("normal boot"), "{}", text(&o));
+    assert!(sd.entries().contains(&guarded), "{:?}", sd.entries());
+    assert!(!sd.entries().contains(&counted));
+    // Three boots of b that never reach the agent; then the loader boots a.
+    let mut name = guarded;
+    for _ in 0..3 {
+        name = sd.loader_counts(&name);
+    }
+    assert!(name.ends_with("@default+0-3.conf"), "{name}");
+    n.boot_into("a");
+    let o = n.agent(&["boot-check"], &[]);
+    let t = text(&o);
+    assert!(
+        o.status.success()
+            && t.contains("rolled back: 2.0")
+            && t.contains("slot b stopped booting"),
+        "{t}"
+    );
+    let st = n.state();
+    assert_eq!(
+        (st["state"].as_str(), st["cause"].as_str()),
+        (Some("rolled_back"), Some("stopped_booting")),
+        "{st}"
+    );
+    // a is the guarded default now, b is gone.
+    let left = sd.entries();
+    assert!(
+        left.len() == 1 && left[0].contains("-a-1.0@default+3.conf"),
+        "{left:?}"
+    );
+    let o = n.agent(&["status"], &[]);
+    let s: serde_json::Value = serde_json::from_slice(&o.stdout).expect("status json");
+    assert_eq!(
+        (&s["boot"]["default"], &s["boot"]["default_boots_left"]),
+        (&serde_json::json!("a"), &serde_json::json!(3)),
+        "{s}"
+    );
 }
 
 /// The booted slot is a mounted file system, and ext4 changes its superblock in the

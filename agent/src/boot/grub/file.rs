@@ -189,8 +189,8 @@ impl BootControl for Grub {
         self.update(|s| s.rollback_to(slot))
     }
 
-    fn guard_default(&mut self, boots: u8) -> Result<bool, BootError> {
-        self.update(|s| s.guard_default(boots))?;
+    fn guard_default(&mut self, slot: Slot, boots: u8) -> Result<bool, BootError> {
+        self.update(|s| s.guard_default(slot, boots))?;
         Ok(true)
     }
 

@@ -274,7 +274,10 @@ impl GrubState {
 
     /// Sets the default's guard back to `boots` (0: no guard) after a boot reached the
     /// agent; a fallback GRUB recorded is over once this is called.
-    pub fn guard_default(self, boots: u8) -> Result<Self, BootError> {
+    pub fn guard_default(self, slot: Slot, boots: u8) -> Result<Self, BootError> {
+        if slot != self.default {
+            return Err(refused("guard", slot, "it is not the default slot"));
+        }
         if boots > MAX_TRIES {
             return Err(refused("guard", self.default, "boots must be 0 to 9"));
         }

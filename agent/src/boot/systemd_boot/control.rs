@@ -98,4 +98,10 @@ impl BootControl for SystemdBoot {
         let tree = self.read();
         self.update(tree, |s| s.rollback_to(slot))
     }
+
+    fn guard_default(&mut self, slot: Slot, boots: u8) -> Result<bool, BootError> {
+        let tree = self.read();
+        self.update(tree, |s| s.guard_default(slot, boots))?;
+        Ok(true)
+    }
 }

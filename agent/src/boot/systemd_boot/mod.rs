@@ -166,6 +166,9 @@ pub const MAX_TRIES: u8 = 9;
 pub const MAX_NAME_VERSION: usize = 64;
 
 const CONF: &str = ".conf";
+/// Marks a guarded default's entry, before its counter: `@` is outside the version
+/// alphabet, so no version can end in it, and systemd-boot's order skips it.
+const GUARD_MARK: &str = "@default";
 const STAGED: &str = ".staged";
 const TMP: &str = ".tmp";
 /// Entry files are a few hundred bytes; reading more than this is never needed.
@@ -290,6 +293,7 @@ impl SystemdBoot {
             rank: 1,
             slot: default,
             version: name_v.clone(),
+            guard: false,
             counter: None,
         };
         // Check the tree we will leave before writing anything.

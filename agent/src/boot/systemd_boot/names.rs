@@ -3,7 +3,7 @@
 
 use std::path::Path;
 
-use super::{CONF, MAX_NAME_VERSION, PREFIX, STAGED, TMP};
+use super::{CONF, GUARD_MARK, MAX_NAME_VERSION, PREFIX, STAGED, TMP};
 use crate::boot::BootError;
 use crate::slots::Slot;
 
@@ -82,18 +82,34 @@ pub struct Entry {
     pub slot: Slot,
     /// The version as it appears in the name (see [`name_version`]).
     pub version: String,
+    /// The committed default with a boot guard (`@default` before the counter): its
+    /// counter limits the boots in a row that do not reach the agent, not a trial's.
+    pub guard: bool,
     pub counter: Option<Counter>,
 }
 
 impl Entry {
     pub fn file_name(&self) -> String {
         format!(
-            "{PREFIX}{}-{}-{}{}{CONF}",
+            "{PREFIX}{}-{}-{}{}{}{CONF}",
             self.rank,
             self.slot,
             self.version,
+            if self.guard { GUARD_MARK } else { "" },
             self.counter.map(|c| c.suffix()).unwrap_or_default()
         )
+    }
+
+    /// Whether systemd-boot would choose this entry over lower-ranked ones: it has no
+    /// counter, or tries left.
+    pub fn has_tries(&self) -> bool {
+        self.tries_left() != Some(0)
+    }
+
+    /// Whether this entry can be the default: blessed, or a guarded default (whose
+    /// counter counts boots of the default, not tries of a trial).
+    pub fn is_default_kind(&self) -> bool {
+        self.counter.is_none() || self.guard
     }
 
     /// Tries left as systemd-boot sees them: `None` without a counter.
@@ -165,6 +181,10 @@ impl Name {
             }
             None => (stem, None),
         };
+        let (stem, guard) = match stem.strip_suffix(GUARD_MARK) {
+            Some(stem) => (stem, true),
+            None => (stem, false),
+        };
         let Some((rank, sv)) = stem.split_once('-') else {
             return bad("an entry of the agent is not update-agent-<rank>-<slot>-<version>");
         };
@@ -179,6 +199,7 @@ impl Name {
                 rank,
                 slot,
                 version,
+                guard,
                 counter,
             })),
             None => bad("an entry of the agent is not update-agent-<rank>-<slot>-<version>"),

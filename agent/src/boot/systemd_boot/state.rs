@@ -29,22 +29,44 @@ pub struct EspState {
 /// (Linux writes the new directory entry before the old one is gone, both naming the
 /// same clusters: seen in the VM lab, a cut inside a commit). Which is the rename's
 /// target, when the names say: every rename that changes a rank raises it, and the
-/// only renames that keep a rank and drop a counter are a commit and
-/// `systemd-bless-boot`. `(kept, stale)`, or `None` when the names do not say.
+/// renames that keep one are those [`renamed_in_place`] knows. `(kept, stale)`, or
+/// `None` when the names do not say.
 fn torn_pair(a: Entry, b: Entry) -> Option<(Entry, Entry)> {
     if a.version != b.version {
         return None;
     }
-    match (
-        a.rank.cmp(&b.rank),
-        a.counter.is_none(),
-        b.counter.is_none(),
-    ) {
-        (std::cmp::Ordering::Greater, ..) => Some((a, b)),
-        (std::cmp::Ordering::Less, ..) => Some((b, a)),
-        (_, true, false) => Some((a, b)),
-        (_, false, true) => Some((b, a)),
+    match a.rank.cmp(&b.rank) {
+        std::cmp::Ordering::Greater => return Some((a, b)),
+        std::cmp::Ordering::Less => return Some((b, a)),
+        std::cmp::Ordering::Equal => {}
+    }
+    match (renamed_in_place(&a, &b), renamed_in_place(&b, &a)) {
+        (true, false) => Some((b, a)),
+        (false, true) => Some((a, b)),
         _ => None,
+    }
+}
+
+/// Whether some rename keeps the rank and turns `from` into `to`:
+/// * a commit of the top trial, or `systemd-bless-boot` of it: the counter dropped;
+/// * `systemd-bless-boot` of a guarded default the loader counted: `@default+L-D` to
+///   `@default` (the loader's rename always leaves a `-DONE`);
+/// * [`EspState::guard_default`]: a blessed or guarded default to `@default+N`, never
+///   with a `-DONE`. A loader's `+N` to `+(N-1)-1` torn by the firmware reads the same
+///   as the guard's reset torn the other way; it is read as the reset (the tear Linux's
+///   vfat is known to make), which at worst allows one more boot before the fallback.
+///
+/// A rename that drops the mark always raises the rank, so never keeps it.
+fn renamed_in_place(from: &Entry, to: &Entry) -> bool {
+    let fresh = |c: Option<Counter>| c.is_some_and(|c| c.done.is_none());
+    match (from.guard, to.guard) {
+        (false, false) => from.counter.is_some() && to.counter.is_none(),
+        (false, true) => from.counter.is_none() && fresh(to.counter),
+        (true, false) => false,
+        (true, true) => match (from.counter, to.counter) {
+            (Some(c), None) => c.done.is_some(),
+            (_, to_counter) => fresh(to_counter),
+        },
     }
 }
 
@@ -140,45 +162,64 @@ impl EspState {
         self.live().next().is_some()
     }
 
-    /// The blessed entry with the highest rank: what boots when no trial is pending.
+    /// What boots when no trial is pending: the highest-ranked entry that is blessed or
+    /// a guarded default with boots left. When the guarded default ran out (it stopped
+    /// booting), what systemd-boot boots instead: the highest-ranked entry below it
+    /// with tries left, else (both slots ran out) the guarded default itself. There
+    /// must be a blessed or guarded entry.
     pub fn default_entry(&self) -> Result<&Entry, StateError> {
-        self.live()
-            .filter(|e| e.counter.is_none())
-            .max_by_key(|e| e.rank)
-            .ok_or(StateError::new(
-                "no entry of the agent is without a boot counter: nothing to fall back to",
-            ))
+        let top = |f: &dyn Fn(&Entry) -> bool| self.live().filter(|e| f(e)).max_by_key(|e| e.rank);
+        let last_resort = top(&Entry::is_default_kind).ok_or(StateError::new(
+            "no entry of the agent is blessed or a guarded default: nothing to fall back to",
+        ))?;
+        Ok(top(&|e| e.is_default_kind() && e.has_tries())
+            .or_else(|| top(&|e| e.has_tries() && e.rank < last_resort.rank))
+            .unwrap_or(last_resort))
     }
 
-    /// The counted entry ranked above the default, if any.
+    /// The counted entry (not a guarded default) ranked above the default, if any.
     pub fn trial_entry(&self) -> Result<Option<&Entry>, StateError> {
         let default = self.default_entry()?;
         Ok(self
             .live()
-            .find(|e| e.counter.is_some() && e.rank > default.rank))
+            .find(|e| e.counter.is_some() && !e.guard && e.rank > default.rank))
     }
 
-    /// The entry systemd-boot boots next: the trial while it has tries left, else the
-    /// default.
+    /// A guarded default whose boots ran out, ranked above the default systemd-boot
+    /// fell back to.
+    pub fn fell_back_from(&self) -> Result<Option<&Entry>, StateError> {
+        let default = self.default_entry()?;
+        Ok(self
+            .live()
+            .find(|e| e.guard && !e.has_tries() && e.rank > default.rank))
+    }
+
+    /// The entry systemd-boot boots next: the highest-ranked entry with tries left (a
+    /// trial while it has tries, else the default), else the highest-ranked of all.
     pub fn first(&self) -> Result<&Entry, StateError> {
-        match self.trial_entry()? {
-            Some(t) if t.tries_left() != Some(0) => Ok(t),
-            _ => self.default_entry(),
-        }
+        let default = self.default_entry()?;
+        let top = |f: fn(&&Entry) -> bool| self.live().filter(f).max_by_key(|e| e.rank);
+        Ok(top(|e| e.has_tries())
+            .or_else(|| top(|_| true))
+            .unwrap_or(default))
     }
 
     pub fn status(&self, raw: String) -> Result<BootStatus, StateError> {
-        let default = self.default_entry()?.slot;
+        let small = |n: u32| u8::try_from(n).unwrap_or(u8::MAX);
+        let default = self.default_entry()?;
         let trial = self.trial_entry()?.map(|t| {
             let left = t.tries_left().unwrap_or(0);
-            (t.slot, u8::try_from(left).unwrap_or(u8::MAX))
+            (t.slot, small(left))
         });
         Ok(BootStatus {
-            default,
+            default: default.slot,
             trial,
             bootable: [self.entries[0].is_some(), self.entries[1].is_some()],
-            default_boots_left: None,
-            fell_back_from: None,
+            default_boots_left: default
+                .guard
+                .then(|| default.tries_left().map(small))
+                .flatten(),
+            fell_back_from: self.fell_back_from()?.map(|e| e.slot),
             raw,
         })
     }
@@ -210,10 +251,25 @@ impl EspState {
         self.live().all(|o| o.rank <= e.rank)
     }
 
+    /// Refuses a change to `slot`'s entry that would leave no blessed or guarded entry:
+    /// after a guard ran out, the default may be the other slot's counted entry, which
+    /// must be blessed first (rollback_to).
+    fn keeps_a_fallback(&self, action: &'static str, slot: Slot) -> Result<(), BootError> {
+        if self.live().any(|e| e.slot != slot && e.is_default_kind()) {
+            return Ok(());
+        }
+        Err(refused(
+            action,
+            slot,
+            "the other slot's entry is not blessed yet: roll back to it first",
+        ))
+    }
+
     pub fn mark_unbootable(&self, slot: Slot) -> Result<Vec<Op>, BootError> {
         if slot == self.default_entry().map_err(malformed)?.slot {
             return Err(refused("mark unbootable", slot, "it is the default slot"));
         }
+        self.keeps_a_fallback("mark unbootable", slot)?;
         if self.stale(slot).is_some() {
             // Removing either name frees the clusters the other still names.
             return Err(refused(
@@ -241,6 +297,7 @@ impl EspState {
         if slot == self.default_entry().map_err(malformed)?.slot {
             return Err(refused(ACTION, slot, "it is the default slot"));
         }
+        self.keeps_a_fallback(ACTION, slot)?;
         if tries == 0 || tries > MAX_TRIES {
             return Err(refused(ACTION, slot, "tries must be 1 to 9"));
         }
@@ -256,17 +313,24 @@ impl EspState {
                     rank: next,
                     slot,
                     version: version.to_owned(),
+                    guard: false,
                     counter,
                 },
             ),
             (None, Some(e)) => {
-                // Keep the rank of a trial that already sorts first: only its counter changes.
-                let rank = if self.is_top(e) { e.rank } else { next };
+                // Keep the rank of a trial that already sorts first: only its counter
+                // changes. A guarded name loses its mark, so it moves up (torn_pair).
+                let rank = if self.is_top(e) && !e.guard {
+                    e.rank
+                } else {
+                    next
+                };
                 (
                     e.file_name(),
                     Entry {
                         rank,
                         counter,
+                        guard: false,
                         ..e.clone()
                     },
                 )
@@ -298,20 +362,27 @@ impl EspState {
     }
 
     pub fn commit(&self, slot: Slot) -> Result<Vec<Op>, BootError> {
+        let default = self.default_entry().map_err(malformed)?;
+        if default.slot == slot && default.guard && default.has_tries() && self.is_top(default) {
+            // Committed already, and guarded: the guard stays.
+            return Ok(Vec::new());
+        }
         self.make_default("commit", slot)
     }
 
+    /// Makes `slot` the blessed default; a guard on it ends (as GRUB's does): the slot
+    /// may run an agent that never sets it back.
     pub fn rollback_to(&self, slot: Slot) -> Result<Vec<Op>, BootError> {
         self.make_default("roll back to", slot)
     }
 
-    /// One rename: the slot's entry without a counter, ranked first.
+    /// One rename: the slot's entry without a counter or a guard, ranked first.
     fn make_default(&self, action: &'static str, slot: Slot) -> Result<Vec<Op>, BootError> {
         self.default_entry().map_err(malformed)?;
         let Some(e) = self.entry(slot) else {
             return Err(refused(action, slot, "it is marked unbootable"));
         };
-        let rank = if self.is_top(e) {
+        let rank = if self.is_top(e) && !e.guard {
             // Dropping the counter of the top entry is what systemd-bless-boot does.
             e.rank
         } else {
@@ -319,10 +390,60 @@ impl EspState {
         };
         let target = Entry {
             rank,
+            guard: false,
             counter: None,
             ..e.clone()
         };
         Ok(rename(e.file_name(), target.file_name()))
+    }
+
+    /// Sets the boot guard of `slot`, the running default, to `boots` (one rename, the
+    /// rank kept): systemd-boot counts the guarded entry down before each boot of it
+    /// and, once it reaches `+0`, sorts it last and boots the other slot's entry.
+    /// `slot` may also be a guarded default at `+0`, whose last boot reached the agent
+    /// (the names alone then say the other slot is the default). `0` removes the guard
+    /// (the rank raised: see [`renamed_in_place`]). Nothing to do when the guard is
+    /// fresh at `boots` already.
+    pub fn guard_default(&self, slot: Slot, boots: u8) -> Result<Vec<Op>, BootError> {
+        const ACTION: &str = "guard the boots of";
+        let default = self.default_entry().map_err(malformed)?;
+        let d = match self.fell_back_from().map_err(malformed)? {
+            Some(last) if last.slot == slot => last,
+            _ if default.slot == slot => default,
+            _ => return Err(refused(ACTION, slot, "it is not the default slot")),
+        };
+        if boots > MAX_TRIES {
+            return Err(refused(ACTION, slot, "boots must be 0 to 9"));
+        }
+        let target = if boots == 0 {
+            if !d.guard {
+                return Ok(Vec::new());
+            }
+            Entry {
+                rank: self.next_rank().map_err(malformed)?,
+                guard: false,
+                counter: None,
+                ..d.clone()
+            }
+        } else {
+            // A counted entry the loader fell back to (not yet blessed by the agent)
+            // moves up: only a blessed or guarded name turns into a guard in place.
+            let rank = if d.is_default_kind() {
+                d.rank
+            } else {
+                self.next_rank().map_err(malformed)?
+            };
+            Entry {
+                rank,
+                guard: true,
+                counter: Some(Counter {
+                    left: u32::from(boots),
+                    done: None,
+                }),
+                ..d.clone()
+            }
+        };
+        Ok(rename(d.file_name(), target.file_name()))
     }
 }
 

@@ -48,6 +48,24 @@ pub(super) fn entry(
         rank,
         slot,
         version: version.into(),
+        guard: false,
+        counter: counter.map(|(left, done)| Counter { left, done }),
+    }
+    .file_name()
+}
+
+/// A guarded default's entry name (`…@default[+LEFT[-DONE]].conf`).
+pub(super) fn guarded(
+    rank: u32,
+    slot: Slot,
+    version: &str,
+    counter: Option<(u32, Option<u32>)>,
+) -> String {
+    Entry {
+        rank,
+        slot,
+        version: version.into(),
+        guard: true,
         counter: counter.map(|(left, done)| Counter { left, done }),
     }
     .file_name()

@@ -380,7 +380,7 @@ fn guard_of_the_default() {
         "no guard until asked"
     );
 
-    assert!(grub.guard_default(3).expect("guard"));
+    assert!(grub.guard_default(Slot::A, 3).expect("guard"));
     same_as_editenv(&ours, &theirs, &["ua_boots=3"]);
     assert_eq!(status(&grub).default_boots_left, Some(3));
 
@@ -406,7 +406,7 @@ fn guard_of_the_default() {
     );
     assert_eq!(status(&grub).fell_back_from, None);
     grub.mark_unbootable(Slot::A).expect("mark a");
-    grub.guard_default(3).expect("guard b");
+    grub.guard_default(Slot::B, 3).expect("guard b");
     same_as_editenv(
         &ours,
         &theirs,
@@ -422,9 +422,16 @@ fn guard_of_the_default() {
     );
 
     let before = bytes(&ours);
-    refused_with(grub.guard_default(10).map(|_| ()), "boots must be 0 to 9");
+    refused_with(
+        grub.guard_default(Slot::B, 10).map(|_| ()),
+        "boots must be 0 to 9",
+    );
+    refused_with(
+        grub.guard_default(Slot::A, 3).map(|_| ()),
+        "not the default slot",
+    );
     assert_eq!(bytes(&ours), before);
-    grub.guard_default(0).expect("guard off");
+    grub.guard_default(Slot::B, 0).expect("guard off");
     same_as_editenv(&ours, &theirs, &["ua_boots=", "ua_fallen="]);
     assert_eq!(status(&grub).default_boots_left, None);
 }

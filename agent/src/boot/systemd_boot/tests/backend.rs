@@ -531,3 +531,124 @@ fn fsck_residue_of_a_torn_commit_is_set_aside_then_removed() {
         assert_eq!(status(&sb), (A, None, [true, false]), "{emptied}");
     }
 }
+
+/// The committed default's guard on a real tree, with systemd-boot's renames and
+/// systemd-bless-boot's: set back after each boot that reaches the agent, run out by
+/// boots that do not, and then the loader boots the other slot.
+#[test]
+fn a_guarded_default_that_stops_booting_falls_back_to_the_other_slot() {
+    let esp = tmp();
+    let esp = esp.path();
+    let (r1, r2) = (Release::new("1.0"), Release::new("2.0"));
+    let mut sb = created(esp, &r1);
+    sb.mark_unbootable(B).expect("mark b");
+    sb.stage(B, "2.0", &r2.kernel(), None).expect("stage b");
+    sb.arm_trial(B, 3).expect("arm b");
+    assert_eq!(boot(esp), B);
+    sb.commit(B).expect("commit b");
+    // The gate's boot sets the guard: one rename, the rank kept.
+    assert!(sb.guard_default(B, 3).expect("guard"));
+    assert_eq!(
+        entries(esp),
+        [
+            "update-agent-1-a-1.0.conf",
+            "update-agent-2-b-2.0@default+3.conf"
+        ]
+    );
+    let st = sb.status().expect("status");
+    assert_eq!(
+        (st.default, st.trial, st.default_boots_left),
+        (B, None, Some(3))
+    );
+    // A boot that reaches the agent: counted by the loader, set back by the agent.
+    assert_eq!(boot(esp), B);
+    assert_eq!(sb.status().expect("status").default_boots_left, Some(2));
+    sb.guard_default(B, 3).expect("guard again");
+    let before = snapshot(esp);
+    assert!(matches!(
+        sb.guard_default(A, 3),
+        Err(BootError::Refused { .. })
+    ));
+    assert_eq!(snapshot(esp), before, "a refusal changes nothing");
+    assert_eq!(sb.status().expect("status").default_boots_left, Some(3));
+    // systemd-bless-boot, where it runs (a boot nothing judged): the counter dropped,
+    // the mark kept; unguarded until the agent sets it again.
+    assert_eq!(boot(esp), B);
+    let dir = esp.join(ENTRIES_DIR);
+    let counted = "update-agent-2-b-2.0@default+2-1.conf";
+    fs::rename(dir.join(counted), dir.join(bless_boot(counted))).expect("bless");
+    assert_eq!(bless_boot(counted), "update-agent-2-b-2.0@default.conf");
+    let st = sb.status().expect("status");
+    assert_eq!((st.default, st.default_boots_left), (B, None));
+    sb.guard_default(B, 3).expect("guard after bless");
+    assert_eq!(sb.status().expect("status").default_boots_left, Some(3));
+    // A staging into a: the guarded default stays, a goes and comes back as a trial.
+    sb.mark_unbootable(A).expect("mark a");
+    assert_eq!(status(&sb), (B, None, [false, true]));
+    let unchanged = snapshot(esp);
+    assert!(matches!(
+        sb.mark_unbootable(B),
+        Err(BootError::Refused { .. })
+    ));
+    assert_eq!(snapshot(esp), unchanged);
+    sb.stage(A, "1.0", &r1.kernel(), None).expect("stage a");
+    sb.rollback_to(A).expect_err("a staged slot is no entry");
+    // Back to the two slots: 1.0 committed in a, then a manual rollback to b leaves a
+    // blessed below it; then three boots of b that never reach the agent.
+    sb.arm_trial(A, 1).expect("arm a");
+    assert_eq!(boot(esp), A);
+    sb.commit(A).expect("commit a");
+    sb.rollback_to(B).expect("back to b");
+    sb.guard_default(B, 3).expect("guard b");
+    for left in [2, 1] {
+        assert_eq!(boot(esp), B);
+        let st = sb.status().expect("status");
+        assert_eq!((st.default, st.default_boots_left), (B, Some(left)));
+    }
+    // The last boot: the names already say a, as after the fallback; an agent that
+    // runs in it (on b) sets b's guard back, and b stays.
+    assert_eq!(boot(esp), B);
+    let st = sb.status().expect("status");
+    assert_eq!((st.default, st.fell_back_from), (A, Some(B)));
+    sb.guard_default(B, 3).expect("guard b in its last boot");
+    let st = sb.status().expect("status");
+    assert_eq!(
+        (st.default, st.fell_back_from, st.default_boots_left),
+        (B, None, Some(3))
+    );
+    // Then three boots that never reach the agent.
+    for left in [2, 1, 0] {
+        assert_eq!(boot(esp), B);
+        assert_eq!(
+            sb.status().expect("status").default_boots_left.unwrap_or(0),
+            left
+        );
+    }
+    // Run out: the loader sorts b last and boots a; status says b fell over.
+    assert_eq!(boot(esp), A);
+    let st = sb.status().expect("status");
+    assert_eq!(
+        (st.default, st.fell_back_from, st.default_boots_left),
+        (A, Some(B), None)
+    );
+    // What the agent on a does: a made the default, b unbootable, a guarded.
+    sb.rollback_to(A).expect("rollback to a");
+    sb.mark_unbootable(B).expect("mark b");
+    sb.guard_default(A, 3).expect("guard a");
+    let st = sb.status().expect("status");
+    assert_eq!(
+        (
+            st.default,
+            st.fell_back_from,
+            st.default_boots_left,
+            st.bootable
+        ),
+        (A, None, Some(3), [true, false])
+    );
+    assert_eq!(boot(esp), A);
+    // Off: a plain blessed entry again, ranked first.
+    sb.guard_default(A, 0).expect("off");
+    let st = sb.status().expect("status");
+    assert_eq!((st.default, st.default_boots_left), (A, None));
+    assert!(entries(esp).iter().all(|n| !n.contains("@default")));
+}

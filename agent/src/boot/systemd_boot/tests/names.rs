@@ -31,11 +31,33 @@ fn names_round_trip() {
         ),
         ("update-agent-3-a-1+0.conf", 3, A, "1", Some((0, None))),
     ];
-    for (name, rank, slot, version, counter) in cases {
+    let guarded = [
+        (
+            "update-agent-6-a-8.0@default+3.conf",
+            6,
+            A,
+            "8.0",
+            Some((3, None)),
+        ),
+        (
+            "update-agent-6-a-8.0@default+2-1.conf",
+            6,
+            A,
+            "8.0",
+            Some((2, Some(1))),
+        ),
+        ("update-agent-7-b-x_y@default.conf", 7, B, "x_y", None),
+    ];
+    let all = cases.iter().map(|c| (c, false));
+    for ((name, rank, slot, version, counter), guard) in
+        all.chain(guarded.iter().map(|c| (c, true)))
+    {
+        let (name, rank, slot, version, counter) = (*name, *rank, *slot, *version, *counter);
         let want = Entry {
             rank,
             slot,
             version: version.into(),
+            guard,
             counter: counter.map(|(left, done)| Counter { left, done }),
         };
         assert_eq!(Name::parse(name), Ok(Name::Entry(want.clone())), "{name}");
@@ -135,6 +157,13 @@ fn malformed_names() {
         "update-agent-b-.staged",
         "update-agent-7-b-2.staged",
         "update-agent-",
+        // The guard's mark: only once, only right before the counter or `.conf`.
+        "update-agent-1-a-1@default@default+3.conf",
+        "update-agent-1-a-1@defaultx+3.conf",
+        "update-agent-1-a-1@default+3@default.conf",
+        "update-agent-1-a-@default.conf",
+        "update-agent-1-a-1@Default+3.conf",
+        "update-agent-1-a@default.conf",
     ] {
         match Name::parse(name) {
             Err(StateError {
