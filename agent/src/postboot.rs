@@ -10,12 +10,14 @@
 //! | RollingBack(b→a) | b | killed before the reboot | point the bootloader at a again, reboot |
 //! | Staged(b), b bootable | any | the flip reached the disk, the state did not | as Armed(b) |
 //! | Committed(b), b counted | b | the commit's write was undone (an ESP repair) | commit again |
-//! | Committed(b), GRUB's guard gave up on b | a | the committed slot stopped booting | RolledBack "slot b stopped booting" (cause stopped_booting, integrity named), a the default, b unbootable |
+//! | Committed(b), the bootloader's guard gave up on b | a | the committed slot stopped booting | RolledBack "slot b stopped booting" (cause stopped_booting, integrity named), a the default, b unbootable |
 //! | anything else | — | a normal boot | nothing |
 //!
 //! Every boot that is not rolling back then sets the default's guard back
 //! (`BootControl::guard_default`): the bootloader counts boots of the default and
-//! falls back when they never reach this point.
+//! falls back when they never reach this point (GRUB: `ua_boots`; systemd-boot: the
+//! default's entry counted as `…@default+N.conf`, whose last boot already reads as a
+//! fallback, so the running slot is named).
 //!
 //! The staged-but-bootable row: arming writes the bootloader first and the state second, so a
 //! power cut between the two leaves a release the bootloader will try (and may be

@@ -22,7 +22,8 @@ pub struct BootConfig {
     pub tries: u8,
     /// Boots in a row of the committed default that may fail to reach the agent before
     /// the bootloader boots the other slot (when it holds a release and is not marked
-    /// unbootable). 0: no guard. GRUB only: systemd-boot counts trial boots alone.
+    /// unbootable). 0: no guard. GRUB: `ua_boots`; systemd-boot: a counted
+    /// `…@default+N.conf` entry (bootloader-hooks/systemd-boot/README.md).
     pub default_tries: u8,
     /// How a release is booted: `firmware` (default) or `kexec` (docs/kexec.md).
     pub reboot: crate::reboot_method::RebootMethod,

@@ -36,6 +36,18 @@ fn ext4_image(dir: &Path, name: &str, kernel: &[u8], release: &str) -> PathBuf {
 
 /// systemd-boot end to end on loop devices: staging copies the new slot's kernel onto
 /// the ESP and arms a counted entry; the trial boot commits by blessing it.
+/// 1.0 as the node's running release: the image kept for deltas, and written into
+/// root-a.
+fn install_v1(n: &Node, v1: &Path) {
+    fs::copy(v1, n.path("v1.img")).expect("v1");
+    let v1_bytes = fs::read(v1).expect("read v1");
+    fs::OpenOptions::new()
+        .write(true)
+        .open(n.disk.part(2))
+        .and_then(|mut f| f.write_all(&v1_bytes).and_then(|()| f.sync_all()))
+        .expect("v1 into root-a");
+}
+
 /// A node on systemd-boot: 1.0 in root-a and its entry on the ESP, 2.0 staged and
 /// armed in b (delta from 1.0). `extra` goes into `[boot]`.
 struct SdNode {
@@ -54,13 +66,7 @@ impl SdNode {
         let k2 = b"kernel two ".repeat(4100);
         let v1 = ext4_image(d, "sb-v1", &k1, "1.0");
         let v2 = ext4_image(d, "sb-v2", &k2, "2.0");
-        fs::copy(&v1, n.path("v1.img")).expect("v1");
-        let v1_bytes = fs::read(&v1).expect("read v1");
-        fs::OpenOptions::new()
-            .write(true)
-            .open(n.disk.part(2))
-            .and_then(|mut f| f.write_all(&v1_bytes).and_then(|()| f.sync_all()))
-            .expect("v1 into root-a");
+        install_v1(&n, &v1);
         // The ESP (a directory: this kernel has no vfat; the VM lab uses a real one).
         let esp = n.path("esp");
         fs::create_dir_all(&esp).expect("esp");
@@ -300,13 +306,8 @@ fn delta_applies_while_the_booted_slot_is_mounted() {
     let d = n.dir.path();
     let v1 = ext4_image(d, "ro-v1", &b"kernel one ".repeat(1000), "1.0");
     let v2 = ext4_image(d, "ro-v2", &b"kernel two ".repeat(1000), "2.0");
-    fs::copy(&v1, n.path("v1.img")).expect("v1");
+    install_v1(&n, &v1);
     let v1_bytes = fs::read(&v1).expect("read v1");
-    fs::OpenOptions::new()
-        .write(true)
-        .open(n.disk.part(2))
-        .and_then(|mut f| f.write_all(&v1_bytes).and_then(|()| f.sync_all()))
-        .expect("v1 into root-a");
     let delta = n.publish("2.0", "test-board", &v2, 1 << 20);
     // No full payload to fall back to: the delta itself must apply.
     fs::remove_file(n.payloads.join("2.0.full.uap")).expect("rm full");

@@ -19,6 +19,7 @@
 //! |---|---|
 //! | `update-agent-<rank>-<slot>-<version>.conf` | a bootable slot, blessed (no counter) |
 //! | `update-agent-<rank>-<slot>-<version>+<left>[-<done>].conf` | a bootable slot with a boot counter |
+//! | `update-agent-<rank>-<slot>-<version>@default[+<left>[-<done>]].conf` | the committed default, guarded: its counter counts boots of the default that do not reach the agent |
 //! | `update-agent-<slot>-<version>.staged` | an entry written by [`SystemdBoot::stage`], kernel installed, not yet armed (systemd-boot only reads `*.conf`) |
 //! | `update-agent-<slot>.tmp` | a staged entry being written |
 //!
@@ -33,9 +34,16 @@
 //!
 //! Reading a directory ([`EspState::from_names`]):
 //!
-//! * the **default** is the entry without a counter with the highest rank; there must
-//!   be one (it is what boots when a trial has no tries left);
-//! * the **trial** is the counted entry ranked above the default, with its tries left;
+//! * the **default** is the highest-ranked entry that is blessed (no counter) or
+//!   guarded (`@default`) with boots left; when the guarded one ran out, the entry the
+//!   loader boots instead (the highest-ranked entry below it with tries left), else the
+//!   guarded entry itself. There must be a blessed or guarded entry (it is what boots
+//!   when a trial has no tries left);
+//! * a guarded entry at `+0` ranked above the default is where the loader **fell back
+//!   from** (or the default's last guarded boot is the one running: the agent knows
+//!   which slot runs);
+//! * the **trial** is the counted entry without `@default` ranked above the default,
+//!   with its tries left;
 //!   `+0-N` reports `(slot, 0)`: the last try is the boot running now (or it failed and
 //!   the default boots), as GRUB's `ua_tries=0` does;
 //! * a counted entry ranked *below* the default is no trial (systemd-boot never
@@ -79,6 +87,14 @@
 //! * `rollback_to(s)`: the same rename as `commit(s)`: the old entry gets the highest
 //!   rank and no counter, so it sorts first whatever the trial's counter says. The trial
 //!   entry is left as it is, below it. No `default` pattern is ever written.
+//! * `guard_default(s, n)`: rename the default's entry (or a guarded entry at `+0` whose
+//!   last boot runs now) to `…@default+n.conf`, rank kept; `n = 0` drops the mark and
+//!   ranks it up. The loader then counts it down at each boot, and at `+0` sorts it last
+//!   and boots the other slot. Commit and rollback to a guarded entry, and an arm of
+//!   it, always rank it up and drop the mark (a commit of a guarded default that sorts
+//!   first changes nothing). `mark_unbootable` and `arm_trial` of the other slot are
+//!   refused while the only blessed or guarded entry is the one they would change
+//!   (after a fallback the agent blesses its own slot first).
 //!
 //! A refused transition writes nothing, and a transition that changes nothing writes
 //! nothing (but the removal of fsck residue, see [`fsck_residue`]). Every transition re-reads the directory, and checks the tree it will leave
@@ -106,9 +122,10 @@
 //! A rename torn by a power cut (Linux's vfat makes the new name durable before the old
 //! one is gone, both naming the same clusters; the VM lab's scenario 5 cuts the power
 //! inside a commit and finds it) leaves two entries for one slot. When the names say
-//! which was the rename's target (a higher rank, or the same rank without a counter:
-//! every rank change of ours raises it, and only a commit or `systemd-bless-boot`
-//! drops a counter), the target is read as the slot's entry and the other name is kept
+//! which was the rename's target (a higher rank: every rank change of ours raises it;
+//! or a rename that keeps the rank: a counter dropped by a commit or
+//! `systemd-bless-boot`, a guard set, see `state::renamed_in_place`), the target is
+//! read as the slot's entry and the other name is kept
 //! as *stale*: it is listed, never renamed or removed, because removing either of two
 //! cross-linked names frees the clusters of the other. So the commit counts as done
 //! and the node keeps working; only `mark_unbootable` of that slot (before writing a

@@ -402,7 +402,7 @@ impl EspState {
     /// and, once it reaches `+0`, sorts it last and boots the other slot's entry.
     /// `slot` may also be a guarded default at `+0`, whose last boot reached the agent
     /// (the names alone then say the other slot is the default). `0` removes the guard
-    /// (the rank raised: see [`renamed_in_place`]). Nothing to do when the guard is
+    /// (the rank raised: see `renamed_in_place`). Nothing to do when the guard is
     /// fresh at `boots` already.
     pub fn guard_default(&self, slot: Slot, boots: u8) -> Result<Vec<Op>, BootError> {
         const ACTION: &str = "guard the boots of";

@@ -38,37 +38,26 @@ pub(super) fn summary(s: &EspState) -> Summary {
     (b.default, b.trial, b.bootable)
 }
 
-pub(super) fn entry(
-    rank: u32,
-    slot: Slot,
-    version: &str,
-    counter: Option<(u32, Option<u32>)>,
-) -> String {
+pub(super) type Counted = Option<(u32, Option<u32>)>;
+
+fn entry_name(rank: u32, slot: Slot, version: &str, guard: bool, counter: Counted) -> String {
     Entry {
         rank,
         slot,
         version: version.into(),
-        guard: false,
+        guard,
         counter: counter.map(|(left, done)| Counter { left, done }),
     }
     .file_name()
 }
 
+pub(super) fn entry(rank: u32, slot: Slot, version: &str, counter: Counted) -> String {
+    entry_name(rank, slot, version, false, counter)
+}
+
 /// A guarded default's entry name (`…@default[+LEFT[-DONE]].conf`).
-pub(super) fn guarded(
-    rank: u32,
-    slot: Slot,
-    version: &str,
-    counter: Option<(u32, Option<u32>)>,
-) -> String {
-    Entry {
-        rank,
-        slot,
-        version: version.into(),
-        guard: true,
-        counter: counter.map(|(left, done)| Counter { left, done }),
-    }
-    .file_name()
+pub(super) fn guarded(rank: u32, slot: Slot, version: &str, counter: Counted) -> String {
+    entry_name(rank, slot, version, true, counter)
 }
 
 /// systemd-boot's rename of a counted entry before it boots it (boot.c:

@@ -2,7 +2,7 @@
 
 use crate::boot::systemd_boot::state::{apply_ops, EspState, Op};
 use crate::boot::systemd_boot::test_util::{
-    bless_boot, boot_order, entry, guarded, owned, st, state, summary, Summary, A, B,
+    bless_boot, boot_order, entry, guarded, owned, st, state, summary, Counted, Summary, A, B,
 };
 use crate::boot::BootError;
 
@@ -245,8 +245,8 @@ fn all_states() -> Vec<Vec<String>> {
     ];
     // Plain and guarded names (the guard's counter counts boots of a default).
     let kinds = [
-        entry as fn(u32, _, &str, Option<(u32, Option<u32>)>) -> String,
-        guarded as fn(u32, _, &str, Option<(u32, Option<u32>)>) -> String,
+        entry as fn(u32, _, &str, Counted) -> String,
+        guarded as fn(u32, _, &str, Counted) -> String,
     ];
     let mut out = Vec::new();
     for ra in 1..=3 {
