@@ -124,7 +124,7 @@
 //! inside a commit and finds it) leaves two entries for one slot. When the names say
 //! which was the rename's target (a higher rank: every rank change of ours raises it;
 //! or a rename that keeps the rank: a counter dropped by a commit or
-//! `systemd-bless-boot`, a guard set, see `state::renamed_in_place`), the target is
+//! `systemd-bless-boot`, a guard set, see `state::same_rank_target`), the target is
 //! read as the slot's entry and the other name is kept
 //! as *stale*: it is listed, never renamed or removed, because removing either of two
 //! cross-linked names frees the clusters of the other. So the commit counts as done

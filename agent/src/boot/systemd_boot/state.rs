@@ -29,44 +29,50 @@ pub struct EspState {
 /// (Linux writes the new directory entry before the old one is gone, both naming the
 /// same clusters: seen in the VM lab, a cut inside a commit). Which is the rename's
 /// target, when the names say: every rename that changes a rank raises it, and the
-/// renames that keep one are those [`renamed_in_place`] knows. `(kept, stale)`, or
+/// renames that keep one are those [`same_rank_target`] knows. `(kept, stale)`, or
 /// `None` when the names do not say.
 fn torn_pair(a: Entry, b: Entry) -> Option<(Entry, Entry)> {
     if a.version != b.version {
         return None;
     }
     match a.rank.cmp(&b.rank) {
-        std::cmp::Ordering::Greater => return Some((a, b)),
-        std::cmp::Ordering::Less => return Some((b, a)),
-        std::cmp::Ordering::Equal => {}
-    }
-    match (renamed_in_place(&a, &b), renamed_in_place(&b, &a)) {
-        (true, false) => Some((b, a)),
-        (false, true) => Some((a, b)),
-        _ => None,
+        std::cmp::Ordering::Greater => Some((a, b)),
+        std::cmp::Ordering::Less => Some((b, a)),
+        std::cmp::Ordering::Equal => {
+            if same_rank_target(&a, &b)? {
+                Some((a, b))
+            } else {
+                Some((b, a))
+            }
+        }
     }
 }
 
-/// Whether some rename keeps the rank and turns `from` into `to`:
-/// * a commit of the top trial, or `systemd-bless-boot` of it: the counter dropped;
-/// * `systemd-bless-boot` of a guarded default the loader counted: `@default+L-D` to
-///   `@default` (the loader's rename always leaves a `-DONE`);
-/// * [`EspState::guard_default`]: a blessed or guarded default to `@default+N`, never
-///   with a `-DONE`. A loader's `+N` to `+(N-1)-1` torn by the firmware reads the same
-///   as the guard's reset torn the other way; it is read as the reset (the tear Linux's
-///   vfat is known to make), which at worst allows one more boot before the fallback.
-///
-/// A rename that drops the mark always raises the rank, so never keeps it.
-fn renamed_in_place(from: &Entry, to: &Entry) -> bool {
-    let fresh = |c: Option<Counter>| c.is_some_and(|c| c.done.is_none());
-    match (from.guard, to.guard) {
-        (false, false) => from.counter.is_some() && to.counter.is_none(),
-        (false, true) => from.counter.is_none() && fresh(to.counter),
-        (true, false) => false,
-        (true, true) => match (from.counter, to.counter) {
-            (Some(c), None) => c.done.is_some(),
-            (_, to_counter) => fresh(to_counter),
+/// Of two names of one entry with the same rank, whether `a` (rather than `b`) is the
+/// newer one; `None` when the names do not say.
+/// * Without marks: the one without a counter (a commit of the top trial, or
+///   systemd-bless-boot of it); two counters do not say.
+/// * One marked (`@default`): the marked one. A mark only ever comes in place (the
+///   guard set); every rename that drops it raises the rank.
+/// * Both marked: the same guarded default, and the names differ only in its count, so
+///   a wrong pick only changes how many boots are left; they are never refused (the
+///   default is renamed at every boot). The fresh `+N` of a guard set (never with a
+///   `-DONE`), else the one without a counter (systemd-bless-boot), else the one with
+///   more boots left. A loader's count torn by the firmware then reads as the guard's
+///   reset torn the other way: at worst one more boot before the fallback.
+fn same_rank_target(a: &Entry, b: &Entry) -> Option<bool> {
+    let fresh = |e: &Entry| e.counter.is_some_and(|c| c.done.is_none());
+    let left = |e: &Entry| e.counter.map_or(u32::MAX, |c| c.left);
+    match (a.guard, b.guard) {
+        (false, false) => match (a.counter.is_none(), b.counter.is_none()) {
+            (true, false) => Some(true),
+            (false, true) => Some(false),
+            _ => None,
         },
+        (true, false) => Some(true),
+        (false, true) => Some(false),
+        (true, true) if fresh(a) != fresh(b) => Some(fresh(a)),
+        (true, true) => Some(left(a) > left(b)),
     }
 }
 
@@ -402,7 +408,7 @@ impl EspState {
     /// and, once it reaches `+0`, sorts it last and boots the other slot's entry.
     /// `slot` may also be a guarded default at `+0`, whose last boot reached the agent
     /// (the names alone then say the other slot is the default). `0` removes the guard
-    /// (the rank raised: see `renamed_in_place`). Nothing to do when the guard is
+    /// (the rank raised: see `same_rank_target`). Nothing to do when the guard is
     /// fresh at `boots` already.
     pub fn guard_default(&self, slot: Slot, boots: u8) -> Result<Vec<Op>, BootError> {
         const ACTION: &str = "guard the boots of";

@@ -594,17 +594,34 @@ fn a_torn_guard_rename_reads_as_its_target() {
         assert_eq!(s.stale(A), Some(*stale), "{from} -> {to}");
         assert_eq!(s.default_entry().expect("default").slot, A);
     }
-    // Pairs no rename makes: refused.
-    for pair in [
-        [
-            "update-agent-2-a-2@default+2-1.conf",
-            "update-agent-2-a-2@default+1-2.conf",
-        ],
-        ["update-agent-2-a-2@default.conf", "update-agent-2-a-2.conf"],
-        [
+    // A commit torn, then the guard set on its target: the stale trial name sorts
+    // first and the loader counts it down; the guarded name is still the entry.
+    for stale in ["update-agent-2-a-2+2-1.conf", "update-agent-2-a-2+0-3.conf"] {
+        for kept in [
             "update-agent-2-a-2@default+3.conf",
-            "update-agent-2-a-2+3.conf",
-        ],
+            "update-agent-2-a-2@default+1-2.conf",
+        ] {
+            let s = st(&[stale, kept, b1]);
+            assert_eq!(
+                s.entry(A).map(|e| e.file_name()).as_deref(),
+                Some(kept),
+                "{stale} {kept}"
+            );
+            assert_eq!(s.stale(A), Some(stale));
+        }
+    }
+    // Two counts of the guarded default that no single rename explains: the one with
+    // more boots left (a wrong pick only changes the count).
+    let s = st(&[
+        "update-agent-2-a-2@default+2-1.conf",
+        "update-agent-2-a-2@default+1-2.conf",
+        b1,
+    ]);
+    assert_eq!(s.stale(A), Some("update-agent-2-a-2@default+1-2.conf"));
+    // Unmarked pairs that no rename makes: refused, as before.
+    for pair in [
+        ["update-agent-2-a-2+2-1.conf", "update-agent-2-a-2+1-2.conf"],
+        ["update-agent-2-a-2+3.conf", "update-agent-2-a-2+2-1.conf"],
     ] {
         assert!(state(&[pair[0], pair[1], b1]).is_err(), "{pair:?}");
     }
