@@ -166,11 +166,14 @@ rm -f "$r/var/lib/dbus/machine-id"
 
 # Mounts. / stays as the kernel mounted it (read-only); no fstab entry for it.
 mkdir -p "$r/boot/efi" "$r/var/lib/update-agent"
+# The device timeout is long enough for a host running two labs and a build: under
+# such load udev once took more than 20 s to name the ESP, the boot went on without
+# /boot/efi, and the agent could not start (the disks are always there in the lab).
 cat >"$r/etc/fstab" <<'FSTAB'
 # update-agent VM lab. / is the slot image, mounted read-only by the kernel ("ro").
 tmpfs                 /var                  tmpfs  mode=0755,nosuid,nodev,size=128m  0 0
-PARTLABEL=state       /var/lib/update-agent ext4   defaults,nofail,x-systemd.device-timeout=20s  0 2
-PARTLABEL=esp         /boot/efi             vfat   umask=0077,nofail,x-systemd.device-timeout=20s  0 2
+PARTLABEL=state       /var/lib/update-agent ext4   defaults,nofail,x-systemd.device-timeout=90s  0 2
+PARTLABEL=esp         /boot/efi             vfat   umask=0077,nofail,x-systemd.device-timeout=90s  0 2
 FSTAB
 # The slot is an image: never fsck it (a repair would change the bytes the agent's
 # deltas are computed against).
