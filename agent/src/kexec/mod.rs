@@ -6,7 +6,7 @@
 //!   kernel (GRUB: its /boot, mounted read-only; systemd-boot: the verified copy on
 //!   the ESP) ─ kexec_file_load(kernel, initrd, the bootloader's line + panic=N +
 //!   updateagent.boot=kexec) ─ one try counted down (BootControl::consume_try) ─
-//!   hardware watchdog left running across the kexec (KExecWatchdogSec) ─
+//!   hardware watchdog left running across the kexec (KExecWatchdogUSec) ─
 //!   reboot.json ─ systemctl kexec
 //!   any refusal ─► KEXEC_REFUSED event with the reason, the try given back, the image
 //!                  unloaded ─► firmware reboot
@@ -17,6 +17,7 @@
 //! a firmware reboot that follows costs one try, as it always did.
 
 mod agent;
+mod manager_bus;
 mod os;
 pub mod record;
 #[cfg(test)]
@@ -25,6 +26,7 @@ mod tests;
 use std::fs::File;
 use std::path::{Path, PathBuf};
 
+pub use manager_bus::PRIVATE_SOCKET;
 pub use os::{KexecOs, LinuxKexec};
 
 use crate::boot::{BootControl, BootError};

@@ -348,3 +348,27 @@ fn a_failed_firmware_reboot_is_an_error() {
         assert!(matches!(e, RebootError::Firmware(_)), "{e:?}");
     }
 }
+
+#[test]
+fn the_watchdog_is_one_property_write_to_systemd() {
+    use super::manager_bus::fake::{serve, Answer};
+    let dir = tempfile::tempdir().expect("tmp");
+    let sock = dir.path().join("private");
+    let server = serve(&sock, Answer::Return);
+    let os = super::LinuxKexec {
+        systemctl: "/bin/false".into(),
+        manager_socket: sock,
+        reboot_command: vec![],
+    };
+    os.arm_watchdog(45).expect("armed");
+    let seen = server.join().expect("server");
+    assert_eq!(seen.property_arg, "KExecWatchdogUSec");
+    assert_eq!(seen.value, 45_000_000);
+    // No systemd to answer: an error, which the path makes a refusal (above).
+    let os = super::LinuxKexec {
+        manager_socket: dir.path().join("none"),
+        ..os
+    };
+    let e = os.arm_watchdog(45).expect_err("no systemd");
+    assert!(e.to_string().contains("private socket"), "{e}");
+}
