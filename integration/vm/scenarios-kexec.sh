@@ -1,6 +1,6 @@
 # shellcheck shell=bash
 # integration/vm/scenarios-kexec.sh: the VM lab's kexec scenarios (issue 16), sourced
-# by lab.sh after its helpers; `lab.sh [--bootloader B] 1 k3 k2 k1` runs them after
+# by lab.sh after its helpers; `lab.sh [--bootloader B] 1 k3 k2 kh k1` runs them after
 # scenario 1, each starting where the last ended (2.0 running), so no disk is made
 # twice and scenario 1's plain reboots are the comparison of the same run.
 #
@@ -16,6 +16,7 @@
 #       KExecWatchdogUSec (agent.toml kexec_watchdog_secs) resets the machine; the
 #       firmware boots that follow count the tries left (the lab's initramfs arms the
 #       watchdog at each of them, so each hangs only until it expires), then 2.0
+# k3, k2 and kh start from 2.0 and end on it; k1 leaves 6.0 running, so it goes last.
 #
 # A kexec is not a QEMU exit: the new kernel starts in the same QEMU run, on the same
 # serial log, so a kexec is seen as one more "Linux version" line there.
