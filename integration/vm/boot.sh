@@ -15,6 +15,11 @@
 # Serial console -> LOG (overwritten). No display, no monitor.
 # Network: user-mode, restrict=on (the guest reaches nothing outside QEMU), guest
 # address 10.0.2.15 by DHCP.
+# Watchdog: an Intel 6300ESB (-device i6300esb), idle until a driver starts it (the
+# lab's initramfs does, and systemd's RuntimeWatchdogSec= feeds it; build-wdt.sh).
+# On expiry it resets the machine (-action watchdog=reset, QEMU's default said out
+# loud), and -no-reboot turns that reset into QEMU exiting: a hang the watchdog
+# catches ends the run like a reboot does, and the harness boots again.
 #
 # Knobs (environment):
 #   UA_VM_TIMEOUT    seconds before QEMU is killed (default 300; 0: no limit); exit 124
@@ -60,6 +65,7 @@ qemu=(
   -device "nvme,drive=disk0,serial=ua-lab-disk0"
   -netdev "$netdev" -device "virtio-net-pci,netdev=net0"
   -device virtio-rng-pci
+  -device i6300esb -action watchdog=reset
   -display none -serial "file:$log" -monitor none -no-reboot
 )
 [[ -n ${UA_VM_PIDFILE:-} ]] && qemu+=(-pidfile "$UA_VM_PIDFILE")

@@ -18,7 +18,8 @@
 #                           PARTNAME); it needs no library veritysetup does not
 #   /lib/modules/...        dm-mod, dm-bufio, dm-verity and their dependencies for the
 #                           lab kernel (CONFIG_BLK_DEV_DM=m, no CONFIG_DM_INIT), listed
-#                           in load order in /lib/modules/ua-initrd.order
+#                           in load order in /lib/modules/ua-initrd.order; the watchdog
+#                           core and i6300esb (build-wdt.sh) in ua-initrd-wdt.order
 #   /dev/console            so that /init has a console before it mounts devtmpfs
 # Rebuilt when this script, /init, the kernel or one of the host packages changes.
 set -euo pipefail
@@ -31,6 +32,7 @@ cache=${1:-/var/tmp/update-agent-vm}
 cache=$(cd "$cache" && pwd)
 init_src=$here/initrd-init.sh
 modules="dm_mod dm_bufio dm_verity"
+wdt_modules="i6300esb"
 log() { printf 'vm/build-initrd: %s\n' "$*" >&2; }
 
 kpkg=$(cat "$cache/kernel/ok" 2>/dev/null || true)
@@ -43,7 +45,7 @@ pkgs="busybox-static cryptsetup-bin libcryptsetup12 util-linux libblkid1 libc6 l
   libdevmapper1.02.1 libjson-c5 libargon2-1 libpopt0 libuuid1 libselinux1 libudev1 libpcre2-8-0"
 # shellcheck disable=SC2086 # one word per package
 versions=$(dpkg-query -W -f '${Package}=${Version} ' $pkgs)
-key="$(cat "${BASH_SOURCE[0]}" "$init_src" | sha256sum | cut -d' ' -f1) $kpkg $modules $versions"
+key="$(cat "${BASH_SOURCE[0]}" "$init_src" | sha256sum | cut -d' ' -f1) $kpkg $modules $versions $(cat "$cache/kernel/wdt.ok" 2>/dev/null)"
 if [[ $(cat "$cache/initrd.img.ok" 2>/dev/null) == "$key" && -f $cache/initrd.img ]]; then
   log "cached: $cache/initrd.img ($(stat -c %s "$cache/initrd.img") bytes)"
   exit 0
@@ -83,19 +85,27 @@ m=$work/mods
 mkdir -p "$m/lib/modules"
 cp -al "$kmods" "$m/lib/modules/$kver"
 depmod -b "$m" "$kver"
-: >"$work/order"
-for mod in $modules; do
-  modprobe -d "$m" -S "$kver" --show-depends "$mod" >"$work/deps" \
-    || { log "no module $mod in $kver"; exit 1; }
-  sed -n "s|^insmod $m\(/lib/modules/[^ ]*\.ko\).*|\1|p" "$work/deps" >>"$work/order"
+# order MODULES... > FILE: their .ko files, each after what it needs, each once.
+order() {
+  : >"$work/order"
+  for mod in "$@"; do
+    modprobe -d "$m" -S "$kver" --show-depends "$mod" >"$work/deps" \
+      || { log "no module $mod in $kver"; exit 1; }
+    sed -n "s|^insmod $m\(/lib/modules/[^ ]*\.ko\).*|\1|p" "$work/deps" >>"$work/order"
+  done
+  awk '!seen[$0]++' "$work/order"
+}
+# shellcheck disable=SC2086 # one word per module
+order $modules >"$r/lib/modules/ua-initrd.order"
+# shellcheck disable=SC2086
+order $wdt_modules >"$r/lib/modules/ua-initrd-wdt.order"
+for f in ua-initrd.order ua-initrd-wdt.order; do
+  [[ -s $r/lib/modules/$f ]] || { log "module resolution found nothing for $f"; exit 1; }
+  while read -r ko; do
+    install -D -m 0644 "$m$ko" "$r$ko"
+  done <"$r/lib/modules/$f"
 done
-# Keep the first occurrence of each (a dependency precedes what needs it).
-awk '!seen[$0]++' "$work/order" >"$r/lib/modules/ua-initrd.order"
-[[ -s $r/lib/modules/ua-initrd.order ]] || { log "module resolution found nothing"; exit 1; }
-while read -r ko; do
-  install -D -m 0644 "$m$ko" "$r$ko"
-done <"$r/lib/modules/ua-initrd.order"
-log "modules: $(sed 's|.*/||' "$r/lib/modules/ua-initrd.order" | tr '\n' ' ')"
+log "modules: $(cat "$r"/lib/modules/ua-initrd*.order | sed 's|.*/||' | tr '\n' ' ')"
 
 install -m 0755 "$init_src" "$r/init"
 # Name the kernel this initramfs is for (the modules only load into that one).

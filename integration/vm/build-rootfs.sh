@@ -50,7 +50,7 @@ source "$here/setup.sh"
 cache=${1:-/var/tmp/update-agent-vm}
 mirror=${UA_VM_MIRROR:-http://deb.debian.org/debian}
 include=systemd,systemd-sysv,udev,kmod,dosfstools${UA_VM_INCLUDE:+,$UA_VM_INCLUDE}
-modules=${UA_VM_MODULES:-virtio_pci virtio_net virtio_rng vfat nls_cp437 nls_ascii nls_utf8 efivarfs autofs4 dm_verity}
+modules=${UA_VM_MODULES:-virtio_pci virtio_net virtio_rng vfat nls_cp437 nls_ascii nls_utf8 efivarfs autofs4 dm_verity i6300esb}
 mkdir -p "$cache"
 cache=$(cd "$cache" && pwd)
 
@@ -115,12 +115,15 @@ if [[ $(cat "$kdir/ok" 2>/dev/null) != "$kpkg" ]]; then
   log "kernel $kver ready in $((SECONDS - start)) s"
 fi
 
+# ---- The watchdog driver the cloud kernel lacks (build-wdt.sh says why) -------------
+"$here/build-wdt.sh" "$cache" >&2
+
 # ---- The initramfs (its own cache key: its script, /init, kernel, host packages) ----
 "$here/build-initrd.sh" "$cache" >&2
 
 # ---- Layer 3: configured rootfs -----------------------------------------------------
 # Rebuilt when this script, the module list, the initramfs or a lower layer changes.
-rootfs_key="$(sha256sum "${BASH_SOURCE[0]}" | cut -d' ' -f1) $base_key $kpkg $modules $(cat "$cache/initrd.img.ok")"
+rootfs_key="$(sha256sum "${BASH_SOURCE[0]}" | cut -d' ' -f1) $base_key $kpkg $modules $(cat "$cache/initrd.img.ok") $(cat "$kdir/wdt.ok")"
 if [[ $(cat "$cache/rootfs.tar.ok" 2>/dev/null) == "$rootfs_key" ]]; then
   log "cached: $cache/rootfs.tar ($kver)"
   exit 0
@@ -180,6 +183,16 @@ FSTAB
 ln -sf /dev/null "$r/etc/systemd/system/systemd-fsck-root.service"
 # vfat is needed for the ESP; loading it early is cheaper than on-demand autoloading.
 printf '%s\n' vfat nls_cp437 nls_ascii nls_utf8 >"$r/etc/modules-load.d/ua-lab.conf"
+
+# The hardware watchdog (QEMU's i6300esb, boot.sh; its driver from build-wdt.sh, loaded
+# by the initramfs or by udev). systemd feeds it while the system runs and hands it to
+# the next kernel across a kexec (the agent sets KExecWatchdogUSec). The watchdog core
+# stops a driver's watchdog at any reboot, kexec included, when the driver asks for
+# that, and i6300esb does: stop_on_reboot=0 keeps it running into the kexec'd kernel,
+# where it resets a boot that hangs (docs/kexec.md).
+mkdir -p "$r/etc/modprobe.d" "$r/etc/systemd/system.conf.d"
+printf 'options watchdog stop_on_reboot=0\n' >"$r/etc/modprobe.d/ua-lab-watchdog.conf"
+printf '[Manager]\nRuntimeWatchdogSec=30s\n' >"$r/etc/systemd/system.conf.d/ua-lab-watchdog.conf"
 
 # Network: DHCP on whatever Ethernet the VM has (virtio-net: enp0s*).
 mkdir -p "$r/etc/systemd/network"

@@ -42,6 +42,51 @@ mount -t sysfs -o nosuid,nodev,noexec sysfs /sys || die "cannot mount /sys"
 # cryptsetup keeps its lock files under /run/cryptsetup.
 mount -t tmpfs -o nosuid,nodev,mode=0755 tmpfs /run || die "cannot mount /run"
 
+# ---- The hardware watchdog ------------------------------------------------------------
+# QEMU's i6300esb (boot.sh), when the machine has one and this initramfs its driver:
+# armed here at every firmware boot, as a systemd initramfs with RuntimeWatchdogSec=
+# arms it, so a boot that hangs after this point (its init blocks before the real
+# system's systemd takes the watchdog over) is reset by the hardware and the
+# bootloader's try counter moves on. Left alone when it already runs: a kexec with
+# systemd's KExecWatchdogSec kept it running from the old kernel (the agent's kexec
+# path), and loading the driver would stop it (the driver's probe disables the timer);
+# that watchdog is the one that must catch a hang of this boot. Register 0x68 of its
+# PCI configuration space has bit 1 set while the timer runs.
+wdt_secs=30
+arm_watchdog() {
+  esb=
+  for d in /sys/bus/pci/devices/*; do
+    [ "$(cat "$d/vendor" 2>/dev/null):$(cat "$d/device" 2>/dev/null)" = 0x8086:0x25ab ] && esb=$d
+  done
+  [ -n "$esb" ] && [ -s /lib/modules/ua-initrd-wdt.order ] || return 0
+  lock=$(dd if="$esb/config" bs=1 skip=104 count=1 2>/dev/null | od -An -tu1 | tr -d ' ')
+  if [ $((${lock:-0} & 2)) -ne 0 ]; then
+    say "watchdog: i6300esb already running (armed before a kexec): left running"
+    return 0
+  fi
+  while read -r ko; do
+    case $ko in
+      # Kept running across a reboot or kexec, as the image's modprobe.d says too.
+      */watchdog.ko) insmod "$ko" stop_on_reboot=0 ;;
+      */i6300esb.ko) insmod "$ko" heartbeat="$wdt_secs" ;;
+      *) insmod "$ko" ;;
+    esac || { say "watchdog: cannot load $ko: not armed"; return 0; }
+  done </lib/modules/ua-initrd-wdt.order
+  i=0
+  until [ -c /dev/watchdog0 ] || [ $i -ge 20 ]; do
+    usleep 50000
+    i=$((i + 1))
+  done
+  # Opened and closed without the magic 'V': the timer keeps running; the real
+  # system's systemd (RuntimeWatchdogSec=) opens it next and feeds it.
+  if echo 1 >/dev/watchdog0; then
+    say "watchdog: i6300esb armed, ${wdt_secs} s"
+  else
+    say "watchdog: cannot open /dev/watchdog0: not armed"
+  fi
+}
+arm_watchdog
+
 # ---- The command line -------------------------------------------------------------
 root='' rootfstype='' rootflags='' mode=ro init=/sbin/init
 roothash='' vdata='' vhash='' vopts='' hash_offset=''

@@ -189,6 +189,9 @@ compatible = "ua-lab-x86_64"
 [boot]
 $boot_toml
 kexec_panic_secs = 1
+# Long enough for a kexec'd boot to reach its own systemd (which takes the watchdog
+# over), short enough for kexec scenario kh: a hang is reset this long after the kexec.
+kexec_watchdog_secs = 45
 [api]
 tcp_listen = "0.0.0.0:7443"
 tls_cert = "/etc/update-agent/tls/server.crt"
@@ -278,6 +281,23 @@ release 7.0 "$t"
 # v8: v7 with one more small file (scenario 8 corrupts its slot before the reboot).
 printf 'update-agent VM lab release 8.0\n' >"$t/usr/share/ua-lab/release-8.0"
 release 8.0 "$t"
+# v4.1 (built for kexec scenario kh only): v8's files with an init that blocks forever
+# before anything else runs: no panic, no reboot, only the hardware watchdog ends it.
+want_kh=0
+[[ " ${scenarios[*]} " == *" kh "* ]] && want_kh=1
+if ((want_kh)); then
+  rm -f "$t/usr/sbin/init"
+  cat >"$t/usr/sbin/init" <<'HANG'
+#!/bin/sh
+# update-agent VM lab, release 4.1: an init that hangs (kexec scenario kh).
+echo "UA-LAB: release 4.1: init hangs here, before any service starts" >/dev/console
+while :; do sleep 3600; done
+HANG
+  chmod 0755 "$t/usr/sbin/init"
+  release 4.1 "$t"
+  rm -f "$t/usr/sbin/init"
+  ln -s "$init_link" "$t/usr/sbin/init"
+fi
 mkdir -p "$w/www/old"
 ls -l "$w"/*.img >&2
 
@@ -303,6 +323,10 @@ for k in release2:7.0 update-agent:2.0; do
   "$updatectl_host" bundle create --target "$w/8.0.img" --source "$w/${k#*:}.img" --version 8.0 \
     --compatible ua-lab-x86_64 --key "$w/keys/${k%%:*}.key" --out "$w/www" --no-full --level 9 --verity
 done
+if ((want_kh)); then
+  "$updatectl_host" bundle create --target "$w/4.1.img" --source "$w/2.0.img" --version 4.1 \
+    --compatible ua-lab-x86_64 --key "$w/keys/update-agent.key" --out "$w/www" --no-full --level 9 --verity
+fi
 ls -l "$w/www" >&2
 
 say "the node: GPT disk, $bootloader on the ESP, 1.0 in root-a, root-b empty"
@@ -914,7 +938,7 @@ PY
       printf 'scenario 9 (verity, %s): passed: a changed block of the committed slot restarted 3 boots in a row, the bootloader fell back to %s and the node says "%s"\n' \
         "$bootloader" "$from" "$(field "['last_result']['reason']" <<<"$j" | cut -c1-100)"
       ;;
-    k[0-9]) kexec_scenario "$s" ;;
+    k[0-9h]) kexec_scenario "$s" ;;
     *) fail "unknown scenario $s" ;;
   esac
 done

@@ -1,6 +1,6 @@
 # shellcheck shell=bash
 # integration/vm/scenarios-kexec.sh: the VM lab's kexec scenarios (issue 16), sourced
-# by lab.sh after its helpers; `lab.sh [--bootloader B] 1 k3 k2 k1` runs them after
+# by lab.sh after its helpers; `lab.sh [--bootloader B] 1 k3 k2 kh k1` runs them after
 # scenario 1, each starting where the last ended (2.0 running), so no disk is made
 # twice and scenario 1's plain reboots are the comparison of the same run.
 #
@@ -11,6 +11,12 @@
 #       reboots through the firmware into 2.0
 #   k1  2.0 -> 6.0 by kexec: update, gate, commit; the downtime next to scenario 1's
 #       plain firmware reboots and its update by firmware reboot ("ratio")
+#   kh  2.0 -> 4.1 (its init blocks forever: no panic) by kexec: the hardware watchdog
+#       (QEMU's i6300esb) that systemd left running across the kexec with the agent's
+#       KExecWatchdogUSec (agent.toml kexec_watchdog_secs) resets the machine; the
+#       firmware boots that follow count the tries left (the lab's initramfs arms the
+#       watchdog at each of them, so each hangs only until it expires), then 2.0
+# k3, k2 and kh start from 2.0 and end on it; k1 leaves 6.0 running, so it goes last.
 #
 # A kexec is not a QEMU exit: the new kernel starts in the same QEMU run, on the same
 # serial log, so a kexec is seen as one more "Linux version" line there.
@@ -83,6 +89,24 @@ kexec_scenario() {
       boot_until_api 6
       back_on_2 4.0 'did not boot'
       printf 'kexec scenario 3 (%s): passed: 4.0 by kexec panicked, the firmware and the try counter brought 2.0 back\n' "$bootloader"
+      ;;
+    kh)
+      local t_hang
+      say "kexec scenario hang: 2.0 -> 4.1 by kexec, whose init blocks forever (no panic)"
+      ctl update --version 4.1 --wait
+      kexec_t=$(date +%s.%N)
+      kexec_down || fail "no kexec: the node rebooted through the firmware (serial log: $w/serial-$boots.log)"
+      say "the kexec'd 4.1 hangs; only the hardware watchdog armed before the kexec can end this boot"
+      wait_down
+      t_hang=$(awk -v k="$kexec_at" -v d="$down_at" 'BEGIN { printf "%.1f", d - k }')
+      on_console "UA-LAB: release 4.1: init hangs" || fail "the kexec'd 4.1 did not reach its hanging init (serial log: $w/serial-$boots.log)"
+      on_console "i6300esb already running" || fail "the kexec'd kernel's initramfs did not find the watchdog running (serial log: $w/serial-$boots.log)"
+      ! on_console "Kernel panic" || fail "the kexec'd 4.1 panicked: this scenario is about a hang (serial log: $w/serial-$boots.log)"
+      log "the watchdog reset the hung 4.1 $t_hang s after the kexec"
+      say "firmware boots: each try of 4.1 hangs until the watchdog resets it; then 2.0"
+      boot_until_api 6
+      back_on_2 4.1 'did not boot'
+      printf 'kexec scenario hang (%s): passed: 4.1 by kexec hung in its init, the hardware watchdog armed before the kexec reset it %s s after the kexec, and the try counter brought 2.0 back\n' "$bootloader" "$t_hang"
       ;;
     *) fail "unknown kexec scenario $1" ;;
   esac

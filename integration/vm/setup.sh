@@ -50,6 +50,13 @@ Pin-Priority: 990
     [depmod]=kmod
     [cpio]=cpio
     [zstd]=zstd
+    # The out-of-tree i6300esb watchdog driver (build-wdt.sh): Kbuild with the
+    # compiler the lab kernel was built with; the kernel source is an xz tarball.
+    [make]=make
+    [gcc-12]=gcc-12
+    [xz]=xz-utils
+    [modinfo]=kmod
+    [/usr/lib/x86_64-linux-gnu/libelf.so.1]=libelf1
   )
   local need=() k
   for k in "${!want[@]}"; do

@@ -29,7 +29,9 @@ pub struct BootConfig {
     pub reboot: crate::reboot_method::RebootMethod,
     /// A kexec'd kernel that panics reboots through the firmware after this long.
     pub kexec_panic_secs: u32,
-    /// The hardware watchdog armed across a kexec (systemd's KExecWatchdogSec).
+    /// The hardware watchdog armed across a kexec (systemd's KExecWatchdogUSec, set
+    /// before `systemctl kexec`): a kexec'd kernel that hangs is reset this long after
+    /// systemd's shutdown armed it, unless its own system takes the watchdog over.
     pub kexec_watchdog_secs: u32,
 }
 

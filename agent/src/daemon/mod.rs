@@ -91,7 +91,7 @@ impl Daemon {
             textfile: Mutex::new(()),
             kexec_os: Arc::new(LinuxKexec {
                 systemctl: cfg.health.systemctl.clone(),
-                conf_dir: "/run/systemd/system.conf.d".into(),
+                manager_socket: crate::kexec::PRIVATE_SOCKET.into(),
                 reboot_command: cfg.health.reboot_command.clone(),
             }),
             cfg,

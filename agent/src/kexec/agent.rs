@@ -28,7 +28,11 @@ impl Agent {
         let images = self.store.images();
         let cfg = &self.cfg;
         let layout = &self.layout;
-        let cmdline = |slot: Slot| {
+        let settings_ref = &settings;
+        let cmdline = |slot: Slot| -> Result<String, Refusal> {
+            if cfg.boot.backend != "systemd-boot" {
+                super::check_grub_options(settings_ref, slot, &cfg.boot.options)?;
+            }
             let label = match slot {
                 Slot::A => &cfg.slots.label_a,
                 Slot::B => &cfg.slots.label_b,
@@ -37,7 +41,12 @@ impl Agent {
                 .as_ref()
                 .and_then(|i| i.verity.as_ref())
                 .and_then(|v| RootVerity::new(&v.root_hash, v.hash_offset).ok());
-            slot_cmdline(label, slot, verity.as_ref(), &cfg.boot.options)
+            Ok(slot_cmdline(
+                label,
+                slot,
+                verity.as_ref(),
+                &cfg.boot.options,
+            ))
         };
         let kernel = |slot: Slot| -> Result<KernelFiles, Refusal> {
             if cfg.boot.backend == "systemd-boot" {

@@ -6,7 +6,7 @@
 //!   kernel (GRUB: its /boot, mounted read-only; systemd-boot: the verified copy on
 //!   the ESP) ─ kexec_file_load(kernel, initrd, the bootloader's line + panic=N +
 //!   updateagent.boot=kexec) ─ one try counted down (BootControl::consume_try) ─
-//!   hardware watchdog left running across the kexec (KExecWatchdogSec) ─
+//!   hardware watchdog left running across the kexec (KExecWatchdogUSec) ─
 //!   reboot.json ─ systemctl kexec
 //!   any refusal ─► KEXEC_REFUSED event with the reason, the try given back, the image
 //!                  unloaded ─► firmware reboot
@@ -17,6 +17,7 @@
 //! a firmware reboot that follows costs one try, as it always did.
 
 mod agent;
+mod manager_bus;
 mod os;
 pub mod record;
 #[cfg(test)]
@@ -25,6 +26,7 @@ mod tests;
 use std::fs::File;
 use std::path::{Path, PathBuf};
 
+pub use manager_bus::PRIVATE_SOCKET;
 pub use os::{KexecOs, LinuxKexec};
 
 use crate::boot::{BootControl, BootError};
@@ -79,6 +81,12 @@ pub enum Refusal {
         #[source]
         source: std::io::Error,
     },
+    #[error("boot.options is {configured:?} but this boot's command line has {running:?} after updateagent.slot= (GRUB's ua_cmdline): a kexec would start slot {slot} with other kernel arguments than GRUB gives it; make boot.options equal the fragment's ua_cmdline")]
+    OptionsMismatch {
+        slot: Slot,
+        configured: String,
+        running: String,
+    },
     #[error("counting down a try of slot {slot}")]
     Count {
         slot: Slot,
@@ -115,6 +123,8 @@ pub struct Settings {
     pub watchdog_secs: u32,
     pub load_disabled: PathBuf,
     pub lockdown: PathBuf,
+    /// The running boot's command line (GRUB: what its fragment gave, to compare).
+    pub proc_cmdline: PathBuf,
 }
 
 impl Settings {
@@ -124,6 +134,7 @@ impl Settings {
             watchdog_secs: boot.kexec_watchdog_secs,
             load_disabled: "/proc/sys/kernel/kexec_load_disabled".into(),
             lockdown: "/sys/kernel/security/lockdown".into(),
+            proc_cmdline: "/proc/cmdline".into(),
         }
     }
 }
@@ -190,8 +201,9 @@ pub struct Node<'a> {
     pub settings: &'a Settings,
     /// The slot's kernel as its bootloader entry would load it.
     pub kernel: &'a dyn Fn(Slot) -> Result<KernelFiles, Refusal>,
-    /// The slot's command line as its bootloader entry gives it.
-    pub cmdline: &'a dyn Fn(Slot) -> String,
+    /// The slot's command line as its bootloader entry gives it (or why it is not
+    /// known for sure).
+    pub cmdline: &'a dyn Fn(Slot) -> Result<String, Refusal>,
 }
 
 impl std::fmt::Debug for Node<'_> {
@@ -282,7 +294,7 @@ struct Kexec<'a> {
     settings: &'a Settings,
     state_dir: &'a Path,
     kernel: &'a dyn Fn(Slot) -> Result<KernelFiles, Refusal>,
-    cmdline: &'a dyn Fn(Slot) -> String,
+    cmdline: &'a dyn Fn(Slot) -> Result<String, Refusal>,
     /// Written just before `systemctl kexec`.
     rec: record::Record,
 }
@@ -296,12 +308,12 @@ impl Kexec<'_> {
             _ => return Err(Refusal::NoTryLeft { slot }),
         };
         check_enabled(self.settings)?;
-        let files = (self.kernel)(slot)?;
         let line = format!(
             "{} panic={} {KEXEC_MARK}",
-            (self.cmdline)(slot),
+            (self.cmdline)(slot)?,
             self.settings.panic_secs
         );
+        let files = (self.kernel)(slot)?;
         let loaded = os.load(&files.kernel, files.initrd.as_ref(), &line);
         files.close();
         loaded.map_err(|source| load_refusal(slot, self.settings, source))?;
@@ -321,6 +333,43 @@ impl Kexec<'_> {
             return Err(r);
         }
         Ok(())
+    }
+}
+
+/// GRUB builds a slot's line in its own script from `ua_cmdline`, which the agent
+/// cannot read; the kexec builds it from `boot.options`. The running boot's line holds
+/// what the fragment gave (after `updateagent.slot=`), so a difference is a
+/// configuration error found before it boots a release with the wrong arguments (it
+/// once did in the VM lab). Words a kexec appended to a kexec'd boot are not GRUB's. A
+/// line without `updateagent.slot=` did not come from the fragment: nothing to compare.
+pub fn check_grub_options(s: &Settings, slot: Slot, configured: &str) -> Result<(), Refusal> {
+    let text = std::fs::read_to_string(&s.proc_cmdline).map_err(|source| Refusal::Probe {
+        path: s.proc_cmdline.clone(),
+        source,
+    })?;
+    let words: Vec<&str> = text.split_whitespace().collect();
+    let Some(at) = words
+        .iter()
+        .position(|w| w.starts_with("updateagent.slot="))
+    else {
+        return Ok(());
+    };
+    let mut running = &words[at + 1..];
+    if let [rest @ .., panic, mark] = running {
+        if *mark == KEXEC_MARK && panic.starts_with("panic=") {
+            running = rest;
+        }
+    }
+    let running = running.join(" ");
+    let configured = configured.split_whitespace().collect::<Vec<_>>().join(" ");
+    if running == configured {
+        Ok(())
+    } else {
+        Err(Refusal::OptionsMismatch {
+            slot,
+            configured,
+            running,
+        })
     }
 }
 

@@ -25,18 +25,15 @@ pub trait KexecOs: Send + Sync {
     fn firmware_reboot(&self) -> io::Result<()>;
 }
 
-/// The real thing: the system call, a systemd drop-in and `systemctl`.
+/// The real thing: the system call, one property of systemd's manager and
+/// `systemctl`.
 #[derive(Debug, Clone)]
 pub struct LinuxKexec {
     pub systemctl: PathBuf,
-    /// Where the `KExecWatchdogSec=` drop-in goes (`/run/systemd/system.conf.d`: it
-    /// lasts until the next boot; the package's tmpfiles line creates it).
-    pub conf_dir: PathBuf,
+    /// PID 1's private D-Bus socket ([`super::manager_bus::PRIVATE_SOCKET`]).
+    pub manager_socket: PathBuf,
     pub reboot_command: Vec<String>,
 }
-
-/// The drop-in's name, after the distribution's own (lower numbers).
-const DROPIN: &str = "60-update-agent-kexec.conf";
 
 /// Flags of `kexec_file_load` (linux/kexec.h).
 const KEXEC_FILE_UNLOAD: nix::libc::c_ulong = 1;
@@ -102,15 +99,19 @@ impl KexecOs for LinuxKexec {
         file_load(-1, -1, &[], KEXEC_FILE_UNLOAD)
     }
 
-    /// systemd's `KExecWatchdogSec` in a drop-in under /run and a daemon-reload,
-    /// which re-reads system.conf: through systemctl's private socket, so no D-Bus
-    /// daemon is needed (minimal images have none).
+    /// systemd's `KExecWatchdogUSec`, set on the running manager over its private
+    /// socket: milliseconds, where the earlier drop-in and `systemctl daemon-reload`
+    /// took seconds of the downtime (manager_bus.rs says why not `busctl`). It lasts
+    /// until the manager exits, which is the kexec itself.
     fn arm_watchdog(&self, secs: u32) -> io::Result<()> {
-        std::fs::create_dir_all(&self.conf_dir)?;
-        let text = format!("[Manager]\nKExecWatchdogSec={secs}s\n");
-        crate::durable::replace(&self.conf_dir.join(DROPIN), text.as_bytes())
-            .map_err(|(_, e)| e)?;
-        run(&self.systemctl, &["daemon-reload"])
+        let usec = u64::from(secs) * 1_000_000;
+        super::manager_bus::set_manager_u64(
+            &self.manager_socket,
+            "KExecWatchdogUSec",
+            usec,
+            super::manager_bus::TIMEOUT,
+        )
+        .map_err(io::Error::other)
     }
 
     fn exec(&self) -> io::Result<()> {

@@ -109,7 +109,13 @@ impl Bench {
             watchdog_secs: 120,
             load_disabled: dir.path().join("kexec_load_disabled"),
             lockdown: dir.path().join("lockdown"),
+            proc_cmdline: dir.path().join("cmdline"),
         };
+        std::fs::write(
+            &settings.proc_cmdline,
+            "BOOT_IMAGE=/boot/vmlinuz root=PARTLABEL=root-a updateagent.slot=a ro\n",
+        )
+        .expect("write");
         std::fs::write(&settings.load_disabled, "0\n").expect("write");
         std::fs::write(&settings.lockdown, "[none] integrity confidentiality\n").expect("write");
         Self {
@@ -131,7 +137,14 @@ impl Bench {
     ) -> Result<super::Rebooting, RebootError> {
         let root = self.root();
         let kernel = move |slot| KernelFiles::open(slot, &root, Path::new("boot"));
-        let cmdline = |slot| crate::boot::slot_cmdline("root-b", slot, None, "ro");
+        let settings = &self.settings;
+        let grub = self.lab.name() == "grub";
+        let cmdline = move |slot| {
+            if grub {
+                super::check_grub_options(settings, slot, "ro")?;
+            }
+            Ok(crate::boot::slot_cmdline("root-b", slot, None, "ro"))
+        };
         let node = Node {
             boot: self.lab.ctl(),
             state: Ok(self.state.clone()),
@@ -347,4 +360,89 @@ fn a_failed_firmware_reboot_is_an_error() {
         let e = b.reboot(RebootMethod::Kexec, &os).expect_err("no reboot");
         assert!(matches!(e, RebootError::Firmware(_)), "{e:?}");
     }
+}
+
+#[test]
+fn the_watchdog_is_one_property_write_to_systemd() {
+    use super::manager_bus::fake::{serve, Answer};
+    let dir = tempfile::tempdir().expect("tmp");
+    let sock = dir.path().join("private");
+    let server = serve(&sock, Answer::Return);
+    let os = super::LinuxKexec {
+        systemctl: "/bin/false".into(),
+        manager_socket: sock,
+        reboot_command: vec![],
+    };
+    os.arm_watchdog(45).expect("armed");
+    let seen = server.join().expect("server");
+    assert_eq!(seen.property_arg, "KExecWatchdogUSec");
+    assert_eq!(seen.value, 45_000_000);
+    // No systemd to answer: an error, which the path makes a refusal (above).
+    let os = super::LinuxKexec {
+        manager_socket: dir.path().join("none"),
+        ..os
+    };
+    let e = os.arm_watchdog(45).expect_err("no systemd");
+    assert!(e.to_string().contains("private socket"), "{e}");
+}
+
+#[test]
+fn grub_options_that_differ_from_the_running_boot_refuse_the_kexec() {
+    let mut b = Bench::new(Box::new(GrubLab::new()));
+    std::fs::write(
+        &b.settings.proc_cmdline,
+        "BOOT_IMAGE=/boot/vmlinuz root=PARTLABEL=root-a updateagent.slot=a ro console=ttyS0\n",
+    )
+    .expect("write");
+    let r = refused(&mut b, &FakeOs::default(), &[]);
+    match &r {
+        Refusal::OptionsMismatch {
+            configured,
+            running,
+            ..
+        } => assert_eq!(
+            (configured.as_str(), running.as_str()),
+            ("ro", "ro console=ttyS0")
+        ),
+        other => panic!("{other:?}"),
+    }
+    let msg = r.to_string();
+    assert!(
+        msg.contains("\"ro\"") && msg.contains("\"ro console=ttyS0\""),
+        "{msg}"
+    );
+    assert_eq!(b.trial(), Some((B, 3)), "nothing counted");
+}
+
+#[test]
+fn the_running_boots_options_are_what_grub_gave() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let s = Settings {
+        panic_secs: 1,
+        watchdog_secs: 10,
+        load_disabled: dir.path().join("x"),
+        lockdown: dir.path().join("y"),
+        proc_cmdline: dir.path().join("cmdline"),
+    };
+    let check = |line: &str, configured: &str| {
+        std::fs::write(&s.proc_cmdline, line).expect("write");
+        super::check_grub_options(&s, B, configured)
+    };
+    // A kexec'd boot: the words the kexec appended are not GRUB's.
+    check(
+        "root=/dev/mapper/root roothash=ab updateagent.slot=a ro panic=-1 panic=1 updateagent.boot=kexec",
+        " ro  panic=-1 ",
+    )
+    .expect("same options");
+    // Not booted through the fragment: nothing to compare.
+    check("root=/dev/sda1 ro quiet", "ro").expect("no slot word");
+    assert!(matches!(
+        check("root=PARTLABEL=root-a updateagent.slot=a ro", "ro quiet"),
+        Err(Refusal::OptionsMismatch { .. })
+    ));
+    std::fs::remove_file(&s.proc_cmdline).expect("rm");
+    assert!(matches!(
+        super::check_grub_options(&s, B, "ro"),
+        Err(Refusal::Probe { .. })
+    ));
 }
