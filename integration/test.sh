@@ -18,7 +18,9 @@
 #      that never reaches user space, a power cut mid-write and the resume, manual
 #      rollback, power cuts during the bootloader flip and the commit, a key rotation, a
 #      slot changed after staging caught by dm-verity at boot, a committed slot that
-#      stops booting and the default's guard (~25 min for the pair;
+#      stops booting and the default's guard, and the kexec path (an update by kexec,
+#      a kexec'd kernel that panics, one that hangs and the hardware watchdog, failed
+#      health after a kexec) (~35 min for the pair;
 #      UPDATE_AGENT_SKIP_VM=1 skips it for a quick local run, never in CI)
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
@@ -99,7 +101,9 @@ else
   # has a core of its own, and the pair takes little longer than one lab alone (their
   # image builds share the cores). Each lab has its own work directory and ports, and
   # its own log, printed when it ends; a failure fails the tier once both have ended.
-  lab_scenarios="1 2 3 4 6 5 7 8 9"
+  # The kexec scenarios (scenarios-kexec.sh) share scenario 1's disk and boots: k3, k2
+  # and kh start from 2.0 and end on it, and k1 updates 7.0 to 8.0 at the end.
+  lab_scenarios="1 k3 k2 kh 2 3 4 6 5 7 8 9 k1"
   step "VM lab, GRUB and systemd-boot side by side: scenarios $lab_scenarios under QEMU"
   export UA_LAB_PKGS="$t/pkg:$t/pkg-next"
   lab_pids=()
