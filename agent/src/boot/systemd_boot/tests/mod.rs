@@ -3,6 +3,7 @@
 mod backend;
 mod entry;
 mod fs;
+mod guard;
 mod names;
 mod order;
 mod state;
