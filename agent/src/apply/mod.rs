@@ -368,9 +368,9 @@ fn write_all(
     })
 }
 
-/// The whole target read back and hashed against the manifest (continued from
-/// `opts.read_back_from` when it applies), its dm-verity tree built on the way and its
-/// root checked.
+/// The whole target read back (continued from `opts.read_back_from` when it applies)
+/// and checked against the manifest: by the root of the dm-verity tree built on the
+/// way when the release has one, else by the image's sha256.
 fn read_back(
     manifest: &Manifest,
     target: &dyn TargetSlot,
@@ -382,19 +382,21 @@ fn read_back(
         .filter(|_| opts.start_op >= manifest.operations.len());
     let area = verify::SlotArea(target);
     let mut tree = tree_builder(manifest, &area, from)?;
-    let actual = verify::hash_target_tree(
-        target,
-        manifest.target_size,
-        from,
-        tree.as_mut(),
-        &mut |m| on_event(Event::ReadBack(m)),
-    )
-    .map_err(ApplyError::ReadBack)?;
-    if actual != manifest.target_sha256 {
-        return Err(ApplyError::TargetHashMismatch {
-            expected: hex::encode(manifest.target_sha256),
-            actual: hex::encode(actual),
-        });
+    let on_mark = &mut |m| on_event(Event::ReadBack(m));
+    match tree.as_mut() {
+        // The signed root proves every byte: see `read_target_into_tree`.
+        Some(t) => verify::read_target_into_tree(target, manifest.target_size, from, t, on_mark)
+            .map_err(ApplyError::ReadBack)?,
+        None => {
+            let actual = verify::hash_target_from(target, manifest.target_size, from, on_mark)
+                .map_err(ApplyError::ReadBack)?;
+            if actual != manifest.target_sha256 {
+                return Err(ApplyError::TargetHashMismatch {
+                    expected: hex::encode(manifest.target_sha256),
+                    actual: hex::encode(actual),
+                });
+            }
+        }
     }
     if let (Some(b), Some(v)) = (tree, &manifest.verity) {
         let root = b.finish(&v.uuid).map_err(ApplyError::Verity)?;

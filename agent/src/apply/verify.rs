@@ -52,27 +52,93 @@ pub fn hash_target_from(
     from: Option<Mark>,
     on_mark: &mut dyn FnMut(Mark),
 ) -> io::Result<[u8; 32]> {
-    hash_target_tree(target, len, from, None, on_mark)
+    let h = from.map_or_else(Hasher::new, Hasher::resume);
+    let ranges = target_ranges(target, len)?;
+    hash_ranges(&target_reader(target), &ranges, len, h, None, on_mark)
 }
 
-/// [`hash_target_from`] that also hands every byte, in order, to a dm-verity tree
-/// builder, whose level 0 is written as far as each mark before the mark is handed on.
-pub(super) fn hash_target_tree(
+/// The read-back of a release with a signed dm-verity root: every byte goes to the
+/// tree and nothing else. The root then proves the whole image, so a second sha256
+/// of it (as long again as the tree's own hashing) would prove nothing more. Its marks
+/// carry only their offset, each handed on once the tree's level 0 is written as far
+/// as it.
+pub(super) fn read_target_into_tree(
     target: &dyn TargetSlot,
     len: u64,
     from: Option<Mark>,
-    tree: Option<&mut Builder<'_>>,
+    tree: &mut Builder<'_>,
     on_mark: &mut dyn FnMut(Mark),
-) -> io::Result<[u8; 32]> {
-    let ranges = target.data_ranges(len)?.unwrap_or_else(|| vec![(0, len)]);
+) -> io::Result<()> {
+    let at = Counter(from.map_or(0, |m| m.len));
+    let ranges = target_ranges(target, len)?;
     hash_ranges(
-        &|buf, off| target.read_back_at(buf, off),
+        &target_reader(target),
         &ranges,
         len,
-        from,
-        tree,
+        at,
+        Some(tree),
         on_mark,
     )
+}
+
+fn target_reader<'a>(
+    target: &'a dyn TargetSlot,
+) -> impl Fn(&mut [u8], u64) -> io::Result<()> + Sync + 'a {
+    |buf, off| target.read_back_at(buf, off)
+}
+
+/// Where the first `len` bytes of the target hold data (the rest reads as zeros).
+fn target_ranges(target: &dyn TargetSlot, len: u64) -> io::Result<Vec<(u64, u64)>> {
+    Ok(target.data_ranges(len)?.unwrap_or_else(|| vec![(0, len)]))
+}
+
+/// What a read-back keeps of the bytes it passes: a resumable sha256 of them, or
+/// only how far it got.
+trait Progress {
+    type Out;
+    fn update(&mut self, data: &[u8]);
+    /// Where it stands, when that can be written down.
+    fn mark(&self) -> Option<Mark>;
+    fn position(&self) -> u64;
+    fn finish(self) -> Self::Out;
+}
+
+impl Progress for Hasher {
+    type Out = [u8; 32];
+    fn update(&mut self, data: &[u8]) {
+        Hasher::update(self, data);
+    }
+    fn mark(&self) -> Option<Mark> {
+        Hasher::mark(self)
+    }
+    fn position(&self) -> u64 {
+        Hasher::position(self)
+    }
+    fn finish(self) -> [u8; 32] {
+        self.finalize()
+    }
+}
+
+/// Bytes passed, for a read-back whose bytes the dm-verity tree proves.
+struct Counter(u64);
+
+impl Progress for Counter {
+    type Out = ();
+    fn update(&mut self, data: &[u8]) {
+        self.0 += data.len() as u64;
+    }
+    fn mark(&self) -> Option<Mark> {
+        // On a 64-byte boundary like a hash's, so either kind of mark is written down
+        // and read back the same way; the state is not used.
+        self.0.is_multiple_of(64).then_some(Mark {
+            len: self.0,
+            state: [0; 8],
+        })
+    }
+    fn position(&self) -> u64 {
+        self.0
+    }
+    fn finish(self) {}
 }
 
 /// What goes to the tree's thread, in the order the read-back hashed it.
@@ -240,7 +306,7 @@ pub fn hash_source(source: &dyn SourceSlot, len: u64) -> io::Result<[u8; 32]> {
         &|buf, off| source.read_exact_at(buf, off),
         &[(0, len)],
         len,
-        None,
+        Hasher::new(),
         None,
         &mut |_| {},
     )
@@ -248,15 +314,14 @@ pub fn hash_source(source: &dyn SourceSlot, len: u64) -> io::Result<[u8; 32]> {
 
 type ReadAt<'a> = dyn Fn(&mut [u8], u64) -> io::Result<()> + Sync + 'a;
 
-fn hash_ranges(
+fn hash_ranges<P: Progress>(
     read: &ReadAt<'_>,
     ranges: &[(u64, u64)],
     len: u64,
-    from: Option<Mark>,
+    mut h: P,
     tree: Option<&mut Builder<'_>>,
     on_mark: &mut dyn FnMut(Mark),
-) -> io::Result<[u8; 32]> {
-    let mut h = from.map_or_else(Hasher::new, Hasher::resume);
+) -> io::Result<P::Out> {
     let skip = h.position();
     if skip > len {
         return Err(io::Error::new(
@@ -322,12 +387,12 @@ fn hash_ranges(
         }
         hash_zeroes_marked(&mut h, len - pos, &mut feed)?;
         feed.finish()?;
-        Ok(h.finalize())
+        Ok(h.finish())
     })
 }
 
 /// Hashes `n` zeros, with a mark every few MiB: a hole can be most of a slot.
-fn hash_zeroes_marked(h: &mut Hasher, n: u64, feed: &mut Sink<'_, '_>) -> io::Result<()> {
+fn hash_zeroes_marked(h: &mut impl Progress, n: u64, feed: &mut Sink<'_, '_>) -> io::Result<()> {
     let mut fed = 0u64;
     let mut marks = Vec::new();
     let mut zeros_at_mark = 0u64;

@@ -171,6 +171,7 @@ pub fn exit_code(err: &anyhow::Error) -> ExitCode {
             Some(
                 ApplyError::OpHashMismatch { .. }
                     | ApplyError::TargetHashMismatch { .. }
+                    | ApplyError::VerityRootMismatch { .. }
                     | ApplyError::Decompress { .. }
                     | ApplyError::WrongLength { .. }
             )

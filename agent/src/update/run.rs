@@ -140,7 +140,17 @@ impl Agent {
         loop {
             let r = self.apply_pass(ck, w, cancel, start);
             match r {
-                Err(ApplyError::TargetHashMismatch { .. }) if recheck => {
+                // A tree resumed from the slot did not come out right: level 0 as
+                // written before the restart is not what it was, or (the root being
+                // the only check of a release with a tree) the image is not. Build it
+                // all again once; a root still wrong then rechecks the image below.
+                Err(ApplyError::VerityRootMismatch { .. }) if start.read_back.is_some() => {
+                    tracing::warn!(release = %m.version, slot = %slot, phase = "staging", "the dm-verity tree resumed from the slot has the wrong root; building it again from the start");
+                    start.read_back = None;
+                }
+                Err(
+                    ApplyError::TargetHashMismatch { .. } | ApplyError::VerityRootMismatch { .. },
+                ) if recheck => {
                     recheck = false;
                     let good = apply::verified_prefix(m, &mut w.writer, m.operations.len())?;
                     tracing::warn!(release = %m.version, slot = %slot, phase = "staging", "the slot did not read back as the checkpoint said (changed while the agent was down?); rewriting from operation {good} of {}", m.operations.len());
@@ -152,12 +162,6 @@ impl Agent {
                         op: good,
                         read_back: None,
                     };
-                }
-                // A tree resumed from the slot did not come out right: level 0 as
-                // written before the restart is not what it was. Build it all again once.
-                Err(ApplyError::VerityRootMismatch { .. }) if start.read_back.is_some() => {
-                    tracing::warn!(release = %m.version, slot = %slot, phase = "staging", "the dm-verity tree resumed from the slot has the wrong root; building it again from the start");
-                    start.read_back = None;
                 }
                 r => return Ok(r),
             }
