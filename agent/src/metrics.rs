@@ -47,6 +47,8 @@ pub struct Inputs<'a> {
     /// Bytes the operation in progress has downloaded so far.
     pub op_bytes_fetched: u64,
     pub auto: Option<&'a AutoFacts>,
+    /// The root of trust, when the node has one.
+    pub root: Option<crate::trust::node::RootFacts>,
     pub now: u64,
 }
 
@@ -171,10 +173,34 @@ pub fn render(i: &Inputs<'_>) -> String {
             n,
         );
     }
+    if let Some(r) = i.root {
+        root(&mut o, r);
+    }
     if let Some(a) = i.auto {
         auto(&mut o, a, i.now);
     }
     o.0
+}
+
+/// The root of trust: an expired root stops every update on the node, so fleets
+/// alert well before (integration/prometheus/rules.yml).
+fn root(o: &mut Out, r: crate::trust::node::RootFacts) {
+    o.family(
+        "update_agent_trust_root_version",
+        "gauge",
+        "Version of the root of trust the node follows (absent on a node that trusts its keys directory).",
+    );
+    o.sample("update_agent_trust_root_version", &[], r.version);
+    o.family(
+        "update_agent_trust_root_expiry_timestamp_seconds",
+        "gauge",
+        "When the root of trust expires; after it the node accepts no release until it follows a newer root.",
+    );
+    o.sample(
+        "update_agent_trust_root_expiry_timestamp_seconds",
+        &[],
+        r.expires,
+    );
 }
 
 fn auto(o: &mut Out, a: &AutoFacts, now: u64) {
@@ -323,6 +349,10 @@ mod tests {
             history: &history,
             op_bytes_fetched: 25,
             auto: Some(&auto),
+            root: Some(crate::trust::node::RootFacts {
+                version: 4,
+                expires: 1_900_000_000,
+            }),
             now: 100,
         });
         well_formed(&text);
@@ -342,6 +372,8 @@ mod tests {
             "update_agent_fleetlock_held 1",
             "update_agent_rollout_halted 1",
             "update_agent_soak_remaining_seconds 30",
+            "update_agent_trust_root_version 4",
+            "update_agent_trust_root_expiry_timestamp_seconds 1900000000",
         ] {
             assert!(text.lines().any(|l| l == want), "missing {want:?} in\n{text}");
         }
@@ -355,9 +387,12 @@ mod tests {
             slot: "a",
             bootloader: "grub",
             compatible: "azl3",
+            root: None,
             now: 0,
         });
         well_formed(&plain);
         assert!(!plain.contains("checks_total"));
+        // A node on its keys directory has no root to expire.
+        assert!(!plain.contains("trust_root"), "{plain}");
     }
 }

@@ -52,6 +52,8 @@ pub struct Inputs<'a> {
     pub images: [Option<crate::state::SlotImage>; 2],
     /// Unattended patching, when configured.
     pub auto: Option<pb::Auto>,
+    /// What the node trusts.
+    pub trust: pb::Trust,
 }
 
 /// The status message for what the daemon read.
@@ -71,7 +73,24 @@ pub fn from_daemon(
         operation: s.operation.as_ref().map(convert::operation),
         images: s.images,
         auto: s.auto.map(convert::auto),
+        trust: trust(s.root, crate::timefmt::now()),
     })
+}
+
+/// The trust as the API shows it at `now` (seconds since the epoch).
+pub fn trust(root: Option<crate::trust::node::RootFacts>, now: u64) -> pb::Trust {
+    match root {
+        None => pb::Trust::default(),
+        Some(r) => pb::Trust {
+            root_version: r.version,
+            root_expires: Some(ts(r.expires)),
+            // Whole days, rounded towards the past: "0 days" is the last day.
+            root_days_left: i64::try_from(
+                (i128::from(r.expires) - i128::from(now)).div_euclid(86_400),
+            )
+            .unwrap_or(i64::MIN),
+        },
+    }
 }
 
 /// Builds the status. Pure: the golden tests call it with fixed inputs.
@@ -99,6 +118,7 @@ pub fn build(i: &Inputs<'_>) -> pb::Status {
         last_result: last_result(i),
         running_version: running,
         auto: i.auto.clone(),
+        trust: Some(i.trust),
     }
 }
 

@@ -188,7 +188,27 @@ pub fn status_text(s: &pb::Status) -> String {
     if let Some(a) = &s.auto {
         auto_text(a, &mut line);
     }
+    if let Some(t) = s.trust.as_ref().filter(|t| t.root_version > 0) {
+        line("Trust", trust_text(t));
+    }
     out
+}
+
+/// The root of trust, and what its expiry asks of people when it is near.
+fn trust_text(t: &pb::Trust) -> String {
+    let (v, at, days) = (
+        t.root_version,
+        when(t.root_expires.as_ref()),
+        t.root_days_left,
+    );
+    let next = v + 1;
+    match days {
+        ..0 => format!("root {v} EXPIRED {at}: nothing accepted until root {next}"),
+        0 => format!("root {v} · expires today ({at}): publish root {next}"),
+        1 => format!("root {v} · expires in 1 day ({at}): publish root {next}"),
+        2..30 => format!("root {v} · expires in {days} days ({at}): publish root {next}"),
+        _ => format!("root {v} · expires {at}"),
+    }
 }
 
 /// A release's version, or words saying it is not known.

@@ -148,6 +148,7 @@ fn status(
         operation,
         images: [None, None],
         auto: None,
+        trust: pb::Trust::default(),
     });
     s.agent_version = "0.1.0".into();
     s
@@ -198,6 +199,7 @@ fn committed_verity() -> pb::Status {
         operation: None,
         images: [image("1.0", None), image("2.0", Some(&"5e".repeat(32)))],
         auto: None,
+        trust: root_of_trust(3, 200 * 86_400),
     });
     s.agent_version = "0.1.0".into();
     s
@@ -351,6 +353,8 @@ fn unattended() -> Vec<(&'static str, pb::Status)> {
         a.held_reason.clear();
         a.soak_end = Some(crate::api::status::ts(T0 + 1800));
     }
+    // Its root ran out: nothing new is accepted until the next one is followed.
+    soaking.trust = Some(root_of_trust(7, -3 * 86_400 - 60));
     vec![
         ("armed-waiting-for-window", waiting),
         ("armed-halted-by-alert", halted),
@@ -393,8 +397,15 @@ fn waiting_for_window() -> pb::Status {
             halted_by: String::new(),
             soak_end: None,
         });
+        s.trust = Some(root_of_trust(7, 12 * 86_400 + 3600));
         s
     }
+}
+
+/// Root `version` of the trust, expiring `left` seconds after T0 (the status's time).
+fn root_of_trust(version: u64, left: i64) -> pb::Trust {
+    let expires = T0.saturating_add_signed(left);
+    crate::api::status::trust(Some(crate::trust::node::RootFacts { version, expires }), T0)
 }
 
 fn golden(name: &str, actual: &str) {

@@ -91,6 +91,18 @@ struct StatusJson<'a> {
     /// Added in agent 0.1 with unattended patching; absent when not configured.
     #[serde(skip_serializing_if = "Option::is_none")]
     auto: Option<AutoJson<'a>>,
+    /// Added with the root of trust's expiry; absent from an agent too old to say.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    trust: Option<TrustJson>,
+}
+
+/// What the node trusts: root_version 0 (and no expiry) on a node that trusts its
+/// keys directory.
+#[derive(Debug, Serialize)]
+struct TrustJson {
+    root_version: u64,
+    root_expires: Option<String>,
+    root_days_left: Option<i64>,
 }
 
 #[derive(Debug, Serialize)]
@@ -207,6 +219,11 @@ pub fn status_json(s: &pb::Status) -> String {
             fleetlock: &a.fleetlock,
             halted_by: &a.halted_by,
             soak_end: rfc(a.soak_end.as_ref()),
+        }),
+        trust: s.trust.as_ref().map(|t| TrustJson {
+            root_version: t.root_version,
+            root_expires: rfc(t.root_expires.as_ref()),
+            root_days_left: t.root_expires.as_ref().map(|_| t.root_days_left),
         }),
     };
     serde_json::to_string_pretty(&doc).unwrap_or_default() + "\n"

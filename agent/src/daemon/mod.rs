@@ -79,7 +79,9 @@ pub struct RolledBack {
 impl Daemon {
     pub fn new(cfg: Config) -> Result<Self, StartError> {
         let agent = Agent::new(cfg.clone()).map_err(StartError::Agent)?;
-        let checker = Agent::new(cfg.clone()).map_err(StartError::Agent)?;
+        let checker = Agent::new(cfg.clone())
+            .map_err(StartError::Agent)?
+            .sharing_trust_with(&agent);
         let reader = Reader::new(cfg.clone(), agent.layout.clone()).map_err(StartError::Agent)?;
         Ok(Self {
             reader,
@@ -161,7 +163,9 @@ impl Daemon {
     /// The node's status now.
     pub fn status(&self) -> Result<status::Status, DaemonError> {
         let auto = self.auto.as_ref().map(|a| a.status(auto::now()));
-        Ok(self.reader.status(self.ops.current_or_armed(), auto)?)
+        let mut s = self.reader.status(self.ops.current_or_armed(), auto)?;
+        s.root = self.checker.trust().root_facts();
+        Ok(s)
     }
 
     /// Every attempt's outcome, oldest first.
@@ -191,6 +195,7 @@ impl Daemon {
                 _ => 0,
             },
             auto: facts.as_ref(),
+            root: self.checker.trust().root_facts(),
             now: u64::try_from(now.as_second()).unwrap_or(0),
         }))
     }

@@ -29,6 +29,9 @@ pub struct Status {
     pub images: [Option<SlotImage>; 2],
     /// Unattended patching, when configured.
     pub auto: Option<AutoStatus>,
+    /// The root of trust, when the node has one (filled in by the daemon, which
+    /// holds the trust).
+    pub root: Option<crate::trust::node::RootFacts>,
 }
 
 /// Reads status without the update lock.
@@ -127,6 +130,7 @@ impl Reader {
             operation,
             images: self.store.images(),
             auto,
+            root: None,
         })
     }
 }

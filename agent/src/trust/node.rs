@@ -144,6 +144,14 @@ pub fn lifetime(
     })
 }
 
+/// What status and metrics show of the root of trust.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RootFacts {
+    pub version: u64,
+    /// Seconds since the epoch.
+    pub expires: u64,
+}
+
 /// The keys this node trusts right now.
 #[derive(Debug, Clone)]
 pub struct NodeTrust {
@@ -223,6 +231,15 @@ impl NodeTrust {
 
     pub fn root(&self) -> Option<&Root> {
         self.root.as_ref()
+    }
+
+    /// The root's version and expiry (seconds since the epoch), for status and
+    /// metrics; None on a node that trusts its keys directory.
+    pub fn root_facts(&self) -> Option<RootFacts> {
+        self.root.as_ref().map(|r| RootFacts {
+            version: r.version(),
+            expires: r.expires(),
+        })
     }
 
     /// Follows the chain of roots under `base` (the release server) as far as it goes;

@@ -48,8 +48,9 @@ pub struct Agent {
     pub(crate) store: StateStore,
     pub(crate) history: crate::history::History,
     /// What the node trusts; replaced when a newer root is followed (a lock, not a
-    /// `&mut`: checks share the agent).
-    pub(super) trust: std::sync::RwLock<NodeTrust>,
+    /// `&mut`: checks share the agent). Shared with the daemon's second handle, so a
+    /// root either one follows is the other's at once.
+    pub(super) trust: std::sync::Arc<std::sync::RwLock<NodeTrust>>,
 }
 
 impl std::fmt::Debug for Agent {
@@ -73,8 +74,15 @@ impl Agent {
             boot,
             store,
             history,
-            trust: std::sync::RwLock::new(trust),
+            trust: std::sync::Arc::new(std::sync::RwLock::new(trust)),
         })
+    }
+
+    /// This handle, trusting whatever `other` trusts from now on (one root, followed
+    /// by either).
+    pub fn sharing_trust_with(mut self, other: &Agent) -> Self {
+        self.trust = std::sync::Arc::clone(&other.trust);
+        self
     }
 
     pub fn state(&self) -> Result<State, UpdateError> {

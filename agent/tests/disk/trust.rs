@@ -358,3 +358,89 @@ fn trust_a_release_needs_the_threshold_of_its_role() {
     assert!(o.status.success(), "{}", text(&o));
     n.assert_armed_v2();
 }
+
+/// Status and metrics show the root of trust the daemon holds and when it expires,
+/// with a warning in the last month; a root followed while an update is admitted
+/// shows at once, in both.
+#[test]
+fn trust_status_and_metrics_show_the_root_and_its_expiry() {
+    // Its API socket and release server; the shipped root comes below.
+    let n = super::api::api_node();
+    let keys = n.path("keys");
+    let (r1, r1p) = keygen(&keys, "root1");
+    let a_pub = n.path("keys.d/publisher.pub");
+    let a_pub = a_pub.to_str().expect("utf8");
+    let www = n.payloads.to_str().expect("utf8").to_owned();
+    let root1 = format!("{www}/root/1.json");
+    init_root(
+        &root1,
+        &[&r1p],
+        &[a_pub],
+        &[a_pub],
+        &["--expires-in-days", "10"],
+    );
+    updatectl(&["bundle", "root", "sign", &root1, "--key", &r1]);
+    let shipped = n.path("shipped-root.json");
+    fs::copy(&root1, &shipped).expect("ship root 1");
+    let port = super::auto::free_port();
+    let cfg = fs::read_to_string(&n.config).expect("config");
+    fs::write(
+        &n.config,
+        format!(
+            "{cfg}\n[trust]\nroot = \"{}\"\n[metrics]\nlisten = \"127.0.0.1:{port}\"\n",
+            shipped.display()
+        ),
+    )
+    .expect("config");
+    let d = super::api::Daemon::start(&n);
+    let socket = d.socket().to_str().expect("utf8").to_owned();
+    let status = || {
+        let json = updatectl(&["--socket", &socket, "status", "--json"]);
+        let v: serde_json::Value = serde_json::from_str(&json).expect("status json");
+        (v, updatectl(&["--socket", &socket, "status"]))
+    };
+    let (v, t) = status();
+    assert_eq!(v["trust"]["root_version"], 1, "{v}");
+    // Ten days from its signing, less the time since (whole days, rounded down).
+    let days = v["trust"]["root_days_left"].as_i64().unwrap_or(-1);
+    assert!(days == 9 || days == 10, "{v}");
+    assert!(
+        t.contains(&format!("root 1 · expires in {days} days")) && t.contains("publish root 2"),
+        "{t}"
+    );
+    let m = super::auto::http_get(port, "/metrics");
+    assert!(m.contains("\nupdate_agent_trust_root_version 1\n"), "{m}");
+    let expires = m
+        .lines()
+        .find_map(|l| l.strip_prefix("update_agent_trust_root_expiry_timestamp_seconds "))
+        .and_then(|v| v.parse::<u64>().ok())
+        .unwrap_or_else(|| panic!("no expiry in {m}"));
+    let now = update_agent::timefmt::now();
+    assert!(
+        expires > now + 9 * 86_400 && expires <= now + 10 * 86_400 + 1,
+        "{expires} vs now {now}"
+    );
+
+    // Root 2 (a year to live) is published; the update admits it first.
+    let root2 = format!("{www}/root/2.json");
+    updatectl(&["bundle", "root", "next", &root1, "--out", &root2]);
+    updatectl(&["bundle", "root", "sign", &root2, "--key", &r1]);
+    let delta = n.publish("2.0", "test-board", &n.path("v2.img"), 64 << 10);
+    let out = updatectl(&[
+        "--socket",
+        &socket,
+        "update",
+        "--url",
+        &n.server.url(&delta),
+        "--wait",
+    ]);
+    assert!(out.contains("armed"), "{out}");
+    assert_eq!(kept_version(&n), Some(2));
+    let (v, t) = status();
+    assert_eq!(v["trust"]["root_version"], 2, "{v}");
+    assert!(v["trust"]["root_days_left"].as_i64() > Some(300), "{v}");
+    assert!(t.contains("Trust     root 2 · expires 20"), "{t}");
+    assert!(!t.contains("publish root"), "{t}");
+    let m = super::auto::http_get(port, "/metrics");
+    assert!(m.contains("\nupdate_agent_trust_root_version 2\n"), "{m}");
+}
