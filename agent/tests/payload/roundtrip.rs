@@ -64,6 +64,68 @@ fn roundtrip(seed: u64, blocks: usize, extra: usize) {
     );
 }
 
+/// A long unchanged run is cut into COPY operations of at most 32 MiB (the unit of
+/// checkpoints and progress; one COPY of most of a slot would be redone whole after
+/// every restart), packed full, and the delta still gives the target back.
+#[test]
+fn long_unchanged_runs_become_copies_of_at_most_32_mib() {
+    const MIB: usize = 1 << 20;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut v1 = vec![0u8; 72 * MIB];
+    let mut x = 0x9e37_79b9_7f4a_7c15u64;
+    for c in v1.chunks_mut(8) {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        c.copy_from_slice(&x.to_le_bytes());
+    }
+    // One changed block in the middle: two unchanged runs of about 36 MiB.
+    let mut v2 = v1.clone();
+    v2[36 * MIB..36 * MIB + 4096].fill(0x5a);
+    let (src, tgt, out) = (
+        dir.path().join("v1"),
+        dir.path().join("v2"),
+        dir.path().join("d.uap"),
+    );
+    fs::write(&src, &v1).expect("v1");
+    fs::write(&tgt, &v2).expect("v2");
+    let (t, s) = (
+        Image::open(&tgt).expect("target"),
+        Image::open(&src).expect("source"),
+    );
+    generate::create_delta(&t, &s, &small_opts(), &key(), &out).expect("delta");
+    let bytes = fs::read(&out).expect("read");
+    let m = Payload::open(
+        &MemSource {
+            bytes: bytes.clone(),
+            name: "delta".into(),
+        },
+        Trust::InspectOnly,
+    )
+    .expect("open")
+    .manifest;
+    let copies: Vec<u64> = m
+        .operations
+        .iter()
+        .filter(|o| o.kind == OpKind::Copy)
+        .map(|o| m.bytes(o.dst_blocks()))
+        .collect();
+    assert!(
+        copies.iter().all(|&b| b <= 32 << 20),
+        "a COPY over 32 MiB: {copies:?}"
+    );
+    assert_eq!(
+        copies.iter().sum::<u64>(),
+        (72 * MIB - 4096) as u64,
+        "{copies:?}"
+    );
+    // Full ones but the last: 71.996 MiB in 32 MiB operations is three.
+    assert_eq!(copies.len(), 3, "{copies:?}");
+    let applied = dir.path().join("out");
+    apply_bytes(bytes, Some(&src), &applied).expect("apply");
+    assert!(fs::read(&applied).expect("out") == v2, "wrong image");
+}
+
 #[test]
 fn roundtrip_fixed_cases() {
     roundtrip(1, 64, 0);

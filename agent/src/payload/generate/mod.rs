@@ -43,7 +43,7 @@ use anchor::AnchorIndex;
 use image::check_image;
 pub use image::Image;
 use plan::{
-    classify, is_zero, plan_runs, push_grouped, runs_of, Class, Planned, MAX_EXTENTS_PER_PLANNED,
+    classify, is_zero, plan_runs, push_grouped, push_paired, runs_of, Class, Planned,
     MIN_REUSE_BLOCKS, ZERO_OP_MAX_BLOCKS,
 };
 use write::finish;
@@ -272,7 +272,9 @@ pub fn create_full(
                 runs_of(split.zero.into_iter()),
                 ZERO_OP_MAX_BLOCKS,
             );
-            plan_reuse(split.reuse, chunk_blocks, &mut planned);
+            // Reuse operations (DATA with hints): long runs split, short ones grouped,
+            // up to one chunk each.
+            push_paired(&mut planned, OpKind::Data, split.reuse, chunk_blocks);
             for blocks in split.fresh.chunks(chunk_blocks as usize) {
                 planned.push(Planned {
                     kind: OpKind::Data,
@@ -329,35 +331,6 @@ fn split_against(classes: &[Class]) -> Split {
         }
     }
     split
-}
-
-/// Reuse operations (DATA with hints): long runs split, short ones grouped, up to one
-/// chunk each.
-fn plan_reuse(reuse: Vec<(Extent, Extent)>, chunk_blocks: u64, planned: &mut Vec<Planned>) {
-    let empty = || Planned {
-        kind: OpKind::Data,
-        dst: Vec::new(),
-        src: Vec::new(),
-    };
-    let mut cur = empty();
-    let mut cur_blocks = 0u64;
-    for (mut d, mut s) in reuse {
-        while d.blocks > 0 {
-            let take = d.blocks.min(chunk_blocks - cur_blocks);
-            cur.dst.push(Extent::new(d.start, take));
-            cur.src.push(Extent::new(s.start, take));
-            cur_blocks += take;
-            d = Extent::new(d.start + take, d.blocks - take);
-            s = Extent::new(s.start + take, s.blocks - take);
-            if cur_blocks == chunk_blocks || cur.dst.len() >= MAX_EXTENTS_PER_PLANNED {
-                planned.push(std::mem::replace(&mut cur, empty()));
-                cur_blocks = 0;
-            }
-        }
-    }
-    if !cur.dst.is_empty() {
-        planned.push(cur);
-    }
 }
 
 /// With no known image: zero runs become ZERO, the rest DATA in chunks whose hints

@@ -47,27 +47,41 @@ pub(super) fn plan_runs(classes: &[Class], bs: usize, planned: &mut Vec<Planned>
             }
         }
     }
-    let mut cur = Planned {
-        kind: OpKind::Copy,
+    // A long unchanged run is cut too: an operation is the unit of checkpoints and
+    // progress, and one COPY of most of a slot would be redone whole after every
+    // restart (a node restarted more often than it takes would never finish) and show
+    // no progress while it runs.
+    push_paired(planned, OpKind::Copy, copy, COPY_OP_MAX_BYTES / bs as u64);
+}
+
+/// Groups (target, source) extent pairs into operations of `kind` of at most
+/// `max_blocks` blocks each, cutting a pair where an operation fills up.
+pub(super) fn push_paired(
+    planned: &mut Vec<Planned>,
+    kind: OpKind,
+    pairs: Vec<(Extent, Extent)>,
+    max_blocks: u64,
+) {
+    let max_blocks = max_blocks.max(1);
+    let empty = || Planned {
+        kind,
         dst: Vec::new(),
         src: Vec::new(),
     };
-    let mut cur_bytes_blocks = 0u64;
-    let max_blocks = COPY_OP_MAX_BYTES / bs as u64;
-    for (d, s) in copy {
-        cur.dst.push(d);
-        cur.src.push(s);
-        cur_bytes_blocks += d.blocks;
-        if cur_bytes_blocks >= max_blocks || cur.dst.len() >= MAX_EXTENTS_PER_PLANNED {
-            planned.push(std::mem::replace(
-                &mut cur,
-                Planned {
-                    kind: OpKind::Copy,
-                    dst: Vec::new(),
-                    src: Vec::new(),
-                },
-            ));
-            cur_bytes_blocks = 0;
+    let mut cur = empty();
+    let mut cur_blocks = 0u64;
+    for (mut d, mut s) in pairs {
+        while d.blocks > 0 {
+            let take = d.blocks.min(max_blocks - cur_blocks);
+            cur.dst.push(Extent::new(d.start, take));
+            cur.src.push(Extent::new(s.start, take));
+            cur_blocks += take;
+            d = Extent::new(d.start + take, d.blocks - take);
+            s = Extent::new(s.start + take, s.blocks - take);
+            if cur_blocks == max_blocks || cur.dst.len() >= MAX_EXTENTS_PER_PLANNED {
+                planned.push(std::mem::replace(&mut cur, empty()));
+                cur_blocks = 0;
+            }
         }
     }
     if !cur.dst.is_empty() {
