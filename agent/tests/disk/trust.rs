@@ -167,25 +167,34 @@ fn trust_a_rotated_root_is_followed_and_a_removed_key_is_refused() {
     assert_eq!(kept_version(&n), Some(2));
 }
 
-#[test]
-fn trust_an_expired_root_is_followed_to_a_current_one() {
-    let n = Node::new();
-    let keys = n.path("keys");
-    let (r1, r1p) = keygen(&keys, "root1");
+/// Root 1 (one root key; the node's publisher key for releases and channels) living
+/// `days`, signed, on the release server and copied as the node's shipped root.
+/// Returns the root key's private half, the server's directory, root 1's path there
+/// and the shipped copy.
+fn ship_root_1(n: &Node, days: u32) -> (String, String, String, std::path::PathBuf) {
+    let (r1, r1p) = keygen(&n.path("keys"), "root1");
     let a_pub = n.path("keys.d/publisher.pub");
     let a_pub = a_pub.to_str().expect("utf8");
     let www = n.payloads.to_str().expect("utf8").to_owned();
     let root1 = format!("{www}/root/1.json");
+    let days = days.to_string();
     init_root(
         &root1,
         &[&r1p],
         &[a_pub],
         &[a_pub],
-        &["--expires-in-days", "0"],
+        &["--expires-in-days", &days],
     );
     updatectl(&["bundle", "root", "sign", &root1, "--key", &r1]);
     let shipped = n.path("shipped-root.json");
     fs::copy(&root1, &shipped).expect("ship root 1");
+    (r1, www, root1, shipped)
+}
+
+#[test]
+fn trust_an_expired_root_is_followed_to_a_current_one() {
+    let n = Node::new();
+    let (r1, www, root1, shipped) = ship_root_1(&n, 0);
     use_root(&n, &shipped);
     fs::remove_file(&root1).expect("not on the server");
     let delta = n.publish("2.0", "test-board", &n.path("v2.img"), 64 << 10);
@@ -366,22 +375,7 @@ fn trust_a_release_needs_the_threshold_of_its_role() {
 fn trust_status_and_metrics_show_the_root_and_its_expiry() {
     // Its API socket and release server; the shipped root comes below.
     let n = super::api::api_node();
-    let keys = n.path("keys");
-    let (r1, r1p) = keygen(&keys, "root1");
-    let a_pub = n.path("keys.d/publisher.pub");
-    let a_pub = a_pub.to_str().expect("utf8");
-    let www = n.payloads.to_str().expect("utf8").to_owned();
-    let root1 = format!("{www}/root/1.json");
-    init_root(
-        &root1,
-        &[&r1p],
-        &[a_pub],
-        &[a_pub],
-        &["--expires-in-days", "10"],
-    );
-    updatectl(&["bundle", "root", "sign", &root1, "--key", &r1]);
-    let shipped = n.path("shipped-root.json");
-    fs::copy(&root1, &shipped).expect("ship root 1");
+    let (r1, www, root1, shipped) = ship_root_1(&n, 10);
     let port = super::auto::free_port();
     let cfg = fs::read_to_string(&n.config).expect("config");
     fs::write(

@@ -37,20 +37,27 @@ fn change_a_byte_of_slot_b(n: &Node) {
         .expect("change a byte in slot b");
 }
 
-#[test]
-fn verity_tree_built_on_the_slot_through_restarts_and_veritysetup_verifies_it() {
-    let n = Node::new();
-    let (url, root) = publish_verity(&n, "2.0", None);
-    // A mark written down at every chance, so each fail point fires inside the tree's
-    // level 0 (it is built from the read-back's bytes).
+/// Stages `url` with a read-back mark written down at every chance, stopped by the
+/// fail point right after the first; returns that fail point's environment.
+fn stop_at_the_first_read_back_mark(n: &Node, url: &str) -> [(&'static str, &'static str); 1] {
     n.checkpoint_at_every_chance();
     let stop = [("UPDATE_AGENT_FAILPOINT", "after-read-back-mark")];
-    let o = n.agent(&["stage", &url], &stop);
+    let o = n.agent(&["stage", url], &stop);
     assert!(
         text(&o).contains("failpoint after-read-back-mark"),
         "{}",
         text(&o)
     );
+    stop
+}
+
+#[test]
+fn verity_tree_built_on_the_slot_through_restarts_and_veritysetup_verifies_it() {
+    let n = Node::new();
+    let (url, root) = publish_verity(&n, "2.0", None);
+    // Each fail point fires inside the tree's level 0 (it is built from the
+    // read-back's bytes).
+    let stop = stop_at_the_first_read_back_mark(&n, &url);
     let first = n.state()["read_back"]["offset"].as_u64().expect("mark");
     let o = n.agent(&["resume"], &stop);
     assert!(
@@ -109,14 +116,7 @@ fn assert_slot_b_verifies(n: &Node, root: &str) {
 fn verity_a_slot_changed_past_the_read_back_mark_is_rewritten() {
     let n = Node::new();
     let (url, root) = publish_verity(&n, "2.0", None);
-    n.checkpoint_at_every_chance();
-    let stop = [("UPDATE_AGENT_FAILPOINT", "after-read-back-mark")];
-    let o = n.agent(&["stage", &url], &stop);
-    assert!(
-        text(&o).contains("failpoint after-read-back-mark"),
-        "{}",
-        text(&o)
-    );
+    stop_at_the_first_read_back_mark(&n, &url);
     let st = n.state();
     let mark = st["read_back"]["offset"].as_u64().expect("mark");
     assert_eq!(
