@@ -276,10 +276,18 @@ impl GrubState {
     /// agent; a fallback GRUB recorded is over once this is called.
     pub fn guard_default(self, slot: Slot, boots: u8) -> Result<Self, BootError> {
         if slot != self.default {
-            return Err(refused("guard", slot, "it is not the default slot"));
+            return Err(refused(
+                "guard the boots of",
+                slot,
+                "it is not the default slot",
+            ));
         }
         if boots > MAX_TRIES {
-            return Err(refused("guard", self.default, "boots must be 0 to 9"));
+            return Err(refused(
+                "guard the boots of",
+                self.default,
+                "boots must be 0 to 9",
+            ));
         }
         Ok(Self {
             boots: (boots > 0).then_some(boots),

@@ -8,7 +8,9 @@ use std::path::{Path, PathBuf};
 
 use sha2::{Digest, Sha256};
 
-use crate::boot::grub::{Grub, GrubEnv, VAR_A_OK, VAR_B_OK, VAR_DEFAULT, VAR_TRIAL, VAR_TRIES};
+use crate::boot::grub::{
+    Grub, GrubEnv, VAR_A_OK, VAR_BOOTS, VAR_B_OK, VAR_DEFAULT, VAR_FALLEN, VAR_TRIAL, VAR_TRIES,
+};
 use crate::boot::systemd_boot::test_util;
 use crate::boot::systemd_boot::{BootFile, EntryConfig, SystemdBoot};
 use crate::boot::{BootControl, BootError};
@@ -65,7 +67,9 @@ pub(crate) fn save_env(path: &Path, env: &GrubEnv) {
 /// `path`: the default is `b` only if `ua_default=b`; a trial runs only on the
 /// non-default slot and only if that slot is not marked `0`; `ua_tries` 1..9 is counted
 /// down and saved before the trial boots; anything else (0, empty) clears the trial
-/// and boots the default. The default boots even when marked `0` (last resort).
+/// and boots the default. Before the default boots, its guard `ua_boots` 1..9 is
+/// counted down; at `0` the other slot boots instead when it is not marked `0`
+/// (`ua_fallen` set, `ua_boots=1`). The default boots even when marked `0` (last resort).
 pub(crate) fn grub_boot(path: &Path) -> Slot {
     let mut env = GrubEnv::parse(&fs::read(path).expect("reading the grubenv"))
         .expect("a block GRUB can load");
@@ -79,27 +83,37 @@ pub(crate) fn grub_boot(path: &Path) -> Slot {
         "b" => Some(B),
         _ => None,
     };
-    let ok = |slot: Slot| grub_var(&env, if slot == A { VAR_A_OK } else { VAR_B_OK }) != "0";
-    let Some(trial) = trial.filter(|&t| t != default && ok(t)) else {
-        return default;
-    };
-    let next = match grub_var(&env, VAR_TRIES).as_bytes() {
-        &[d @ b'1'..=b'9'] => Some(d - b'1'),
+    let oks = [VAR_A_OK, VAR_B_OK].map(|v| grub_var(&env, v) != "0");
+    let ok = |slot: Slot| oks[usize::from(slot == B)];
+    let digit_down = |v: String| match v.as_bytes() {
+        &[d @ b'1'..=b'9'] => Some((d - b'1').to_string()),
         _ => None,
     };
-    match next {
-        Some(left) => {
-            env.set(VAR_TRIES, &left.to_string()).expect("valid");
+    if let Some(trial) = trial.filter(|&t| t != default && ok(t)) {
+        if let Some(left) = digit_down(grub_var(&env, VAR_TRIES)) {
+            env.set(VAR_TRIES, &left).expect("valid");
             save_env(path, &env);
-            trial
+            return trial;
         }
-        None => {
-            env.set(VAR_TRIAL, "").expect("valid");
-            env.set(VAR_TRIES, "0").expect("valid");
-            save_env(path, &env);
-            default
-        }
+        env.set(VAR_TRIAL, "").expect("valid");
+        env.set(VAR_TRIES, "0").expect("valid");
+        save_env(path, &env);
     }
+    // The default boots: its guard is counted down, and at 0 the other slot boots
+    // instead (unless marked 0), with ua_boots=1 so the next boot tries the default.
+    let alt = default.other();
+    let boots = grub_var(&env, VAR_BOOTS);
+    if boots == "0" && ok(alt) {
+        env.set(VAR_FALLEN, default.letter()).expect("valid");
+        env.set(VAR_BOOTS, "1").expect("valid");
+        save_env(path, &env);
+        return alt;
+    }
+    if let Some(left) = digit_down(boots) {
+        env.set(VAR_BOOTS, &left).expect("valid");
+        save_env(path, &env);
+    }
+    default
 }
 
 impl Lab for GrubLab {

@@ -18,6 +18,11 @@
 //! * `arm_trial` of a slot that `mark_unbootable` emptied, with no new release written
 //!   since: GRUB has nothing to check and arms it; systemd-boot refuses, because
 //!   `mark_unbootable` removed the slot's entry and nothing is staged.
+//! * After a guarded default ran out of boots and the loader booted the other slot,
+//!   both say `fell_back_from` the default; GRUB's `ua_default` still names it, while
+//!   systemd-boot reads the entry it now boots (the other slot's) as the default. In
+//!   the default's last guarded boot, systemd-boot already reads so (its `+0` name
+//!   will be skipped), GRUB only once it has booted the other slot.
 //!
 //! The parts: `labs.rs` the two labs; `table.rs` the scenarios. The power cut between
 //! the flip and the state is tested in `postboot` (it asks `postboot`'s rule).
@@ -32,7 +37,10 @@ use super::BootError;
 use crate::slots::Slot;
 
 use labs::{grub_boot, grub_var, GrubLab, Lab, SystemdBootLab};
-use table::{scenarios, Scenario, A_ONLY, FELL_BACK, IS_DEFAULT, NO_STAGE, TRIES, UNBOOTABLE};
+use table::{
+    scenarios, Scenario, A_ONLY, FELL_BACK, GUARD_FELL_BACK, GUARD_LAST_BOOT, IS_DEFAULT, NO_STAGE,
+    TRIES, UNBOOTABLE,
+};
 
 pub(crate) const A: Slot = Slot::A;
 pub(crate) const B: Slot = Slot::B;
@@ -56,6 +64,8 @@ enum Step {
     /// The agent counts a try of the slot down itself (a kexec boot, which the
     /// bootloader never sees); the kexec itself changes nothing on disk.
     ConsumeTry(Slot),
+    /// The agent on the running slot sets the default's guard to `n` boots.
+    GuardDefault(Slot, u8),
     /// A firmware boot.
     Boot,
 }
@@ -77,6 +87,8 @@ type St = (Slot, Option<(Slot, u8)>, [bool; 2]);
 struct Obs {
     outcome: Outcome,
     status: St,
+    /// `status().fell_back_from`: the guarded default the loader gave up on.
+    fell_back_from: Option<Slot>,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -114,6 +126,7 @@ fn run_step(lab: &mut dyn Lab, step: Step) -> Outcome {
         Step::Commit(s) => lab.ctl().commit(s),
         Step::RollbackTo(s) => lab.ctl().rollback_to(s),
         Step::ConsumeTry(s) => lab.ctl().consume_try(s).map(drop),
+        Step::GuardDefault(s, n) => lab.ctl().guard_default(s, n).map(drop),
     };
     match res {
         Ok(()) => Outcome::Done,
@@ -122,12 +135,12 @@ fn run_step(lab: &mut dyn Lab, step: Step) -> Outcome {
     }
 }
 
-fn status(lab: &mut dyn Lab) -> St {
+fn status(lab: &mut dyn Lab) -> (St, Option<Slot>) {
     let st = lab
         .ctl()
         .status()
         .unwrap_or_else(|e| panic!("{}: status: {e}", lab.name()));
-    (st.default, st.trial, st.bootable)
+    ((st.default, st.trial, st.bootable), st.fell_back_from)
 }
 
 /// Runs `scenario` on `lab`; every step's observation. Checks on the way that a refused
@@ -135,7 +148,7 @@ fn status(lab: &mut dyn Lab) -> St {
 fn observe(lab: &mut dyn Lab, scenario: &Scenario) -> Vec<Obs> {
     assert_eq!(
         status(lab),
-        A_ONLY,
+        (A_ONLY, None),
         "{}: {}: initial state",
         lab.name(),
         scenario.name
@@ -152,9 +165,11 @@ fn observe(lab: &mut dyn Lab, scenario: &Scenario) -> Vec<Obs> {
                 scenario.name
             );
         }
+        let (status, fell_back_from) = status(lab);
         out.push(Obs {
             outcome,
-            status: status(lab),
+            status,
+            fell_back_from,
         });
     }
     out
@@ -202,8 +217,13 @@ fn both_backends_agree_on_every_scenario() {
         }
     }
     assert!(failures.is_empty(), "\n{}", failures.join("\n"));
-    // The differences are the two in the module docs, nothing more.
-    assert_eq!(differences, [FELL_BACK, NO_STAGE].into_iter().collect());
+    // The differences are the four in the module docs, nothing more.
+    assert_eq!(
+        differences,
+        [FELL_BACK, NO_STAGE, GUARD_FELL_BACK, GUARD_LAST_BOOT]
+            .into_iter()
+            .collect()
+    );
 }
 
 #[test]
@@ -234,6 +254,18 @@ fn the_table_covers_the_contract() {
     assert!(any(&refused_for(IS_DEFAULT)));
     assert!(any(&refused_for(TRIES)));
     assert!(any(&refused_for(UNBOOTABLE)));
+}
+
+/// One simulated GRUB boot of a grubenv at `path` holding `vars`: it must boot `want`;
+/// the block it leaves.
+fn boot_grub_with(path: &std::path::Path, vars: &[(&str, &str)], want: Slot) -> GrubEnv {
+    let mut env = GrubEnv::new();
+    for (k, v) in vars {
+        env.set(k, v).expect("valid");
+    }
+    fs::write(path, env.to_bytes().expect("fits")).expect("writing");
+    assert_eq!(grub_boot(path), want, "{vars:?}");
+    GrubEnv::parse(&fs::read(path).expect("reading")).expect("valid")
 }
 
 /// The GRUB simulation on blocks no transition makes, against what the script does.
@@ -270,16 +302,44 @@ fn grub_boot_follows_the_script() {
         ),
     ];
     for (vars, want, trial, tries) in cases {
-        let mut env = GrubEnv::new();
-        for (k, v) in vars {
-            env.set(k, v).expect("valid");
-        }
-        fs::write(&path, env.to_bytes().expect("fits")).expect("writing");
-        assert_eq!(grub_boot(&path), want, "{vars:?}");
-        let after = GrubEnv::parse(&fs::read(&path).expect("reading")).expect("valid");
+        let after = boot_grub_with(&path, vars, want);
         assert_eq!(
             (grub_var(&after, VAR_TRIAL), grub_var(&after, VAR_TRIES)),
             (trial.to_owned(), tries.to_owned()),
+            "{vars:?}"
+        );
+    }
+}
+
+/// The GRUB simulation's guard, against what the script does with `ua_boots`.
+#[test]
+fn grub_boot_counts_the_guard_like_the_script() {
+    use super::grub::{VAR_BOOTS, VAR_FALLEN};
+    let dir = tmp();
+    let path = dir.path().join("grubenv");
+    // (variables set, slot booted, ua_boots and ua_fallen afterwards)
+    type Case<'a> = (&'a [(&'a str, &'a str)], Slot, &'a str, &'a str);
+    let cases: [Case<'_>; 5] = [
+        // Counted down before the default boots.
+        (&[("ua_boots", "2")], A, "1", ""),
+        (&[("ua_default", "b"), ("ua_boots", "1")], B, "0", ""),
+        // Run out: the other slot boots, and the next boot tries the default again.
+        (&[("ua_boots", "0")], B, "1", "a"),
+        // ... unless it is marked 0: the default boots, the guard stays at 0.
+        (&[("ua_boots", "0"), ("ua_b_ok", "0")], A, "0", ""),
+        // A trial boot leaves the default's guard alone.
+        (
+            &[("ua_boots", "0"), ("ua_trial", "b"), ("ua_tries", "2")],
+            B,
+            "0",
+            "",
+        ),
+    ];
+    for (vars, want, boots, fallen) in cases {
+        let after = boot_grub_with(&path, vars, want);
+        assert_eq!(
+            (grub_var(&after, VAR_BOOTS), grub_var(&after, VAR_FALLEN)),
+            (boots.to_owned(), fallen.to_owned()),
             "{vars:?}"
         );
     }

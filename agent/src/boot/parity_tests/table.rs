@@ -43,6 +43,15 @@ pub(super) const FELL_BACK: &str =
     "after the loader fell back, GRUB's script has cleared ua_trial; \
     systemd-boot only renames counters, so the +0 entry still ranks above the default \
     and reads as trial (b, 0) until the agent's next call";
+/// A guarded default that ran out of boots: where each backend says the default is.
+pub(super) const GUARD_FELL_BACK: &str = "after the guarded default ran out, GRUB's \
+    ua_default still names it (ua_fallen says the loader left it), while systemd-boot's \
+    default is the entry it boots instead, the other slot's";
+/// The guarded default's last boot: systemd-boot's names already say it fell back.
+pub(super) const GUARD_LAST_BOOT: &str = "in the guarded default's last boot, \
+    systemd-boot has renamed its entry to +0, which the loader will skip, so the names \
+    already read as fallen back to the other slot; GRUB's ua_boots=0 is only acted on \
+    at the next boot";
 /// Arming a slot emptied by mark_unbootable without installing a release first.
 pub(super) const NO_STAGE: &str = "mark_unbootable removed b's systemd-boot entry and nothing is \
     staged, so systemd-boot has nothing to arm; GRUB's ua_b_ok has no such precondition";
@@ -51,6 +60,7 @@ pub(super) fn ok(status: St) -> Expect {
     Expect::Both(Obs {
         outcome: Outcome::Done,
         status,
+        fell_back_from: None,
     })
 }
 
@@ -58,6 +68,16 @@ pub(super) fn booted(slot: Slot, status: St) -> Expect {
     Expect::Both(Obs {
         outcome: Outcome::Booted(slot),
         status,
+        fell_back_from: None,
+    })
+}
+
+/// A boot of `slot` after the loader gave up on the guarded default `from`.
+pub(super) fn booted_after_falling_back(slot: Slot, status: St, from: Slot) -> Expect {
+    Expect::Both(Obs {
+        outcome: Outcome::Booted(slot),
+        status,
+        fell_back_from: Some(from),
     })
 }
 
@@ -65,6 +85,7 @@ pub(super) fn refused(action: &'static str, why: &'static str, status: St) -> Ex
     Expect::Both(Obs {
         outcome: Outcome::Refused { action, why },
         status,
+        fell_back_from: None,
     })
 }
 
@@ -86,7 +107,90 @@ pub(super) fn scenarios() -> Vec<Scenario> {
     all.extend(cancelled());
     all.extend(illegal());
     all.extend(kexec());
+    all.extend(guarded());
     all
+}
+
+/// The committed default's guard: boots that never reach the agent count it down,
+/// and at 0 the loader boots the other slot; a boot that reaches the agent sets it
+/// back; a rollback ends it.
+fn guarded() -> Vec<Scenario> {
+    use Step::{Boot, GuardDefault as Guard, MarkUnbootable as Mark, RollbackTo};
+    const GUARD: &str = "guard the boots of";
+    vec![
+        Scenario {
+            name: "a guarded default set back by every boot that reaches the agent",
+            steps: b_committed()
+                .into_iter()
+                .chain([
+                    (
+                        Guard(A, 3),
+                        refused(GUARD, "it is not the default slot", B_BOTH),
+                    ),
+                    (Guard(B, 10), refused(GUARD, "boots must be 0 to 9", B_BOTH)),
+                    (Guard(B, 3), ok(B_BOTH)),
+                    (Boot, booted(B, B_BOTH)),
+                    (Boot, booted(B, B_BOTH)),
+                    (Guard(B, 3), ok(B_BOTH)),
+                    (Boot, booted(B, B_BOTH)),
+                    (Boot, booted(B, B_BOTH)),
+                    (Guard(B, 3), ok(B_BOTH)),
+                    (Boot, booted(B, B_BOTH)),
+                    // No guard: boots for good.
+                    (Guard(B, 0), ok(B_BOTH)),
+                    (Boot, booted(B, B_BOTH)),
+                    (Boot, booted(B, B_BOTH)),
+                    (Boot, booted(B, B_BOTH)),
+                    (Boot, booted(B, B_BOTH)),
+                ])
+                .collect(),
+        },
+        Scenario {
+            name: "a guarded default that stops booting: the other slot boots, rolled back to",
+            steps: b_committed()
+                .into_iter()
+                .chain([
+                    (Guard(B, 3), ok(B_BOTH)),
+                    // Three boots of b that never reach the agent.
+                    (Boot, booted(B, B_BOTH)),
+                    (Boot, booted(B, B_BOTH)),
+                    (
+                        Boot,
+                        differ(
+                            GUARD_LAST_BOOT,
+                            booted(B, B_BOTH),
+                            booted_after_falling_back(B, A_BOTH, B),
+                        ),
+                    ),
+                    (
+                        Boot,
+                        differ(
+                            GUARD_FELL_BACK,
+                            booted_after_falling_back(A, B_BOTH, B),
+                            booted_after_falling_back(A, A_BOTH, B),
+                        ),
+                    ),
+                    // The agent on a rolls back and marks b.
+                    (RollbackTo(A), ok(A_BOTH)),
+                    (Mark(B), ok(A_ONLY)),
+                    (Boot, booted(A, A_ONLY)),
+                    (Boot, booted(A, A_ONLY)),
+                ])
+                .collect(),
+        },
+    ]
+}
+
+/// b staged, tried once and committed: where the guard scenarios start.
+fn b_committed() -> Vec<(Step, Expect)> {
+    use Step::{Arm, Boot, Commit, Install, MarkUnbootable as Mark};
+    vec![
+        (Mark(B), ok(A_ONLY)),
+        (Install(B), ok(A_ONLY)),
+        (Arm(B, 3), ok(trial_b(3))),
+        (Boot, booted(B, trial_b(2))),
+        (Commit(B), ok(B_BOTH)),
+    ]
 }
 
 /// Trials booted by kexec: the agent counts the try down itself, and what follows
