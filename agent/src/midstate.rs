@@ -29,6 +29,15 @@ impl Mark {
         hex::encode(bytes)
     }
 
+    /// A mark that says only how far a read-back got (one whose bytes a dm-verity
+    /// tree proves, with no hash of its own to continue).
+    pub fn offset_only(len: u64) -> Result<Self, MarkError> {
+        if !len.is_multiple_of(64) {
+            return Err(MarkError::Unaligned { len });
+        }
+        Ok(Self { len, state: [0; 8] })
+    }
+
     pub fn from_hex(len: u64, text: &str) -> Result<Self, MarkError> {
         if !len.is_multiple_of(64) {
             return Err(MarkError::Unaligned { len });
@@ -204,6 +213,11 @@ mod tests {
             Mark::from_hex(65, &hex64),
             Err(MarkError::Unaligned { len: 65 })
         ));
+        assert!(matches!(
+            Mark::offset_only(65),
+            Err(MarkError::Unaligned { len: 65 })
+        ));
+        assert_eq!(Mark::offset_only(128).map(|m| m.len).ok(), Some(128));
         for bad in ["", "zz", &"00".repeat(31), &"00".repeat(33)] {
             let e = Mark::from_hex(64, bad).expect_err(bad);
             assert!(e.to_string().contains("hash mark"), "{e}");

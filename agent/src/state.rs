@@ -82,7 +82,9 @@ pub struct Staging {
 }
 
 /// Where the read-back of a written slot stands: the sha256 of its first `offset`
-/// bytes, as the state words of an unfinished hash (see [`crate::midstate::Mark`]).
+/// bytes, as the state words of an unfinished hash (see [`crate::midstate::Mark`]);
+/// for a release with a dm-verity tree, whose root proves the bytes, `offset` alone
+/// (`sha256_state` empty).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ReadBack {
     pub offset: u64,

@@ -163,7 +163,8 @@ pub trait TargetSlot: Sync {
     fn write_shared_at(&self, buf: &[u8], offset: u64) -> io::Result<()>;
     /// Makes everything written so far durable.
     fn sync(&mut self) -> io::Result<()>;
-    /// Marks the target valid; called only after the whole image hashed right.
+    /// Marks the target valid; called only after the whole image read back right (its
+    /// sha256, or its dm-verity tree's root).
     fn commit(&mut self) -> io::Result<()>;
     /// Ranges of `0..len` that may hold data, when the target knows the rest reads as
     /// zeros without reading (holes of a sparse file). `None`: everything must be read.

@@ -149,9 +149,8 @@ enum TreeMsg {
     Flush(u64),
 }
 
-/// The dm-verity tree's half of the read-back, on a thread of its own: the whole-image
-/// hash and the tree's digest of every 4 KiB block then run on two cores instead of
-/// queueing on one.
+/// The dm-verity tree's half of the read-back, on a thread of its own: the tree's
+/// digest of every 4 KiB block runs beside the reading instead of queueing behind it.
 struct TreeThread<'scope> {
     tx: mpsc::SyncSender<TreeMsg>,
     /// Bytes of data whose level-0 digests are written.

@@ -164,7 +164,7 @@ impl Daemon {
     pub fn status(&self) -> Result<status::Status, DaemonError> {
         let auto = self.auto.as_ref().map(|a| a.status(auto::now()));
         let mut s = self.reader.status(self.ops.current_or_armed(), auto)?;
-        s.root = self.checker.trust().root_facts();
+        s.root = self.checker.root_facts();
         Ok(s)
     }
 
@@ -195,7 +195,7 @@ impl Daemon {
                 _ => 0,
             },
             auto: facts.as_ref(),
-            root: self.checker.trust().root_facts(),
+            root: self.checker.root_facts(),
             now: u64::try_from(now.as_second()).unwrap_or(0),
         }))
     }

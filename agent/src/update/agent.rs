@@ -51,6 +51,10 @@ pub struct Agent {
     /// `&mut`: checks share the agent). Shared with the daemon's second handle, so a
     /// root either one follows is the other's at once.
     pub(super) trust: std::sync::Arc<std::sync::RwLock<NodeTrust>>,
+    /// Held while the chain of roots is followed: one follower at a time, so two
+    /// (a check and a staging) never write `root.json` over each other or put an
+    /// older root back. Shared like `trust`.
+    follow: std::sync::Arc<std::sync::Mutex<()>>,
 }
 
 impl std::fmt::Debug for Agent {
@@ -75,6 +79,7 @@ impl Agent {
             store,
             history,
             trust: std::sync::Arc::new(std::sync::RwLock::new(trust)),
+            follow: std::sync::Arc::default(),
         })
     }
 
@@ -82,6 +87,7 @@ impl Agent {
     /// by either).
     pub fn sharing_trust_with(mut self, other: &Agent) -> Self {
         self.trust = std::sync::Arc::clone(&other.trust);
+        self.follow = std::sync::Arc::clone(&other.follow);
         self
     }
 
@@ -110,6 +116,14 @@ impl Agent {
             .clone()
     }
 
+    /// The root of trust's version and expiry, without copying the trust.
+    pub fn root_facts(&self) -> Option<crate::trust::node::RootFacts> {
+        self.trust
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .root_facts()
+    }
+
     /// Follows the root of trust on the release server (`[releases] url`) to its
     /// newest version, before anything new from that server is trusted. Without a
     /// release server or a root there is nothing to follow.
@@ -117,6 +131,11 @@ impl Agent {
         let Some(base) = self.cfg.releases.url.as_deref() else {
             return Ok(());
         };
+        // A follower that panicked left nothing half-done: each link is saved whole.
+        let _one = self
+            .follow
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
         let mut t = self.trust();
         if t.root().is_none() {
             return Ok(());

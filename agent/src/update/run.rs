@@ -123,8 +123,8 @@ impl Agent {
 
     /// Runs the engine from `w.start`, and once more from where the slot is good after
     /// a failed read-back of a resumed slot, or from the start of the dm-verity tree
-    /// after a wrong root of a resumed one. The outer error is a rewind that could not
-    /// be recorded; the inner one is the engine's.
+    /// when every operation holds but a resumed tree's root is wrong. The outer error
+    /// is a rewind that could not be recorded; the inner one is the engine's.
     fn write_slot(
         &self,
         ck: &mut Checkpoints<'_>,
@@ -140,23 +140,27 @@ impl Agent {
         loop {
             let r = self.apply_pass(ck, w, cancel, start);
             match r {
-                // A tree resumed from the slot did not come out right: level 0 as
-                // written before the restart is not what it was, or (the root being
-                // the only check of a release with a tree) the image is not. Build it
-                // all again once; a root still wrong then rechecks the image below.
-                Err(ApplyError::VerityRootMismatch { .. }) if start.read_back.is_some() => {
-                    tracing::warn!(release = %m.version, slot = %slot, phase = "staging", "the dm-verity tree resumed from the slot has the wrong root; building it again from the start");
-                    start.read_back = None;
-                }
+                // The slot did not read back as the checkpoint and the mark said. The
+                // operations are hashed one by one first: a changed one is rewritten
+                // from there (the rewind is recorded, so a restart does not repeat
+                // this). When all hold, and the read-back had resumed a dm-verity tree,
+                // its level 0 as written before the restart is what changed: built
+                // again from byte 0, once.
                 Err(
                     ApplyError::TargetHashMismatch { .. } | ApplyError::VerityRootMismatch { .. },
                 ) if recheck => {
                     recheck = false;
                     let good = apply::verified_prefix(m, &mut w.writer, m.operations.len())?;
-                    tracing::warn!(release = %m.version, slot = %slot, phase = "staging", "the slot did not read back as the checkpoint said (changed while the agent was down?); rewriting from operation {good} of {}", m.operations.len());
                     if good == m.operations.len() {
-                        return Ok(r);
+                        let tree = matches!(r, Err(ApplyError::VerityRootMismatch { .. }));
+                        if !(tree && start.read_back.is_some()) {
+                            return Ok(r);
+                        }
+                        tracing::warn!(release = %m.version, slot = %slot, phase = "staging", "the dm-verity tree resumed from the slot has the wrong root; building it again from the start");
+                        start.read_back = None;
+                        continue;
                     }
+                    tracing::warn!(release = %m.version, slot = %slot, phase = "staging", "the slot did not read back as the checkpoint said (changed while the agent was down?); rewriting from operation {good} of {}", m.operations.len());
                     ck.rewind(good)?;
                     start = Start {
                         op: good,
@@ -468,7 +472,13 @@ impl<'r> Checkpoints<'r> {
         }
         self.state.read_back(crate::state::ReadBack {
             offset: mark.len,
-            sha256_state: mark.state_hex(),
+            // A tree's read-back keeps no hash: nothing, which an older agent refuses
+            // (and reads back from byte 0) instead of continuing a hash from zeros.
+            sha256_state: if self.m.verity.is_some() {
+                String::new()
+            } else {
+                mark.state_hex()
+            },
         })?;
         self.agent.store.save(self.lock, self.state)?;
         Ok(())

@@ -195,9 +195,16 @@ impl Agent {
                 // would read the slot twice, and a node killed every few seconds might
                 // never get through both.
                 let read_back = s.read_back.as_ref().and_then(|r| {
-                    crate::midstate::Mark::from_hex(r.offset, &r.sha256_state)
-                        .inspect_err(|e| tracing::warn!(error = %e, "the read-back starts again from byte 0"))
-                        .ok()
+                    // With a dm-verity tree the mark is its offset alone (level 0 is
+                    // on the slot up to it); the state words are not used.
+                    match p.manifest.verity {
+                        Some(_) => crate::midstate::Mark::offset_only(r.offset),
+                        None => crate::midstate::Mark::from_hex(r.offset, &r.sha256_state),
+                    }
+                    .inspect_err(
+                        |e| tracing::warn!(error = %e, "the read-back starts again from byte 0"),
+                    )
+                    .ok()
                 });
                 match &read_back {
                     Some(m) => {

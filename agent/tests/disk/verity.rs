@@ -109,37 +109,55 @@ fn assert_slot_b_verifies(n: &Node, root: &str) {
 
 /// With a tree, its signed root is the read-back's only proof of the image (no
 /// whole-image sha256: its marks carry the offset alone). Bytes past the mark that
-/// change while the agent is down make the resumed root wrong; the tree is built
-/// again once, then the operations are rechecked and the changed one rewritten, and
-/// the slot armed verifies.
+/// change while the agent is down make the resumed root wrong: the operations are
+/// rechecked and the changed one rewritten, and the slot armed verifies. When a
+/// level-0 digest before the mark changes instead (every operation holds), the tree
+/// is built again from byte 0.
 #[test]
 fn verity_a_slot_changed_past_the_read_back_mark_is_rewritten() {
     let n = Node::new();
     let (url, root) = publish_verity(&n, "2.0", None);
-    stop_at_the_first_read_back_mark(&n, &url);
-    let st = n.state();
-    let mark = st["read_back"]["offset"].as_u64().expect("mark");
-    assert_eq!(
-        st["read_back"]["sha256_state"].as_str(),
-        Some("0".repeat(64).as_str()),
-        "a whole-image hash was kept beside the tree: {st}"
-    );
-    assert!(mark + 4096 <= IMAGE, "{mark}");
-    fs::OpenOptions::new()
-        .write(true)
-        .open(n.disk.part(3))
-        .and_then(|f| std::os::unix::fs::FileExt::write_all_at(&f, &[0xa5; 4096], mark))
-        .expect("scribble slot b");
-    let o = n.agent(&["resume"], &[]);
-    let t = text(&o);
-    assert!(o.status.success(), "{t}");
-    assert!(t.contains("building it again from the start"), "{t}");
-    assert!(
-        t.contains("did not read back as the checkpoint said"),
-        "{t}"
-    );
-    n.assert_armed_v2();
-    assert_slot_b_verifies(&n, &root);
+    // Where level 0 starts: after the superblock and the levels above it.
+    let mut levels = vec![(IMAGE / 4096).div_ceil(128)];
+    while levels.last().is_some_and(|&b| b > 1) {
+        levels.push(levels.last().copied().unwrap_or(1).div_ceil(128));
+    }
+    let level0_at = IMAGE + 4096 + 4096 * levels[1..].iter().sum::<u64>();
+    for (what, at, len) in [("image", None, 4096), ("level 0", Some(level0_at), 1)] {
+        n.reset();
+        n.boot_into("a");
+        stop_at_the_first_read_back_mark(&n, &url);
+        let st = n.state();
+        let mark = st["read_back"]["offset"].as_u64().expect("mark");
+        assert_eq!(
+            st["read_back"]["sha256_state"].as_str(),
+            Some(""),
+            "a whole-image hash was kept beside the tree: {st}"
+        );
+        assert!(mark >= 4096 && mark + 4096 <= IMAGE, "{mark}");
+        // The image past the mark, or the digest of its first block.
+        fs::OpenOptions::new()
+            .write(true)
+            .open(n.disk.part(3))
+            .and_then(|f| {
+                std::os::unix::fs::FileExt::write_all_at(&f, &vec![0xa5; len], at.unwrap_or(mark))
+            })
+            .expect("scribble slot b");
+        let o = n.agent(&["resume"], &[]);
+        let t = text(&o);
+        assert!(o.status.success(), "{what}: {t}");
+        let (rewritten, rebuilt) = (
+            t.contains("did not read back as the checkpoint said"),
+            t.contains("building it again from the start"),
+        );
+        assert_eq!(
+            (rewritten, rebuilt),
+            (at.is_none(), at.is_some()),
+            "{what}: {t}"
+        );
+        n.assert_armed_v2();
+        assert_slot_b_verifies(&n, &root);
+    }
 }
 
 #[test]
