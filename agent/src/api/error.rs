@@ -117,6 +117,9 @@ fn update_code(e: &UpdateError) -> (Code, &'static str) {
         | UpdateError::NoMatchingPayload { .. }
         | UpdateError::NotFull { .. }
         | UpdateError::PayloadChanged { .. } => (Code::FailedPrecondition, "REJECTED"),
+        // Bytes that do not hash as the signed manifest says (an operation, the image,
+        // its dm-verity root): the payload is refused, as `update-agent stage` says.
+        UpdateError::Apply(a) if a.is_content_error() => (Code::FailedPrecondition, "REJECTED"),
         // The release server's roots could not be read: try again later.
         UpdateError::Trust(e)
             if matches!(
@@ -193,5 +196,19 @@ mod tests {
             Some("op1")
         );
         assert!(s.message().contains("2.0"), "{}", s.message());
+
+        // A payload whose bytes do not hash as signed is refused, as the CLI says.
+        let wrong_root = UpdateError::Apply(crate::apply::ApplyError::VerityRootMismatch {
+            expected: "ab".into(),
+            actual: "cd".into(),
+        });
+        assert_eq!(
+            update_code(&wrong_root),
+            (Code::FailedPrecondition, "REJECTED")
+        );
+        let io = UpdateError::Apply(crate::apply::ApplyError::ReadBack(std::io::Error::other(
+            "disk",
+        )));
+        assert_eq!(update_code(&io), (Code::Internal, "INTERNAL"));
     }
 }
