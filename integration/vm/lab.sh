@@ -557,9 +557,10 @@ uptime_of() {
     | sed -n 's/^\[ *\([0-9.]*\)\].*/\1/p; s/.*uptime=\([0-9.]*\).*/\1/p' | sed -n 1p; } || true
 }
 # guest_split: this boot's last kernel from its start to the agent answering, in the
-# guest's own clock (its console): kernel (start to the initramfs), initramfs (to the
-# switch to the root's init), systemd (to multi-user.target), then to the API answering
-# (on a trial boot the gate's checks and commit, then the daemon's start).
+# guest's own clock (its console): kernel (start to the initramfs, or to systemd when
+# it boots without one), initramfs (to the switch to the root's init), systemd (to
+# multi-user.target), then to the API answering (on a trial boot the gate's checks and
+# commit, then the daemon's start).
 guest_split() {
   local i r s m a g0 g1
   i=$(uptime_of "Run /init as init process")
@@ -570,8 +571,12 @@ guest_split() {
   g0=$(uptime_of "trial boot: running the health checks")
   g1=$(uptime_of "trial boot healthy; committed")
   awk -v i="$i" -v r="$r" -v s="$s" -v m="$m" -v a="$a" -v g0="$g0" -v g1="$g1" 'BEGIN {
-    if (i == "" || r == "" || s == "" || m == "" || a == "") { printf "guest: no split (a milestone is missing on the console)"; exit }
-    printf "guest: kernel %.1f s, initramfs %.1f s, to systemd %.1f s, systemd to multi-user %.1f s, to answering %.1f s", i, r - i, s - r, m - s, a - m
+    if (s == "" || m == "" || a == "") { printf "guest: no split (a milestone is missing on the console)"; exit }
+    # A root without dm-verity may boot without an initramfs (systemd-boot: 1.0).
+    if (i == "" && r == "") printf "guest: kernel %.1f s (no initramfs)", s
+    else if (i == "" || r == "") { printf "guest: no split (a milestone is missing on the console)"; exit }
+    else printf "guest: kernel %.1f s, initramfs %.1f s, to systemd %.1f s", i, r - i, s - r
+    printf ", systemd to multi-user %.1f s, to answering %.1f s", m - s, a - m
     if (g0 != "" && g1 != "") printf " (gate %.1f s)", g1 - g0
     printf ", answering at uptime %.1f s", a }'
 }
