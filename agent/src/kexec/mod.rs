@@ -326,12 +326,12 @@ impl Kexec<'_> {
             .map(|m| m.len())
             .sum::<u64>();
         let loaded = os.load(&files.kernel, files.initrd.as_ref(), &line);
-        files.close();
-        loaded.map_err(|source| load_refusal(slot, self.settings, source))?;
         let (open_ms, load_ms) = (
             opened.as_millis(),
             started.elapsed().saturating_sub(opened).as_millis(),
         );
+        files.close();
+        loaded.map_err(|source| load_refusal(slot, self.settings, source))?;
         tracing::info!(slot = %slot, cmdline = %line, open_ms, load_ms, bytes, "kexec: slot {slot}'s kernel loaded: files opened in {open_ms} ms, {bytes} bytes loaded in {load_ms} ms");
         if let Err(source) = boot.consume_try(slot) {
             unload(os);
