@@ -432,6 +432,7 @@ phases() {
   k=$(cat "$w/kernel-$boots.t" 2>/dev/null || echo "$boot_started")
   awk -v r="$1" -v d="$down_at" -v s="$boot_started" -v k="$k" -v a="$2" 'BEGIN {
     printf "down %.1f s, firmware and bootloader %.1f s, kernel to answer %.1f s", d - r, k - s, a - k }'
+  printf ' [%s]' "$(guest_split)"
 }
 secs_since() { awk -v a="$1" -v b="$(date +%s.%N)" 'BEGIN { printf "%.1f", b - a }'; }
 field() { python3 -c "import json,sys; d=json.load(sys.stdin); print(eval('d' + sys.argv[1]))" "$1"; }
@@ -541,11 +542,43 @@ esp_whole() {
   done
   log "$1: ESP whole: $out"
 }
-# uptime_of TEXT: the guest's uptime (s) at this boot's first console line with TEXT
-# (journal lines carry it in brackets, the lab's marker lines as uptime=).
+# kernel_log [N]: this boot's console from the Nth-last kernel's first line (default 1,
+# the last) to the next kernel's: a kexec starts the next kernel on the same console.
+kernel_log() {
+  tr -d '\000\r' 2>/dev/null <"$w/serial-$boots.log" | awk -v back="${1:-1}" '
+    /Linux version/ { k++ } { line[NR] = $0; of[NR] = k }
+    END { for (i = 1; i <= NR; i++) if (of[i] == k - back + 1) print line[i] }'
+}
+# uptime_of TEXT [N]: the guest's uptime (s) at the first console line with TEXT of
+# this boot's last kernel (or the Nth-last: kernel_log) (journal lines carry it in
+# brackets, the lab's marker lines as uptime=).
 uptime_of() {
-  { tr -d '\000\r' <"$w/serial-$boots.log" | grep -a -F "$1" \
+  { kernel_log "${2:-1}" | grep -a -F "$1" \
     | sed -n 's/^\[ *\([0-9.]*\)\].*/\1/p; s/.*uptime=\([0-9.]*\).*/\1/p' | sed -n 1p; } || true
+}
+# guest_split: this boot's last kernel from its start to the agent answering, in the
+# guest's own clock (its console): kernel (start to the initramfs, or to systemd when
+# it boots without one), initramfs (to the switch to the root's init), systemd (to
+# multi-user.target), then to the API answering (on a trial boot the gate's checks and
+# commit, then the daemon's start).
+guest_split() {
+  local i r s m a g0 g1
+  i=$(uptime_of "Run /init as init process")
+  r=$({ kernel_log | sed -n 's/.*ua-initrd: root .* switching to .* after \([0-9.]*\) s.*/\1/p' | sed -n 1p; } || true)
+  s=$(uptime_of "running in system mode")
+  m=$(uptime_of "Reached target multi-user.target")
+  a=$(uptime_of "serving the update API")
+  g0=$(uptime_of "trial boot: running the health checks")
+  g1=$(uptime_of "trial boot healthy; committed")
+  awk -v i="$i" -v r="$r" -v s="$s" -v m="$m" -v a="$a" -v g0="$g0" -v g1="$g1" 'BEGIN {
+    if (s == "" || m == "" || a == "") { printf "guest: no split (a milestone is missing on the console)"; exit }
+    # A root without dm-verity may boot without an initramfs (systemd-boot: 1.0).
+    if (i == "" && r == "") printf "guest: kernel %.1f s (no initramfs)", s
+    else if (i == "" || r == "") { printf "guest: no split (a milestone is missing on the console)"; exit }
+    else printf "guest: kernel %.1f s, initramfs %.1f s, to systemd %.1f s", i, r - i, s - r
+    printf ", systemd to multi-user %.1f s, to answering %.1f s", m - s, a - m
+    if (g0 != "" && g1 != "") printf " (gate %.1f s)", g1 - g0
+    printf ", answering at uptime %.1f s", a }'
 }
 # agent_error: fails at once, with the agent's words, when this boot's agent refused to
 # start (otherwise the lab would only time out waiting for it).

@@ -11,6 +11,12 @@
 //! is a direct D-Bus connection to PID 1 (what `systemctl` uses as root): SASL
 //! EXTERNAL, then one method call, `org.freedesktop.DBus.Properties.Set`, and its
 //! reply. Only the little of the wire format that this needs is here.
+//!
+//! Not zbus (tried with 6.2.1, the latest, in issue 16): PID 1 marks everything it
+//! sends on this socket with the sender `org.freedesktop.systemd1`, and zbus's parser
+//! takes that field for a unique name and rejects the reply ("Invalid unique name";
+//! z-galaxy/zbus#1497, open). When that is fixed, this file can become one
+//! `Properties.Set` over a zbus peer-to-peer connection.
 
 use std::io::{self, BufRead, BufReader, Read, Write};
 use std::os::unix::net::UnixStream;
@@ -446,9 +452,15 @@ pub(super) mod fake {
         })
     }
 
+    /// The sender field (D-Bus specification, "Message Format").
+    const F_SENDER: u8 = 7;
+
     fn reply(kind: u8, serial: u32, to: Option<u32>, error: Option<(&str, &str)>) -> Vec<u8> {
         let mut fields = Out::default();
         let mut body = Out::default();
+        // As PID 1 does on its private socket: a well-known name where a bus would put
+        // a unique one (what zbus rejects, above).
+        fields.field(F_SENDER, "s", DESTINATION);
         if let Some(to) = to {
             fields.pad(8);
             fields.u8(F_REPLY_SERIAL);
