@@ -246,6 +246,19 @@ impl Node {
     /// Models a reboot into `slot`: the kernel command line and `/` say so, and when
     /// GRUB boots a trial it counts the try down first, as the fragment does; a boot of
     /// the default counts its guard (`ua_boots`) down the same way.
+    /// Boots the trial of 2.0 on slot b and runs the gate, which must commit it; the
+    /// gate's output.
+    fn boot_b_and_commit(&self) -> std::process::Output {
+        self.boot_into("b");
+        let o = self.agent(&["boot-check"], &[]);
+        assert!(
+            text(&o).contains("committed: 2.0 on slot b"),
+            "{}",
+            text(&o)
+        );
+        o
+    }
+
     fn boot_into(&self, slot: &str) {
         fs::write(
             self.path("cmdline"),

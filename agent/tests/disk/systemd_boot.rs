@@ -158,13 +158,8 @@ fn systemd_boot_stage_trial_and_commit() {
 
     // The firmware boots b: systemd-boot counts the try in the file name.
     sd.loader_counts(trial);
-    n.boot_into("b");
-    let o = n.agent(&["boot-check"], &[]);
-    assert!(
-        o.status.success() && text(&o).contains("committed: 2.0 on slot b"),
-        "{}",
-        text(&o)
-    );
+    let o = n.boot_b_and_commit();
+    assert!(o.status.success(), "{}", text(&o));
     let blessed = entries();
     assert!(
         blessed.iter().any(|e| e.contains("-b-2.0.conf")),
@@ -242,13 +237,7 @@ fn systemd_boot_committed_slot_that_stops_booting_falls_back() {
     let sd = SdNode::new("");
     let n = &sd.n;
     sd.loader_counts(&sd.trial);
-    n.boot_into("b");
-    let o = n.agent(&["boot-check"], &[]);
-    assert!(
-        text(&o).contains("committed: 2.0 on slot b"),
-        "{}",
-        text(&o)
-    );
+    n.boot_b_and_commit();
     let guarded = sd
         .entries()
         .into_iter()
