@@ -46,10 +46,28 @@ def run(*cmd, **kw):
     return subprocess.run(cmd, check=True, capture_output=True, text=True, **kw)
 
 
+_TAKEN = set()
+
+
 def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A port free now, never handed out twice in this run, and below the kernel's
+    ephemeral range. bind(port 0) is neither: 50 nodes drew the same port about once in
+    ten runs (a daemon that cannot bind its metrics never shows up in Prometheus), and a
+    port from the ephemeral range can be taken by any outgoing connection before the
+    daemon binds it."""
+    low = int(open("/proc/sys/net/ipv4/ip_local_port_range").read().split()[0])
+    start = random.randrange(10000, low - 2000)
+    for port in range(start, low):
+        if port in _TAKEN:
+            continue
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        _TAKEN.add(port)
+        return port
+    raise SystemExit(f"fleet: no free port between {start} and {low}")
 
 
 def make_images(work):
@@ -335,6 +353,24 @@ class Fleet:
                     f"--web.listen-address=127.0.0.1:{self.prom_port}"])
         wait_for(lambda: http_ok(f"http://127.0.0.1:{self.prom_port}/-/ready"), 60, "prometheus ready")
 
+    def report_down(self):
+        """Names each node Prometheus cannot scrape, with its daemon's last words."""
+        q = f"http://127.0.0.1:{self.prom_port}/api/v1/targets"
+        try:
+            with urllib.request.urlopen(q, timeout=2) as r:
+                targets = json.load(r)["data"]["activeTargets"]
+        except (OSError, ValueError, KeyError) as e:
+            log(f"cannot ask Prometheus for its targets: {e}")
+            return
+        down = {t["labels"]["instance"]: t.get("lastError", "") for t in targets if t.get("health") != "up"}
+        for node in self.nodes:
+            err = down.get(f"127.0.0.1:{node.metrics_port}")
+            if err is None:
+                continue
+            exited = node.proc.poll() if node.proc else "not started"
+            tail = open(node.path("daemon.log"), errors="replace").read()[-600:]
+            log(f"node{node.i:03d} not scraped ({err or 'not yet'}); daemon exit {exited}; log ends:\n{tail}")
+
     def all_up(self):
         q = f"http://127.0.0.1:{self.prom_port}/api/v1/query?query=sum(up)"
         try:
@@ -483,7 +519,13 @@ def scenario(f, a):
     for node in f.nodes:
         node.start()
     threading.Thread(target=f.watch, daemon=True).start()
-    wait_for(lambda: f.all_up(), 15, "Prometheus to scrape every node")
+    t_started = time.monotonic()
+    try:
+        wait_for(lambda: f.all_up(), 15, "Prometheus to scrape every node")
+    except SystemExit:
+        f.report_down()
+        raise
+    log(f"Prometheus scraped every node {time.monotonic() - t_started:.1f}s after they started")
     usage = {}
     threading.Thread(target=sampler, args=(f, usage), daemon=True).start()
     first = f.nodes[:f.first_wave]
