@@ -32,6 +32,7 @@ pub mod partial;
 pub mod payload;
 pub mod policy;
 pub mod postboot;
+pub mod pstore;
 pub mod reboot_method;
 pub mod slots;
 pub mod state;

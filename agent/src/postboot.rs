@@ -89,12 +89,18 @@ impl Agent {
         checks: &dyn Fn() -> Vec<CheckResult>,
     ) -> Result<BootOutcome, UpdateError> {
         let mut state = self.store.load()?;
+        // Before anything is saved in this boot: the kernel's records of the boots that
+        // failed since are the ones written after the state's last change (the arming,
+        // the commit).
+        let since = std::fs::metadata(self.store.path())
+            .and_then(|m| m.modified())
+            .unwrap_or(std::time::SystemTime::UNIX_EPOCH);
         let booted = self.layout.booted;
         let now = timefmt::now();
         let boot = self.boot.status()?;
         self.repair_after_cut(lock, &mut state, &boot)?;
         if let Some(fallen) = boot.fell_back_from.filter(|&f| f != booted) {
-            return self.default_fell_over(lock, state, fallen, now);
+            return self.default_fell_over(lock, state, fallen, now, since);
         }
         match state.clone() {
             State::Armed { staged, .. } if booted == staged.slot => {
@@ -105,10 +111,12 @@ impl Agent {
                 // new one (no kernel, panic, hang, a dm-verity error), whatever its
                 // counter shows now. Whether the slot still holds what was verified
                 // tells an integrity failure from a release that cannot boot.
-                let reason = self.integrity_failure(staged.slot, "the new slot did not boot");
+                let lead = "the new slot did not boot";
+                let reason = self.integrity_failure(staged.slot, lead);
+                let reason = self.with_last_words(reason.unwrap_or_else(|| lead.into()), since);
                 self.boot.rollback_to(booted)?;
                 self.boot.mark_unbootable(staged.slot)?;
-                state.rolled_back(booted, reason, RollbackCause::DidNotBoot, now)?;
+                state.rolled_back(booted, Some(reason), RollbackCause::DidNotBoot, now)?;
                 self.store.save(lock, &state)?;
                 self.record_rollback(&state, staged.from_version);
                 Ok(rolled_back_outcome(&state))
@@ -162,6 +170,7 @@ impl Agent {
         mut state: State,
         fallen: Slot,
         now: u64,
+        since: std::time::SystemTime,
     ) -> Result<BootOutcome, UpdateError> {
         let booted = self.layout.booted;
         let lead = format!(
@@ -172,6 +181,7 @@ impl Agent {
         let reason = self
             .integrity_failure(fallen, &lead)
             .unwrap_or_else(|| lead.clone());
+        let reason = self.with_last_words(reason, since);
         let committed = match &state {
             State::Committed { slot, previous, .. } if *slot == fallen => {
                 Some(previous.as_ref().map(|(_, v)| v.clone()))
@@ -426,6 +436,24 @@ impl Agent {
     fn boot_record(&self, attempt: &str) -> crate::reboot_method::BootRecord {
         let cmdline = std::fs::read_to_string(&self.cfg.slots.cmdline).unwrap_or_default();
         crate::kexec::record::boot_record(&self.cfg.state_dir, &cmdline, attempt, timefmt::now_ms())
+    }
+
+    /// `reason`, and what the kernel said when it stopped, if it left a record since
+    /// `since` (`pstore.rs`: a panic, a dm-verity corruption).
+    fn with_last_words(&self, reason: String, since: std::time::SystemTime) -> String {
+        let b = &self.cfg.boot;
+        match crate::pstore::last_words(
+            &b.pstore,
+            &b.pstore_archive,
+            since,
+            crate::pstore::boot_start(),
+        ) {
+            Some(w) => {
+                tracing::info!(record = %w.file.display(), "a pstore record tells why the boots before this one ended");
+                format!("{reason}; {}", w.describe())
+            }
+            None => reason,
+        }
     }
 
     /// Why a slot with a verified dm-verity tree failed (after `lead`, what happened),

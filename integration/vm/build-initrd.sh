@@ -33,6 +33,9 @@ cache=$(cd "$cache" && pwd)
 init_src=$here/initrd-init.sh
 modules="dm_mod dm_bufio dm_verity"
 wdt_modules="i6300esb"
+# Loaded first of all: a failure of this initramfs (or of the root it starts) then
+# leaves the kernel log's tail in a UEFI variable for the agent's next boot.
+early_modules="efi_pstore"
 log() { printf 'vm/build-initrd: %s\n' "$*" >&2; }
 
 kpkg=$(cat "$cache/kernel/ok" 2>/dev/null || true)
@@ -45,7 +48,7 @@ pkgs="busybox-static cryptsetup-bin libcryptsetup12 util-linux libblkid1 libc6 l
   libdevmapper1.02.1 libjson-c5 libargon2-1 libpopt0 libuuid1 libselinux1 libudev1 libpcre2-8-0"
 # shellcheck disable=SC2086 # one word per package
 versions=$(dpkg-query -W -f '${Package}=${Version} ' $pkgs)
-key="$(cat "${BASH_SOURCE[0]}" "$init_src" | sha256sum | cut -d' ' -f1) $kpkg $modules $versions $(cat "$cache/kernel/wdt.ok" 2>/dev/null)"
+key="$(cat "${BASH_SOURCE[0]}" "$init_src" | sha256sum | cut -d' ' -f1) $kpkg $modules $early_modules $versions $(cat "$cache/kernel/wdt.ok" 2>/dev/null)"
 if [[ $(cat "$cache/initrd.img.ok" 2>/dev/null) == "$key" && -f $cache/initrd.img ]]; then
   log "cached: $cache/initrd.img ($(stat -c %s "$cache/initrd.img") bytes)"
   exit 0
@@ -99,7 +102,9 @@ order() {
 order $modules >"$r/lib/modules/ua-initrd.order"
 # shellcheck disable=SC2086
 order $wdt_modules >"$r/lib/modules/ua-initrd-wdt.order"
-for f in ua-initrd.order ua-initrd-wdt.order; do
+# shellcheck disable=SC2086
+order $early_modules >"$r/lib/modules/ua-initrd-early.order"
+for f in ua-initrd.order ua-initrd-wdt.order ua-initrd-early.order; do
   [[ -s $r/lib/modules/$f ]] || { log "module resolution found nothing for $f"; exit 1; }
   while read -r ko; do
     install -D -m 0644 "$m$ko" "$r$ko"

@@ -25,6 +25,9 @@ export PATH
 say() { echo "ua-initrd: $*" >&2; }
 die() {
   say "FATAL: $*"
+  # Into the kernel's log as well (level 2, crit): the panic's pstore record then
+  # carries why, and the agent's next boot says it (docs/security.md).
+  echo "<2>ua-initrd: FATAL: $*" >/dev/kmsg 2>/dev/null
   say "no usable root file system: panicking the kernel"
   # A panic, not a reboot: panic= on the command line is the node's policy (the lab:
   # panic=-1 = reboot at once). sysrq-trigger works whatever kernel.sysrq says.
@@ -41,6 +44,16 @@ mount -t proc -o nosuid,nodev,noexec proc /proc || die "cannot mount /proc"
 mount -t sysfs -o nosuid,nodev,noexec sysfs /sys || die "cannot mount /sys"
 # cryptsetup keeps its lock files under /run/cryptsetup.
 mount -t tmpfs -o nosuid,nodev,mode=0755 tmpfs /run || die "cannot mount /run"
+
+# ---- Crash records ----------------------------------------------------------------------
+# efi_pstore before anything that can fail: a panic from here on leaves the kernel
+# log's tail in a UEFI variable. Best effort: no pstore is no reason to fail a boot.
+while read -r ko; do
+  m=${ko##*/}
+  m=$(echo "${m%.ko}" | tr - _)
+  [ -d "/sys/module/$m" ] && continue
+  insmod "$ko" || { say "pstore: cannot load $ko: no crash records this boot"; break; }
+done </lib/modules/ua-initrd-early.order
 
 # ---- The hardware watchdog ------------------------------------------------------------
 # QEMU's i6300esb (boot.sh), when the machine has one and this initramfs its driver:

@@ -94,6 +94,14 @@ scenario_3() {
   [[ $(field "['running_version']" <<<"$j") == 2.0 ]] || fail "the node does not run 2.0: $j"
   field "['last_result']['reason']" <<<"$j" | grep -q 'did not boot' \
     || fail "the reason does not say the new slot did not boot: $j"
+  # Why, in the kernel's words: the initramfs's error and the panic after it, kept in
+  # a UEFI variable by efi_pstore across the restart, moved by systemd-pstore at 2.0's
+  # boot and read by the agent (docs/security.md, "The kernel's crash records").
+  field "['last_result']['reason']" <<<"$j" \
+    | grep -q "the kernel's last words.*no /sbin/init on the root file system.*Kernel panic - not syncing" \
+    || fail "the reason does not carry the kernel's last words (pstore): $j"
+  printf 'scenario 3 (%s): passed: 4.0 panicked at every try, the node fell back to 2.0 and says "%s"\n' \
+    "$bootloader" "$(field "['last_result']['reason']" <<<"$j" | cut -c1-400)"
 }
 
 scenario_6() {

@@ -33,6 +33,11 @@ pub struct BootConfig {
     /// before `systemctl kexec`): a kexec'd kernel that hangs is reset this long after
     /// systemd's shutdown armed it, unless its own system takes the watchdog over.
     pub kexec_watchdog_secs: u32,
+    /// The pstore file system: the kernel's crash records of boots that never reached
+    /// the agent, read to say why a slot did not boot (`pstore.rs`).
+    pub pstore: PathBuf,
+    /// Where systemd-pstore.service moves those records early in boot.
+    pub pstore_archive: PathBuf,
 }
 
 impl Default for BootConfig {
@@ -47,6 +52,8 @@ impl Default for BootConfig {
             reboot: Default::default(),
             kexec_panic_secs: 10,
             kexec_watchdog_secs: 120,
+            pstore: "/sys/fs/pstore".into(),
+            pstore_archive: "/var/lib/systemd/pstore".into(),
         }
     }
 }

@@ -210,7 +210,7 @@ impl Node {
             format!(
                 "compatible = \"test-board\"\nstate_dir = \"{}\"\nkeys_dir = \"{}\"\nos_release = \"{}\"\n\
                  [slots]\ncmdline = \"{}\"\nroot_device = \"{}\"\n\
-                 [boot]\ngrubenv = \"{}\"\n\
+                 [boot]\ngrubenv = \"{}\"\npstore = \"{}\"\npstore_archive = \"{}\"\n\
                  [fetch]\nretries = 4\nbackoff_ms = 20\nmax_backoff_secs = 1\nrequest_timeout_secs = 2\n\
                  [apply]\ncheckpoint_ms = 100\n\
                  [health]\nscripts_dir = \"{}\"\ndeadline_secs = 4\nsustain_secs = 1\npoll_ms = 50\n\
@@ -221,6 +221,8 @@ impl Node {
                 p("cmdline").display(),
                 disk.part(2),
                 grubenv.display(),
+                p("pstore").display(),
+                p("pstore-archive").display(),
                 p("health.d").display(),
             ),
         )
