@@ -50,7 +50,7 @@ source "$here/setup.sh"
 cache=${1:-/var/tmp/update-agent-vm}
 mirror=${UA_VM_MIRROR:-http://deb.debian.org/debian}
 include=systemd,systemd-sysv,udev,kmod,dosfstools${UA_VM_INCLUDE:+,$UA_VM_INCLUDE}
-modules=${UA_VM_MODULES:-virtio_pci virtio_net virtio_rng vfat nls_cp437 nls_ascii nls_utf8 efivarfs autofs4 dm_verity i6300esb}
+modules=${UA_VM_MODULES:-virtio_pci virtio_net virtio_rng vfat nls_cp437 nls_ascii nls_utf8 efivarfs autofs4 dm_verity i6300esb efi_pstore}
 mkdir -p "$cache"
 cache=$(cd "$cache" && pwd)
 
