@@ -18,7 +18,8 @@
 #      its health check, the node reboots itself into v2, status says which check
 #      failed and why
 #   3  v2 -> v4 whose kernel never reaches user space (no init): the bootloader's try
-#      counter brings the node back to v2 without the agent's help; status says so
+#      counter brings the node back to v2 without the agent's help; status says so,
+#      and why in the kernel's words (its pstore record: the initramfs's error, the panic)
 #   4  v2 -> v5 with power cuts (QEMU killed) every few seconds while its frames
 #      download, over a link so slow that no 16 MiB frame arrives between two cuts:
 #      after each cut the node boots v2 and the agent resumes the staging by itself
