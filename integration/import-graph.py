@@ -146,7 +146,7 @@ if '--check-layers' in sys.argv:
     # With --check-layers the exit status is the verdict: a circle or an upward edge fails.
     failed = bool(sccs)
     layers = [
-        ['timefmt', 'version', 'durable', 'events', 'logging', 'cause', 'reboot_method', 'health', 'fleetlock', 'halt', 'midstate', 'verity', 'blockio', 'hashio', 'payload/limits', 'payload/error'],
+        ['timefmt', 'version', 'durable', 'events', 'logging', 'cause', 'reboot_method', 'health', 'fleetlock', 'halt', 'midstate', 'verity', 'blockio', 'hashio', 'pstore', 'payload/limits', 'payload/error'],
         ['payload', 'channel', 'policy/mod', 'policy/wave', 'policy/window', 'policy', 'trust', 'trust/envelope', 'trust/root', 'trust/root_tests'],
         ['apply', 'file_target', 'partial'],
         ['config'],
