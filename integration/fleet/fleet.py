@@ -17,6 +17,7 @@ Usage (root; run.sh builds and sets the paths): fleet.py --agent BIN --updatectl
   [--nodes 50] [--slots 3] [--work DIR]
 The last line printed is a JSON object with the measurements."""
 import argparse
+import concurrent.futures
 import json
 import os
 import random
@@ -97,6 +98,7 @@ class Node:
         os.makedirs(os.path.join(self.dir, "health.d"))
         os.makedirs(os.path.join(self.dir, "state"))
         self.metrics_port = free_port()
+        self.status_error = None
         self.proc = None
         self.loop = None
         self.reboots = []  # (start, end) of each modelled reboot
@@ -253,7 +255,10 @@ listen = "127.0.0.1:{self.metrics_port}"
     def status(self):
         r = subprocess.run([self.fleet.updatectl, "--socket", self.path("agent.sock"), "status", "--json"],
                            capture_output=True, text=True)
-        return json.loads(r.stdout) if r.returncode == 0 else None
+        if r.returncode != 0:
+            self.status_error = f"exit {r.returncode}: {r.stderr.strip()[-300:]}"
+            return None
+        return json.loads(r.stdout)
 
     def history(self):
         p = self.path("state/history.json")
@@ -355,6 +360,26 @@ class Fleet:
                     f"--storage.tsdb.path={self.path('tsdb')}",
                     f"--web.listen-address=127.0.0.1:{self.prom_port}"])
         wait_for(lambda: http_ok(f"http://127.0.0.1:{self.prom_port}/-/ready"), 60, "prometheus ready")
+
+    def report_nodes(self):
+        """When a wait failed: where each node is, so the log says which one stalled."""
+        for node in self.nodes:
+            st = node.status() or {}
+            auto = st.get("auto") or {}
+            proc = node.proc
+            h = node.history()
+            last = h[-1] if isinstance(h, list) and h else {}
+            log(f"node{node.i:03d}: daemon {'running' if proc and proc.poll() is None else 'not running'}, "
+                f"state {st.get('state')}, running {st.get('running_version')}, "
+                f"halted_by {auto.get('halted_by')}, booted {node.versions}, "
+                f"last outcome {last.get('version')} {last.get('outcome')}"
+                + ("" if st else f", status: {node.status_error}"))
+        for node in self.nodes:
+            st = node.status() or {}
+            if (st.get("auto") or {}).get("halted_by") and st.get("running_version") in ("1.0", "3.0"):
+                continue
+            tail = open(node.path("daemon.log"), errors="replace").read()[-1500:]
+            log(f"node{node.i:03d} daemon log ends:\n{tail}")
 
     def report_down(self):
         """Names each node Prometheus cannot scrape, with its daemon's last words."""
@@ -541,12 +566,26 @@ def scenario(f, a):
     # Every later node reaches its wave (by 90 s) and holds there.
     rest = f.nodes[f.first_wave:]
 
+    # A node counts once it was seen held (whether it later took 2.0 anyway is counted
+    # at the end): one pass over 45 nodes, one `updatectl status` each, takes seconds,
+    # and requiring every node in the same pass let one slow or failed call make the
+    # whole fleet miss the alert's window (its 2 m range) now and then.
+    held, failed_calls = set(), {}
+
     def all_held():
-        st = [n.status() for n in rest]
-        return all(s and s.get("auto") and s["auto"].get("halted_by") for s in st)
+        todo = [n for n in rest if n.i not in held]
+        with concurrent.futures.ThreadPoolExecutor(max_workers=8) as pool:
+            for n, s in zip(todo, pool.map(lambda n: n.status(), todo)):
+                if s is None:
+                    failed_calls[n.i] = n.status_error
+                elif (s.get("auto") or {}).get("halted_by"):
+                    held.add(n.i)
+        return len(held) == len(rest)
     wait_for(all_held, 150, "every node that has not started to be held")
     t_held = time.monotonic()
     log(f"all {len(rest)} later nodes held, {t_held - f.first_rollback:.1f}s after the first rollback")
+    for i, err in sorted(failed_calls.items()):
+        log(f"node{i:03d}: a status call failed meanwhile ({err})")
     took_bad = sum(1 for n in f.nodes if "2.0" in n.versions)
     f.publish("3.0", [])
     t_fix = time.monotonic()
@@ -603,6 +642,9 @@ def main():
     f = Fleet(a)
     try:
         result = scenario(f, a)
+    except SystemExit:
+        f.report_nodes()
+        raise
     finally:
         f.cleanup()
     ok = (result["took_bad_release"] == result["first_wave_nodes"]
