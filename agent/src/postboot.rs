@@ -46,6 +46,8 @@ use crate::state::State;
 use crate::timefmt;
 use crate::update::{failpoint, Agent, PostBootError, UpdateError};
 
+mod last_words;
+
 /// What `after_boot` found and did.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum BootOutcome {
@@ -433,60 +435,6 @@ impl Agent {
     fn boot_record(&self, attempt: &str) -> crate::reboot_method::BootRecord {
         let cmdline = std::fs::read_to_string(&self.cfg.slots.cmdline).unwrap_or_default();
         crate::kexec::record::boot_record(&self.cfg.state_dir, &cmdline, attempt, timefmt::now_ms())
-    }
-
-    /// Since when the kernel's crash records can be about the boots being judged: the
-    /// latest of the state's last change (the arming, the commit), the last boot that
-    /// reached this check, and the reboot into the armed attempt (a crash of the old
-    /// system before it is another story).
-    fn records_since(&self, state: &State) -> std::time::SystemTime {
-        use std::time::{Duration, SystemTime, UNIX_EPOCH};
-        let changed = std::fs::metadata(self.store.path())
-            .and_then(|m| m.modified())
-            .unwrap_or(UNIX_EPOCH);
-        let checked = std::fs::read_to_string(self.boot_checked_path())
-            .ok()
-            .and_then(|s| s.trim().parse::<u64>().ok())
-            .map_or(UNIX_EPOCH, |secs| UNIX_EPOCH + Duration::from_secs(secs));
-        let rebooted = match (state, crate::kexec::record::load(&self.cfg.state_dir)) {
-            (State::Armed { staged, .. }, Some(r))
-                if r.attempt.as_ref() == Some(&staged.attempt) =>
-            {
-                UNIX_EPOCH + Duration::from_millis(r.requested_ms)
-            }
-            _ => UNIX_EPOCH,
-        };
-        [changed, checked, rebooted]
-            .into_iter()
-            .max()
-            .unwrap_or(SystemTime::UNIX_EPOCH)
-    }
-
-    fn boot_checked_path(&self) -> std::path::PathBuf {
-        self.cfg.state_dir.join("boot-checked")
-    }
-
-    /// Records that this boot reached the check (the time, in seconds): the kernel's
-    /// records written before it are not about the boots a later check judges.
-    /// Bookkeeping: a failure is logged, and a later check reaches further back.
-    fn mark_boot_checked(&self) {
-        let now = timefmt::now().to_string();
-        if let Err((path, e)) = crate::durable::replace(&self.boot_checked_path(), now.as_bytes()) {
-            tracing::warn!(path = %path.display(), error = %e, "cannot record that this boot reached the boot check");
-        }
-    }
-
-    /// `reason`, and what the kernel said when it stopped, if it left a record since
-    /// `since` (`pstore.rs`: a panic, a dm-verity corruption).
-    fn with_last_words(&self, reason: String, since: std::time::SystemTime) -> String {
-        let b = &self.cfg.boot;
-        match crate::pstore::last_words(&b.pstore, &b.pstore_archive, since) {
-            Some(w) => {
-                tracing::info!(record = %w.file.display(), "a pstore record tells why the boots before this one ended");
-                format!("{reason}; {}", w.describe())
-            }
-            None => reason,
-        }
     }
 
     /// Why a slot with a verified dm-verity tree failed (after `lead`, what happened),

@@ -24,13 +24,15 @@ import random
 import re
 import shutil
 import signal
-import socket
 import statistics
 import subprocess
 import sys
 import threading
 import time
 import urllib.request
+
+import report
+from ports import free_port
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 INTEGRATION = os.path.dirname(HERE)
@@ -45,33 +47,6 @@ def log(msg):
 
 def run(*cmd, **kw):
     return subprocess.run(cmd, check=True, capture_output=True, text=True, **kw)
-
-
-_TAKEN = set()
-
-
-def free_port():
-    """A port free now, never handed out twice in this run, and below the kernel's
-    ephemeral range. bind(port 0) is neither: a port closed again may be drawn again
-    (by estimate, ~52 draws from the ~14,000 even ports bind(0) prefers coincide in about
-    one run of ten; a daemon that cannot bind its metrics never shows up in Prometheus),
-    and a port from the ephemeral range can be taken by any outgoing connection before
-    the daemon binds it."""
-    low = int(open("/proc/sys/net/ipv4/ip_local_port_range").read().split()[0])
-    if low <= 2048:
-        raise SystemExit(f"fleet: the ephemeral port range starts at {low}: no room below it")
-    start = random.randrange(1024, low)
-    for port in list(range(start, low)) + list(range(1024, start)):
-        if port in _TAKEN:
-            continue
-        with socket.socket() as s:
-            try:
-                s.bind(("127.0.0.1", port))
-            except OSError:
-                continue
-        _TAKEN.add(port)
-        return port
-    raise SystemExit(f"fleet: no free port below {low}")
 
 
 def make_images(work):
@@ -361,45 +336,6 @@ class Fleet:
                     f"--web.listen-address=127.0.0.1:{self.prom_port}"])
         wait_for(lambda: http_ok(f"http://127.0.0.1:{self.prom_port}/-/ready"), 60, "prometheus ready")
 
-    def report_nodes(self):
-        """When a wait failed: where each node is, so the log says which one stalled."""
-        for node in self.nodes:
-            st = node.status() or {}
-            auto = st.get("auto") or {}
-            proc = node.proc
-            h = node.history()
-            last = h[-1] if isinstance(h, list) and h else {}
-            log(f"node{node.i:03d}: daemon {'running' if proc and proc.poll() is None else 'not running'}, "
-                f"state {st.get('state')}, running {st.get('running_version')}, "
-                f"halted_by {auto.get('halted_by')}, booted {node.versions}, "
-                f"last outcome {last.get('version')} {last.get('outcome')}"
-                + ("" if st else f", status: {node.status_error}"))
-        for node in self.nodes:
-            st = node.status() or {}
-            if (st.get("auto") or {}).get("halted_by") and st.get("running_version") in ("1.0", "3.0"):
-                continue
-            tail = open(node.path("daemon.log"), errors="replace").read()[-1500:]
-            log(f"node{node.i:03d} daemon log ends:\n{tail}")
-
-    def report_down(self):
-        """Names each node Prometheus cannot scrape, with its daemon's last words."""
-        q = f"http://127.0.0.1:{self.prom_port}/api/v1/targets"
-        try:
-            with urllib.request.urlopen(q, timeout=2) as r:
-                targets = json.load(r)["data"]["activeTargets"]
-        except (OSError, ValueError, KeyError) as e:
-            log(f"cannot ask Prometheus for its targets: {e}")
-            return
-        down = {t["labels"]["instance"]: t.get("lastError", "") for t in targets if t.get("health") != "up"}
-        for node in self.nodes:
-            err = down.get(f"127.0.0.1:{node.metrics_port}")
-            if err is None:
-                continue
-            proc = node.proc  # the watch thread may set it to None meanwhile
-            exited = proc.poll() if proc else "not running"
-            tail = open(node.path("daemon.log"), errors="replace").read()[-600:]
-            log(f"node{node.i:03d} not scraped ({err or 'not yet'}); daemon exit {exited}; log ends:\n{tail}")
-
     def all_up(self):
         q = f"http://127.0.0.1:{self.prom_port}/api/v1/query?query=sum(up)"
         try:
@@ -552,7 +488,7 @@ def scenario(f, a):
     try:
         wait_for(lambda: f.all_up(), 15, "Prometheus to scrape every node")
     except SystemExit:
-        f.report_down()
+        report.down(f)
         raise
     log(f"Prometheus scraped every node {time.monotonic() - t_started:.1f}s after they started")
     usage = {}
@@ -643,7 +579,7 @@ def main():
     try:
         result = scenario(f, a)
     except SystemExit:
-        f.report_nodes()
+        report.nodes(f)
         raise
     finally:
         f.cleanup()
